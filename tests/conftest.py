@@ -1,0 +1,38 @@
+"""Shared pytest fixtures.
+
+The real reference files live in ``../shared/data/real`` next to the checkout; tests that need them
+use the ``real_data`` fixture and skip with a clear message where the folder is absent.
+Multi-device tests run on 8 forced host (CPU) devices; the flag must be set before jax is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REAL_DATA = pathlib.Path(os.environ.get("ULD_REAL_DATA", REPO_ROOT.parent / "shared" / "data" / "real"))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> pathlib.Path:
+    """Path of ../shared/data/real; skips the test when it is absent."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real reference data not found at {REAL_DATA} (set ULD_REAL_DATA)")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> pathlib.Path:
+    """The synthetic `tiny` world (seed 0), generated once per test session."""
+    from data_prep import synthesize
+
+    out = tmp_path_factory.mktemp("world") / "tiny"
+    synthesize.synthesize(preset="tiny", seed=0, out=out)
+    return out

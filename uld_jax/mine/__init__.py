@@ -1,0 +1,1 @@
+"""uld_jax.mine."""

@@ -33,6 +33,8 @@ EXCLUDED = "annotations_excluded.csv"
 SERIESUIDS = "seriesuids.csv"
 COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 UNKNOWN_DIAMETER_MM = 10.0
+_ELEMENT_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                  "MET_FLOAT": 4, "MET_DOUBLE": 8}
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -129,21 +131,34 @@ def read_mhd(path: str | os.PathLike) -> Volume:
     """Reads a LUNA16 .mhd/.raw scan -> Volume (HU), checking the data file and the HU range."""
     path = pathlib.Path(path)
     # ITK reports a missing/short data file with a long message; name it plainly first.
-    data_file = None
+    header: dict[str, str] = {}
     try:
         with open(path, encoding="latin-1") as f:
             for line in f:
-                if line.split("=")[0].strip() == "ElementDataFile":
-                    data_file = line.split("=", 1)[1].strip()
+                if "=" in line:
+                    key, val = line.split("=", 1)
+                    header[key.strip()] = val.strip()
     except OSError as e:
         raise BadItem(str(path), f"unreadable header ({e})") from None
+    data_file = header.get("ElementDataFile")
     if data_file is None:
         raise BadItem(str(path), "MetaImage header has no ElementDataFile")
     if data_file not in ("LOCAL", "LIST") and not data_file.startswith("LIST"):
         if "/" in data_file or "\\" in data_file or data_file in ("..", "."):
             raise BadItem(str(path), f"ElementDataFile {data_file!r} would escape the scan's folder")
-        if not (path.parent / data_file).is_file():
-            raise BadItem(str(path.parent / data_file), "voxel data file missing")
+        raw = path.parent / data_file
+        if not raw.is_file():
+            raise BadItem(str(raw), "voxel data file missing")
+        # Uncompressed data: the file size is known from the header; name a truncation plainly.
+        nbytes = _ELEMENT_BYTES.get(header.get("ElementType", ""))
+        if header.get("CompressedData", "False").lower() != "true" and nbytes:
+            try:
+                n = int(np.prod([int(v) for v in header.get("DimSize", "").split()])) * nbytes
+            except ValueError:
+                raise BadItem(str(path), f"malformed DimSize {header.get('DimSize')!r}") from None
+            got = raw.stat().st_size
+            if got < n:
+                raise BadItem(str(raw), f"voxel data file truncated: {got} of {n} bytes")
     vol = scan.sitk_to_volume(scan.read_image_file(path), str(path))
     scan.check_ct_values(vol)
     return vol

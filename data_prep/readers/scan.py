@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,9 +24,13 @@ FILE_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr")
 
 
 def _first_line(e: Exception) -> str:
+    """ITK's exception text without source locations and object addresses, shortened."""
     msg = " ".join(str(e).split())
-    # ITK messages repeat the file and source location; keep them short but informative.
-    return msg[:300]
+    if "ITK ERROR:" in msg:
+        msg = msg.split("ITK ERROR:", 1)[1]
+    msg = re.sub(r"\S+\.(cxx|h|hxx|cpp):\d+:?", "", msg)
+    msg = re.sub(r"\(0x[0-9a-fA-F]+\)", "", msg)
+    return " ".join(msg.split())[:300]
 
 
 def read_image_file(path: str | os.PathLike) -> sitk.Image:

@@ -10,9 +10,12 @@ slices, NaN voxels, non-CT modality, values that are not Hounsfield units) raise
 
 from __future__ import annotations
 
+import gzip
 import os
 import pathlib
 import re
+import struct
+import zlib
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,6 +36,71 @@ def _first_line(e: Exception) -> str:
     return " ".join(msg.split())[:300]
 
 
+def verify_nifti(path: str | os.PathLike) -> None:
+    """Checks a NIfTI-1/2 file (``.nii`` or ``.nii.gz``): the voxel bytes its header announces are all
+    there, a gzip stream is complete with a valid CRC, and float voxels are finite.
+
+    ITK reads a truncated NIfTI without complaint (the missing voxels come back as garbage or
+    zeros) and turns NaN voxels into 0, so both are checked here on the file itself. Raises BadItem.
+    """
+    path = str(path)
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    n_nan = 0
+    try:
+        with opener(path, "rb") as f:
+            hdr = f.read(540)
+            if len(hdr) < 348:
+                raise BadItem(path, f"truncated NIfTI header ({len(hdr)} bytes)")
+            for endian in ("<", ">"):
+                size = struct.unpack(endian + "i", hdr[:4])[0]
+                if size in (348, 540):
+                    break
+            else:
+                raise BadItem(path, "not a NIfTI file (bad header size field)")
+            if size == 348:
+                dims = struct.unpack(endian + "8h", hdr[40:56])
+                dtype_code = struct.unpack(endian + "h", hdr[70:72])[0]
+                bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
+                offset = int(struct.unpack(endian + "f", hdr[108:112])[0])
+            else:
+                if len(hdr) < 540:
+                    raise BadItem(path, f"truncated NIfTI-2 header ({len(hdr)} bytes)")
+                dims = struct.unpack(endian + "8q", hdr[16:80])
+                dtype_code = struct.unpack(endian + "h", hdr[12:14])[0]
+                bitpix = struct.unpack(endian + "h", hdr[14:16])[0]
+                offset = struct.unpack(endian + "q", hdr[168:176])[0]
+            nd = dims[0]
+            if not 1 <= nd <= 7 or any(d < 1 for d in dims[1:nd + 1]) or bitpix <= 0:
+                raise BadItem(path, f"malformed NIfTI header (dim {dims}, bitpix {bitpix})")
+            offset = max(int(offset), size)
+            need = int(np.prod(dims[1:nd + 1], dtype=np.int64)) * bitpix // 8
+            float_dtype = {16: endian + "f4", 64: endian + "f8"}.get(dtype_code)
+            data = hdr[offset:] if len(hdr) > offset else b""
+            if len(hdr) < offset:
+                skip = f.read(offset - len(hdr))
+                if len(skip) < offset - len(hdr):
+                    raise BadItem(path, "truncated NIfTI: ends before the voxel data")
+            got = 0
+            rest = b""
+            while True:
+                chunk = data if data else f.read(1 << 22)
+                data = b""
+                if not chunk:
+                    break
+                got += len(chunk)
+                if float_dtype is not None:
+                    buf = rest + chunk
+                    usable = len(buf) - len(buf) % (bitpix // 8)
+                    n_nan += int((~np.isfinite(np.frombuffer(buf[:usable], float_dtype))).sum())
+                    rest = buf[usable:]
+    except (OSError, EOFError, zlib.error) as e:
+        raise BadItem(path, f"corrupt or truncated gzip stream ({e})") from None
+    if got < need:
+        raise BadItem(path, f"truncated NIfTI: {offset + got} of {offset + need} bytes")
+    if n_nan:
+        raise BadItem(path, f"{n_nan} NaN/inf voxels")
+
+
 def read_image_file(path: str | os.PathLike) -> sitk.Image:
     """Reads one image file with SimpleITK; BadItem when missing, truncated or corrupt."""
     path = str(path)
@@ -40,6 +108,8 @@ def read_image_file(path: str | os.PathLike) -> sitk.Image:
         raise BadItem(path, "file not found")
     if os.path.getsize(path) == 0:
         raise BadItem(path, "empty file")
+    if path.lower().endswith((".nii", ".nii.gz")):
+        verify_nifti(path)
     try:
         return sitk.ReadImage(path)
     except RuntimeError as e:

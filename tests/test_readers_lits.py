@@ -149,3 +149,27 @@ def test_label_map_is_not_ct(tmp_path):
     _write(tmp_path, 1, _image(seg.astype(np.int16)), _image(seg))
     with pytest.raises(BadItem, match=r"volume-1.nii: values 0..2 do not look like CT"):
         list(lits.iter_cases(tmp_path))
+
+
+def test_thin_tumour_kept_on_nearest_slice(tmp_path):
+    # 0.5 mm slices: a tumour one slice thick (slice 3, z = 1.5 mm) falls between the 2 mm output
+    # slices (0, 2, 4 mm); it must still be annotated, on the nearest slice (2 mm), without a mask.
+    vol = np.full((9, 30, 30), -1024, np.int16)
+    vol[:, 3:27, 3:27] = 50
+    seg = np.zeros(vol.shape, np.uint8)
+    seg[:, 5:25, 5:25] = 1
+    seg[3, 10:14, 12:18] = 2
+    vi = sitk.GetImageFromArray(vol)
+    vi.SetSpacing((0.8, 0.8, 0.5))
+    si = sitk.GetImageFromArray(seg)
+    si.CopyInformation(vi)
+    d = tmp_path / "LiTS"
+    d.mkdir()
+    sitk.WriteImage(vi, str(d / "volume-0.nii"))
+    sitk.WriteImage(si, str(d / "segmentation-0.nii"))
+    (case,) = list(lits.iter_cases(tmp_path))
+    np.testing.assert_allclose(case.z_mm, [0, 2, 4])
+    (les,) = case.lesions
+    assert les.slice_index == 1 and les.mask is None and les.lesion_id == 0
+    y0, x0 = case.source_crop_yx
+    np.testing.assert_allclose(les.box, [10 - y0, 12 - x0, 14 - y0, 18 - x0])

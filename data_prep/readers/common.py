@@ -9,6 +9,7 @@ import sys
 from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
+from scipy import ndimage
 
 from data_prep import preprocess
 from data_prep.types import BadItem, Case, Lesion2D, Volume
@@ -115,6 +116,30 @@ def plan_for_volume(vol: Volume, *, pixel_mm: float, slice_mm: float, max_side: 
         crop = preprocess.body_crop(vol.hu)
     return preprocess.plan_resampling(vol.hu.shape[1:], vol.spacing_zyx[1:], zs, crop, pixel_mm=pixel_mm,
                                       slice_mm=slice_mm, max_side=max_side)
+
+
+def label_volume_sections(vol: Volume, labels: np.ndarray, plan: preprocess.Resampling, *,
+                          with_masks: bool = True):
+    """Per-slice boxes/masks of every label of a canonical label volume after resampling.
+
+    ``labels``: [Z, Y, X] int labels on ``vol``'s (canonical) grid. Returns the list of
+    :func:`preprocess.label_sections` (label, slice_index, box, mask). A label too small to survive
+    the nearest-neighbour resampling (thinner than the output slice distance or pixel) is not
+    dropped silently: it is placed on the output slice nearest to its centre with the box of its
+    source extent mapped through the plan and no mask.
+    """
+    out = preprocess.label_sections(preprocess.resample_labels(labels, plan), with_masks=with_masks)
+    present = {s[0] for s in out}
+    for label, o in enumerate(ndimage.find_objects(labels), start=1):
+        if o is None or label in present:
+            continue
+        zc = 0.5 * (o[0].start + o[0].stop - 1)
+        k = plan.nearest_slice(slice_z_of_index(vol, zc))
+        box = plan.clip_box(plan.map_boxes([o[1].start, o[2].start, o[1].stop, o[2].stop]))
+        if box[2] > box[0] and box[3] > box[1]:
+            out.append((label, k, box, None))
+    out.sort(key=lambda t: (t[0], t[1]))
+    return out
 
 
 def slice_z_of_index(vol: Volume, zi: float) -> float:

@@ -5,7 +5,8 @@ affine (SimpleITK's LPS direction): the volume and its segmentation are permuted
 canonical axial orientation (columns right->left, rows anterior->posterior, slices
 inferior->superior), never by a fixed flip. Tumours are the 3D connected components (26-connected)
 of label 2; after resampling each component gives one Lesion2D per slice it appears on (its exact
-mask on that slice and the box around it).
+mask on that slice and the box around it; a component too small to survive the resampling is kept
+on its nearest slice with its mapped box and no mask).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from scipy import ndimage
 
 from data_prep import preprocess
 from data_prep.readers import scan
-from data_prep.readers.common import canonicalize, make_case, organ_target, plan_for_volume, progress, report_bad
+from data_prep.readers.common import (canonicalize, label_volume_sections, make_case, organ_target, plan_for_volume,
+                                      progress, report_bad)
 from data_prep.types import BadItem, Case, Lesion2D, Volume
 from uld_jax.core import MAX_IMAGE_SIDE, Provenance, TARGET_PIXEL_MM, TARGET_SLICE_MM
 
@@ -100,14 +102,13 @@ def case_from_pair(vol: Volume, seg: np.ndarray, case_num: int, *, pixel_mm: flo
     ccomps, _ = tumour_components(cseg)
     plan = plan_for_volume(cvol, pixel_mm=pixel_mm, slice_mm=slice_mm, max_side=max_side)
     slices = preprocess.resample_volume(cvol.hu, plan)
-    out_labels = preprocess.resample_labels(ccomps, plan)
     target, valid = organ_target("liver")
     lesions = [Lesion2D(slice_index=z, box=box.astype(np.float32), mask=mask, provenance=int(Provenance.ORIGINAL),
                         lesion_id=label - 1, organ_target=target, organ_valid=valid)
-               for label, z, box, mask in preprocess.label_sections(out_labels, with_masks=with_masks)]
+               for label, z, box, mask in label_volume_sections(cvol, ccomps, plan, with_masks=with_masks)]
     pid = str(case_num)
     return make_case(dataset="lits", case_id=f"volume-{case_num}", patient_id=pid, study_id=pid, series_id=pid,
-                     split=preprocess.patient_split(f"lits-{pid}"), slices=slices, plan=plan, lesions=lesions,
+                     split=preprocess.patient_split(f"lits:{pid}"), slices=slices, plan=plan, lesions=lesions,
                      sample_slices=range(slices.shape[0]), source=vol.source)
 
 

@@ -203,7 +203,7 @@ def case_from_volume(vol: Volume, uid: str, nodules: list[Nodule], excluded: lis
     lesions = nodule_lesions(cvol, plan, nodules, provenance=int(Provenance.ORIGINAL), with_masks=with_masks)
     lesions += nodule_lesions(cvol, plan, excluded, provenance=int(Provenance.IGNORE), with_masks=False)
     return make_case(dataset="luna16", case_id=uid, patient_id=uid, study_id=uid, series_id=uid,
-                     split=preprocess.patient_split(uid), slices=slices, plan=plan, lesions=lesions,
+                     split=preprocess.patient_split(f"luna16:{uid}"), slices=slices, plan=plan, lesions=lesions,
                      sample_slices=range(slices.shape[0]), source=vol.source)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from data_prep import preprocess
 from data_prep.readers import scan
-from data_prep.readers.common import (canonicalize, make_case, organ_target, plan_for_volume, progress,
+from data_prep.readers.common import (canonicalize, label_volume_sections, make_case, organ_target, plan_for_volume, progress,
                                       report_bad, world_to_output)
 from data_prep.readers.lits import same_geometry
 from data_prep.types import BadItem, Case, Lesion2D, Volume
@@ -157,8 +157,7 @@ def case_from_series(vol: Volume, info: dict[str, str], nodes: list[Node], mask:
         present = set(int(v) for v in np.unique(clabels[0]) if v > 0)
         numbers = {n.number for n in nodes}
         in_mask = present & numbers
-        out_labels = preprocess.resample_labels(clabels[0], plan)
-        for label, z, box, m in preprocess.label_sections(out_labels, with_masks=with_masks):
+        for label, z, box, m in label_volume_sections(cvol, clabels[0], plan, with_masks=with_masks):
             if label in in_mask:
                 lesions.append(Lesion2D(slice_index=z, box=box.astype(np.float32), mask=m,
                                         provenance=int(Provenance.ORIGINAL), lesion_id=label - 1,
@@ -174,7 +173,7 @@ def case_from_series(vol: Volume, info: dict[str, str], nodes: list[Node], mask:
                                     organ_target=target, organ_valid=valid))
     lesions.sort(key=lambda l: (l.lesion_id, l.slice_index))
     return make_case(dataset="nihln", case_id=pid, patient_id=pid, study_id=info.get("study_uid") or pid,
-                     series_id=info.get("series_uid") or pid, split=preprocess.patient_split(f"nihln-{pid}"),
+                     series_id=info.get("series_uid") or pid, split=preprocess.patient_split(f"nihln:{pid}"),
                      slices=slices, plan=plan, lesions=lesions, sample_slices=range(slices.shape[0]),
                      source=vol.source)
 

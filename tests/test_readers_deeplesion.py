@@ -289,3 +289,12 @@ def test_multiple_key_slices_share_one_grid(dl_root):
     (c,) = list(dl.iter_cases(root))
     assert [l.slice_index for l in c.lesions] == [5, 8]
     assert list(c.key_slices) == [5, 8]
+
+
+def test_case_ids_match_released_volumetric_test_set(real_data):
+    from uld_jax.io.safe_pickle import safe_load
+
+    rows = dl.parse_dl_info(real_data / "deeplesion" / "DL_info_test_split.csv")
+    released = safe_load(real_data / "deeplesion" / "DeepLesion_manual_1K_test_release.pkl")
+    keys = set(released["val"]) | set(released["test"])
+    assert len(keys) == 1000 and keys <= {r.case_id for r in rows}

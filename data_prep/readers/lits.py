@@ -11,7 +11,6 @@ on its nearest slice with its mapped box and no mask).
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 from typing import Iterator

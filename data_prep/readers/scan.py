@@ -205,7 +205,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
         raise BadItem(src, f"series {series_uid!r} has {len(files)} slice(s); a CT volume needs at least 2")
     all_files = _dicom_files(folder)
     if len(ids) == 1 and len(files) < len(all_files):
-        skipped = sorted(set(all_files) - set(map(str, files)))
+        skipped = sorted(set(map(os.path.normpath, all_files)) - set(map(os.path.normpath, files)))
         raise BadItem(skipped[0], f"not part of the series (unreadable or corrupt DICOM?); "
                                   f"{len(skipped)} such file(s) in {src}")
     reader.SetFileNames(files)

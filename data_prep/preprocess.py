@@ -47,12 +47,14 @@ def to_int16_hu(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Black-border clipping.
 # --------------------------------------------------------------------------------------------------
-def body_crop(hu: np.ndarray, threshold_hu: float = -500.0, margin: int = 2) -> tuple[int, int, int, int]:
+def body_crop(hu: np.ndarray, threshold_hu: float = -500.0, margin: int = 2,
+              opening: int = 7) -> tuple[int, int, int, int]:
     """The in-plane range of pixels that are not black border, over all slices of a volume.
 
     ``hu``: [Z, H, W] or [H, W] HU. A pixel is foreground when above ``threshold_hu`` (air, the
-    padding outside the reconstruction circle and the -1024 background are below it); isolated
-    foreground pixels are removed by a 3x3 opening of the slice-wise maximum projection. The
+    padding outside the reconstruction circle and the -1024 background are below it). As in
+    MULAN's clipping, an ``opening`` x ``opening`` binary opening (of the slice-wise maximum
+    projection) removes isolated specks and thin structures such as the table's edges. The
     returned half-open range is widened by ``margin`` pixels and clipped to the image.
 
     Returns ``(y0, y1, x0, x1)``: rows ``y0..y1-1`` and columns ``x0..x1-1`` to keep; the whole
@@ -61,7 +63,7 @@ def body_crop(hu: np.ndarray, threshold_hu: float = -500.0, margin: int = 2) -> 
     hu = np.asarray(hu)
     proj = hu if hu.ndim == 2 else hu.max(axis=0)
     h, w = proj.shape
-    fg = ndimage.binary_opening(proj > threshold_hu, structure=np.ones((3, 3), bool))
+    fg = ndimage.binary_opening(proj > threshold_hu, structure=np.ones((opening, opening), bool))
     rows = np.flatnonzero(fg.any(axis=1))
     cols = np.flatnonzero(fg.any(axis=0))
     if rows.size == 0 or cols.size == 0:
@@ -247,7 +249,7 @@ def resample_labels(labels: np.ndarray, p: Resampling) -> np.ndarray:
     zi = np.clip(np.floor(zi + 0.5), 0, v.shape[0] - 1).astype(np.int64)
     yi = np.clip(np.floor(ys + 0.5), 0, v.shape[1] - 1).astype(np.int64)
     xi = np.clip(np.floor(xs + 0.5), 0, v.shape[2] - 1).astype(np.int64)
-    return v[zi][:, yi][:, :, xi]
+    return v[np.ix_(zi, yi, xi)]
 
 
 # --------------------------------------------------------------------------------------------------

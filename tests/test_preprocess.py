@@ -21,6 +21,7 @@ def test_body_crop_golden_and_speck_removed():
     img = np.full((3, 60, 70), -1024, np.int16)
     img[1, 10:30, 5:45] = 40          # body on one slice only: the union over slices counts
     img[0, 55, 65] = 500              # isolated speck (noise outside the body): removed
+    img[2, 40:43, 0:70] = 100         # a thin (3 px) table edge: removed by the opening
     assert pp.body_crop(img, margin=2) == (8, 32, 3, 47)
     assert pp.body_crop(img, margin=0) == (10, 30, 5, 45)
     assert pp.body_crop(np.full((4, 5), -1024)) == (0, 4, 0, 5)  # nothing: whole image

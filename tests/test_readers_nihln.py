@@ -171,6 +171,8 @@ def test_node_lists_checked(tmp_path):
     (ann / f"{PID}_lymphnodes_indices.txt").write_text("20 15 5\n30 28 8\n8 30 2\n")
     with pytest.raises(BadItem, match=r"node 3: voxel index .* lies 14.0 mm from the physical point"):
         list(nihln.iter_cases(tmp_path))
+    (case,) = list(nihln.iter_cases(tmp_path, check_indices=False))   # placed by the physical points
+    assert {l.lesion_id for l in case.lesions} == {0, 1, 2}
     (ann / f"{PID}_lymphnodes_sizes.txt").write_text("4 5\n6 6\n")
     with pytest.raises(BadItem, match=r"node lists of ABD_LYMPH_001 differ in length: 3 indices, 3 physical points, 2 sizes"):
         list(nihln.iter_cases(tmp_path))

@@ -123,19 +123,23 @@ def read_mask(raw_root, pid: str, vol: Volume) -> np.ndarray | None:
     return m.hu.astype(np.int32)
 
 
-def check_nodes(vol: Volume, nodes: list[Node], pid: str, where: str) -> None:
-    """Cross-checks voxel indices against physical points and that every node is inside the scan."""
+def check_nodes(vol: Volume, nodes: list[Node], pid: str, where: str, check_indices: bool = True) -> None:
+    """Checks that every node's physical point is inside the scan and (``check_indices``) that its
+    voxel index maps to the same place."""
     tol = 0.5 * float(np.linalg.norm(vol.spacing_zyx)) + 0.5
     for n in nodes:
         zyx = vol.world_to_index(np.asarray(n.point_xyz))
         if not all(-0.5 <= zyx[a] <= vol.hu.shape[a] - 0.5 for a in range(3)):
             raise BadItem(f"{where} node {n.number}", f"physical point {n.point_xyz} mm is outside the series of {pid}")
+        if not check_indices:
+            continue
         from_idx = vol.index_to_world(np.asarray(n.index_ijk[::-1]))
         err = float(np.linalg.norm(from_idx - np.asarray(n.point_xyz)))
         if err > tol:
             raise BadItem(f"{where} node {n.number}",
                           f"voxel index {n.index_ijk} lies {err:.1f} mm from the physical point {n.point_xyz} "
-                          f"(tolerance {tol:.1f} mm): index and point lists disagree")
+                          f"(tolerance {tol:.1f} mm): index and point lists disagree (check_indices=False "
+                          "trusts the physical points)")
 
 
 def case_from_series(vol: Volume, info: dict[str, str], nodes: list[Node], mask: np.ndarray | None, pid: str, *,
@@ -177,24 +181,28 @@ def case_from_series(vol: Volume, info: dict[str, str], nodes: list[Node], mask:
                      source=vol.source)
 
 
-def load_patient(raw_root, pid: str):
+def load_patient(raw_root, pid: str, check_indices: bool = True):
     """Reads and checks one patient: (Volume, DICOM info, nodes, mask or None)."""
     folder = series_folder(raw_root, pid)
     vol, info = scan.read_dicom_series(folder)
     scan.check_ct_values(vol)
     nodes = read_nodes(raw_root, pid)
-    check_nodes(vol, nodes, pid, str(_dataset_dir(raw_root) / ANNOTATIONS / pid))
+    check_nodes(vol, nodes, pid, str(_dataset_dir(raw_root) / ANNOTATIONS / pid), check_indices)
     mask = read_mask(raw_root, pid, vol)
     return vol, info, nodes, mask
 
 
 def iter_cases(raw_root, *, skip_bad: bool = False, bad_items: list[BadItem] | None = None,
                pixel_mm: float = TARGET_PIXEL_MM, slice_mm: float = TARGET_SLICE_MM,
-               max_side: int | None = MAX_IMAGE_SIDE, show_progress: bool | None = None) -> Iterator[Case]:
-    """Yields one Case per NIH-LN patient (see :func:`case_from_series`)."""
+               max_side: int | None = MAX_IMAGE_SIDE, check_indices: bool = True,
+               show_progress: bool | None = None) -> Iterator[Case]:
+    """Yields one Case per NIH-LN patient (see :func:`case_from_series`).
+
+    ``check_indices=False`` skips the cross-check of the voxel-index list against the physical
+    points (nodes are always placed by their physical points)."""
     for pid in progress(find_patients(raw_root), "NIH-LN series", enable=show_progress):
         try:
-            vol, info, nodes, mask = load_patient(raw_root, pid)
+            vol, info, nodes, mask = load_patient(raw_root, pid, check_indices)
             yield case_from_series(vol, info, nodes, mask, pid, pixel_mm=pixel_mm, slice_mm=slice_mm,
                                    max_side=max_side)
         except BadItem as e:

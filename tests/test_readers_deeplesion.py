@@ -298,3 +298,13 @@ def test_case_ids_match_released_volumetric_test_set(real_data):
     released = safe_load(real_data / "deeplesion" / "DeepLesion_manual_1K_test_release.pkl")
     keys = set(released["val"]) | set(released["test"])
     assert len(keys) == 1000 and keys <= {r.case_id for r in rows}
+
+
+def test_missing_series_folder_is_one_problem(dl_root):
+    import shutil
+
+    root, _, _ = dl_root
+    shutil.rmtree(_folder(root))
+    problems = dl.check(root, show_progress=False)
+    assert len(problems) == 1
+    assert "000007_01_02: series folder missing (sub-volume 000007_01_02_010-020, DL_info row(s) 0)" in str(problems[0])

@@ -374,6 +374,9 @@ def load_subvolume(images_root: str | os.PathLike, sub: SubVolume,
     """
     folder = safe_join(images_root, sub.series_folder, f"sub-volume {sub.case_id}")
     a, b = sub.slice_range
+    if not folder.is_dir():
+        rows = ", ".join(str(r.row) for r in sub.rows[:5])
+        raise BadItem(str(folder), f"series folder missing (sub-volume {sub.case_id}, DL_info row(s) {rows})")
     width, height = sub.rows[0].image_size
     out = np.empty((b - a + 1, height, width), np.int16)
     n_bad = 0

@@ -119,6 +119,18 @@ class Resampling:
         p = np.asarray(pts, dtype=np.float64)
         return (p - np.asarray(self.crop_yx[::-1], np.float64)) * np.asarray(self.scale_yx[::-1], np.float64)
 
+    def unmap_points_yx(self, pts: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`map_points_yx`: [..., 2] output points (y, x) -> source points."""
+        p = np.asarray(pts, dtype=np.float64)
+        return p / np.asarray(self.scale_yx, np.float64) + np.asarray(self.crop_yx, np.float64)
+
+    def unmap_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`map_boxes`: [..., 4] output boxes -> source boxes (continuous pixels)."""
+        b = np.asarray(boxes, dtype=np.float64)
+        off = np.array([self.crop_yx[0], self.crop_yx[1]] * 2, np.float64)
+        sc = np.array([self.scale_yx[0], self.scale_yx[1]] * 2, np.float64)
+        return b / sc + off
+
     def nearest_slice(self, z_mm: float) -> int:
         """Index of the output slice nearest to position ``z_mm`` (mm)."""
         return int(np.argmin(np.abs(self.out_z - z_mm)))

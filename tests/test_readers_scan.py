@@ -145,3 +145,22 @@ def test_dicom_folder_problems(real_data, tmp_path):
     uid = "1.3.6.1.4.1.14519.5.2.1.7085.2626.242193282649561899185427104083"
     vol, _ = scan.read_dicom_series(two, uid)
     assert vol.hu.shape == (99, 512, 512)
+
+
+def test_preprocess_scan_and_world_round_trip(tmp_path):
+    from data_prep.readers.common import output_to_world, preprocess_scan, world_to_output
+
+    img, _ = _test_image(direction=(0, 1, 0, -1, 0, 0, 0, 0, -1))
+    p = tmp_path / "s.nrrd"
+    sitk.WriteImage(img, str(p))
+    vol = scan.read_scan(p)
+    cvol, plan, slices = preprocess_scan(vol)
+    assert slices.shape[0] == plan.out_z.size and slices.dtype == np.int16
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        # a world point inside the scan, from SimpleITK's mapping of a random continuous index
+        w = np.array(img.TransformContinuousIndexToPhysicalPoint(tuple(rng.uniform(0, 5, size=3))))
+        yx, z_mm = world_to_output(cvol, plan, w)
+        k = (z_mm - plan.out_z[0]) / plan.slice_mm
+        np.testing.assert_allclose(output_to_world(cvol, plan, k, yx), w, atol=1e-9)
+    np.testing.assert_allclose(plan.unmap_boxes(plan.map_boxes([1.0, 2.0, 3.0, 4.0])), [1, 2, 3, 4])

@@ -157,6 +157,30 @@ def world_to_output(vol: Volume, plan: preprocess.Resampling, xyz_mm) -> tuple[n
     return plan.map_points_yx(yx_src), slice_z_of_index(vol, float(zyx[0]))
 
 
+def output_to_world(vol: Volume, plan: preprocess.Resampling, slice_index, yx) -> np.ndarray:
+    """Inverse of :func:`world_to_output`: a point on a preprocessed slice -> world mm (x, y, z).
+
+    ``vol``: the canonical volume the plan was made for; ``slice_index``: [...] (may be fractional,
+    in output slices); ``yx``: [..., 2] output continuous pixels. Returns [..., 3] world mm (LPS).
+    """
+    k = np.asarray(slice_index, np.float64)
+    z_mm = plan.out_z[0] + k * plan.slice_mm
+    zi = (z_mm - vol.origin_xyz[2]) / vol.spacing_zyx[0]
+    src = plan.unmap_points_yx(yx) - 0.5   # continuous pixel coordinate -> voxel index
+    zyx = np.concatenate([zi[..., None], src], axis=-1)
+    return vol.index_to_world(zyx)
+
+
+def preprocess_scan(vol: Volume, *, pixel_mm: float = 0.8, slice_mm: float = 2.0,
+                    max_side: int | None = 512) -> tuple[Volume, preprocess.Resampling, np.ndarray]:
+    """A scan as read (e.g. :func:`data_prep.readers.scan.read_scan`) -> (canonical volume, plan,
+    [Z, H, W] int16 preprocessed slices), the same preprocessing the dataset readers apply; use
+    :func:`output_to_world` to map detections back to world mm."""
+    cvol, _ = canonicalize(vol)
+    plan = plan_for_volume(cvol, pixel_mm=pixel_mm, slice_mm=slice_mm, max_side=max_side)
+    return cvol, plan, preprocess.resample_volume(cvol.hu, plan)
+
+
 def organ_target(dataset_organ: str) -> tuple[np.ndarray, np.ndarray]:
     """Hard organ target of a single-type dataset's lesion: one-hot over (lung, liver, lymph node),
     all valid (a lung nodule is known not to be a liver tumour or a lymph node)."""

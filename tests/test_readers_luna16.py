@@ -176,3 +176,13 @@ def test_skip_bad_and_check(tmp_path):
     assert [c.case_id for c in cases] == [UID] and len(bad) == 1 and UID2 in str(bad[0])
     problems = luna16.check(tmp_path, show_progress=False)
     assert [str(p) for p in problems] == [str(bad[0])]
+
+
+def test_element_data_file_escaping_folder(tmp_path):
+    d = _write(tmp_path, _scan(np.eye(3)))
+    mhd = d / "subset0" / f"{UID}.mhd"
+    text = mhd.read_text().replace(f"ElementDataFile = {UID}.raw", "ElementDataFile = ../../secret.raw")
+    assert "secret" in text
+    mhd.write_text(text)
+    with pytest.raises(BadItem, match=r"ElementDataFile '../../secret.raw' would escape the scan's folder"):
+        list(luna16.iter_cases(tmp_path))

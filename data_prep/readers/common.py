@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 import sys
@@ -187,10 +186,6 @@ def organ_target(dataset_organ: str) -> tuple[np.ndarray, np.ndarray]:
     order = ("lung", "liver", "lymph_node")
     t = np.array([1.0 if o == dataset_organ else 0.0 for o in order], np.float32)
     return t, np.ones(3, bool)
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
 
 
 def make_case(*, dataset: str, case_id: str, patient_id: str, study_id: str, series_id: str, split: str,

@@ -1,0 +1,71 @@
+"""Slow, literal per-detection reference implementations used as test oracles.
+
+They follow the released protocols step by step (one detection at a time, Python loops, scipy's
+interp1d for the reading) so the vectorised code in uld_jax.evaluate can be checked against them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.interpolate import interp1d
+
+
+def overlap_loop(box, gts, dim, metric):
+    """Overlap of one box against rows of gts, +1 convention, one pair at a time."""
+    out = []
+    for g in gts:
+        inter, sa, sg = 1.0, 1.0, 1.0
+        for k in range(dim):
+            lo = max(g[k], box[k])
+            hi = min(g[k + dim], box[k + dim])
+            inter *= max(hi - lo + 1.0, 0.0)
+            sa *= box[k + dim] - box[k] + 1.0
+            sg *= g[k + dim] - g[k] + 1.0
+        if metric == "iou":
+            out.append(inter / (sa + sg - inter))
+        elif metric == "iobb":
+            out.append(inter / sa)
+        else:
+            raise ValueError(metric)
+    return np.array(out, dtype=np.float64)
+
+
+def froc_loop(dets_list, gts_list, dim, metric, th, strict=False, paper=False):
+    """Per-detection FROC loop; returns (sens, fps_per_volume) like the released FROC()."""
+    n = len(dets_list)
+    vol = np.concatenate([[i] * len(d) for i, d in enumerate(dets_list)] + [[]]).astype(int)
+    allb = np.vstack([np.asarray(d, float).reshape(-1, 2 * dim + 1) for d in dets_list])
+    order = np.argsort(allb[:, -1])[::-1]
+    hit = [np.zeros(len(g), bool) for g in gts_list]
+    nh = nm = 0
+    tps, fps = [], []
+    for i in order:
+        g = np.asarray(gts_list[vol[i]], float).reshape(-1, 2 * dim)
+        b = allb[i, :-1]
+        if paper:
+            zok = np.array([max(b[2], t[2]) <= min(b[5], t[5]) for t in g], bool)
+            ov = overlap_loop(b[[0, 1, 3, 4]], g[:, [0, 1, 3, 4]], 2, "iou") if len(g) else np.zeros(0)
+            ov = np.where(zok, ov, 0.0)
+        else:
+            ov = overlap_loop(b, g, dim, metric)
+        ok = (ov > th) if strict else (ov >= th)
+        if len(ov) == 0 or not ok.any():
+            nm += 1
+        else:
+            for j in range(len(ov)):
+                if ok[j] and not hit[vol[i]][j]:
+                    hit[vol[i]][j] = True
+                    nh += 1
+        tps.append(nh)
+        fps.append(nm)
+    ngt = sum(len(np.asarray(g).reshape(-1, 2 * dim)) for g in gts_list)
+    return np.array(tps, float) / ngt, np.array(fps, float) / n
+
+
+def read_loop(sens, fps, rates):
+    """The released sens_at_FP: 0 left, interp1d inside, last value right."""
+    left = [a for a in rates if a < fps[0]]
+    inside = [a for a in rates if fps[0] <= a <= fps[-1]]
+    right = [a for a in rates if a > fps[-1]]
+    f = interp1d(fps, sens)
+    return np.hstack([np.zeros(len(left)), f(np.array(inside)), np.ones(len(right)) * sens[-1]])

@@ -69,3 +69,54 @@ def read_loop(sens, fps, rates):
     right = [a for a in rates if a > fps[-1]]
     f = interp1d(fps, sens)
     return np.hstack([np.zeros(len(left)), f(np.array(inside)), np.ones(len(right)) * sens[-1]])
+
+
+def stack_loop(z, b, s, vol, thr=0.5, mode="max"):
+    """Per-detection stacking: greedy IoU links between consecutive slices, one box at a time.
+
+    Returns (boxes [T, 6], scores [T], volume [T], track [N]) in the documented track order.
+    """
+    z = [int(t) for t in z]
+    vol = [int(t) for t in vol]
+    b = np.asarray(b, float)
+    n = len(z)
+    groups = {}
+    for i in range(n):
+        groups.setdefault((vol[i], z[i]), []).append(i)
+    prev_of = [-1] * n
+    for (v, zz), cur in groups.items():
+        prev = groups.get((v, zz - 1))
+        if not prev:
+            continue
+        edges = []
+        for ci in cur:
+            ious = overlap_loop(b[ci], b[prev], 2, "iou")
+            for pi, iou in zip(prev, ious):
+                if iou > thr:
+                    edges.append((-iou, pi, ci))
+        edges.sort()
+        used_p, used_c = set(), set()
+        for _, pi, ci in edges:
+            if pi in used_p or ci in used_c:
+                continue
+            used_p.add(pi)
+            used_c.add(ci)
+            prev_of[ci] = pi
+    heads = [i for i in range(n) if prev_of[i] == -1]
+    heads.sort(key=lambda i: (vol[i], z[i], -s[i], i))
+    succ = {p: c for c, p in enumerate(prev_of) if p >= 0}
+    track = [-1] * n
+    boxes, scores, vols = [], [], []
+    for t, h in enumerate(heads):
+        members = [h]
+        while members[-1] in succ:
+            members.append(succ[members[-1]])
+        for m in members:
+            track[m] = t
+        mb = b[members]
+        zs = [z[m] for m in members]
+        boxes.append([mb[:, 0].min(), mb[:, 1].min(), min(zs), mb[:, 2].max(), mb[:, 3].max(), max(zs)])
+        ms = [s[m] for m in members]
+        scores.append(max(ms) if mode == "max" else sum(ms) / len(ms))
+        vols.append(vol[h])
+    return np.array(boxes).reshape(-1, 6), np.array(scores), np.array(vols), np.array(track)

@@ -70,17 +70,20 @@ def pair_overlap(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray, m
     bit-identical to it.
     """
     d = 3 if b.shape[1] == 6 else 2
-    aa = a[ia]
-    bb = b[ib]
-    inter = np.ones(len(ia), dtype=np.float64)
-    size_a = np.ones(len(ia), dtype=np.float64)
-    size_b = np.ones(len(ia), dtype=np.float64)
+    # column-wise gathers from contiguous columns (much faster than gathering strided rows)
+    ac = np.ascontiguousarray(a[:, :2 * d].T)
+    bc = np.ascontiguousarray(b[:, :2 * d].T)
+    inter = size_a = size_b = None
     for k in range(d):
-        lo = np.maximum(bb[:, k], aa[:, k])
-        hi = np.minimum(bb[:, k + d], aa[:, k + d])
-        inter = inter * np.maximum(hi - lo + 1.0, 0.0)
-        size_a = size_a * (aa[:, k + d] - aa[:, k] + 1.0)
-        size_b = size_b * (bb[:, k + d] - bb[:, k] + 1.0)
+        a_lo, a_hi = ac[k][ia], ac[k + d][ia]
+        b_lo, b_hi = bc[k][ib], bc[k + d][ib]
+        w = np.maximum(np.minimum(b_hi, a_hi) - np.maximum(b_lo, a_lo) + 1.0, 0.0)
+        wa = a_hi - a_lo + 1.0
+        wb = b_hi - b_lo + 1.0
+        # products accumulate left to right, as the released code's iw * ih * id
+        inter = w if inter is None else inter * w
+        size_a = wa if size_a is None else size_a * wa
+        size_b = wb if size_b is None else size_b * wb
     if metric == "iou":
         return inter / (size_a + size_b - inter)
     if metric == "iobb":

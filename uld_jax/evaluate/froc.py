@@ -193,14 +193,38 @@ def _flatten(
     extra = [k for k in pred.keys() if k not in truth]
     if extra:
         notes.append(f"{len(extra)} predicted volume(s) not in the truth ignored, e.g. {extra[0]!r}")
-    dets, trs = [], []
-    for k in keys:
-        dets.append(as_box_array(pred.get(k, []), ndet, source=pred_source, key=k, what=what_det))
-        trs.append(as_box_array(truth[k], ntru, source=truth_source, key=k, what=what_tru))
+    dets = [_as_rows(pred.get(k, []), ndet, pred_source, k, what_det) for k in keys]
+    trs = [_as_rows(truth[k], ntru, truth_source, k, what_tru) for k in keys]
     det = np.concatenate(dets) if dets else np.zeros((0, ndet))
     tru = np.concatenate(trs) if trs else np.zeros((0, ntru))
-    return _Flat(keys, det, np.array([len(a) for a in dets], np.int64), tru,
-                 np.array([len(a) for a in trs], np.int64), notes)
+    det_sizes = np.array([len(a) for a in dets], np.int64)
+    tru_sizes = np.array([len(a) for a in trs], np.int64)
+    # value checks on the concatenation; on failure re-check the offending volume for the message
+    for arr, sizes, src, n, what in ((det, det_sizes, pred_source, ndet, what_det),
+                                     (tru, tru_sizes, truth_source, ntru, what_tru)):
+        d = 3 if n >= 6 else 2
+        bad = ~np.isfinite(arr).all(axis=1) | ((arr[:, d:2 * d] - arr[:, :d] + 1.0) <= 0).any(axis=1)
+        if bad.any():
+            v = int(np.searchsorted(np.cumsum(sizes), int(np.flatnonzero(bad)[0]), side="right"))
+            as_box_array(arr[sizes[:v].sum():sizes[:v + 1].sum()], n, source=src, key=keys[v], what=what)
+    return _Flat(keys, det, det_sizes, tru, tru_sizes, notes)
+
+
+def _as_rows(value: Any, ncols: int, source: str, key: str, what: str) -> np.ndarray:
+    """Shape / dtype check of one volume's array (values are checked on the concatenation)."""
+    if isinstance(value, np.ndarray) and value.dtype == np.float64 and value.ndim == 2 and value.shape[1] == ncols:
+        return value
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise EvaluationInputError(f"{source}: key {key!r}: not a numeric array ({e}); expected {what}") from e
+    if arr.size == 0:
+        return np.zeros((0, ncols))
+    if arr.ndim == 1 and arr.shape[0] == ncols:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != ncols:
+        raise EvaluationInputError(f"{source}: key {key!r}: array of shape {arr.shape}, expected {what}")
+    return arr
 
 
 def _hits_threshold(det, tru, ia, ib, metric, threshold, strict):

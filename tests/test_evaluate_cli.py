@@ -107,3 +107,20 @@ def test_real_1k_through_the_entry_point(real_data):
     assert sc["volumetric/released/mean"] == 1.0 and sc["volumetric/paper/sens@0.125"] == 1.0
     with pytest.raises(ValueError, match="exactly one"):
         evaluate_predictions(truth)
+
+
+def test_cli_keyslice_and_z_range_warning(tmp_path, capsys):
+    truth = {"000001_01_01_010.png": [[0, 0, 9, 9]], "000001_01_01_011.png": [[20, 20, 29, 29]]}
+    pred = {"000001_01_01_010.png": [[0, 0, 9, 4, 0.7]], "000001_01_01_011.png": [[60, 60, 70, 70, 0.8]]}
+    (tmp_path / "t.json").write_text(json.dumps(truth))
+    (tmp_path / "p.json").write_text(json.dumps(pred))
+    assert main(["--protocol", "keyslice", "--pred", str(tmp_path / "p.json"), "--truth", str(tmp_path / "t.json"),
+                 "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    # ranking .8 FP, .7 TP (IoU exactly 0.5): curve fps .5 .5, sens 0 .5
+    np.testing.assert_allclose(res["tables"]["keyslice"]["sensitivity"], [0.5] * 6)
+    # 0-based z instead of the release's slice numbers: flagged in the notes
+    pred0 = {k: v.copy() for k, v in _pred().items()}
+    pred0["000002_01_01_020-030"][:, [2, 5]] -= 20
+    rep = evaluate_predictions(TRUTH, pred0)
+    assert any("outside their sub-volume's slice range" in n for n in rep.info["notes"])

@@ -90,3 +90,27 @@ def load_labels(path: str | os.PathLike, *, split: str | None = None) -> dict[st
         arr = np.asarray(v).reshape(-1)
         out[k] = [str(x) for x in arr]
     return out
+
+
+def parse_subvolume_name(name: str) -> tuple[str, int, int] | None:
+    """``'PPPPPP_SS_RR_AAA-BBB'`` (optionally ``.nii.gz``) -> ``('PPPPPP_SS_RR', AAA, BBB)``, else None.
+
+    AAA..BBB is the 1-based slice range; the released 1K set's z values are slice numbers in that
+    range, so the k-th slice (0-based) of the sub-volume's NIfTI is ``z = AAA + k``.
+    """
+    base = name[:-7] if name.endswith(".nii.gz") else name
+    head, sep, rng = base.rpartition("_")
+    if not sep or "-" not in rng:
+        return None
+    a, _, b = rng.partition("-")
+    if not (a.isdigit() and b.isdigit()):
+        return None
+    return head, int(a), int(b)
+
+
+def subvolume_index_to_release_z(name: str, k: np.ndarray | int) -> np.ndarray:
+    """0-based slice index within the sub-volume ``name`` -> the release's z (1-based slice number)."""
+    p = parse_subvolume_name(name)
+    if p is None:
+        raise EvaluationInputError(f"{name!r} is not a sub-volume name PPPPPP_SS_RR_AAA-BBB")
+    return np.asarray(k) + p[1]

@@ -302,6 +302,7 @@ def evaluate_predictions(
         n2d = sum(len(v) for v in slice_boxes.values())
         notes.append(f"{n2d} 2D detections stacked into {sum(len(v) for v in pred.values())} 3D boxes "
                      f"(IoU > {stack_iou} on consecutive slices, 3D score = {score_mode})")
+    notes.extend(_check_release_z(pred, truth))
     tables, curves, strata_out = {}, {}, {}
     counts: dict[str, Any] = {}
     for rule in rules:
@@ -323,6 +324,29 @@ def evaluate_predictions(
         notes.extend(n for n in r.notes if n not in notes)
     info = {"sources": {"truth": truth_source, "pred": pred_source}, "counts": counts, "notes": notes}
     return EvaluationReport("volumetric", "sub-volume", tables, curves, info, strata_out)
+
+
+def _check_release_z(pred: Mapping[str, Any], truth: Mapping[str, Any]) -> list[str]:
+    """Notes when boxes lie outside the slice range named by their sub-volume (``..._AAA-BBB``):
+    the release numbers z as 1-based slice numbers AAA..BBB, a common source of silent misses."""
+    from uld_jax.evaluate.inputs import parse_subvolume_name
+
+    out = []
+    for what, d, zc in (("predicted", pred, (2, 5)), ("truth", truth, (2, 5))):
+        n_out, example = 0, None
+        for k, v in d.items():
+            rng = parse_subvolume_name(str(k))
+            a = np.asarray(v, np.float64)
+            if rng is None or a.size == 0 or a.ndim != 2 or a.shape[1] < 6:
+                continue
+            bad = (a[:, zc[0]] < rng[1]) | (a[:, zc[1]] > rng[2])
+            n_out += int(bad.sum())
+            if bad.any() and example is None:
+                example = k
+        if n_out:
+            out.append(f"{n_out} {what} box(es) extend outside their sub-volume's slice range (e.g. {example!r}); "
+                       "z must be the release's 1-based slice number (first slice of PPPPPP_SS_RR_AAA-BBB is AAA)")
+    return out
 
 
 def evaluate_keyslice(

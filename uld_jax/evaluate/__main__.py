@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--score-mode", choices=("max", "mean"), default="max", help="3D score from the linked 2D scores")
     p.add_argument("--slice-boxes", default=None, help="per-slice boxes of the 3D detections {name: m x 6 [det,z,x1,y1,x2,y2]}")
     p.add_argument("--labels", default=None, help="organ label per truth row {name: [label, ...]} for strata")
+    p.add_argument("--dl-info", default=None,
+                   help="DL_info csv: organ strata from the marked lesions' Coarse_lesion_type (see organs.py)")
     p.add_argument("--missing-as-empty", action="store_true", help="truth volumes absent from PRED have no detections")
     p.add_argument("--metric", choices=("iou", "iobb", "iogt", "iobbgt"), default="iou", help="key-slice overlap")
     p.add_argument("--threshold", type=float, default=0.5, help="key-slice overlap threshold (>=)")
@@ -82,6 +84,12 @@ def _run(args: argparse.Namespace):
                                         pred_source=args.pred, truth_source=args.truth)
     rules = ("released", "paper") if args.rule == "both" else (args.rule,)
     labels = inputs.load_labels(args.labels, split=args.split) if args.labels else None
+    if args.dl_info:
+        if labels is not None:
+            raise EvaluationInputError("give --labels or --dl-info, not both")
+        from uld_jax.evaluate.organs import organ_labels_from_dl_info
+
+        labels, _ = organ_labels_from_dl_info(truth, args.dl_info)
     sb = inputs.load_volume_dict(args.slice_boxes, split=args.split) if args.slice_boxes else None
     kw = dict(rules=rules, truth_labels=labels, missing_as_empty=args.missing_as_empty,
               pred_source=args.pred, truth_source=args.truth)

@@ -217,7 +217,10 @@ def test_organ_stratified():
     np.testing.assert_allclose(out["liver"].curve_sens, [0.0, 0.5])
     np.testing.assert_allclose(out["liver"].sensitivity, [0.5, 0.5])
     alt = stratified_froc(pred, truth, labels, fp_rates=(0.5, 1.0), fp_from_all_truths=True)
-    np.testing.assert_allclose(alt["liver"].curve_fps, [0.0])
+    # the lung hit is neither TP nor FP for the liver stratum: no FP at all on its curve
+    np.testing.assert_allclose(alt["liver"].curve_fps, [0.0, 0.0])
+    np.testing.assert_allclose(alt["liver"].sensitivity, [0.5, 0.5])
+    assert alt["liver"].num_fp == 0 and out["liver"].num_fp == 1
     assert np.isnan(out["lymph_node"].sensitivity).all()
     with pytest.raises(EvaluationInputError, match="1 labels for 2 truth boxes"):
         stratified_froc(pred, truth, {"a": ["lung"], "b": ["liver"]})

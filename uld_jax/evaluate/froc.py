@@ -106,7 +106,8 @@ class FrocResult:
 # The engine: a curve from hit pairs.
 # --------------------------------------------------------------------------------------------------
 def curve_from_hits(
-    scores: np.ndarray, hit_det: np.ndarray, hit_truth: np.ndarray, num_truths: int, num_volumes: int
+    scores: np.ndarray, hit_det: np.ndarray, hit_truth: np.ndarray, num_truths: int, num_volumes: int,
+    ignore: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The per-detection FROC curve from the list of (detection, truth) hit pairs.
 
@@ -114,7 +115,8 @@ def curve_from_hits(
     the pairs (detection hits truth); ``num_truths``: G (the denominator of sensitivity; may be 0,
     giving NaN sensitivities); ``num_volumes``: the denominator of FPs per volume.
     Returns ``(order, sens [D], fps_per_volume [D], is_fp [D] in concatenation order)``; ``order``
-    [D] is the ranking (``np.argsort(scores)[::-1]``).
+    [D] is the ranking (``np.argsort(scores)[::-1]``). ``ignore``: [D] bool, detections that are
+    never FPs (neither TP nor FP when they hit nothing).
     """
     scores = np.asarray(scores, dtype=np.float64)
     d = len(scores)
@@ -124,6 +126,8 @@ def curve_from_hits(
     hits_any = np.zeros(d, dtype=bool)
     hits_any[hit_det] = True
     is_fp = ~hits_any
+    if ignore is not None:
+        is_fp &= ~ignore
     first = np.full(max(num_truths, 0), d, dtype=np.int64)
     if len(hit_det):
         np.minimum.at(first, hit_truth, rank[hit_det])
@@ -290,6 +294,16 @@ def volumetric_froc(
     and their order (default: the truth's key order, as the released code). Volumes without a
     prediction entry raise unless ``missing_as_empty``.
     """
+    flat, hd, ht = _volumetric_hits(pred, truth, rule=rule, slice_boxes=slice_boxes, keys=keys,
+                                    missing_as_empty=missing_as_empty, iobb_threshold=iobb_threshold,
+                                    iou_threshold=iou_threshold, pred_source=pred_source,
+                                    truth_source=truth_source)
+    return _finish(flat, hd, ht, rule, fp_rates)
+
+
+def _volumetric_hits(pred, truth, *, rule, slice_boxes, keys, missing_as_empty, iobb_threshold,
+                     iou_threshold, pred_source, truth_source):
+    """Flattened inputs and the (detection, truth) hit pairs of a volumetric hit rule."""
     if rule not in RULES:
         raise ValueError(f"unknown hit rule {rule!r}; expected one of {RULES}")
     flat = _flatten(pred, truth, dim=3, keys=keys, missing_as_empty=missing_as_empty,
@@ -297,30 +311,39 @@ def volumetric_froc(
     ia, ib = group_pairs(flat.det_sizes, flat.truth_sizes)
     if rule == "released":
         hd, ht = _hits_threshold(flat.det, flat.truth, ia, ib, "iobb", iobb_threshold, strict=False)
+        return flat, hd, ht
+    if slice_boxes is not None:
+        covered = np.array([k in slice_boxes for k in flat.keys])
+        per_det_cov = np.repeat(covered, flat.det_sizes)
+        sd, st = _paper_hits_from_slices(flat, slice_boxes, pred_source, iou_threshold)
+        keep = ~per_det_cov[ia]
+        ia, ib = ia[keep], ib[keep]
     else:
-        if slice_boxes is not None:
-            covered = np.array([k in slice_boxes for k in flat.keys])
-            per_det_cov = np.repeat(covered, flat.det_sizes)
-            sd, st = _paper_hits_from_slices(flat, slice_boxes, pred_source, iou_threshold)
-            keep = ~per_det_cov[ia]
-            ia, ib = ia[keep], ib[keep]
-        else:
-            sd = st = np.zeros(0, np.int64)
-        zov = (np.maximum(flat.det[ia, 2], flat.truth[ib, 2]) <= np.minimum(flat.det[ia, 5], flat.truth[ib, 5]))
-        ia, ib = ia[zov], ib[zov]
-        d2 = flat.det[:, [0, 1, 3, 4]]
-        t2 = flat.truth[:, [0, 1, 3, 4]]
-        cd, ct = _hits_threshold(d2, t2, ia, ib, "iou", iou_threshold, strict=True)
-        hd, ht = np.concatenate([sd, cd]), np.concatenate([st, ct])
-    return _finish(flat, hd, ht, rule, fp_rates)
+        sd = st = np.zeros(0, np.int64)
+    zov = (np.maximum(flat.det[ia, 2], flat.truth[ib, 2]) <= np.minimum(flat.det[ia, 5], flat.truth[ib, 5]))
+    ia, ib = ia[zov], ib[zov]
+    d2 = flat.det[:, [0, 1, 3, 4]]
+    t2 = flat.truth[:, [0, 1, 3, 4]]
+    cd, ct = _hits_threshold(d2, t2, ia, ib, "iou", iou_threshold, strict=True)
+    return flat, np.concatenate([sd, cd]), np.concatenate([st, ct])
 
 
-def _finish(flat: _Flat, hd, ht, rule: str, fp_rates) -> FrocResult:
+def _finish(flat: _Flat, hd, ht, rule: str, fp_rates, truth_sel: np.ndarray | None = None,
+            ignore_fp: np.ndarray | None = None) -> FrocResult:
+    """FROC from hit pairs; ``truth_sel`` [G] bool restricts the truths (a stratum), ``ignore_fp``
+    [D] bool marks detections that may not count as FPs (they hit a truth outside the stratum)."""
     scores = flat.det[:, -1]
-    ntru, nvol = len(flat.truth), len(flat.keys)
+    nvol = len(flat.keys)
     if nvol == 0:
         raise EvaluationInputError("no volumes to evaluate (the truth is empty)")
-    order, sens, fppv, is_fp = curve_from_hits(scores, hd, ht, ntru, nvol)
+    if truth_sel is not None:
+        new_id = np.cumsum(truth_sel) - 1
+        keep = truth_sel[ht]
+        hd, ht = hd[keep], new_id[ht[keep]]
+        ntru = int(truth_sel.sum())
+    else:
+        ntru = len(flat.truth)
+    order, sens, fppv, is_fp = curve_from_hits(scores, hd, ht, ntru, nvol, ignore=ignore_fp)
     notes = list(flat.notes)
     if ntru == 0:
         notes.append("no truths: sensitivities are undefined (NaN)")
@@ -376,58 +399,45 @@ def stratified_froc(
     *,
     strata: Sequence[str] = STRATA,
     fp_from_all_truths: bool = False,
-    **kwargs: Any,
+    rule: str = "released",
+    fp_rates: Sequence[float] = VOLUMETRIC_FP_RATES,
+    slice_boxes: Mapping[str, Any] | None = None,
+    keys: Sequence[str] | None = None,
+    missing_as_empty: bool = False,
+    iobb_threshold: float = 0.3,
+    iou_threshold: float = 0.5,
+    pred_source: str = "<pred>",
+    truth_source: str = "<truth>",
 ) -> dict[str, FrocResult]:
     """Organ-stratified FROC: one FROC per organ label plus ``"overall"``.
 
     ``truth_labels``: {name: [n] organ label per truth row (e.g. ``"lung"``, ``"liver"``,
     ``"lymph_node"``, anything else)}. As the released code's docstring prescribes for stratified
     FROCs, the FROC of organ o is computed with only the truths labelled o: by default a detection
-    hitting a lesion of another organ is then an FP (``fp_from_all_truths=False``, the released
-    recipe); with ``fp_from_all_truths=True`` such a detection is neither TP nor FP. ``kwargs`` go
-    to :func:`volumetric_froc` (``rule``, ``fp_rates``, ...). The "average sensitivity" of a
-    stratum is its ``mean_sensitivity``.
+    hitting only lesions of other organs is then an FP (``fp_from_all_truths=False``, the released
+    recipe); with ``fp_from_all_truths=True`` such a detection is neither TP nor FP. Other
+    arguments as :func:`volumetric_froc`. The "average sensitivity" of a stratum is its
+    ``mean_sensitivity``; a stratum without truths has NaN sensitivities.
     """
-    out = {"overall": volumetric_froc(pred, truth, **kwargs)}
-    keys = list(truth.keys()) if kwargs.get("keys") is None else list(kwargs["keys"])
-    labels = {}
-    for k in keys:
-        lab = np.asarray(truth_labels.get(k, []), dtype=object)
-        n = len(np.asarray(truth[k]).reshape(-1, 6)) if np.asarray(truth[k]).size else 0
+    flat, hd, ht = _volumetric_hits(pred, truth, rule=rule, slice_boxes=slice_boxes, keys=keys,
+                                    missing_as_empty=missing_as_empty, iobb_threshold=iobb_threshold,
+                                    iou_threshold=iou_threshold, pred_source=pred_source,
+                                    truth_source=truth_source)
+    labs = []
+    for k, n in zip(flat.keys, flat.truth_sizes):
+        lab = np.asarray(list(truth_labels.get(k, [])), dtype=object)
         if len(lab) != n:
             raise EvaluationInputError(f"truth labels: key {k!r}: {len(lab)} labels for {n} truth boxes")
-        labels[k] = lab
+        labs.append(lab)
+    lab = np.concatenate(labs) if labs else np.zeros(0, dtype=object)
+    out = {"overall": _finish(flat, hd, ht, rule, fp_rates)}
     for organ in strata:
-        sub = {k: np.asarray(truth[k], np.float64).reshape(-1, 6)[labels[k] == organ] for k in keys}
-        if not fp_from_all_truths:
-            out[organ] = volumetric_froc(pred, sub, **kwargs)
-            continue
-        # Detections that hit a truth of another organ are removed before counting (neither TP nor FP).
-        other = {k: np.asarray(truth[k], np.float64).reshape(-1, 6)[labels[k] != organ] for k in keys}
-        rule = kwargs.get("rule", "released")
-        kept = {}
-        for k in keys:
-            p = as_box_array(pred.get(k, []), 7, source=kwargs.get("pred_source", "<pred>"), key=k,
-                             what="n x 7")
-            if len(p) and len(other[k]):
-                hit_other = _hit_mask(p, other[k], rule, kwargs)
-                mine = _hit_mask(p, sub[k], rule, kwargs) if len(sub[k]) else np.zeros(len(p), bool)
-                p = p[~hit_other | mine]
-            kept[k] = p
-        kw = {kk: vv for kk, vv in kwargs.items() if kk != "slice_boxes"}
-        out[organ] = volumetric_froc(kept, sub, **kw)
+        sel = lab == organ
+        ignore = None
+        if fp_from_all_truths:
+            ignore = np.zeros(len(flat.det), bool)
+            ignore[hd[~sel[ht]]] = True
+        out[organ] = _finish(flat, hd, ht, rule, fp_rates, truth_sel=sel, ignore_fp=ignore)
     return out
 
 
-def _hit_mask(p: np.ndarray, t: np.ndarray, rule: str, kwargs: Mapping[str, Any]) -> np.ndarray:
-    ia, ib = group_pairs(np.array([len(p)]), np.array([len(t)]))
-    if rule == "released":
-        hd, _ = _hits_threshold(p, t, ia, ib, "iobb", kwargs.get("iobb_threshold", 0.3), strict=False)
-    else:
-        zov = np.maximum(p[ia, 2], t[ib, 2]) <= np.minimum(p[ia, 5], t[ib, 5])
-        ia, ib = ia[zov], ib[zov]
-        hd, _ = _hits_threshold(p[:, [0, 1, 3, 4]], t[:, [0, 1, 3, 4]], ia, ib, "iou",
-                                kwargs.get("iou_threshold", 0.5), strict=True)
-    m = np.zeros(len(p), bool)
-    m[hd] = True
-    return m

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -90,7 +91,8 @@ def test_cli_luna16_subprocess_with_clu(tmp_path, real_data):
     out, tb = tmp_path / "out", tmp_path / "tb"
     proc = subprocess.run([sys.executable, "-m", "uld_jax.evaluate", "--pred", str(tmp_path / "cands.csv"),
                            "--truth", str(d / "annotations.csv"), "--out", str(out), "--tb", str(tb)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["tables"]["linear"]["mean"] == 1.0 and res["protocol"] == "luna16"

@@ -98,3 +98,25 @@ def test_stacked_output_feeds_the_paper_rule():
     truth = {"vol": np.array([[10, 10, 10, 29, 29, 12]], float)}
     assert volumetric_froc(pred, truth, rule="paper").sensitivity[-1] == 0.0  # cuboid [0..39]^2
     assert volumetric_froc(pred, truth, rule="paper", slice_boxes=slices).sensitivity[-1] == 1.0
+
+
+def test_prefilter_never_loses_borderline_pairs():
+    # IoU just above / at / below 0.5 with fractional coordinates far from the origin: the float32
+    # prefilter must keep every pair whose exact float64 IoU exceeds the threshold.
+    rng = np.random.default_rng(7)
+    base = 1e5
+    z, b, s = [], [], []
+    for i in range(300):
+        w = rng.uniform(5, 50)
+        x0 = base + rng.uniform(0, 1000)
+        # second box shifted so that the IoU is close to 0.5: (w+1-d)/(w+1+d) = 0.5 -> d = (w+1)/3
+        d = (w + 1) / 3 + rng.choice([-1e-6, 0.0, 1e-6, -1e-3, 1e-3])
+        z += [2 * i, 2 * i + 1]
+        b += [[x0, 10.25, x0 + w, 10.25 + w], [x0 + d, 10.25, x0 + w + d, 10.25 + w]]
+        s += [0.5, 0.5]
+    z, b, s = np.array(z), np.array(b), np.array(s)
+    r = stack_slices(z, b, s)
+    ob, _, _, ot = stack_loop(z, b, s, np.zeros(len(z), int))
+    np.testing.assert_array_equal(r.track, ot)
+    np.testing.assert_array_equal(r.boxes, ob)
+    assert 50 < (r.num_slices == 2).sum() < 250

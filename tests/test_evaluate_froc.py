@@ -224,3 +224,19 @@ def test_organ_stratified():
     assert np.isnan(out["lymph_node"].sensitivity).all()
     with pytest.raises(EvaluationInputError, match="1 labels for 2 truth boxes"):
         stratified_froc(pred, truth, {"a": ["lung"], "b": ["liver"]})
+
+
+def test_keyslice_strata():
+    from uld_jax.evaluate.froc import stratified_keyslice_froc
+
+    truth = {"i1": np.array([[0, 0, 9, 9], [50, 50, 59, 59]], float), "i2": np.array([[20, 20, 29, 29]], float)}
+    labels = {"i1": ["lung", "liver"], "i2": ["lung"]}
+    pred = {"i1": np.array([[50, 50, 59, 59, 0.9], [0, 0, 9, 9, 0.3]]), "i2": np.array([[20, 20, 29, 29, 0.6]])}
+    out = stratified_keyslice_froc(pred, truth, labels, fp_rates=(0.5, 1.0))
+    # lung stratum: the liver hit (.9) is an FP: curve (fps, sens) = (.5, 0) (.5, .5) (.5, 1)
+    np.testing.assert_allclose(out["lung"].curve_fps, [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(out["lung"].sensitivity, [1.0, 1.0])
+    np.testing.assert_allclose(out["lung"].fp_rates, [0.5, 1.0])
+    r = stratified_keyslice_froc(pred, truth, labels, fp_rates=(0.25, 1.0))["lung"]
+    np.testing.assert_allclose(r.sensitivity, [0.0, 1.0])  # 0.25 is left of the curve
+    assert out["liver"].sensitivity.tolist() == [1.0, 1.0] and out["overall"].num_truths == 3

@@ -79,8 +79,9 @@ def _run(args: argparse.Namespace):
     truth = inputs.load_volume_dict(args.truth, split=args.split)
     pred = inputs.load_volume_dict(args.pred, split=args.split)
     if protocol == "keyslice":
+        labels = inputs.load_labels(args.labels, split=args.split) if args.labels else None
         return report.evaluate_keyslice(truth, pred, metric=args.metric, threshold=args.threshold,
-                                        missing_as_empty=args.missing_as_empty,
+                                        missing_as_empty=args.missing_as_empty, truth_labels=labels,
                                         pred_source=args.pred, truth_source=args.truth)
     rules = ("released", "paper") if args.rule == "both" else (args.rule,)
     labels = inputs.load_labels(args.labels, split=args.split) if args.labels else None

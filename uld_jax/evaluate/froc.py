@@ -378,12 +378,58 @@ def keyslice_froc(
     ``"iobbgt"``) >= ``threshold``; images are pooled in sorted key order as MULAN does. MULAN's
     headline is the mean of the first 4 rates (``result.mean_of_first(4)``).
     """
+    flat, hd, ht = _keyslice_hits(pred, truth, metric, threshold, missing_as_empty, pred_source, truth_source)
+    return _finish(flat, hd, ht, f"keyslice_{metric}>={threshold}", fp_rates)
+
+
+def _keyslice_hits(pred, truth, metric, threshold, missing_as_empty, pred_source, truth_source):
     keys = sorted(truth.keys())
     flat = _flatten(pred, truth, dim=2, keys=keys, missing_as_empty=missing_as_empty,
                     pred_source=pred_source, truth_source=truth_source)
     ia, ib = group_pairs(flat.det_sizes, flat.truth_sizes)
     hd, ht = _hits_threshold(flat.det, flat.truth, ia, ib, metric, threshold, strict=False)
-    return _finish(flat, hd, ht, f"keyslice_{metric}>={threshold}", fp_rates)
+    return flat, hd, ht
+
+
+def stratified_keyslice_froc(
+    pred: Mapping[str, Any],
+    truth: Mapping[str, Any],
+    truth_labels: Mapping[str, Sequence[str]],
+    *,
+    strata: Sequence[str] = ("lung", "liver", "lymph_node"),
+    fp_from_all_truths: bool = False,
+    fp_rates: Sequence[float] = KEYSLICE_FP_RATES,
+    metric: str = "iou",
+    threshold: float = 0.5,
+    missing_as_empty: bool = False,
+    pred_source: str = "<pred>",
+    truth_source: str = "<truth>",
+) -> dict[str, FrocResult]:
+    """Key-slice FROC per organ stratum (as MULAN's per-tag detection accuracy: the FROC with the
+    stratum's boxes as the only truths) plus ``"overall"``; ``fp_from_all_truths`` as in
+    :func:`stratified_froc`."""
+    flat, hd, ht = _keyslice_hits(pred, truth, metric, threshold, missing_as_empty, pred_source, truth_source)
+    rule = f"keyslice_{metric}>={threshold}"
+    return _stratify(flat, hd, ht, truth_labels, strata, fp_from_all_truths, rule, fp_rates)
+
+
+def _stratify(flat, hd, ht, truth_labels, strata, fp_from_all_truths, rule, fp_rates) -> dict[str, FrocResult]:
+    labs = []
+    for k, n in zip(flat.keys, flat.truth_sizes):
+        lab = np.asarray(list(truth_labels.get(k, [])), dtype=object)
+        if len(lab) != n:
+            raise EvaluationInputError(f"truth labels: key {k!r}: {len(lab)} labels for {n} truth boxes")
+        labs.append(lab)
+    lab = np.concatenate(labs) if labs else np.zeros(0, dtype=object)
+    out = {"overall": _finish(flat, hd, ht, rule, fp_rates)}
+    for organ in strata:
+        sel = lab == organ
+        ignore = None
+        if fp_from_all_truths:
+            ignore = np.zeros(len(flat.det), bool)
+            ignore[hd[~sel[ht]]] = True
+        out[organ] = _finish(flat, hd, ht, rule, fp_rates, truth_sel=sel, ignore_fp=ignore)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,21 +469,4 @@ def stratified_froc(
                                     missing_as_empty=missing_as_empty, iobb_threshold=iobb_threshold,
                                     iou_threshold=iou_threshold, pred_source=pred_source,
                                     truth_source=truth_source)
-    labs = []
-    for k, n in zip(flat.keys, flat.truth_sizes):
-        lab = np.asarray(list(truth_labels.get(k, [])), dtype=object)
-        if len(lab) != n:
-            raise EvaluationInputError(f"truth labels: key {k!r}: {len(lab)} labels for {n} truth boxes")
-        labs.append(lab)
-    lab = np.concatenate(labs) if labs else np.zeros(0, dtype=object)
-    out = {"overall": _finish(flat, hd, ht, rule, fp_rates)}
-    for organ in strata:
-        sel = lab == organ
-        ignore = None
-        if fp_from_all_truths:
-            ignore = np.zeros(len(flat.det), bool)
-            ignore[hd[~sel[ht]]] = True
-        out[organ] = _finish(flat, hd, ht, rule, fp_rates, truth_sel=sel, ignore_fp=ignore)
-    return out
-
-
+    return _stratify(flat, hd, ht, truth_labels, strata, fp_from_all_truths, rule, fp_rates)

@@ -35,6 +35,7 @@ from uld_jax.evaluate.froc import (
     FrocResult,
     keyslice_froc,
     stratified_froc,
+    stratified_keyslice_froc,
     volumetric_froc,
 )
 from uld_jax.evaluate.luna import LUNA_FP_RATES, LunaResult, luna16_froc
@@ -357,18 +358,31 @@ def evaluate_keyslice(
     metric: str = "iou",
     threshold: float = 0.5,
     missing_as_empty: bool = False,
+    truth_labels: Mapping[str, Sequence[str]] | None = None,
+    strata: Sequence[str] = STRATA,
     pred_source: str = "<pred>",
     truth_source: str = "<truth>",
 ) -> EvaluationReport:
-    """MULAN key-slice FROC: truth {image: n x 4 ``[x1,y1,x2,y2]``}, pred {image: n x 5}."""
-    r = keyslice_froc(pred, truth, fp_rates=fp_rates, metric=metric, threshold=threshold,
-                      missing_as_empty=missing_as_empty, pred_source=pred_source, truth_source=truth_source)
+    """MULAN key-slice FROC: truth {image: n x 4 ``[x1,y1,x2,y2]``}, pred {image: n x 5}; optional
+    organ strata from ``truth_labels`` {image: [label per box]}."""
+    kw = dict(fp_rates=fp_rates, metric=metric, threshold=threshold, missing_as_empty=missing_as_empty,
+              pred_source=pred_source, truth_source=truth_source)
+    strata_out: dict[str, dict[str, Any]] = {}
+    if truth_labels is not None:
+        res = stratified_keyslice_froc(pred, truth, truth_labels, strata=strata, **kw)
+        r = res["overall"]
+        for s in ("overall", *strata):
+            strata_out[s] = {"keyslice": res[s].mean_sensitivity, "keyslice_mean_first4": res[s].mean_of_first(4),
+                             "num_truths": res[s].num_truths}
+    else:
+        r = keyslice_froc(pred, truth, **kw)
     t = _froc_table(f"key slices ({metric} >= {threshold:g})", r)
     t.extra["mean_first4"] = r.mean_of_first(4)
     info = {"sources": {"truth": truth_source, "pred": pred_source},
             "counts": {"images": r.num_volumes, "truths": r.num_truths, "detections": r.num_detections},
             "notes": list(r.notes) + ["MULAN's headline is the mean of the first 4 rates (mean_first4)"]}
-    return EvaluationReport("keyslice", "key slice", {"keyslice": t}, {"keyslice": (r.curve_fps, r.curve_sens)}, info)
+    return EvaluationReport("keyslice", "key slice", {"keyslice": t}, {"keyslice": (r.curve_fps, r.curve_sens)}, info,
+                            strata_out)
 
 
 def evaluate_luna16(result: LunaResult | None = None, *, sources: Mapping[str, str] | None = None,

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--excluded", default=None, help="LUNA16 annotations_excluded.csv")
     p.add_argument("--seriesuids", default=None, help="LUNA16 seriesuids.csv")
     p.add_argument("--max-marks", type=int, default=100, help="LUNA16 marks kept per scan (<= 0: no cap)")
+    p.add_argument("--fp-rates", default=None,
+                   help="comma-separated FP rates (default: 1/8..8 volumetric, 0.5..16 key slices)")
     p.add_argument("--tb", default=None, help="also log scalars with clu metric_writers into this folder")
     p.add_argument("--step", type=int, default=0, help="step for --tb")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -76,11 +78,23 @@ def _run(args: argparse.Namespace):
         r = luna16_froc_from_files(args.pred, ann, exc, sids, max_marks=args.max_marks)
         return report.evaluate_luna16(r, sources={"candidates": args.pred, "annotations": ann,
                                                   "excluded": exc, "seriesuids": sids})
+    rates = None
+    if args.fp_rates:
+        try:
+            rates = tuple(float(x) for x in args.fp_rates.split(","))
+        except ValueError:
+            raise EvaluationInputError(f"--fp-rates: {args.fp_rates!r} is not a comma-separated list of numbers") from None
+        if any(r <= 0 for r in rates) or list(rates) != sorted(rates):
+            raise EvaluationInputError(f"--fp-rates: {args.fp_rates!r} must be positive and increasing")
     truth = inputs.load_volume_dict(args.truth, split=args.split)
     pred = inputs.load_volume_dict(args.pred, split=args.split)
     if protocol == "keyslice":
         labels = inputs.load_labels(args.labels, split=args.split) if args.labels else None
-        return report.evaluate_keyslice(truth, pred, metric=args.metric, threshold=args.threshold,
+        if rates is not None:
+            kwr = {"fp_rates": rates}
+        else:
+            kwr = {}
+        return report.evaluate_keyslice(truth, pred, metric=args.metric, threshold=args.threshold, **kwr,
                                         missing_as_empty=args.missing_as_empty, truth_labels=labels,
                                         pred_source=args.pred, truth_source=args.truth)
     rules = ("released", "paper") if args.rule == "both" else (args.rule,)
@@ -94,6 +108,8 @@ def _run(args: argparse.Namespace):
     sb = inputs.load_volume_dict(args.slice_boxes, split=args.split) if args.slice_boxes else None
     kw = dict(rules=rules, truth_labels=labels, missing_as_empty=args.missing_as_empty,
               pred_source=args.pred, truth_source=args.truth)
+    if rates is not None:
+        kw["fp_rates"] = rates
     if args.pred_2d:
         return report.evaluate_predictions(truth, slice_detections=pred, stack_iou=args.stack_iou,
                                            score_mode=args.score_mode, **kw)

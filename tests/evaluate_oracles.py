@@ -120,3 +120,44 @@ def stack_loop(z, b, s, vol, thr=0.5, mode="max"):
         scores.append(max(ms) if mode == "max" else sum(ms) / len(ms))
         vols.append(vol[h])
     return np.array(boxes).reshape(-1, 6), np.array(scores), np.array(vols), np.array(track)
+
+
+def luna_loop(cands, nodules, excluded, scans, max_marks=100, rates=(0.125, 0.25, 0.5, 1, 2, 4, 8)):
+    """The LUNA16 script's matching, one candidate and one finding at a time.
+
+    cands: list of (uid, x, y, z, p); nodules / excluded: list of (uid, x, y, z, d).
+    Returns (linear sensitivities, found count, fp count).
+    """
+    import math
+
+    pos, neg, nnod = [], [], 0
+    for uid in scans:
+        cs = [c for c in cands if c[0] == uid]
+        if max_marks > 0 and len(cs) > max_marks:
+            probs = sorted((c[4] for c in cs), reverse=True)
+            cut = probs[max_marks]
+            cs = [c for c in cs if c[4] > cut][:max_marks]
+        left = dict(enumerate(cs))
+        findings = [(f, True) for f in nodules if f[0] == uid] + [(f, False) for f in excluded if f[0] == uid]
+        for f, included in findings:
+            if included:
+                nnod += 1
+            d = f[4] if f[4] >= 0 else 10.0
+            r2 = (d / 2.0) ** 2
+            matches = []
+            for key, c in enumerate(cs):
+                dist = math.pow(f[1] - c[1], 2) + math.pow(f[2] - c[2], 2) + math.pow(f[3] - c[3], 2)
+                if dist < r2:
+                    if included:
+                        matches.append(c)
+                        left.pop(key, None)
+                    else:
+                        left.pop(key, None)
+            if included and matches:
+                pos.append(max(c[4] for c in matches))
+        neg += [c[4] for c in left.values()]
+    # naive FROC points at every distinct score, then the linear reading
+    thr = sorted(set(pos + neg), reverse=True)
+    fps = [0.0] + [sum(1 for q in neg if q >= t) / len(scans) for t in thr]
+    sens = [0.0] + [sum(1 for q in pos if q >= t) / nnod for t in thr]
+    return np.interp(rates, fps, sens), len(pos), len(neg)

@@ -140,3 +140,33 @@ def test_csv_files_end_to_end_and_errors(tmp_path, real_data):
     p.write_text("seriesuid,coordX,coordY,probability\n")
     with pytest.raises(EvaluationInputError, match=r"lacks column\(s\) \['coordZ'\]"):
         read_points_csv(p, "probability")
+
+
+def test_matches_loop_oracle_on_random_scans():
+    from evaluate_oracles import luna_loop
+
+    rng = np.random.default_rng(5)
+    scans = [f"s{i}" for i in range(30)]
+    nod, exc, cands = [], [], []
+    for s in scans:
+        for _ in range(rng.integers(0, 4)):
+            c = rng.uniform(-100, 100, 3)
+            nod.append((s, *c, float(rng.uniform(3, 20))))
+            for _ in range(rng.integers(0, 3)):  # hits, near misses
+                cands.append((s, *(c + rng.normal(0, 4, 3)), float(np.round(rng.uniform(), 2))))
+        for _ in range(rng.integers(0, 5)):
+            c = rng.uniform(-100, 100, 3)
+            exc.append((s, *c, float(rng.choice([-1.0, rng.uniform(3, 10)]))))
+            cands.append((s, *(c + rng.normal(0, 3, 3)), float(np.round(rng.uniform(), 2))))
+        for _ in range(120 if s == "s3" else rng.integers(0, 20)):  # clutter; s3 exceeds the cap
+            cands.append((s, *rng.uniform(-100, 100, 3), float(np.round(rng.uniform(), 2))))
+    cands.append(("not_listed", 0.0, 0.0, 0.0, 1.0))
+
+    def table(rows):
+        return PointTable.from_rows([r[0] for r in rows], [r[1:4] for r in rows], [r[4] for r in rows])
+
+    r = luna16_froc(table(cands), table(nod), table(exc), scans)
+    sens, found, nfp = luna_loop(cands, nod, exc, scans)
+    assert (r.counts["tp"], r.counts["fp"], r.counts["unlisted_scan"]) == (found, nfp, 1)
+    assert r.counts["dropped_by_cap"] > 0
+    np.testing.assert_allclose(r.sensitivity, sens, rtol=0, atol=1e-12)

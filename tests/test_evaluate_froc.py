@@ -88,6 +88,18 @@ def test_paper_rule_with_per_slice_boxes():
     # The matching 2D box on a slice outside the truth's z range does not count.
     slices = {"v": np.array([[0, 8, 10, 10, 29, 29]], float)}
     assert volumetric_froc(det, truth, rule="paper", slice_boxes=slices).sensitivity[-1] == 0.0
+    # Many detections: det_index (40) larger than the coordinates is fine; volumes absent from
+    # slice_boxes use their cuboids.
+    many = {"v": np.vstack([np.tile([300, 300, 0, 310, 310, 1, 0.1], (40, 1)), det["v"]]),
+            "w": np.array([[10, 10, 5, 29, 29, 7, 0.5]])}
+    truth2 = {"v": truth["v"], "w": np.array([[10, 10, 5, 29, 29, 7]], float)}
+    slices = {"v": np.array([[40, 6, 10, 10, 29, 29]], float)}
+    r = volumetric_froc(many, truth2, rule="paper", slice_boxes=slices)
+    assert r.num_hit == 2 and r.num_fp == 40
+    with pytest.raises(EvaluationInputError, match="det_index must be integers in 0..40"):
+        volumetric_froc(many, truth2, rule="paper", slice_boxes={"v": np.array([[41, 6, 10, 10, 29, 29]], float)})
+    with pytest.raises(EvaluationInputError, match="row 0 is an empty/inverted box"):
+        volumetric_froc(many, truth2, rule="paper", slice_boxes={"v": np.array([[3, 6, 10, 10, 2, 29]], float)})
 
 
 def test_edge_rules_left_zero_right_last():

@@ -242,13 +242,17 @@ def _paper_hits_from_slices(flat: _Flat, slice_boxes: Mapping[str, Any], source:
     rows, row_sizes = [], []
     det_start = np.concatenate([[0], np.cumsum(flat.det_sizes)[:-1]])
     for v, k in enumerate(flat.keys):
-        sb = as_box_array(slice_boxes.get(k, []), 6, source=source, key=k,
-                          what="m x 6 [det_index, z, x1, y1, x2, y2]")
+        what = "m x 6 [det_index, z, x1, y1, x2, y2]"
+        sb = _as_rows(slice_boxes.get(k, []), 6, source, k, what)
         if len(sb):
-            di = sb[:, 0]
+            as_box_array(sb[:, 2:6], 4, source=source, key=k, what=what + " (columns 2..5)")
+            di, zz = sb[:, 0], sb[:, 1]
+            if not (np.isfinite(di).all() and np.isfinite(zz).all()):
+                raise EvaluationInputError(f"{source}: key {k!r}: non-finite det_index or z")
             if (di != np.round(di)).any() or di.min() < 0 or di.max() >= flat.det_sizes[v]:
                 raise EvaluationInputError(
-                    f"{source}: key {k!r}: det_index outside 0..{flat.det_sizes[v] - 1}")
+                    f"{source}: key {k!r}: det_index must be integers in 0..{flat.det_sizes[v] - 1} "
+                    "(rows of the volume's 3D detections)")
             sb = sb.copy()
             sb[:, 0] += det_start[v]
         rows.append(sb)

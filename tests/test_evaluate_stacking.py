@@ -120,3 +120,26 @@ def test_prefilter_never_loses_borderline_pairs():
     np.testing.assert_array_equal(r.track, ot)
     np.testing.assert_array_equal(r.boxes, ob)
     assert 50 < (r.num_slices == 2).sum() < 250
+
+
+def test_uneven_slices_use_the_unpadded_path(monkeypatch):
+    import uld_jax.evaluate.stacking as st_mod
+
+    rng = np.random.default_rng(11)
+    z, b, s = [], [], []
+    for zz in range(400):  # 400 slices x max 3000 per slice > 8 x 4,200 detections + 2^20
+        n = 3000 if zz == 5 else 3
+        c = rng.uniform(0, 200, (n, 2))
+        w = rng.uniform(5, 30, (n, 2))
+        z += [zz] * n
+        b.append(np.round(np.hstack([c, c + w])))
+        s += list(np.round(rng.uniform(size=n), 2))
+    z, b, s = np.array(z), np.vstack(b), np.array(s)
+    called = []
+    orig = st_mod._candidate_edges_sparse
+    monkeypatch.setattr(st_mod, "_candidate_edges_sparse", lambda *a: called.append(1) or orig(*a))
+    r = stack_slices(z, b, s)
+    assert called
+    ob, _, _, ot = stack_loop(z, b, s, np.zeros(len(z), int))
+    np.testing.assert_array_equal(r.track, ot)
+    np.testing.assert_array_equal(r.boxes, ob)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from uld_jax.evaluate.boxes import EvaluationInputError
+from uld_jax.evaluate.boxes import EvaluationInputError, group_pairs
 
 _CHUNK_PAIRS = 1 << 19  # K x K pairs per prefilter chunk (cache-sized float32 buffers)
 
@@ -158,6 +158,8 @@ def _candidate_edges(z, b, v, order, iou_threshold):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     k = int(sizes.max())
     g = len(starts)
+    if g * k > 8 * n + (1 << 20):  # very uneven slices: padding would waste memory; use pair lists
+        return _candidate_edges_sparse(b, order, starts, sizes, js, iou_threshold)
     group_of = np.repeat(np.arange(g), sizes)
     slot = np.arange(n) - starts[group_of]
     padded = np.full((g, k, 4), np.nan)
@@ -185,6 +187,32 @@ def _candidate_edges(z, b, v, order, iou_threshold):
         out_p.append(det_at[j[jj], ka])
         out_c.append(det_at[j[jj] + 1, kc])
         out_iou.append(iou[keep])
+    return np.concatenate(out_p), np.concatenate(out_c), np.concatenate(out_iou)
+
+
+def _candidate_edges_sparse(b, order, starts, sizes, js, iou_threshold):
+    """As :func:`_candidate_edges` without padding: explicit (a, c) pair lists per chunk."""
+    out_p, out_c, out_iou = [], [], []
+    npairs = sizes[js] * sizes[js + 1]
+    bounds = np.searchsorted(np.cumsum(npairs), np.arange(0, int(npairs.sum()), 1 << 22), side="right")
+    bounds = np.unique(np.r_[bounds, len(js)])
+    lo = 0
+    for hi in bounds:
+        if hi <= lo:
+            continue
+        j = js[lo:hi]
+        ia, ic = group_pairs(sizes[j], sizes[j + 1])
+        a_first = np.concatenate([[0], np.cumsum(sizes[j])[:-1]])
+        c_first = np.concatenate([[0], np.cumsum(sizes[j + 1])[:-1]])
+        grp = np.repeat(np.arange(len(j)), sizes[j] * sizes[j + 1])
+        pa = order[starts[j][grp] + ia - a_first[grp]]
+        pc = order[starts[j + 1][grp] + ic - c_first[grp]]
+        iou = _exact_iou(b[pa], b[pc])
+        keep = iou > iou_threshold
+        out_p.append(pa[keep])
+        out_c.append(pc[keep])
+        out_iou.append(iou[keep])
+        lo = hi
     return np.concatenate(out_p), np.concatenate(out_c), np.concatenate(out_iou)
 
 

@@ -126,3 +126,17 @@ def test_cli_keyslice_and_z_range_warning(tmp_path, capsys):
     pred0["000002_01_01_020-030"][:, [2, 5]] -= 20
     rep = evaluate_predictions(TRUTH, pred0)
     assert any("outside their sub-volume's slice range" in n for n in rep.info["notes"])
+
+
+def test_internal_boxes_to_release_rows():
+    from uld_jax.evaluate.inputs import parse_subvolume_name, slice_detections_from_internal
+
+    assert parse_subvolume_name("000001_01_01_103-115.nii.gz") == ("000001_01_01", 103, 115)
+    assert parse_subvolume_name("not_a_name") is None
+    # internal [y1, x1, y2, x2] continuous covering pixels rows 10..29, cols 10..29, on the
+    # sub-volume's slices 0..2 -> release z 2..4 and inclusive [10, 10, 29, 29]
+    rows = slice_detections_from_internal("000001_01_01_002-010", [0, 1, 2], [[10, 10, 30, 30]] * 3, [0.5, 0.9, 0.4])
+    np.testing.assert_array_equal(rows[1], [3, 10, 10, 29, 29, 0.9])
+    rep = evaluate_predictions({"000001_01_01_002-010": TRUTH["000001_01_01_001-010"][:1]},
+                               slice_detections={"000001_01_01_002-010": rows})
+    assert rep.tables["released"].sensitivity == [1.0] * 7 and rep.tables["paper"].sensitivity == [1.0] * 7

@@ -114,3 +114,25 @@ def subvolume_index_to_release_z(name: str, k: np.ndarray | int) -> np.ndarray:
     if p is None:
         raise EvaluationInputError(f"{name!r} is not a sub-volume name PPPPPP_SS_RR_AAA-BBB")
     return np.asarray(k) + p[1]
+
+
+def slice_detections_from_internal(
+    name: str, slice_in_subvolume: np.ndarray, boxes_yxyx: np.ndarray, scores: np.ndarray
+) -> np.ndarray:
+    """Per-slice detections in the library's internal format -> rows for ``evaluate_predictions``.
+
+    ``name``: sub-volume name ``PPPPPP_SS_RR_AAA-BBB``; ``slice_in_subvolume``: [n] 0-based slice
+    index within that sub-volume; ``boxes_yxyx``: [n, 4] internal continuous ``[y1, x1, y2, x2]``
+    in pixels of the *original* slice grid (undo any resampling first); ``scores``: [n].
+    Returns [n, 6] ``[z, x1, y1, x2, y2, score]`` with z the release's slice number and the box as
+    inclusive pixel indices (:func:`uld_jax.core.internal_to_inclusive_xyxy`).
+    """
+    from uld_jax.core import internal_to_inclusive_xyxy
+
+    k = np.asarray(slice_in_subvolume).reshape(-1)
+    b = np.asarray(boxes_yxyx, np.float64).reshape(-1, 4)
+    s = np.asarray(scores, np.float64).reshape(-1)
+    if not (len(k) == len(b) == len(s)):
+        raise EvaluationInputError(f"{name}: {len(k)} slice indices, {len(b)} boxes, {len(s)} scores")
+    z = subvolume_index_to_release_z(name, k).astype(np.float64)
+    return np.column_stack([z, internal_to_inclusive_xyxy(b), s])

@@ -2,8 +2,9 @@
 
 Volumetric (DeepLesion 1K protocol, both hit rules)::
 
-    python -m uld_jax.evaluate --pred PRED.pkl|.npz|.json --truth DeepLesion_manual_1K_test_release.pkl \
-        [--split test] [--rule both|released|paper] [--labels LABELS.json] [--slice-boxes SB.npz] [--out DIR]
+    python -m uld_jax.evaluate --pred PRED.pkl|.npz|.json --truth DeepLesion_manual_1K_test_release.pkl
+        [--split test] [--rule both|released|paper] [--labels LABELS.json | --dl-info DL_info.csv]
+        [--slice-boxes SB.npz] [--fp-rates 0.125,...,8] [--out DIR] [--tb DIR]
 
     PRED: {sub-volume: n x 7 [x1,y1,z1,x2,y2,z2,score]} (optionally split-nested like the truth), or
     with --pred-2d: {sub-volume: n x 6 [z,x1,y1,x2,y2,score]} per-slice 2D detections, stacked here.
@@ -12,7 +13,7 @@ Key slices (MULAN): ``--protocol keyslice --pred P --truth T`` with {image: n x 
 
 LUNA16::
 
-    python -m uld_jax.evaluate --protocol luna16 --pred candidates.csv --truth annotations.csv \
+    python -m uld_jax.evaluate --protocol luna16 --pred candidates.csv --truth annotations.csv
         [--excluded annotations_excluded.csv] [--seriesuids seriesuids.csv] [--out DIR]
 
     (--excluded / --seriesuids default to the files of those names next to --truth; --truth may

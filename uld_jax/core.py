@@ -15,8 +15,10 @@ files), with the helpers below:
 
 * DeepLesion ``Bounding_boxes`` / ``Measurement_coordinates`` are 1-based; MULAN subtracts 1 and
   treats boxes as inclusive pixel indices ``x1, y1, x2, y2`` ("+1 pixel" size convention).
-* The released 1K volumetric test set uses inclusive ``[x1, y1, z1, x2, y2, z2]`` pixel/slice
-  indices (0-based) with the same +1 size convention.
+* The released 1K volumetric test set uses inclusive ``[x1, y1, z1, x2, y2, z2]`` boxes with the
+  same +1 size convention: x/y are 0-based pixel indices, z is the 1-based slice number of the
+  sub-volume name's range (``..._AAA-BBB`` -> z in AAA..BBB). The 3D helpers below convert the
+  box layout only; shifting z to a 0-based index is the caller's job.
 """
 
 from __future__ import annotations

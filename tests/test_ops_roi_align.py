@@ -51,12 +51,15 @@ def _np_roi_align(f, boxes, out, scale, sr, aligned=True):
     return res
 
 
+_ROI_ALIGN = jax.jit(R.roi_align, static_argnames=("output_size", "sampling_ratio", "aligned"))
+
+
 def test_linear_ramp_is_exact():
     hf, wf, scale = 16, 20, 0.25
     hh, ww = np.meshgrid(np.arange(hf) + 0.5, np.arange(wf) + 0.5, indexing="ij")
     feats = np.stack([hh, ww, 3 * hh - 2 * ww + 1], -1).astype(np.float32)
     boxes = np.array([[8, 12, 40, 60], [5.5, 3.25, 9.75, 70.0], [2, 2, 62, 78]], np.float32)
-    out = np.asarray(R.roi_align(feats, boxes, output_size=7, spatial_scale=scale, sampling_ratio=2))
+    out = np.asarray(_ROI_ALIGN(feats, boxes, output_size=7, spatial_scale=scale, sampling_ratio=2))
     for k, (y1, x1, y2, x2) in enumerate(boxes):
         cy = (y1 + (np.arange(7) + 0.5) * (y2 - y1) / 7) * scale
         cx = (x1 + (np.arange(7) + 0.5) * (x2 - x1) / 7) * scale
@@ -81,8 +84,8 @@ def test_matches_loop_reference_including_borders_and_padding():
     )
     for aligned in (True, False):
         for sr in (1, 2, 3):
-            got = R.roi_align(feats, boxes, output_size=5, spatial_scale=0.25, sampling_ratio=sr,
-                              aligned=aligned)
+            got = _ROI_ALIGN(feats, boxes, output_size=5, spatial_scale=0.25, sampling_ratio=sr,
+                             aligned=aligned)
             want = _np_roi_align(feats, boxes, 5, 0.25, sr, aligned)
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"aligned={aligned} sr={sr}")
 

@@ -126,3 +126,16 @@ def test_crop_masks_golden():
     np.testing.assert_allclose(got[1], want, atol=1e-5)
     bool_masks = masks.astype(bool)
     np.testing.assert_allclose(R.crop_masks(bool_masks, boxes, np.array([1, 1, 2])), got, atol=1e-6)
+
+
+def test_roi_chunk_equals_unchunked_and_empty_masks():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(8, 8, 2)).astype(np.float32)
+    c = rng.uniform(0, 32, (7, 2))
+    boxes = np.concatenate([c - 5, c + 5], 1).astype(np.float32)
+    full = _ROI_ALIGN(feats, boxes, output_size=3)
+    chunked = jax.jit(lambda f, b: R.roi_align(f, b, output_size=3, roi_chunk=3))(feats, boxes)
+    assert chunked.shape == (7, 3, 3, 2)
+    np.testing.assert_allclose(chunked, full, atol=1e-6)
+    empty = R.crop_masks(np.zeros((0, 16, 16), np.uint8), boxes, np.zeros(7, np.int32), 5)
+    assert empty.shape == (7, 5, 5) and not np.asarray(empty).any()

@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from uld_jax.ops import boxes as box_ops
 from uld_jax.ops import nms as nms_ops
@@ -63,7 +64,8 @@ def generate_proposals(
       tile_size: NMS tile length.
 
     Returns:
-      :class:`Proposals` with P = ``post_nms_top_n`` rows, best first.
+      :class:`Proposals` with P = ``post_nms_top_n`` rows, best first. ``boxes`` carry no gradient;
+      ``scores`` keep theirs (gathered from ``objectness``).
     """
     objectness = jnp.asarray(objectness, jnp.float32)
     deltas = jnp.asarray(deltas, jnp.float32)
@@ -78,7 +80,8 @@ def generate_proposals(
     out_boxes = jnp.where(keep_ok[:, None], boxes[keep], 0.0)
     out_scores = jnp.where(keep_ok, scores[keep], 0.0)
     out_anchor = jnp.where(keep_ok, idx[keep], 0).astype(jnp.int32)
-    return Proposals(out_boxes, out_scores, keep_ok, out_anchor)
+    # Proposals are constants for the second stage (no gradient into the RPN through the boxes).
+    return Proposals(lax.stop_gradient(out_boxes), out_scores, keep_ok, out_anchor)
 
 
 def batch_generate_proposals(

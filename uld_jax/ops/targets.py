@@ -8,6 +8,7 @@ Conventions shared with the losses:
   these from a batch's ``boxes`` / ``box_valid`` / ``provenance`` columns.
 * Weights are 0/1 float32 masks; the losses choose their normaliser (e.g. the number of sampled
   rows, a static count).
+* Targets carry no gradient (``stop_gradient``), the sampled ROIs included.
 * RPN targets are dense over the anchors (so they line up with the head's reshaped output); ROI
   targets are per sampled ROI, positives first.
 """
@@ -18,6 +19,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from uld_jax.core import Provenance
 from uld_jax.ops import boxes as box_ops
@@ -145,14 +147,14 @@ def rpn_targets(
     pos = m.labels == matching.POSITIVE
     deltas = box_ops.encode_boxes(gt_boxes[m.matched_gt], anchors, weights) if gt_boxes.shape[0] else jnp.zeros((n, 4))
     reg = sampled & pos & m.matched_flags.astype(bool)
-    return RPNTargets(
+    return jax.tree_util.tree_map(lax.stop_gradient, RPNTargets(
         labels=m.labels,
         objectness=pos.astype(jnp.float32),
         cls_weight=sampled.astype(jnp.float32),
         box_targets=jnp.where(pos[:, None], deltas, 0.0),
         box_weight=reg.astype(jnp.float32),
         matched_gt=m.matched_gt,
-    )
+    ))
 
 
 def roi_targets(
@@ -229,7 +231,7 @@ def roi_targets(
         mask_targets = jnp.where(mask_ok[:, None, None], (soft >= 0.5).astype(jnp.float32), 0.0)
         mask_weight = mask_ok.astype(jnp.float32)
 
-    return ROITargets(
+    return jax.tree_util.tree_map(lax.stop_gradient, ROITargets(
         rois=s_rois,
         valid=ok,
         labels=pos.astype(jnp.int32),
@@ -240,7 +242,7 @@ def roi_targets(
         box_weight=reg.astype(jnp.float32),
         mask_targets=mask_targets,
         mask_weight=mask_weight,
-    )
+    ))
 
 
 def _per_image_keys(key: Array, batch: int) -> Array:

@@ -139,3 +139,25 @@ def test_roi_chunk_equals_unchunked_and_empty_masks():
     np.testing.assert_allclose(chunked, full, atol=1e-6)
     empty = R.crop_masks(np.zeros((0, 16, 16), np.uint8), boxes, np.zeros(7, np.int32), 5)
     assert empty.shape == (7, 5, 5) and not np.asarray(empty).any()
+
+
+def test_paste_masks_inverts_crop():
+    # An all-ones mask pasted on a box recovers exactly the box's pixels after thresholding.
+    boxes = np.array([[4, 6, 20, 30], [10.0, 0.0, 38.0, 28.0]], np.float32)
+    ones = np.ones((2, 28, 28), np.float32)
+    pasted = np.asarray(jax.jit(R.paste_masks, static_argnums=(2, 3))(ones, boxes, 40, 36))
+    assert pasted.shape == (2, 40, 36)
+    want = np.zeros((40, 36), bool)
+    want[4:20, 6:30] = True
+    np.testing.assert_array_equal(pasted[0] >= 0.5, want)
+    want = np.zeros((40, 36), bool)
+    want[10:38, 0:28] = True
+    np.testing.assert_array_equal(pasted[1] >= 0.5, want)
+    # Crop then paste an ellipse: nearly the same mask.
+    yy, xx = np.mgrid[:40, :36]
+    ell = (((yy + 0.5 - 20) / 12) ** 2 + ((xx + 0.5 - 18) / 9) ** 2 <= 1).astype(np.uint8)
+    box = np.array([[8, 9, 32, 27]], np.float32)
+    crop = R.crop_masks(ell[None], box, np.zeros(1, np.int32), 28)
+    back = np.asarray(R.paste_masks(crop, box, 40, 36))[0] >= 0.5
+    inter, union = (back & (ell > 0)).sum(), (back | (ell > 0)).sum()
+    assert inter / union > 0.95

@@ -172,3 +172,42 @@ def crop_masks(
     ax = interpolation_matrix(boxes[:, 1], boxes[:, 3], w, output_size, sampling_ratio, aligned)
     rows = jnp.einsum("kih,khw->kiw", ay, picked.astype(jnp.float32), precision=precision)
     return jnp.einsum("kjw,kiw->kij", ax, rows, precision=precision)
+
+
+def paste_masks(
+    masks: Array,
+    boxes: Array,
+    height: int,
+    width: int,
+    precision: jax.lax.PrecisionLike = None,
+) -> Array:
+    """Resample per-box mask predictions back onto the image (inverse of :func:`crop_masks`).
+
+    Image pixel (y, x) (centre ``y + 0.5``) reads the mask at cell coordinate
+    ``((y + 0.5 - y1) / (y2 - y1)) * M - 0.5`` (and likewise in x) with bilinear weights and zero
+    padding outside the M x M grid -- the ``grid_sample(align_corners=False)`` rule Detectron2 uses.
+
+    Args:
+      masks: [K, M, M] soft masks (probabilities) in box coordinates.
+      boxes: [K, 4] boxes in input pixels.
+      height, width: static image size in pixels.
+      precision: passed to the einsums.
+
+    Returns:
+      [K, height, width] float32; threshold at 0.5 for binary masks.
+    """
+    masks = jnp.asarray(masks, jnp.float32)
+    boxes = jnp.asarray(boxes, jnp.float32)
+    m = masks.shape[-1]
+
+    def weights(lo, hi, n):
+        size = jnp.maximum(hi - lo, 1e-6)
+        centre = jnp.arange(n, dtype=jnp.float32) + 0.5
+        coord = (centre[None, :] - lo[:, None]) / size[:, None] * m - 0.5  # [K, n]
+        cells = jnp.arange(m, dtype=jnp.float32)
+        return jnp.maximum(0.0, 1.0 - jnp.abs(coord[..., None] - cells))  # [K, n, M]
+
+    wy = weights(boxes[:, 0], boxes[:, 2], height)
+    wx = weights(boxes[:, 1], boxes[:, 3], width)
+    rows = jnp.einsum("kym,kmn->kyn", wy, masks, precision=precision)
+    return jnp.einsum("kxn,kyn->kyx", wx, rows, precision=precision)

@@ -112,6 +112,7 @@ def rpn_targets(
     num_samples: int = sampling.RPN_SAMPLES_PER_IMAGE,
     positive_fraction: float = sampling.RPN_POSITIVE_FRACTION,
     ignore_iobb: float = matching.IGNORE_IOBB,
+    ignore_overrides_positive: bool = True,
     weights: Sequence[float] = box_ops.RPN_BOX_WEIGHTS,
 ) -> RPNTargets:
     """RPN targets of one image.
@@ -128,6 +129,7 @@ def rpn_targets(
       positive_iou, negative_iou: 0.7 / 0.3, with low-quality matches.
       num_samples, positive_fraction: 32 per image, half positive.
       ignore_iobb: IoBB above which an anchor is in an ignore region.
+      ignore_overrides_positive: ignore regions also veto anchors that match a GT (default).
       weights: delta weights (1, 1, 1, 1).
 
     Returns:
@@ -140,6 +142,7 @@ def rpn_targets(
         anchors, gt_boxes, gt_valid, positive_iou=positive_iou, negative_iou=negative_iou,
         allow_low_quality_matches=True, box_valid=anchor_valid, ignore_boxes=ignore_boxes,
         ignore_valid=ignore_valid, ignore_iobb=ignore_iobb,
+        ignore_overrides_positive=ignore_overrides_positive,
         gt_flags=_regressable(gt_valid, gt_no_box_regression))
     idx, ok = sampling.sample_balanced(m.labels, key, num_samples, positive_fraction)
     n = anchors.shape[0]
@@ -175,6 +178,7 @@ def roi_targets(
     num_samples: int = sampling.ROI_SAMPLES_PER_IMAGE,
     positive_fraction: float = sampling.ROI_POSITIVE_FRACTION,
     ignore_iobb: float = matching.IGNORE_IOBB,
+    ignore_overrides_positive: bool = True,
     weights: Sequence[float] = box_ops.ROI_BOX_WEIGHTS,
     mask_size: int = 28,
     mask_sampling_ratio: int = 2,
@@ -193,6 +197,7 @@ def roi_targets(
       positive_iou, negative_iou: 0.5 / 0.5, no low-quality matches.
       num_samples, positive_fraction: 64 per image, a quarter positive.
       ignore_iobb: IoBB above which a ROI is in an ignore region.
+      ignore_overrides_positive: ignore regions also veto ROIs that match a GT (default).
       weights: delta weights (10, 10, 5, 5).
       mask_size: static side M of the mask targets (28).
       mask_sampling_ratio: ROIAlign sampling points per bin and axis for the mask crops.
@@ -210,6 +215,7 @@ def roi_targets(
         rois, gt_boxes, gt_valid, positive_iou=positive_iou, negative_iou=negative_iou,
         allow_low_quality_matches=False, box_valid=rvalid, ignore_boxes=ignore_boxes,
         ignore_valid=ignore_valid, ignore_iobb=ignore_iobb,
+        ignore_overrides_positive=ignore_overrides_positive,
         gt_flags=_regressable(gt_valid, gt_no_box_regression))
     idx, ok = sampling.sample_balanced(m.labels, key, num_samples, positive_fraction)
     s_rois = jnp.where(ok[:, None], rois[idx], 0.0)

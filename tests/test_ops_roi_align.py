@@ -145,7 +145,8 @@ def test_paste_masks_inverts_crop():
     # An all-ones mask pasted on a box recovers exactly the box's pixels after thresholding.
     boxes = np.array([[4, 6, 20, 30], [10.0, 0.0, 38.0, 28.0]], np.float32)
     ones = np.ones((2, 28, 28), np.float32)
-    pasted = np.asarray(jax.jit(R.paste_masks, static_argnums=(2, 3))(ones, boxes, 40, 36))
+    paste = jax.jit(R.paste_masks, static_argnums=(2, 3))
+    pasted = np.asarray(paste(ones, boxes, 40, 36))
     assert pasted.shape == (2, 40, 36)
     want = np.zeros((40, 36), bool)
     want[4:20, 6:30] = True
@@ -157,7 +158,7 @@ def test_paste_masks_inverts_crop():
     yy, xx = np.mgrid[:40, :36]
     ell = (((yy + 0.5 - 20) / 12) ** 2 + ((xx + 0.5 - 18) / 9) ** 2 <= 1).astype(np.uint8)
     box = np.array([[8, 9, 32, 27]], np.float32)
-    crop = R.crop_masks(ell[None], box, np.zeros(1, np.int32), 28)
-    back = np.asarray(R.paste_masks(crop, box, 40, 36))[0] >= 0.5
+    crop = jax.jit(R.crop_masks, static_argnums=3)(ell[None], box, np.zeros(1, np.int32), 28)
+    back = np.asarray(paste(crop, box, 40, 36))[0] >= 0.5
     inter, union = (back & (ell > 0)).sum(), (back | (ell > 0)).sum()
     assert inter / union > 0.95

@@ -29,16 +29,19 @@ def test_rpn_targets_semantics():
         ANCHORS, g, v, k, gt_no_box_regression=m, ignore_boxes=i, ignore_valid=iv, anchor_valid=av))
     t = fn(gt, valid, mined, ign, iv, avalid, jax.random.key(0))
     labels = np.asarray(t.labels)
-    ref = M.match_boxes(ANCHORS, gt, valid, positive_iou=0.7, negative_iou=0.3,
-                        allow_low_quality_matches=True, box_valid=avalid, ignore_boxes=ign,
-                        ignore_valid=iv)
+    ref = jax.jit(lambda: M.match_boxes(ANCHORS, gt, valid, positive_iou=0.7, negative_iou=0.3,
+                                        allow_low_quality_matches=True, box_valid=avalid,
+                                        ignore_boxes=ign, ignore_valid=iv))()
     np.testing.assert_array_equal(labels, ref.labels)
     w = np.asarray(t.cls_weight)
     n_pos = int((labels == 1).sum())
     assert w.sum() == 32 and (w * (labels == 1)).sum() == min(n_pos, 16)
     assert np.all(labels[w > 0] != M.IGNORE)
     # Anchors inside the ignore region or off the image are never sampled.
-    in_ign = np.asarray(B.pairwise_iobb(ANCHORS, ign[:1]))[:, 0] > 0.5
+    ya = np.minimum(ANCHORS[:, 2], ign[0, 2]) - np.maximum(ANCHORS[:, 0], ign[0, 0])
+    xa = np.minimum(ANCHORS[:, 3], ign[0, 3]) - np.maximum(ANCHORS[:, 1], ign[0, 1])
+    area = (ANCHORS[:, 2] - ANCHORS[:, 0]) * (ANCHORS[:, 3] - ANCHORS[:, 1])
+    in_ign = np.clip(ya, 0, None) * np.clip(xa, 0, None) / area > 0.5
     assert in_ign.any() and w[in_ign].sum() == 0 and w[~avalid].sum() == 0
     np.testing.assert_array_equal(np.asarray(t.objectness), (labels == 1).astype(np.float32))
     # Box weight: sampled positives not matched to the mined row; the mined row's anchors get none.

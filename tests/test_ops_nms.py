@@ -69,6 +69,14 @@ def test_ties_lower_index_first_and_identical_boxes():
     idx, ok = _NMS(boxes, scores, 0.5, 4, tile_size=2)
     np.testing.assert_array_equal(idx, [1, 4, 0, 0])
     np.testing.assert_array_equal(ok, [True, True, False, False])
+    eager = N.nms(boxes, scores, 0.5, 4, tile_size=2)  # jit equals eager
+    np.testing.assert_array_equal(eager[0], idx)
+    np.testing.assert_array_equal(eager[1], ok)
+    # Signed zeros are equal scores: the lower index wins.
+    far = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], np.float32)
+    idx, ok = _NMS(far, np.array([-0.0, 0.0], np.float32), 0.5, 2)
+    np.testing.assert_array_equal(idx, [0, 0])
+    np.testing.assert_array_equal(ok, [True, False])
     # IoU exactly at the threshold does not suppress (strictly greater rule).
     b2 = np.array([[0, 0, 10, 10], [0, 5, 10, 15]], np.float32)  # IoU 1/3
     idx, ok = _NMS(b2, np.array([1.0, 0.5], np.float32), 1 / 3 + 1e-7, 2)

@@ -183,3 +183,15 @@ def test_sampling_is_uniform_over_positives_and_batch():
     assert len({tuple(r) for r in idx}) > 1
     one = S.sample_balanced(labels, jax.random.fold_in(jax.random.key(3), 5), 4, 0.5)
     np.testing.assert_array_equal(idx[5], one[0])
+
+
+def test_empty_ground_truth_and_ignore_arrays():
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    m = _MATCH(boxes, np.zeros((0, 4), np.float32), np.zeros(0, bool), positive_iou=0.7,
+               negative_iou=0.3, allow_low_quality_matches=True,
+               ignore_boxes=np.array([[0, 0, 10, 10]], np.float32), gt_flags=np.zeros(0, bool))
+    np.testing.assert_array_equal(m.labels, [M.IGNORE, M.NEGATIVE])
+    np.testing.assert_array_equal(m.matched_flags, [False, False])
+    m = _MATCH(boxes, np.zeros((0, 4), np.float32), np.zeros(0, bool), positive_iou=0.5,
+               negative_iou=0.5, ignore_boxes=np.zeros((0, 4), np.float32))
+    np.testing.assert_array_equal(m.labels, [M.NEGATIVE, M.NEGATIVE])

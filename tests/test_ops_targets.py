@@ -162,3 +162,16 @@ def test_batch_equals_loop_and_no_recompile():
             np.testing.assert_array_equal(getattr(out_rpn, f)[b], getattr(r1, f))
         for f in r2._fields:
             np.testing.assert_array_equal(getattr(out_roi, f)[b], getattr(r2, f))
+
+
+def test_zero_ground_truth_rows():
+    anchors = A.grid_anchors((3, 3))
+    empty, none = np.zeros((0, 4), np.float32), np.zeros(0, bool)
+    t = jax.jit(lambda k: T.rpn_targets(anchors, empty, none, k, num_samples=8))(jax.random.key(0))
+    assert float(t.cls_weight.sum()) == 8 and float(t.box_weight.sum()) == 0
+    props = np.array([[0, 0, 5, 5], [4, 4, 9, 9]], np.float32)
+    r = jax.jit(lambda k: T.roi_targets(props, np.ones(2, bool), empty, none, k,
+                                        gt_masks=np.zeros((0, 8, 8), np.uint8), num_samples=4,
+                                        mask_size=6))(jax.random.key(0))
+    np.testing.assert_array_equal(r.valid, [True, True, False, False])
+    assert not np.asarray(r.labels).any() and r.mask_targets.shape == (4, 6, 6)

@@ -227,7 +227,7 @@ def roi_targets(
         deltas = jnp.zeros((num_samples, 4), jnp.float32)
     reg = pos & m.matched_flags[idx].astype(bool)
 
-    if gt_masks is None:
+    if gt_masks is None or gt_boxes.shape[0] == 0:
         mask_targets = jnp.zeros((num_samples, mask_size, mask_size), jnp.float32)
         mask_weight = jnp.zeros((num_samples,), jnp.float32)
     else:

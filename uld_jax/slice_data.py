@@ -335,7 +335,7 @@ _LESION_SHAPES = {"boxes": ((4,), np.float32), "provenance": ((), np.int32),
 class SampleTable:
     """One dataset's cases and samples of one split, as numpy columns.
 
-    Cases (C): ``case_id`` [C] str, ``case_patient`` [C] str, ``case_split`` [C] str,
+    Cases (C): ``case_id`` [C] str, ``case_patient`` / ``case_study`` / ``case_series`` [C] str, ``case_split`` [C] str,
     ``case_slice_start`` [C] int64 (first slice-store record), ``case_num_slices`` [C],
     ``case_hw`` [C, 2], ``case_pixel_mm`` [C], ``case_slice_mm`` [C], ``case_z_mm`` list of [Z_c].
     Samples (S): ``case_row`` [S] (into the case columns), ``slice_index`` [S], ``z_mm`` [S],
@@ -348,6 +348,8 @@ class SampleTable:
     split: str
     case_id: np.ndarray
     case_patient: np.ndarray
+    case_study: np.ndarray
+    case_series: np.ndarray
     case_split: np.ndarray
     case_slice_start: np.ndarray
     case_num_slices: np.ndarray
@@ -366,6 +368,9 @@ class SampleTable:
     lesion_ptr: np.ndarray
     lesions: dict
     masks: np.ndarray
+    # Every case id of the dataset (all splits): overlays use it to tell "another split" from
+    # "unknown case".
+    all_case_ids: frozenset = frozenset()
 
     @property
     def dataset_id(self) -> int:
@@ -447,6 +452,8 @@ def assemble_table(dataset: str, split: str, cases: list[dict], samples: list[di
         dataset=dataset, split=split,
         case_id=np.asarray([_text(c["case_id"]) for c in cases], dtype=object),
         case_patient=np.asarray([_text(c["patient_id"]) for c in cases], dtype=object),
+        case_study=np.asarray([_text(c["study_id"]) for c in cases], dtype=object),
+        case_series=np.asarray([_text(c["series_id"]) for c in cases], dtype=object),
         case_split=np.asarray([_text(c["split"]) for c in cases], dtype=object),
         case_slice_start=col("slice_start", np.int64, cases),
         case_num_slices=col("num_slices", np.int64, cases),
@@ -513,6 +520,7 @@ def load_sample_table(data_dir: str | os.PathLike, dataset: str, split: str,
     samples = read_table(tdir, split)
     split_cases = [c for c in cases if _text(c["split"]) == split]
     table = assemble_table(dataset, split, split_cases, samples)
+    table.all_case_ids = frozenset(_text(c["case_id"]) for c in cases)
     if overlays:
         from uld_jax import overlay as overlay_lib  # pylint: disable=g-import-not-at-top
         table = overlay_lib.apply_overlays(table, overlays)

@@ -347,7 +347,7 @@ def _write_skipped(path: str, items: Sequence[BadItem]) -> None:
 # Entry points.
 # --------------------------------------------------------------------------------------------------
 def build_dataset(raw: str, out: str, dataset: str, *, skip_bad: bool = False, pixel_mm: float = 0.8,
-                  slice_mm: float = 2.0, reader_lookup: ReaderLookup = default_reader_lookup,
+                  slice_mm: float = 2.0, reader_lookup: ReaderLookup | None = None,
                   chunk_slices: int = 2048, progress: bool = True,
                   _stop_after_chunks: int | None = None) -> dict:
     """Builds ``out/<dataset>``; returns its build info. Skips a dataset already complete.
@@ -372,7 +372,7 @@ def build_dataset(raw: str, out: str, dataset: str, *, skip_bad: bool = False, p
               "slice_mm": float(slice_mm), "format_version": sd.FORMAT_VERSION}
     writer = _DatasetWriter(dataset, tmp, params, chunk_slices)
     resumed_chunks = len(writer.chunks)
-    reader = reader_lookup(dataset)
+    reader = (reader_lookup or default_reader_lookup)(dataset)
     bad_items: list[BadItem] = []
     skipped_by_builder: list[BadItem] = []
     dropped_annotations = 0
@@ -430,7 +430,7 @@ def build_dataset(raw: str, out: str, dataset: str, *, skip_bad: bool = False, p
 
 def build(raw: str, out: str, datasets: Iterable[str] = DATASETS, skip_bad: bool = False,
           pixel_mm: float = 0.8, slice_mm: float = 2.0, *,
-          reader_lookup: ReaderLookup = default_reader_lookup, chunk_slices: int = 2048,
+          reader_lookup: ReaderLookup | None = None, chunk_slices: int = 2048,
           progress: bool = True) -> dict:
     """Builds every dataset in ``datasets`` into ``out``; returns {dataset: build info}.
 

@@ -253,8 +253,8 @@ def test_default_configs():
 
 def test_placement_geometry_matches_boxes():
     rng = np.random.default_rng(0)
-    img = np.zeros((1, 30, 20), np.float32)
-    img[0, 10:15, 4:9] = 100
+    img = np.zeros((30, 20, 1), np.float32)
+    img[10:15, 4:9, 0] = 100
     for _ in range(20):
         p = ip.choose_placement(30, 20, 0.8, 0.8, (48, 48), rng)
         out, valid = ip.warp_image(img, p, (48, 48))
@@ -266,3 +266,25 @@ def test_placement_geometry_matches_boxes():
         assert xs.min() + 0.5 >= x1 - 0.5 and xs.max() + 0.5 <= x2 + 0.5
         area = (out[:, :, 0][valid] / 100.0).sum()
         assert area == pytest.approx((y2 - y1) * (x2 - x1), rel=0.05)
+
+
+def test_window_lut_equals_window():
+    hu = np.arange(-32768, 32768, dtype=np.int64).astype(np.int16).reshape(256, 256)
+    np.testing.assert_array_equal(ip.window_lut(hu), ip.window(hu))
+    assert ip.window(np.array([-2000, -1024, 3071, 5000], np.int16)).tolist() == [-50, -50, 205, 205]
+
+
+def test_bilinear_warp_matches_pillow():
+    """An independent implementation (Pillow's affine transform) gives the same interior pixels."""
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    img = rng.normal(0, 50, (37, 45, 1)).astype(np.float32)
+    p = ip.Placement(1.13, -3.7, 5.2)
+    out, valid = ip.warp_image(img, p, (40, 50))
+    ref = Image.fromarray(img[:, :, 0], mode="F").transform(
+        (50, 40), Image.Transform.AFFINE, (1 / p.scale, 0, -p.tx / p.scale, 0, 1 / p.scale, -p.ty / p.scale),
+        resample=Image.Resampling.BILINEAR)
+    inner = np.zeros_like(valid)
+    inner[3:-3, 8:-8] = True
+    inner &= valid
+    np.testing.assert_allclose(out[:, :, 0][inner], np.asarray(ref)[inner], atol=1e-3)

@@ -223,6 +223,17 @@ def window(hu: np.ndarray) -> np.ndarray:
     return x - np.float32(PIXEL_MEAN)
 
 
+_WINDOW_LUT: np.ndarray | None = None
+
+
+def window_lut(hu: np.ndarray) -> np.ndarray:
+    """:func:`window` of int16 HU through a 65536-entry lookup table (one gather, same values)."""
+    global _WINDOW_LUT
+    if _WINDOW_LUT is None:
+        _WINDOW_LUT = window(np.arange(-32768, 32768, dtype=np.int64).astype(np.int16))
+    return _WINDOW_LUT[hu.view(np.uint16) ^ np.uint16(0x8000)]
+
+
 def context_indices(z: int, num_slices: int, slice_mm: float, context: int = NUM_CONTEXT_SLICES,
                     context_mm: float = TARGET_SLICE_MM) -> np.ndarray:
     """[context] slice indices ``context_mm`` apart centred on ``z``; ends replicate the edge slice."""
@@ -267,16 +278,28 @@ def _axis_map(n_out: int, n_src: int, scale: float, t: float):
 
 
 def warp_image(img: np.ndarray, p: Placement, image_size: tuple[int, int]):
-    """[C, h, w] float32 -> ([H, W, C] float32 bilinear, [H, W] bool valid); padding = PAD_VALUE."""
+    """[h, w, C] float32 -> ([H, W, C] float32 bilinear, [H, W] bool valid); padding = PAD_VALUE.
+
+    Separable: rows are gathered and blended, then columns; channels-last keeps each gather a
+    copy of contiguous blocks (about 2x faster than channels-first at 512 x 512 x 9).
+    """
     H, W = image_size
-    _, h, w = img.shape
+    h, w, _ = img.shape
     y0, y1, wy, vy, _ = _axis_map(H, h, p.scale, p.ty)
     x0, x1, wx, vx, _ = _axis_map(W, w, p.scale, p.tx)
-    rows = img[:, y0, :] * (1 - wy)[None, :, None] + img[:, y1, :] * wy[None, :, None]
-    out = rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
+    rows = img[y0]
+    rows *= (1 - wy)[:, None, None]
+    tmp = img[y1]
+    tmp *= wy[:, None, None]
+    rows += tmp
+    out = rows[:, x0]
+    out *= (1 - wx)[None, :, None]
+    tmp = rows[:, x1]
+    tmp *= wx[None, :, None]
+    out += tmp
     valid = vy[:, None] & vx[None, :]
-    out = np.where(valid[None], out, np.float32(PAD_VALUE))
-    return np.ascontiguousarray(out.transpose(1, 2, 0)), valid
+    out[~valid] = np.float32(PAD_VALUE)
+    return out, valid
 
 
 def warp_boxes(boxes: np.ndarray, p: Placement, h: int, w: int, image_size: tuple[int, int]):
@@ -357,14 +380,15 @@ class SampleLoader(grain.transforms.RandomMap):
         }
 
     def read_context(self, t: int, row: int) -> np.ndarray:
-        """[context, h, w] int16 HU around sample ``row`` of table ``t``."""
+        """[h, w, context] int16 HU around sample ``row`` of table ``t`` (channel k = slice
+        ``z + (k - context // 2) * step``)."""
         table = self.tables[t]
         c = int(table.case_row[row])
         idx = context_indices(int(table.slice_index[row]), int(table.case_num_slices[c]),
                               float(table.case_slice_mm[c]), self.context, self.context_mm)
         uniq, inv = np.unique(idx, return_inverse=True)
         slices = self.stores[t].read(table.case_slice_start[c] + uniq)
-        return np.stack([slices[i] for i in inv])
+        return np.stack([slices[i] for i in inv], axis=-1)
 
     def random_map(self, element: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         t, row = int(element[0]), int(element[1])
@@ -373,10 +397,10 @@ class SampleLoader(grain.transforms.RandomMap):
         table = self.tables[t]
         c = int(table.case_row[row])
         hu = self.read_context(t, row)
-        _, h, w = hu.shape
+        h, w, _ = hu.shape
         p = choose_placement(h, w, float(table.case_pixel_mm[c]), self.pixel_mm, self.image_size,
                              rng if self.augment else None, self.scale_range, self.shift_px)
-        image, valid = warp_image(window(hu), p, self.image_size)
+        image, valid = warp_image(window_lut(hu), p, self.image_size)
         ex = self.empty_example()
         ex[Keys.IMAGE] = image
         ex[Keys.IMAGE_VALID] = valid

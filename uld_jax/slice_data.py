@@ -71,8 +71,8 @@ def encode_slice(hu: np.ndarray, level: int = 1) -> bytes:
     hu = np.asarray(hu)
     if hu.dtype != np.int16 or hu.ndim != 2:
         raise ValueError(f"encode_slice: expected [H, W] int16 HU, got {hu.dtype} {hu.shape}")
-    d = np.diff(hu, axis=1, prepend=np.int16(0)).astype(np.int16, copy=False)
-    planes = np.ascontiguousarray(d.view(np.uint8).reshape(-1, 2).T)
+    d = np.diff(hu, axis=1, prepend=np.int16(0)).astype("<i2", copy=False)
+    planes = np.ascontiguousarray(d.view(np.uint8).reshape(-1, 2).T)   # [low bytes, high bytes]
     return zlib.compress(planes.tobytes(), level)
 
 
@@ -83,8 +83,10 @@ def decode_slice(data: bytes, height: int, width: int) -> np.ndarray:
         raise ValueError(
             f"decode_slice: {len(raw)} bytes decoded, expected {2 * height * width} for {height}x{width}")
     planes = np.frombuffer(raw, np.uint8).reshape(2, height * width)
-    d = np.ascontiguousarray(planes.T).view(np.int16).reshape(height, width)
-    return np.cumsum(d, axis=1, dtype=np.int16)
+    d = np.empty((height * width, 2), np.uint8)
+    d[:, 0] = planes[0]
+    d[:, 1] = planes[1]
+    return np.cumsum(d.view("<i2").reshape(height, width), axis=1, dtype=np.int16)
 
 
 def mask_rect(mask: np.ndarray) -> tuple[int, int, int, int]:

@@ -288,3 +288,27 @@ def test_bilinear_warp_matches_pillow():
     inner[3:-3, 8:-8] = True
     inner &= valid
     np.testing.assert_allclose(out[:, :, 0][inner], np.asarray(ref)[inner], atol=1e-3)
+
+
+def test_iterator_checkpoint_with_orbax(data, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+    out, _ = data
+    c = _config(out)
+    _, it = _batches(c, 1)
+    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"),
+                                 item_handlers={"data": grain.checkpoint.CheckpointHandler()})
+    mngr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    want = [next(it) for _ in range(2)]
+    it2 = iter(ip.make_dataset(c, process_index=0, process_count=1))
+    mngr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
+    for a in want:
+        b = next(it2)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # The plain JSON helpers do the same.
+    ip.save_iterator_state(it2, str(tmp_path / "state.json"))
+    nxt = next(it2)
+    ip.restore_iterator_state(it, str(tmp_path / "state.json"))
+    np.testing.assert_array_equal(next(it)[Keys.IMAGE], nxt[Keys.IMAGE])

@@ -137,3 +137,15 @@ def test_merge_overlays_is_versioned_and_atomic(data, tmp_path):
     assert _store_stat(out) == before
     with pytest.raises(FileNotFoundError, match="no merged overlay table named 'nope'"):
         sd.load_sample_table(out, "deeplesion", "train", version="nope")
+
+
+def test_add_slices_every_5mm(data):
+    out, cases = data
+    t = sd.load_sample_table(out, "deeplesion", "train")
+    m = ov.add_slices(t, every_mm=5.0)          # 2 mm slices, 0 / 5 / 10 / 15 mm -> slices 0, 3, 5, (8: none)
+    got = sorted((str(m.case_id[m.case_row[s]]), int(m.slice_index[s])) for s in range(len(m)))
+    expect = sorted({(c.case_id, z) for c in cases if c.split == "train" for z in (0, 3, 5)})
+    assert got == expect
+    key = [s for s in range(len(m)) if m.is_key_slice[s]]
+    assert len(key) == 3 and all(len(m.sample_lesions(s)["boxes"]) == 1 for s in key)
+    assert m.added.sum() == len(m) - 3

@@ -295,3 +295,21 @@ def merge_overlays(data_dir: str, dataset: str, overlays: Sequence[str], name: s
     sd.atomic_write_json(os.path.join(tmp, "overlay_info.json"), info)
     os.rename(tmp, final)
     return final
+
+
+def add_slices(table: sd.SampleTable, every_mm: float = 5.0) -> sd.SampleTable:
+    """``table`` plus, as added samples, every slice about ``every_mm`` apart of each of its cases.
+
+    For mining (DESIGN: proposals on training slices sampled every 5 mm) and whole-volume
+    evaluation (``every_mm = slice_mm``): feed the result to ``input_pipeline.make_dataset(config,
+    tables=[...], stores=[...])`` with ``config.mix = False``. Existing samples keep their annotations;
+    added: for each multiple of ``every_mm`` from the first slice, the nearest slice (ties: the later).
+    """
+    have = {(int(table.case_row[s]), int(table.slice_index[s])) for s in range(len(table))}
+    new = []
+    for c in range(len(table.case_id)):
+        n, mm = int(table.case_num_slices[c]), float(table.case_slice_mm[c])
+        zs = np.floor(np.arange(0.0, n * mm, every_mm) / mm + 0.5).astype(np.int64)
+        zs = np.unique(zs[zs < n])
+        new.extend((c, int(z)) for z in zs if (c, int(z)) not in have)
+    return _rebuild(table, new, {})

@@ -312,3 +312,13 @@ def test_iterator_checkpoint_with_orbax(data, tmp_path):
     nxt = next(it2)
     ip.restore_iterator_state(it, str(tmp_path / "state.json"))
     np.testing.assert_array_equal(next(it)[Keys.IMAGE], nxt[Keys.IMAGE])
+
+
+def test_table_store_mismatch_fails_loudly(data):
+    out, _ = data
+    c = _config(out, datasets=("luna16",))
+    tables, stores = ip.load_tables(c)
+    tables[0].case_slice_start = tables[0].case_slice_start + 1      # a corrupted table
+    loader = ip.SampleLoader(tables, stores, c)
+    with pytest.raises(ValueError, match="uld_luna16_slices.*the sample table expects 'luna16_case0000'"):
+        loader.random_map(np.array([0, 0]), np.random.default_rng(0))

@@ -387,7 +387,7 @@ class SampleLoader(grain.transforms.RandomMap):
         idx = context_indices(int(table.slice_index[row]), int(table.case_num_slices[c]),
                               float(table.case_slice_mm[c]), self.context, self.context_mm)
         uniq, inv = np.unique(idx, return_inverse=True)
-        slices = self.stores[t].read(table.case_slice_start[c] + uniq)
+        slices = self.stores[t].read(table.case_slice_start[c] + uniq, str(table.case_id[c]), uniq)
         return np.stack([slices[i] for i in inv], axis=-1)
 
     def random_map(self, element: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:

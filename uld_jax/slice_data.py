@@ -310,9 +310,22 @@ class SliceStore:
     def __getstate__(self):
         return {"dataset_dir": self.dataset_dir, "dataset": self.dataset, "_src": None}
 
-    def read(self, indices: Sequence[int]) -> list[np.ndarray]:
-        """Slice-store record indices -> list of [h, w] int16 HU slices."""
+    def read(self, indices: Sequence[int], case_id: str | None = None,
+             slice_indices: Sequence[int] | None = None) -> list[np.ndarray]:
+        """Slice-store record indices -> list of [h, w] int16 HU slices.
+
+        With ``case_id`` / ``slice_indices`` each record is checked to be that slice (a table that
+        does not match its store fails loudly instead of feeding the wrong pixels).
+        """
         recs = self._source().__getitems__([int(i) for i in indices])
+        if case_id is not None:
+            for k, r in enumerate(recs):
+                got = (_text(r["case_id"]), int(r["slice_index"]))
+                want = (case_id, int(slice_indices[k]) if slice_indices is not None else got[1])
+                if got != want:
+                    raise ValueError(
+                        f"{table_dir(self.dataset_dir, self.dataset, 'slices')}: record {int(indices[k])} "
+                        f"holds {got[0]!r} slice {got[1]}, the sample table expects {want[0]!r} slice {want[1]}")
         return [decode_slice(r["hu"], int(r["height"]), int(r["width"])) for r in recs]
 
     def read_records(self, indices: Sequence[int]) -> list[dict]:

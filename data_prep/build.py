@@ -336,6 +336,15 @@ class _DatasetWriter:
         return final
 
 
+def _flush_on_bad_item(cases, writer):
+    """Iterates the reader; a BadItem it raises first flushes the buffered good cases."""
+    try:
+        yield from cases
+    except BadItem:
+        writer.flush()
+        raise
+
+
 def _write_skipped(path: str, items: Sequence[BadItem]) -> None:
     with open(path, "w") as f:
         f.write("where\tproblem\n")
@@ -383,14 +392,16 @@ def build_dataset(raw: str, out: str, dataset: str, *, skip_bad: bool = False, p
         from tqdm import tqdm  # pylint: disable=g-import-not-at-top
         bar = tqdm(desc=f"build {dataset}", unit="case", file=sys.stderr, dynamic_ncols=True)
     try:
-        for case in reader.iter_cases(raw, skip_bad=skip_bad, bad_items=bad_items,
-                                      pixel_mm=pixel_mm, slice_mm=slice_mm):
+        cases = reader.iter_cases(raw, skip_bad=skip_bad, bad_items=bad_items,
+                                  pixel_mm=pixel_mm, slice_mm=slice_mm)
+        for case in _flush_on_bad_item(cases, writer):
             try:
                 validate_case(case, dataset, pixel_mm, slice_mm)
                 if case.case_id in writer.seen_cases:
                     raise BadItem(_where(case), "duplicate case_id in this dataset")
             except BadItem as e:
                 if not skip_bad:
+                    writer.flush()      # keep the good cases before it for the resumed build
                     raise
                 skipped_by_builder.append(e)
                 continue

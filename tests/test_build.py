@@ -200,6 +200,9 @@ def test_bad_item_stops_build_with_its_message(tmp_path, monkeypatch, capsys):
     with pytest.raises(BadItem, match="truncated .raw file"):
         _build(tmp_path, items)
     assert not os.path.exists(tmp_path / "luna16")
+    # The good case before the bad item was kept: a rerun with skip_bad resumes from it.
+    resumed = _build(tmp_path, items, skip_bad=True)["luna16"]
+    assert resumed["resumed_chunks"] == 1 and resumed["num_cases"] == 3
     with pytest.raises(BadItem, match=r"int16"):
         _build(tmp_path / "b", [i for i in items if not isinstance(i, BadItem)])
     monkeypatch.setattr(build_lib, "default_reader_lookup", lambda n: cf.ListReader(items))
@@ -229,3 +232,48 @@ def test_unknown_dataset_and_missing_reader(tmp_path):
         build_lib.build("/raw", str(tmp_path), ["mnist"], progress=False)
     rc = build_lib.main(["--raw", "/raw", "--out", str(tmp_path), "--datasets", "mnist"])
     assert rc == 1
+
+
+_SLOW_BUILD = """
+import sys, time
+from data_prep import build, case_factory as cf
+class Slow(cf.ListReader):
+    def iter_cases(self, *a, **k):
+        for c in super().iter_cases(*a, **k):
+            time.sleep(0.15)
+            yield c
+cases = [cf.make_case('luna16', k, num_slices=6 + k % 3, split='train') for k in range(12)]
+build.build('/raw', sys.argv[1], ['luna16'], reader_lookup=lambda n: Slow(cases), chunk_slices=14,
+            progress=False)
+"""
+
+
+def test_sigkilled_build_resumes(tmp_path):
+    import signal
+    import time
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, str(tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    prog = tmp_path / ".incomplete-luna16" / "progress.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if prog.exists() and len(json.loads(prog.read_text())["chunks"]) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (tmp_path / "luna16").exists()
+    done = len(json.loads(prog.read_text())["chunks"])
+    cases = [cf.make_case("luna16", k, num_slices=6 + k % 3, split="train") for k in range(12)]
+    info = _build(tmp_path, cases, chunk_slices=14)["luna16"]
+    assert info["resumed_chunks"] == done >= 2
+    assert info["num_cases"] == 12 and info["num_slices"] == sum(c.slices.shape[0] for c in cases)
+    assert info["slices_written_this_run"] < info["num_slices"]
+    t = sd.load_sample_table(tmp_path, "luna16", "train")
+    store = sd.SliceStore(tmp_path / "luna16", "luna16")
+    by_id = {c.case_id: c for c in cases}
+    for c in range(len(t.case_id)):
+        idx = t.case_slice_start[c] + np.arange(t.case_num_slices[c])
+        np.testing.assert_array_equal(np.stack(store.read(idx)), by_id[t.case_id[c]].slices)

@@ -322,3 +322,18 @@ def test_table_store_mismatch_fails_loudly(data):
     loader = ip.SampleLoader(tables, stores, c)
     with pytest.raises(ValueError, match="uld_luna16_slices.*the sample table expects 'luna16_case0000'"):
         loader.random_map(np.array([0, 0]), np.random.default_rng(0))
+
+
+@pytest.mark.multidevice
+def test_global_arrays_over_a_device_mesh(data):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    out, _ = data
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (forced host) devices")
+    c = _config(out, global_batch_size=8)
+    (batch,), _ = _batches(c, 1)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    g = ip.to_global_arrays(batch, NamedSharding(mesh, P("data")))
+    assert g[Keys.IMAGE].shape == (8, H, W, 9) and len(g[Keys.IMAGE].addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(g[Keys.BOXES]), batch[Keys.BOXES])

@@ -506,6 +506,17 @@ def steps_per_epoch(config: ml_collections.ConfigDict, tables=None,
     return ds.per_process // (config.global_batch_size // pc)
 
 
+def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
+    """This process's batch -> global ``jax.Array`` s ([global_batch, ...]) laid out by ``sharding``.
+
+    ``sharding``: e.g. ``NamedSharding(mesh, P('data'))`` over all processes' devices; each process
+    passes its own per-process batch (``make_dataset`` gives each a disjoint share), as
+    ``jax.make_array_from_process_local_data`` expects.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
 def save_iterator_state(iterator, path: str) -> None:
     """Writes ``iterator.get_state()`` as JSON (atomic). Orbax users: ``grain.checkpoint.CheckpointSave``."""
     sd.atomic_write_json(path, iterator.get_state())

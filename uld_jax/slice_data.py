@@ -30,6 +30,7 @@ per-sample annotation rows in CSR form: ``lesion_ptr``), which is what the grain
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import zlib
@@ -125,6 +126,7 @@ def _tfds():
     return tfds
 
 
+@functools.lru_cache(maxsize=None)
 def slice_features():
     """Features of a slice-store record."""
     tfds = _tfds()
@@ -137,6 +139,7 @@ def slice_features():
     })
 
 
+@functools.lru_cache(maxsize=None)
 def case_features():
     """Features of a case-table record."""
     tfds = _tfds()
@@ -158,6 +161,7 @@ def case_features():
     })
 
 
+@functools.lru_cache(maxsize=None)
 def sample_features():
     """Features of a sample-table record (N = number of annotation rows of the slice).
 

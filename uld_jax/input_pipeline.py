@@ -4,8 +4,9 @@ Pipeline (one per process)::
 
     EpochMixDataset  (MapDataset of (table, sample row): the epoch's samples of every dataset,
         |             re-drawn and shuffled per epoch from the seed, this process's share only)
-    .random_map(SampleLoader)   9-slice context from the slice store, windowing, augmentation,
-        |                       padding; the per-element RNG comes from grain (seed, element index)
+    .map(SampleLoader)          9-slice context from the slice store, windowing, augmentation,
+        |                       padding; the augmentation RNG is seeded by (seed, global position
+        |                       in the epoch sequence), so it does not depend on the process layout
     .batch(per-process batch)   before the worker split, so batches do not depend on the worker count
     .to_iter_dataset(ReadOptions) -> .mp_prefetch(MultiprocessingOptions)   worker processes
 
@@ -134,7 +135,9 @@ def _pools(table: sd.SampleTable, mix: bool) -> _Pools:
 
 
 class EpochMixDataset(grain.MapDataset):
-    """Element ``i`` of this process -> ``np.array([table index, sample row])`` ([-1, -1]: padding).
+    """Element ``i`` of this process -> ``np.array([table index, sample row, global position])``
+    (table -1: padding). The global position ``epoch * epoch_length + position in the epoch`` seeds
+    the sample's augmentation.
 
     Args:
       tables: the sample tables to mix (one per dataset).
@@ -206,8 +209,9 @@ class EpochMixDataset(grain.MapDataset):
         epoch, j = divmod(int(index), self.per_process)
         pos = j * self._pc + self._pi
         if pos >= self.epoch_length:
-            return np.array([-1, -1], np.int64)
-        return self.epoch_elements(epoch)[pos].copy()
+            return np.array([-1, -1, -1], np.int64)
+        t, row = self.epoch_elements(epoch)[pos]
+        return np.array([t, row, epoch * self.epoch_length + pos], np.int64)
 
     def __str__(self) -> str:
         return f"EpochMixDataset(epoch_length={self.epoch_length}, per_process={self.per_process})"
@@ -257,12 +261,18 @@ def choose_placement(h: int, w: int, stored_pixel_mm: float, target_pixel_mm: fl
     """Rescales an h x w slice to ``target_pixel_mm`` (shrunk to fit the canvas if larger), centred,
     then (with ``rng``) a random scale in ``scale_range`` and shift in +-``shift_px``."""
     H, W = image_size
-    s = min(stored_pixel_mm / target_pixel_mm, H / h, W / w)
+    base = stored_pixel_mm / target_pixel_mm
+    if abs(base - 1.0) < 1e-5:      # the tables store pixel_mm as float32
+        base = 1.0
+    s = min(base, H / h, W / w)
     dy = dx = 0.0
     if rng is not None:
         s *= float(rng.uniform(scale_range[0], scale_range[1]))
         dy, dx = (float(v) for v in rng.uniform(-shift_px, shift_px, size=2))
-    return Placement(s, (H - h * s) / 2.0 + dy, (W - w * s) / 2.0 + dx)
+    # Centring offsets are whole pixels, so that without augmentation at scale 1 the slice is
+    # copied exactly (no half-pixel blur).
+    return Placement(s, float(np.floor((H - h * s) / 2.0 + 1e-6)) + dy,
+                     float(np.floor((W - w * s) / 2.0 + 1e-6)) + dx)
 
 
 def _axis_map(n_out: int, n_src: int, scale: float, t: float):
@@ -339,8 +349,8 @@ def warp_mask(rect, crop: np.ndarray, p: Placement, image_size: tuple[int, int])
 # --------------------------------------------------------------------------------------------------
 # Sample loading.
 # --------------------------------------------------------------------------------------------------
-class SampleLoader(grain.transforms.RandomMap):
-    """(table, row) -> one example of the batch format (without the batch axis)."""
+class SampleLoader(grain.transforms.Map):
+    """(table, row, global position) -> one example of the batch format (without the batch axis)."""
 
     def __init__(self, tables: Sequence[sd.SampleTable], stores: Sequence[sd.SliceStore],
                  config: ml_collections.ConfigDict):
@@ -355,6 +365,7 @@ class SampleLoader(grain.transforms.RandomMap):
         self.augment = bool(config.augment)
         self.scale_range = tuple(float(v) for v in config.scale_range)
         self.shift_px = float(config.shift_px)
+        self.seed = int(config.seed)
 
     def empty_example(self) -> dict[str, np.ndarray]:
         """An all-invalid example (padding of a final evaluation batch)."""
@@ -390,10 +401,11 @@ class SampleLoader(grain.transforms.RandomMap):
         slices = self.stores[t].read(table.case_slice_start[c] + uniq, str(table.case_id[c]), uniq)
         return np.stack([slices[i] for i in inv], axis=-1)
 
-    def random_map(self, element: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def map(self, element: np.ndarray) -> dict[str, np.ndarray]:
         t, row = int(element[0]), int(element[1])
         if t < 0:
             return self.empty_example()
+        rng = np.random.default_rng([self.seed, int(element[2]), 0xA46])
         table = self.tables[t]
         c = int(table.case_row[row])
         hu = self.read_context(t, row)
@@ -480,7 +492,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, tables=None, stores=None,
                          negative_ratio=config.negative_ratio, added_ratio=config.added_ratio,
                          num_epochs=num_epochs, process_index=pi, process_count=pc,
                          pad_to=batch if pad else None)
-    ds = ds.random_map(SampleLoader(tables, stores, config), seed=int(config.seed))
+    ds = ds.map(SampleLoader(tables, stores, config))
     ds = ds.batch(batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(config.read_threads),
                                                  prefetch_buffer_size=int(config.prefetch_buffer_size)))

@@ -228,6 +228,10 @@ def test_epoch_mixing_and_process_sharding(data):
     b, _ = _batches(c, 2, process_index=1, process_count=2)
     ids = lambda bs: {(int(d), int(s)) for x in bs for d, s in zip(x[Keys.DATASET_ID], x[Keys.SAMPLE_ID])}  # noqa: E731
     assert a[0][Keys.IMAGE].shape[0] == 2 and not ids(a) & ids(b)
+    # A sample's augmentation depends on its place in the epoch, not on the process layout.
+    (one,), _ = _batches(c, 1)
+    for k, (src, j) in enumerate([(a[0], 0), (b[0], 0), (a[0], 1), (b[0], 1)]):
+        np.testing.assert_array_equal(one[Keys.IMAGE][k], src[Keys.IMAGE][j])
 
 
 def test_evaluation_order_covers_every_sample_once_with_padding(data):

@@ -22,8 +22,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _cases():
     out = []
     for k in range(5):
+        # Case 3 has coarser pixels, as a reader makes them for a field of view wider than 512 px.
         out.append(cf.make_case("luna16", k, num_slices=6 + k, split="train" if k < 4 else "test",
-                                lesion_slices=(2,), negatives=(0, 4)))
+                                lesion_slices=(2,), negatives=(0, 4), pixel_mm=0.9 if k == 3 else 0.8))
     return out
 
 
@@ -190,7 +191,7 @@ def _bad_cases():
     z_case = cf.make_case("luna16", 12)
     z_case.z_mm = z_case.z_mm[::-1].copy()
     dup = cf.make_case("luna16", 1)
-    spacing = cf.make_case("luna16", 13, pixel_mm=1.0)
+    spacing = cf.make_case("luna16", 13, pixel_mm=0.5)
     reader_bad = BadItem("LUNA16/subset0/1.2.3.mhd", "truncated .raw file (1000 of 2000 bytes)")
     return [good[0], reader_bad, float_case, good[1], box_case, z_case, dup, spacing, good[2]]
 

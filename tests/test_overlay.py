@@ -149,3 +149,15 @@ def test_add_slices_every_5mm(data):
     key = [s for s in range(len(m)) if m.is_key_slice[s]]
     assert len(key) == 3 and all(len(m.sample_lesions(s)["boxes"]) == 1 for s in key)
     assert m.added.sum() == len(m) - 3
+
+
+def test_overlay_cli(data, tmp_path, capsys):
+    out, _ = data
+    p = ov.write_overlay(str(tmp_path / "a.npz"), _rows(), {"theta": 0.15}, data_dir=str(out))
+    assert ov.main(["show", p]) == 0
+    shown = capsys.readouterr().out
+    assert "deeplesion: mined 1, ignore 1, added slices 2" in shown and '"theta": 0.15' in shown
+    assert ov.main(["merge", "--data", str(out), "--dataset", "deeplesion", "--name", "cli1", p]) == 0
+    assert os.path.isfile(os.path.join(out, "deeplesion", "overlays", "cli1", "overlay_info.json"))
+    assert ov.main(["merge", "--data", str(out), "--dataset", "deeplesion", "--name", "cli1", p]) == 1
+    assert "immutable" in capsys.readouterr().err

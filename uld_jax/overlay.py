@@ -313,3 +313,39 @@ def add_slices(table: sd.SampleTable, every_mm: float = 5.0) -> sd.SampleTable:
         zs = np.unique(zs[zs < n])
         new.extend((c, int(z)) for z in zs if (c, int(z)) not in have)
     return _rebuild(table, new, {})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m uld_jax.overlay merge --data DATA --dataset DS --name NAME a.npz [b.npz ...]``
+    (and ``show a.npz``: row counts by dataset and kind, and the metadata)."""
+    import argparse  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    p = argparse.ArgumentParser(prog="python -m uld_jax.overlay")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge overlays into a named sample-table version")
+    m.add_argument("--data", required=True, help="DATA_DIR of the build")
+    m.add_argument("--dataset", required=True, choices=DATASETS)
+    m.add_argument("--name", required=True)
+    m.add_argument("--base-version", default=None)
+    m.add_argument("overlays", nargs="+")
+    s = sub.add_parser("show", help="summarise an overlay file")
+    s.add_argument("overlay")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "merge":
+            print(merge_overlays(a.data, a.dataset, a.overlays, a.name, a.base_version))
+        else:
+            cols, meta = read_overlay(a.overlay)
+            for ds in sorted(set(cols["dataset"].tolist())):
+                sel = cols["dataset"] == ds
+                kinds = {k: int((cols["kind"][sel] == k).sum()) for k in (1, 2, 3)}
+                print(f"{ds}: mined {kinds[1]}, ignore {kinds[2]}, added slices {kinds[3]}")
+            print(json.dumps(meta, indent=1, sort_keys=True))
+    except (OverlayError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

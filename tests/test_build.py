@@ -68,6 +68,10 @@ def test_slice_store_holds_each_slice_once_exactly(built):
         idx = rec["slice_start"] + np.arange(rec["num_slices"])
         got = np.stack(store.read(idx))
         np.testing.assert_array_equal(got, case.slices)
+        again = store.read(idx[::-1], case.case_id, np.arange(rec["num_slices"])[::-1])   # cache hits
+        np.testing.assert_array_equal(np.stack(again[::-1]), case.slices)
+        with pytest.raises(ValueError, match="the sample table expects"):
+            store.read(idx[:1], case.case_id, [1])          # a cached record, but the wrong slice
         meta = store.read_records(idx[-1:])[0]
         assert sd._text(meta["case_id"]) == case.case_id and meta["slice_index"] == rec["num_slices"] - 1
         np.testing.assert_allclose(rec["z_mm"], case.z_mm)

@@ -224,7 +224,7 @@ class _DatasetWriter:
                       f"starting over", file=sys.stderr)
                 shutil.rmtree(tmp)
         os.makedirs(os.path.join(tmp, "chunks"), exist_ok=True)
-        self.done_cases = {c["case_id"] for ch in self.chunks for c in ch["cases"]}
+        self.done_cases = {c["case_id"] for ch in self.chunks for c in self.chunk_cases(ch)}
         # Files of a chunk that was being written when the build died: not in progress.json.
         known = {f for ch in self.chunks for f in ch["files"]}
         for fn in os.listdir(os.path.join(tmp, "chunks")):
@@ -233,25 +233,38 @@ class _DatasetWriter:
         self.seen_cases: set[str] = set()
         self._reset_buffer()
 
+    def chunk_cases(self, chunk: dict) -> list[dict]:
+        """Case metadata of a finished chunk (kept in its own file: progress.json stays small)."""
+        with open(os.path.join(self.tmp, "chunks", chunk["cases_file"])) as f:
+            return json.load(f)
+
     def _reset_buffer(self):
         self.buf_cases: list[dict] = []
-        self.buf_slices: list[bytes] = []
+        self.num_buf_slices = 0
+        self.slice_writer = None          # streams slice records into the chunk's .part file
         self.buf_samples: dict[str, list[dict]] = {s: [] for s in sd.SPLITS}
+
+    def _slice_part(self) -> str:
+        return os.path.join(self.tmp, "chunks", f"chunk-{len(self.chunks):05d}.slices.part")
 
     def add(self, case: Case) -> bool:
         """Buffers ``case`` (encoding its slices); returns False if a finished chunk holds it."""
         if case.case_id in self.done_cases:
             return False
         feats = sd.slice_features()
+        if self.slice_writer is None:
+            from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+            self.slice_writer = array_record_module.ArrayRecordWriter(self._slice_part(), "group_size:1")
         # zlib releases the GIL: encoding the slices of a case in threads scales with cores.
         for zi, data in enumerate(self.encode_map(sd.encode_slice, list(case.slices))):
-            self.buf_slices.append(feats.serialize_example({
+            self.slice_writer.write(feats.serialize_example({
                 "case_id": case.case_id, "slice_index": zi,
                 "height": case.slices.shape[1], "width": case.slices.shape[2],
                 "hu": data}))
+        self.num_buf_slices += case.slices.shape[0]
         self.buf_cases.append(_case_meta(case))
         self.buf_samples[case.split].extend(case_sample_records(case))
-        if len(self.buf_slices) >= self.chunk_slices:
+        if self.num_buf_slices >= self.chunk_slices:
             self.flush()
         return True
 
@@ -268,15 +281,20 @@ class _DatasetWriter:
             os.replace(part, os.path.join(cdir, name))
             files.append(name)
 
-        write(f"chunk-{k:05d}.slices", self.buf_slices)
+        self.slice_writer.close()
+        os.replace(self._slice_part(), os.path.join(cdir, f"chunk-{k:05d}.slices"))
+        files.append(f"chunk-{k:05d}.slices")
+        cases_file = f"chunk-{k:05d}.cases.json"
+        sd.atomic_write_json(os.path.join(cdir, cases_file), self.buf_cases)
+        files.append(cases_file)
         sfeat = sd.sample_features()
         sample_counts = {}
         for split, recs in self.buf_samples.items():
             if recs:
                 write(f"chunk-{k:05d}.samples-{split}", [sfeat.serialize_example(r) for r in recs])
                 sample_counts[split] = len(recs)
-        self.chunks.append({"index": k, "files": files, "num_slices": len(self.buf_slices),
-                            "samples": sample_counts, "cases": self.buf_cases})
+        self.chunks.append({"index": k, "files": files, "num_slices": self.num_buf_slices,
+                            "samples": sample_counts, "cases_file": cases_file})
         sd.atomic_write_json(self.progress_path, {"params": self.params, "chunks": self.chunks})
         for c in self.buf_cases:
             self.done_cases.add(c["case_id"])
@@ -306,7 +324,7 @@ class _DatasetWriter:
         for ch in self.chunks:
             place(f"chunk-{ch['index']:05d}.slices", sdir,
                   sd.shard_filename(ds, "slices", sd.SLICES_SPLIT, ch["index"], n))
-            for c in ch["cases"]:
+            for c in self.chunk_cases(ch):
                 cases.append(dict(c, slice_start=start))
                 start += c["num_slices"]
         if not cases:

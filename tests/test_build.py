@@ -146,7 +146,7 @@ def test_killed_build_resumes_without_rewriting_chunks(tmp_path):
     assert len(prog["chunks"]) == 1
     chunk0 = tmp / "chunks" / "chunk-00000.slices"
     ino = os.stat(chunk0).st_ino
-    done = {c["case_id"] for c in prog["chunks"][0]["cases"]}
+    done = {c["case_id"] for c in json.loads((tmp / "chunks" / prog["chunks"][0]["cases_file"]).read_text())}
     info = _build(tmp_path, cases)["luna16"]
     assert info["resumed_chunks"] == 1
     expect_new = sum(c.slices.shape[0] for c in cases if c.case_id not in done)

@@ -7,7 +7,9 @@
   in slices/s, against the plain ``encode_slice`` rate of the same slices (the codec alone).
 * loader: the grain pipeline (9-slice context, windowing, augmentation, masks, batching) in
   samples/s with 0, 1, 2 worker processes, against the decode-only rate (reading and decoding the
-  9 context slices of each sample from the slice store, nothing else).
+  9 context slices of each sample from the slice store, nothing else). Without workers the rate
+  per CPU-second of the process is printed too: on a shared machine it is the number that does
+  not depend on the other load (read threads make it slightly optimistic).
 * train step (hook): ``--step-rate`` (samples/s measured elsewhere) or ``--step-fn module:function``
   (called as ``function(variant) -> samples/s``, e.g. once ``uld_jax.train`` exists) prints the
   loader / step ratio; the goal is >= 3 so that input never limits training.
@@ -87,6 +89,7 @@ def _config(data_dir: str, geometry: str, workers: int):
     c.image_size = (canvas, canvas)
     c.num_workers = workers
     c.global_batch_size = 4
+    c.slice_cache = 0        # the benchmark's few cases would fit in the cache; real sets do not
     return c
 
 
@@ -94,11 +97,11 @@ def bench_decode_only(data_dir: str, geometry: str, n_samples: int) -> float:
     c = _config(data_dir, geometry, 0)
     tables, stores = ip.load_tables(c)
     loader = ip.SampleLoader(tables, stores, c)
-    rows = np.arange(len(tables[0]))
-    t0 = time.perf_counter()
+    rows = np.random.default_rng(0).permutation(len(tables[0]))   # shuffled, like training
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n_samples):
         loader.read_context(0, int(rows[i % len(rows)]))
-    return n_samples / (time.perf_counter() - t0)
+    return n_samples / (time.perf_counter() - t0), n_samples / (time.process_time() - c0)
 
 
 def bench_loader(data_dir: str, geometry: str, workers: int, n_batches: int) -> float:
@@ -106,14 +109,15 @@ def bench_loader(data_dir: str, geometry: str, workers: int, n_batches: int) -> 
     it = iter(ip.make_dataset(c, process_index=0, process_count=1))
     try:
         next(it)                                     # worker start-up and first fill excluded
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n_batches):
             next(it)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
     finally:
         if hasattr(it, "close"):
             it.close()
-    return n_batches * c.global_batch_size / dt
+    n = n_batches * c.global_batch_size
+    return n / dt, n / dc
 
 
 def main(argv=None) -> int:
@@ -136,16 +140,20 @@ def main(argv=None) -> int:
                   f"slices/s  (ratio {b['build'] / b['encode_only']:.2f}); {b['slices']} slices, "
                   f"raw int16 {b['raw_mb']:.1f} MiB -> slice store {b['store_mb']:.1f} MiB "
                   f"({b['raw_mb'] / b['store_mb']:.2f}x)")
-            base = bench_decode_only(data_dir, g, 4 * a.batches)
-            print(f"[{g}] decode-only baseline: {base:.1f} samples/s (9 slices read + decoded)")
+            base, base_cpu = bench_decode_only(data_dir, g, 4 * a.batches)
+            print(f"[{g}] decode-only baseline: {base:.1f} samples/s (9 slices read + decoded; "
+                  f"{base_cpu:.1f} per CPU-second of this process)")
             step = a.step_rate
             if a.step_fn:
                 mod, fn = a.step_fn.split(":")
                 step = getattr(importlib.import_module(mod), fn)(g)
             for w in [int(v) for v in a.workers.split(",")]:
-                r = bench_loader(data_dir, g, w, a.batches)
+                r, r_cpu = bench_loader(data_dir, g, w, a.batches)
                 line = (f"[{g}] loader, {w} worker(s): {r:.1f} samples/s  "
                         f"(ratio to decode-only {r / base:.2f})")
+                if w == 0:
+                    line += (f"; {r_cpu:.1f} per CPU-second (ratio {r_cpu / base_cpu:.2f}; "
+                             f"independent of other load)")
                 if step:
                     line += f"; train step {step:.1f} samples/s -> loader/step {r / step:.2f} (goal >= 3)"
                 print(line, flush=True)

@@ -111,6 +111,7 @@ def default_input_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.read_threads = 2
     else:
         raise ValueError(f"unknown input config variant {variant!r}; expected 'tiny' or 'paper'")
+    c.slice_cache = 32                   # decoded slices cached per process (in-order reads reuse them)
     c.worker_buffer_size = 2
     c.prefetch_buffer_size = 8
     return c
@@ -456,7 +457,8 @@ def load_tables(config: ml_collections.ConfigDict) -> tuple[list[sd.SampleTable]
         tables.append(sd.load_sample_table(config.data_dir, name, config.split,
                                            version=config.samples_version or None,
                                            overlays=tuple(config.overlays)))
-        stores.append(sd.SliceStore(sd.dataset_dir_for(config.data_dir, name), name))
+        stores.append(sd.SliceStore(sd.dataset_dir_for(config.data_dir, name), name,
+                                    cache_slices=int(config.slice_cache)))
     return tables, stores
 
 

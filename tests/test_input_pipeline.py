@@ -207,6 +207,8 @@ def test_epoch_mixing_and_process_sharding(data):
     dl, luna = tables
     n_pos_luna = int((luna.has_original() | luna.is_key_slice).sum())
     assert full.epoch_length == len(dl) + 2 * n_pos_luna
+    assert ip.steps_per_epoch(c, tables, process_count=1) == full.epoch_length // 4
+    assert ip.steps_per_epoch(c, tables, process_count=2) == (full.epoch_length // 2) // 2
     e0, e1 = _epoch_set(full, 0), _epoch_set(full, 1)
     for ep in (e0, e1):
         assert len(set(ep)) == len(ep)                      # without replacement

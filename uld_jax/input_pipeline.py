@@ -313,6 +313,25 @@ def warp_image(img: np.ndarray, p: Placement, image_size: tuple[int, int]):
     return out, valid
 
 
+def warp_image_antialiased(img: np.ndarray, p: Placement, image_size: tuple[int, int]):
+    """:func:`warp_image` that first averages f x f blocks when shrinking by more than 2x
+    (f = floor(1 / scale)), so that bilinear sampling does not alias (e.g. 0.8 mm slices into the
+    ~2.5 mm tiny canvas). Same geometry and validity as :func:`warp_image`."""
+    f = int(np.floor(1.0 / p.scale + 1e-9)) if p.scale < 0.5 else 1
+    if f <= 1:
+        return warp_image(img, p, image_size)
+    h, w, c = img.shape
+    hp, wp = -(-h // f) * f, -(-w // f) * f
+    if (hp, wp) != (h, w):
+        img = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
+    small = img.reshape(hp // f, f, wp // f, f, c).mean(axis=(1, 3), dtype=np.float32)
+    out, _ = warp_image(small, Placement(p.scale * f, p.ty, p.tx), image_size)
+    H, W = image_size
+    valid = _axis_map(H, h, p.scale, p.ty)[3][:, None] & _axis_map(W, w, p.scale, p.tx)[3][None, :]
+    out[~valid] = np.float32(PAD_VALUE)
+    return out, valid
+
+
 def warp_boxes(boxes: np.ndarray, p: Placement, h: int, w: int, image_size: tuple[int, int]):
     """[N, 4] source boxes -> ([N, 4] canvas boxes clipped to the image's visible part, [N] keep).
 
@@ -413,7 +432,7 @@ class SampleLoader(grain.transforms.Map):
         h, w, _ = hu.shape
         p = choose_placement(h, w, float(table.case_pixel_mm[c]), self.pixel_mm, self.image_size,
                              rng if self.augment else None, self.scale_range, self.shift_px)
-        image, valid = warp_image(window_lut(hu), p, self.image_size)
+        image, valid = warp_image_antialiased(window_lut(hu), p, self.image_size)
         ex = self.empty_example()
         ex[Keys.IMAGE] = image
         ex[Keys.IMAGE_VALID] = valid

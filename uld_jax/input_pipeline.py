@@ -387,12 +387,13 @@ class SampleLoader(grain.transforms.Map):
         self.shift_px = float(config.shift_px)
         self.seed = int(config.seed)
 
-    def empty_example(self) -> dict[str, np.ndarray]:
-        """An all-invalid example (padding of a final evaluation batch)."""
+    def empty_example(self, image: bool = True) -> dict[str, np.ndarray]:
+        """An all-invalid example (padding of a final evaluation batch); ``image=False`` leaves the
+        image out (the caller sets it)."""
         H, W = self.image_size
         G, R = self.G, self.R
         return {
-            Keys.IMAGE: np.full((H, W, self.context), PAD_VALUE, np.float32),
+            **({Keys.IMAGE: np.full((H, W, self.context), PAD_VALUE, np.float32)} if image else {}),
             Keys.IMAGE_VALID: np.zeros((H, W), bool),
             Keys.DATASET_ID: np.int32(0),
             Keys.BOXES: np.zeros((G, 4), np.float32),
@@ -433,7 +434,7 @@ class SampleLoader(grain.transforms.Map):
         p = choose_placement(h, w, float(table.case_pixel_mm[c]), self.pixel_mm, self.image_size,
                              rng if self.augment else None, self.scale_range, self.shift_px)
         image, valid = warp_image_antialiased(window_lut(hu), p, self.image_size)
-        ex = self.empty_example()
+        ex = self.empty_example(image=False)
         ex[Keys.IMAGE] = image
         ex[Keys.IMAGE_VALID] = valid
         ex[Keys.DATASET_ID] = np.int32(table.dataset_id)

@@ -130,7 +130,8 @@ def validate_case(case: Case, dataset: str, pixel_mm: float, slice_mm: float) ->
             raise BadItem(lw, f"unknown provenance {les.provenance}")
         ot = np.asarray(les.organ_target, np.float64)
         ov = np.asarray(les.organ_valid)
-        if ot.shape != (3,) or ov.shape != (3,) or not np.all(np.isfinite(ot)) or ot.min() < 0 or ot.max() > 1:
+        if (ot.shape != (3,) or ov.shape != (3,) or not np.all(np.isfinite(ot))
+                or ot.min() < 0 or ot.max() > 1):
             raise BadItem(lw, f"organ_target must be 3 values in [0, 1] with 3 validity flags, "
                               f"got {ot} / {ov}")
         if les.recist is not None and np.asarray(les.recist).shape != (4, 2):
@@ -329,7 +330,8 @@ class _DatasetWriter:
                 start += c["num_slices"]
         if not cases:
             raise BuildError(f"{ds}: no usable cases (skipped {len(skipped)} bad items)")
-        sd.write_tfds_metadata(sdir, sd.slice_features(), {sd.SLICES_SPLIT: [c["num_slices"] for c in self.chunks]},
+        sd.write_tfds_metadata(sdir, sd.slice_features(),
+                               {sd.SLICES_SPLIT: [c["num_slices"] for c in self.chunks]},
                                description=f"ULD slice store of {ds}: each resampled axial slice once "
                                            f"(int16 HU, codec {sd.SLICE_CODEC}).")
         # Sample table: per split, the chunks that hold samples of it.

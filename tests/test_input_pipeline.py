@@ -8,7 +8,6 @@ import pytest
 from data_prep import build as build_lib
 from data_prep import case_factory as cf
 from uld_jax import input_pipeline as ip
-from uld_jax import slice_data as sd
 from uld_jax.core import DATASET_ID, Keys, Provenance
 
 H = W = 64

@@ -237,7 +237,8 @@ def write_tfds_metadata(tdir: str, features, split_shards: dict[str, list[int]],
     for split, lengths in split_shards.items():
         nbytes = 0
         for k in range(len(lengths)):
-            fn = f"{os.path.basename(os.path.dirname(tdir))}-{split}.array_record-{k:05d}-of-{len(lengths):05d}"
+            name = os.path.basename(os.path.dirname(tdir))
+            fn = f"{name}-{split}.array_record-{k:05d}-of-{len(lengths):05d}"
             nbytes += os.path.getsize(os.path.join(tdir, fn))
         infos.append(tfds.core.SplitInfo(name=split, shard_lengths=list(lengths), num_bytes=nbytes))
     kwargs = {}
@@ -388,7 +389,8 @@ _LESION_SHAPES = {"boxes": ((4,), np.float32), "provenance": ((), np.int32),
 class SampleTable:
     """One dataset's cases and samples of one split, as numpy columns.
 
-    Cases (C): ``case_id`` [C] str, ``case_patient`` / ``case_study`` / ``case_series`` [C] str, ``case_split`` [C] str,
+    Cases (C): ``case_id`` [C] str, ``case_patient`` / ``case_study`` / ``case_series`` [C] str,
+    ``case_split`` [C] str,
     ``case_slice_start`` [C] int64 (first slice-store record), ``case_num_slices`` [C],
     ``case_hw`` [C, 2], ``case_pixel_mm`` [C], ``case_slice_mm`` [C], ``case_z_mm`` list of [Z_c].
     Samples (S): ``case_row`` [S] (into the case columns), ``slice_index`` [S], ``z_mm`` [S],

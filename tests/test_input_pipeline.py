@@ -362,3 +362,23 @@ def test_antialiased_shrink_keeps_geometry_and_mean():
     assert inner.size and np.all(np.abs(inner - 500) < 1e-3)
     bg = out[valid & (np.arange(40)[:, None] > y2 + 2)][:, 0]
     assert bg.std() < 100 / 2.0              # 3x3 averaging shrinks the noise ~3x; plain sampling would not
+
+
+def test_image_boxes_map_back_to_the_sample_table(data):
+    out, _ = data
+    c = _config(out, augment=False, pixel_mm=1.1)        # a real rescale (0.8 mm slices)
+    tables, _ = ip.load_tables(c)
+    batches, _ = _batches(c, 3)
+    n = 0
+    for batch in batches:
+        for b in range(4):
+            t, row, _, _ = _lookup(tables, batch, b)
+            p = ip.unaugmented_placement(t, row, c)
+            assert batch[Keys.PIXEL_MM][b] == pytest.approx(0.8 / p.scale)
+            les = t.sample_lesions(row)
+            want = les["boxes"][les["provenance"] == Provenance.ORIGINAL]
+            got = batch[Keys.BOXES][b][batch[Keys.BOX_VALID][b]]
+            np.testing.assert_allclose(ip.image_boxes_to_slice(got, p), want, atol=1e-4)
+            np.testing.assert_allclose(ip.slice_boxes_to_image(want, p), got, atol=1e-4)
+            n += len(want)
+    assert n > 3

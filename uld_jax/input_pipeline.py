@@ -365,6 +365,32 @@ def warp_mask(rect, crop: np.ndarray, p: Placement, image_size: tuple[int, int])
     return out
 
 
+def unaugmented_placement(table: sd.SampleTable, row: int,
+                          config: ml_collections.ConfigDict) -> Placement:
+    """The placement the loader uses for sample ``row`` when ``config.augment`` is False."""
+    c = int(table.case_row[row])
+    h, w = (int(v) for v in table.case_hw[c])
+    return choose_placement(h, w, float(table.case_pixel_mm[c]), float(config.pixel_mm),
+                            tuple(int(v) for v in config.image_size), None)
+
+
+def image_boxes_to_slice(boxes: np.ndarray, p: Placement) -> np.ndarray:
+    """[..., 4] boxes in model-input pixels -> pixels of the stored (preprocessed) slice.
+
+    For mining (overlay rows are in slice pixels) and evaluation: with ``p`` from
+    :func:`unaugmented_placement`, detections on a batch map back to the sample table's frame.
+    """
+    b = np.asarray(boxes, np.float64)
+    t = np.array([p.ty, p.tx, p.ty, p.tx])
+    return ((b - t) / p.scale).astype(np.float32)
+
+
+def slice_boxes_to_image(boxes: np.ndarray, p: Placement) -> np.ndarray:
+    """Inverse of :func:`image_boxes_to_slice` (no clipping)."""
+    b = np.asarray(boxes, np.float64)
+    return (b * p.scale + np.array([p.ty, p.tx, p.ty, p.tx])).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sample loading.
 # --------------------------------------------------------------------------------------------------

@@ -255,7 +255,8 @@ class _DatasetWriter:
         feats = sd.slice_features()
         if self.slice_writer is None:
             from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-            self.slice_writer = array_record_module.ArrayRecordWriter(self._slice_part(), "group_size:1")
+            self.slice_writer = array_record_module.ArrayRecordWriter(self._slice_part(),
+                                                                      sd.SLICE_RECORD_OPTIONS)
         # zlib releases the GIL: encoding the slices of a case in threads scales with cores.
         for zi, data in enumerate(self.encode_map(sd.encode_slice, list(case.slices))):
             self.slice_writer.write(feats.serialize_example({

@@ -215,10 +215,16 @@ def shard_filename(dataset: str, table: str, split: str, shard: int, num_shards:
     return f"{tfds_name(dataset, table)}-{split}.array_record-{shard:05d}-of-{num_shards:05d}"
 
 
-def write_array_record(path: str, records: Sequence[bytes]) -> None:
+# Slice records hold zlib'd pixels already: array_record's own compression would only cost time
+# (measured: 2.4 -> 0.9 ms per 300 kB record to write, 0.85 -> 0.5 ms to read).
+SLICE_RECORD_OPTIONS = "group_size:1,uncompressed"
+TABLE_RECORD_OPTIONS = "group_size:1"
+
+
+def write_array_record(path: str, records: Sequence[bytes], options: str = TABLE_RECORD_OPTIONS) -> None:
     """Writes serialized records to one ArrayRecord file (``group_size:1``: cheap random access)."""
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    writer = array_record_module.ArrayRecordWriter(path, options)
     try:
         for r in records:
             writer.write(r)

@@ -382,3 +382,19 @@ def test_image_boxes_map_back_to_the_sample_table(data):
             np.testing.assert_allclose(ip.slice_boxes_to_image(want, p), got, atol=1e-4)
             n += len(want)
     assert n > 3
+
+
+def test_positives_beyond_max_boxes_become_ignore_regions(tmp_path, caplog):
+    boxes = [[2 + 6 * i, 3, 6 + 6 * i, 9] for i in range(5)]
+    case = cf.make_case("lits", 0, num_slices=4, height=40, width=20, lesion_slices=(2,) * 5,
+                        boxes=boxes, negatives=())
+    build_lib.build("/raw", str(tmp_path), ["lits"], reader_lookup=lambda n: cf.ListReader([case]),
+                    progress=False)
+    c = _config(tmp_path, datasets=("lits",), max_boxes=3, max_ignore=8, augment=False, mix=False,
+                shuffle=False, num_epochs=1, global_batch_size=1)
+    with caplog.at_level("WARNING"):
+        (b,) = list(ip.make_dataset(c, process_index=0, process_count=1))
+    assert b[Keys.BOX_VALID].sum() == 3 and b[Keys.IGNORE_VALID].sum() == 2
+    kept = np.concatenate([b[Keys.BOXES][0][:3], b[Keys.IGNORE_BOXES][0][:2]])
+    np.testing.assert_allclose(kept - kept[0] + np.asarray(boxes[0]), np.asarray(boxes, np.float32))
+    assert "max_boxes=3" in caplog.text

@@ -482,14 +482,18 @@ def build(raw: str, out: str, datasets: Iterable[str] = DATASETS, skip_bad: bool
     for d in datasets:
         if d not in DATASETS:
             raise BuildError(f"unknown dataset {d!r}; expected some of {','.join(DATASETS)}")
+    report_path = os.path.join(out, "build_report.json")
     report = {}
+    if os.path.isfile(report_path):       # keep the entries of datasets built by earlier runs
+        with open(report_path) as f:
+            report = json.load(f)
     for d in datasets:
         report[d] = build_dataset(raw, out, d, skip_bad=skip_bad, pixel_mm=pixel_mm,
                                   slice_mm=slice_mm, reader_lookup=reader_lookup,
                                   chunk_slices=chunk_slices, progress=progress,
                                   encode_threads=encode_threads)
-        sd.atomic_write_json(os.path.join(out, "build_report.json"), report)
-    return report
+        sd.atomic_write_json(report_path, report)
+    return {d: report[d] for d in datasets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

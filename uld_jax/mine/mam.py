@@ -1,0 +1,517 @@
+"""Missing annotation matching (MAM): mined positives from lesion-embedding distances within a patient.
+
+DeepLesion marks only some lesions, and only on their key slice. The same lesion usually appears
+unmarked on the neighbouring slices, in the patient's other series and at the patient's other time
+points (studies). MAM (Yan et al., TMI 2020) compares, per patient, the embedding of every annotated
+lesion with the embedding of every proposal of the universal expert on the patient's mined slices;
+a proposal closer than ``theta`` (L2, default 0.15) to an annotated lesion becomes a *mined
+positive* (classification only, never box regression; see :class:`uld_jax.core.Provenance`).
+
+Inputs are flat arrays with a patient id per row (no per-patient Python objects): annotations
+``ann_patient`` [NA], ``ann_emb`` [NA, D] and proposals ``prop_patient`` [NP], ``prop_emb`` [NP, D].
+Embeddings are L2-normalised by the model (so distances lie in [0, 2]), but nothing here assumes it.
+
+How it is computed (:func:`mam_match`)
+--------------------------------------
+1. Patients with at least one annotation *and* one proposal are sorted by (proposals, annotations)
+   and split into at most ``max_buckets`` contiguous *buckets* (:func:`plan_buckets`); a bucket has one
+   static padded shape ``[batch, p_pad, a_pad]``, chosen by a small dynamic programme that minimises
+   the padded work ``sum(patients * p_pad * a_pad)``. So a run compiles at most ``max_buckets``
+   programs whatever the number of patients, and padding waste stays small under heavy skew.
+2. Each bucket is processed in chunks of ``batch`` patients (sized so that a chunk's embeddings stay
+   under ``chunk_bytes``: memory is bounded at any scale). A chunk is gathered from the flat arrays
+   into padded ``[batch, p_pad, D]`` / ``[batch, a_pad, D]`` buffers with validity masks.
+3. One jitted function (:func:`nearest_lesion`) computes, vmapped over the patients of the chunk,
+   the ``[p_pad, a_pad]`` L2 distance matrix by direct differences (no ``|a|^2 + |p|^2 - 2 a.p``
+   expansion: it cancels catastrophically near small distances and would depend on the matmul
+   precision of the accelerator), masks padded rows, and returns for each proposal its nearest
+   annotated lesion, the distance and whether it matches. The ``[P, A, D]`` difference is fused into
+   the reduction by XLA and never materialised. With several devices the chunk's patient axis is
+   sharded over a 1-D :class:`jax.sharding.Mesh` (``NamedSharding``, axis ``"patients"``); patients are
+   independent, so no communication is needed.
+
+Threshold rule (the boundary, decided once)
+-------------------------------------------
+A proposal matches when its float32 distance to the nearest annotated lesion of its patient is
+*strictly* below ``float32(theta)``; ``distance == theta`` does not match. The returned distance is
+exactly the value compared, so ``matched == (distance < float32(theta))`` always holds, and a sweep
+over theta (paper Fig. 5) is a re-threshold of the same distances. When several lesions are
+equally near, the one listed first (lowest annotation row) wins. Patients with no annotation or no
+proposal, and padded rows, never match (distance ``inf``, lesion ``-1``).
+
+The plain NumPy reference :func:`mam_match_reference` (one patient at a time, float64, Gram
+expansion) is an independent implementation used by the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DEFAULT_THETA: float = 0.15
+MESH_AXIS: str = "patients"
+
+
+class MamResult(NamedTuple):
+    """Per-proposal outcome of MAM (all arrays [NP], in the caller's proposal order).
+
+    Attributes:
+      lesion: int64, row of the matched annotated lesion in the annotation arrays, -1 if none.
+      distance: float32, L2 distance to the nearest annotated lesion of the same patient (embedding
+        units), ``inf`` when the patient has no annotation.
+      nearest: int64, row of the nearest annotated lesion whatever its distance, -1 if none.
+    """
+
+    lesion: np.ndarray
+    distance: np.ndarray
+    nearest: np.ndarray
+
+    @property
+    def matched(self) -> np.ndarray:
+        """[NP] bool, True for mined-positive candidates."""
+        return self.lesion >= 0
+
+    def rethreshold(self, theta: float) -> "MamResult":
+        """The result for another theta (same strict rule), without recomputing distances."""
+        matched = self.distance < np.float32(theta)
+        return MamResult(np.where(matched, self.nearest, -1), self.distance, self.nearest)
+
+
+# --------------------------------------------------------------------------------------------------
+# The jitted kernel.
+# --------------------------------------------------------------------------------------------------
+def _nearest_one_patient(ann_emb, ann_valid, prop_emb, prop_valid, theta):
+    """One patient: ``ann_emb`` [A, D], ``ann_valid`` [A], ``prop_emb`` [P, D], ``prop_valid`` [P]."""
+    diff = prop_emb[:, None, :] - ann_emb[None, :, :]                    # [P, A, D], fused away
+    d2 = jnp.sum(diff * diff, axis=-1)                                   # [P, A]
+    d2 = jnp.where(ann_valid[None, :], d2, jnp.inf)
+    slot = jnp.argmin(d2, axis=-1).astype(jnp.int32)                     # first minimum wins ties
+    dist = jnp.sqrt(jnp.min(d2, axis=-1))
+    has = prop_valid & jnp.any(ann_valid)
+    dist = jnp.where(has, dist, jnp.inf)
+    slot = jnp.where(has, slot, -1)
+    matched = dist < theta
+    return slot, dist, matched
+
+
+def nearest_lesion(ann_emb, ann_valid, prop_emb, prop_valid, theta):
+    """Nearest annotated lesion of every proposal, for a batch of padded patients.
+
+    Args:
+      ann_emb: [B, A, D] float32 annotated-lesion embeddings (padded rows arbitrary).
+      ann_valid: [B, A] bool, False on padded annotation rows.
+      prop_emb: [B, P, D] float32 proposal embeddings.
+      prop_valid: [B, P] bool, False on padded proposal rows.
+      theta: scalar float32, the matching threshold (embedding units).
+
+    Returns:
+      slot: [B, P] int32, index into the A axis of the nearest valid lesion, -1 where none.
+      distance: [B, P] float32 L2 distance to it, ``inf`` for padded proposals or no lesion.
+      matched: [B, P] bool, ``distance < theta`` (strict).
+    """
+    return jax.vmap(_nearest_one_patient, in_axes=(0, 0, 0, 0, None))(
+        ann_emb, ann_valid, prop_emb, prop_valid, theta
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_kernel(devices: tuple[jax.Device, ...]):
+    """``nearest_lesion`` jitted for a device set (sharded over the patient axis when > 1 device)."""
+    if len(devices) == 1:
+        return jax.jit(nearest_lesion), None, None
+    mesh = Mesh(np.asarray(devices, dtype=object), (MESH_AXIS,))
+    batch = NamedSharding(mesh, PartitionSpec(MESH_AXIS))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    fn = jax.jit(
+        nearest_lesion,
+        in_shardings=(batch, batch, batch, batch, replicated),
+        out_shardings=(batch, batch, batch),
+    )
+    return fn, batch, replicated
+
+
+# --------------------------------------------------------------------------------------------------
+# Bucketing.
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """Patients that share one static padded shape.
+
+    Attributes:
+      patients: [n] int64 dense patient indices (each with >= 1 annotation and >= 1 proposal).
+      p_pad: padded number of proposals per patient.
+      a_pad: padded number of annotated lesions per patient.
+      batch: patients per chunk (a multiple of the device count); the last chunk is padded with
+        empty patients.
+    """
+
+    patients: np.ndarray
+    p_pad: int
+    a_pad: int
+    batch: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-len(self.patients) // self.batch)
+
+    @property
+    def padded_work(self) -> int:
+        """Distance evaluations including padding (``chunks * batch * p_pad * a_pad``)."""
+        return self.num_chunks * self.batch * self.p_pad * self.a_pad
+
+
+def _round_up(x: np.ndarray | int, m: int) -> np.ndarray:
+    return -(-np.asarray(x, dtype=np.int64) // m) * m
+
+
+def plan_buckets(
+    n_ann: np.ndarray,
+    n_prop: np.ndarray,
+    *,
+    dim: int,
+    max_buckets: int = 6,
+    pad_multiple: int = 8,
+    chunk_bytes: int = 64 << 20,
+    num_devices: int = 1,
+    candidate_cuts: int = 128,
+) -> list[Bucket]:
+    """Groups patients into at most ``max_buckets`` static shapes.
+
+    Args:
+      n_ann: [N] annotated lesions per patient.
+      n_prop: [N] proposals per patient.
+      dim: embedding size D (for the chunk memory budget).
+      max_buckets: most distinct padded shapes (= compilations).
+      pad_multiple: p_pad and a_pad are multiples of this.
+      chunk_bytes: budget for one chunk's float32 buffers (embeddings and the [P, A] distances).
+      num_devices: the batch is a multiple of it so that the patient axis shards evenly.
+      candidate_cuts: bucket boundaries are searched among this many quantile positions of the
+        size-sorted patients (keeps the dynamic programme O(cuts^2 * buckets)).
+
+    Returns:
+      Buckets in increasing size; patients with no annotation or no proposal are in none.
+    """
+    n_ann = np.asarray(n_ann, dtype=np.int64)
+    n_prop = np.asarray(n_prop, dtype=np.int64)
+    eligible = np.flatnonzero((n_ann > 0) & (n_prop > 0))
+    if eligible.size == 0:
+        return []
+    order = eligible[np.lexsort((n_ann[eligible], n_prop[eligible]))]
+    p_sorted = n_prop[order]
+    a_sorted = n_ann[order]
+    n = order.size
+    cuts = np.unique(np.round(np.linspace(0, n, min(candidate_cuts, n) + 1)).astype(np.int64))
+    c = cuts.size
+    # a_max[i, j]: largest annotation count among sorted patients cuts[i]..cuts[j]-1.
+    seg_max = np.maximum.reduceat(a_sorted, cuts[:-1])
+    a_max = np.zeros((c, c), dtype=np.int64)
+    for i in range(c - 1):
+        a_max[i, i + 1:] = np.maximum.accumulate(seg_max[i:])
+    p_pad_end = _round_up(p_sorted[np.maximum(cuts - 1, 0)], pad_multiple)      # [c]
+    a_pad = _round_up(np.maximum(a_max, 1), pad_multiple)
+    count = cuts[None, :] - cuts[:, None]
+    cost = np.where(count > 0, count * p_pad_end[None, :] * a_pad, np.inf).astype(np.float64)
+    # dp[k, j]: least padded work covering sorted patients [0, cuts[j]) with k buckets.
+    k_max = max(1, int(max_buckets))
+    dp = np.full((k_max + 1, c), np.inf)
+    arg = np.zeros((k_max + 1, c), dtype=np.int64)
+    dp[0, 0] = 0.0
+    for k in range(1, k_max + 1):
+        tot = dp[k - 1][:, None] + cost                                    # [i, j]
+        arg[k] = np.argmin(tot, axis=0)
+        dp[k] = tot[arg[k], np.arange(c)]
+    k_best = int(np.argmin(dp[1:, c - 1])) + 1
+    bounds = []
+    j = c - 1
+    for k in range(k_best, 0, -1):
+        i = int(arg[k, j])
+        bounds.append((i, j))
+        j = i
+    buckets = []
+    for i, j in reversed(bounds):
+        pts = order[cuts[i]:cuts[j]]
+        p_pad = int(p_pad_end[j])
+        ap = int(a_pad[i, j])
+        per_patient = 4 * (p_pad * dim + ap * dim + p_pad * ap)
+        b_max = max(num_devices, (chunk_bytes // per_patient) // num_devices * num_devices)
+        chunks = -(-pts.size // b_max)
+        batch = int(_round_up(-(-pts.size // chunks), num_devices))
+        buckets.append(Bucket(patients=pts, p_pad=p_pad, a_pad=ap, batch=batch))
+    return buckets
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver over flat arrays.
+# --------------------------------------------------------------------------------------------------
+def _dense_patients(ann_patient: np.ndarray, prop_patient: np.ndarray):
+    ids, inv = np.unique(np.concatenate([ann_patient, prop_patient]), return_inverse=True)
+    return ids.size, inv[: ann_patient.size], inv[ann_patient.size:]
+
+
+def _check_inputs(ann_patient, ann_emb, prop_patient, prop_emb):
+    ann_patient = np.asarray(ann_patient).reshape(-1)
+    prop_patient = np.asarray(prop_patient).reshape(-1)
+    ann_emb = np.asarray(ann_emb)
+    prop_emb = np.asarray(prop_emb)
+    if ann_emb.ndim != 2 or prop_emb.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D]; got {ann_emb.shape} and {prop_emb.shape}")
+    if ann_emb.shape[1] != prop_emb.shape[1]:
+        raise ValueError(f"embedding sizes differ: annotations D={ann_emb.shape[1]}, "
+                         f"proposals D={prop_emb.shape[1]}")
+    if ann_emb.shape[0] != ann_patient.size or prop_emb.shape[0] != prop_patient.size:
+        raise ValueError("one patient id per embedding row is required: "
+                         f"{ann_patient.size} ids for {ann_emb.shape[0]} annotations, "
+                         f"{prop_patient.size} ids for {prop_emb.shape[0]} proposals")
+    for name, e in (("annotation", ann_emb), ("proposal", prop_emb)):
+        if e.size and not np.all(np.isfinite(e)):
+            raise ValueError(f"{name} embeddings contain NaN or inf")
+    return ann_patient, ann_emb, prop_patient, prop_emb
+
+
+def mam_match(
+    ann_patient: np.ndarray,
+    ann_emb: np.ndarray,
+    prop_patient: np.ndarray,
+    prop_emb: np.ndarray,
+    theta: float = DEFAULT_THETA,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    max_buckets: int = 6,
+    chunk_bytes: int = 64 << 20,
+    buckets: list[Bucket] | None = None,
+) -> MamResult:
+    """MAM over all patients: nearest annotated lesion of each proposal and the theta matches.
+
+    Args:
+      ann_patient: [NA] patient id (any integers) of each annotated lesion.
+      ann_emb: [NA, D] annotated-lesion embeddings (cast to float32).
+      prop_patient: [NP] patient id of each universal-expert proposal.
+      prop_emb: [NP, D] proposal embeddings (cast to float32).
+      theta: L2 matching threshold, strict (see the module docstring).
+      devices: devices to shard the patient axis over; default all of ``jax.devices()``.
+      max_buckets, chunk_bytes: see :func:`plan_buckets`.
+      buckets: a precomputed plan over the dense patient indices (``np.unique`` order of all ids);
+        normally None.
+
+    Returns:
+      :class:`MamResult` with [NP] arrays in the order of ``prop_patient``.
+    """
+    ann_patient, ann_emb, prop_patient, prop_emb = _check_inputs(
+        ann_patient, ann_emb, prop_patient, prop_emb)
+    devices = tuple(jax.devices() if devices is None else devices)
+    n_prop_rows, dim = prop_emb.shape
+    lesion = np.full(n_prop_rows, -1, dtype=np.int64)
+    nearest = np.full(n_prop_rows, -1, dtype=np.int64)
+    distance = np.full(n_prop_rows, np.inf, dtype=np.float32)
+    if n_prop_rows == 0 or ann_emb.shape[0] == 0:
+        return MamResult(lesion, distance, nearest)
+
+    n_pat, ann_dense, prop_dense = _dense_patients(ann_patient, prop_patient)
+    n_ann = np.bincount(ann_dense, minlength=n_pat)
+    n_prop = np.bincount(prop_dense, minlength=n_pat)
+    ann_order = np.argsort(ann_dense, kind="stable")
+    prop_order = np.argsort(prop_dense, kind="stable")
+    ann_start = np.cumsum(n_ann) - n_ann
+    prop_start = np.cumsum(n_prop) - n_prop
+    if buckets is None:
+        buckets = plan_buckets(n_ann, n_prop, dim=dim, max_buckets=max_buckets,
+                               chunk_bytes=chunk_bytes, num_devices=len(devices))
+    kernel, batch_sharding, replicated = _compiled_kernel(devices)
+    theta32 = np.float32(theta)
+    if replicated is not None:
+        theta_dev = jax.device_put(theta32, replicated)
+    else:
+        theta_dev = jax.device_put(theta32, devices[0])
+    ann_emb32 = np.ascontiguousarray(ann_emb, dtype=np.float32)
+    prop_emb32 = np.ascontiguousarray(prop_emb, dtype=np.float32)
+
+    def gather(pts, counts, starts, order, emb, pad):
+        real = pts >= 0
+        safe = np.where(real, pts, 0)
+        cnt = np.where(real, counts[safe], 0)
+        ar = np.arange(pad, dtype=np.int64)
+        valid = ar[None, :] < cnt[:, None]
+        pos = np.minimum(starts[safe][:, None] + ar[None, :], order.size - 1)
+        rows = np.where(valid, order[pos], -1)
+        buf = emb[np.where(valid, rows, 0)]
+        return buf, valid, rows
+
+    def put(x):
+        if batch_sharding is not None:
+            return jax.device_put(x, batch_sharding)
+        return jax.device_put(x, devices[0])
+
+    def finish(pending):
+        (slot, dist, matched), p_rows, a_rows = pending
+        slot = np.asarray(slot)
+        dist = np.asarray(dist)
+        matched = np.asarray(matched)
+        ok = p_rows >= 0
+        rows = p_rows[ok]
+        s = slot[ok]
+        has = s >= 0
+        bidx = np.nonzero(ok)[0]
+        near = np.full(rows.size, -1, dtype=np.int64)
+        near[has] = a_rows[bidx[has], s[has]]
+        nearest[rows] = near
+        distance[rows] = dist[ok]
+        lesion[rows] = np.where(matched[ok], near, -1)
+
+    pending = None
+    for bucket in buckets:
+        for c in range(bucket.num_chunks):
+            pts = bucket.patients[c * bucket.batch:(c + 1) * bucket.batch]
+            if pts.size < bucket.batch:
+                pts = np.concatenate([pts, np.full(bucket.batch - pts.size, -1, np.int64)])
+            a_buf, a_valid, a_rows = gather(pts, n_ann, ann_start, ann_order, ann_emb32, bucket.a_pad)
+            p_buf, p_valid, p_rows = gather(pts, n_prop, prop_start, prop_order, prop_emb32,
+                                            bucket.p_pad)
+            out = kernel(put(a_buf), put(a_valid), put(p_buf), put(p_valid), theta_dev)
+            if pending is not None:
+                finish(pending)      # overlaps host work with the chunk just dispatched
+            pending = (out, p_rows, a_rows)
+    if pending is not None:
+        finish(pending)
+    return MamResult(lesion, distance, nearest)
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent NumPy reference.
+# --------------------------------------------------------------------------------------------------
+def mam_match_reference(
+    ann_patient: np.ndarray,
+    ann_emb: np.ndarray,
+    prop_patient: np.ndarray,
+    prop_emb: np.ndarray,
+    theta: float = DEFAULT_THETA,
+) -> MamResult:
+    """Plain per-patient NumPy loop in float64 (Gram expansion). Same outputs as :func:`mam_match`.
+
+    Distances are float64 (cast to float32 on return); matching compares the float64 distance with
+    ``theta``, so results can differ from :func:`mam_match` only for pairs within float32 rounding
+    (about 1e-6) of theta or of a tie; :func:`count_disagreements` tells those apart.
+    """
+    ann_patient, ann_emb, prop_patient, prop_emb = _check_inputs(
+        ann_patient, ann_emb, prop_patient, prop_emb)
+    n = prop_patient.size
+    lesion = np.full(n, -1, dtype=np.int64)
+    nearest = np.full(n, -1, dtype=np.int64)
+    distance = np.full(n, np.inf, dtype=np.float32)
+    ann_by_patient: dict[int, list[int]] = {}
+    for row, p in enumerate(ann_patient.tolist()):
+        ann_by_patient.setdefault(p, []).append(row)
+    prop_by_patient: dict[int, list[int]] = {}
+    for row, p in enumerate(prop_patient.tolist()):
+        prop_by_patient.setdefault(p, []).append(row)
+    for patient, p_rows in prop_by_patient.items():
+        a_rows = ann_by_patient.get(patient)
+        if not a_rows:
+            continue
+        a = np.asarray(ann_emb[a_rows], dtype=np.float64)
+        p = np.asarray(prop_emb[p_rows], dtype=np.float64)
+        d2 = (p * p).sum(1)[:, None] + (a * a).sum(1)[None, :] - 2.0 * (p @ a.T)
+        d = np.sqrt(np.maximum(d2, 0.0))
+        j = np.argmin(d, axis=1)
+        best = d[np.arange(len(p_rows)), j]
+        near = np.asarray(a_rows, dtype=np.int64)[j]
+        nearest[p_rows] = near
+        distance[p_rows] = best.astype(np.float32)
+        lesion[p_rows] = np.where(best < theta, near, -1)
+    return MamResult(lesion, distance, nearest)
+
+
+def count_disagreements(
+    result: MamResult, reference: MamResult, theta: float, tol: float = 1e-5
+) -> dict[str, int]:
+    """Compares two MAM results proposal by proposal.
+
+    Returns counts: ``mismatch`` (different match decision or matched lesion that no rounding
+    explains: the failures), ``boundary`` (decision differs but the distance is within ``tol`` of
+    theta), ``tie`` (different lesion at distances within ``tol``), ``max_distance_error`` (largest
+    absolute distance difference on finite distances, in units of 1e-9).
+    """
+    d_a = result.distance.astype(np.float64)
+    d_b = reference.distance.astype(np.float64)
+    fin = np.isfinite(d_a) & np.isfinite(d_b)
+    inf_mismatch = int(np.sum(np.isfinite(d_a) != np.isfinite(d_b)))
+    dec_diff = result.matched != reference.matched
+    near_theta = np.abs(d_b - theta) <= tol
+    boundary = dec_diff & near_theta
+    lesion_diff = (~dec_diff) & (result.lesion != reference.lesion)
+    gap = np.abs(np.where(fin, d_a, 0.0) - np.where(fin, d_b, 0.0))
+    near_tie = fin & (gap <= tol)
+    tie = lesion_diff & near_tie
+    mismatch = int(np.sum(dec_diff & ~near_theta) + np.sum(lesion_diff & ~near_tie)) + inf_mismatch
+    max_err = float(np.max(gap[fin])) if np.any(fin) else 0.0
+    return {
+        "mismatch": mismatch,
+        "boundary": int(boundary.sum()),
+        "tie": int(tie.sum()),
+        "max_distance_error_1e9": int(math.ceil(max_err * 1e9)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# From matches to mined positives.
+# --------------------------------------------------------------------------------------------------
+def select_mined_positives(
+    result: MamResult,
+    *,
+    prop_slice: np.ndarray,
+    prop_box: np.ndarray,
+    ann_slice: np.ndarray,
+    ann_box: np.ndarray,
+    theta: float | None = None,
+    overlap_iou: float = 0.0,
+    dedupe_iou: float = 0.5,
+    prop_score: np.ndarray | None = None,
+    min_score: float | None = None,
+) -> np.ndarray:
+    """Which matched proposals become mined positives.
+
+    A matched proposal (distance < theta) is *not* a new positive when it overlaps an existing
+    annotation on the same slice (IoU > ``overlap_iou``; default 0: any positive-area intersection,
+    see :mod:`uld_jax.mine.overlap`): the lesion is already marked there. Among the remaining ones,
+    proposals on the same slice that overlap each other (IoU > ``dedupe_iou``) are reduced to the one
+    nearest to its lesion (greedy, by distance), so one unmarked lesion yields one mined box per slice.
+
+    Args:
+      result: from :func:`mam_match` (or the reference).
+      prop_slice: [NP] int slice key of each proposal (row of the run's slice table).
+      prop_box: [NP, 4] internal boxes (pixels of the preprocessed slice).
+      ann_slice: [NA] slice key of each existing annotation; ann_box [NA, 4].
+      theta: re-threshold ``result`` with this theta (strict rule); None keeps its matches.
+      overlap_iou: overlap threshold against existing annotations.
+      dedupe_iou: IoU above which two mined boxes on one slice are duplicates.
+      prop_score, min_score: optionally keep only proposals with score > ``min_score``.
+
+    Returns:
+      [NP] bool, True for mined positives.
+    """
+    if theta is not None:
+        result = result.rethreshold(theta)
+    cand = result.matched.copy()
+    if prop_score is not None and min_score is not None:
+        cand &= np.asarray(prop_score) > min_score
+    idx = np.flatnonzero(cand)
+    if idx.size == 0:
+        return cand
+    prop_slice = np.asarray(prop_slice)
+    prop_box = np.asarray(prop_box, dtype=np.float64)
+    from uld_jax.mine import overlap  # local import keeps the module import-light
+
+    over = overlap.overlaps_same_key(prop_slice[idx], prop_box[idx], np.asarray(ann_slice),
+                                     np.asarray(ann_box, dtype=np.float64), overlap_iou)
+    idx = idx[~over]
+    keep = overlap.greedy_dedupe_same_key(prop_slice[idx], prop_box[idx],
+                                          result.distance[idx], dedupe_iou)
+    out = np.zeros_like(cand)
+    out[idx[keep]] = True
+    return out

@@ -121,23 +121,28 @@ def test_jit_equals_reference_with_several_buckets_and_chunks():
             r.rethreshold(theta).lesion, mam.mam_match_reference(ap, ae, pp, pe, theta).lesion)
 
 
-def test_plan_buckets_covers_eligible_patients_once():
+def test_plan_buckets_covers_every_proposal_once():
     rng = np.random.default_rng(1)
     n_ann = rng.integers(0, 30, 500)
     n_prop = rng.lognormal(4, 1.2, 500).astype(int)
-    bs = mam.plan_buckets(n_ann, n_prop, dim=256, max_buckets=4, chunk_bytes=8 << 20,
+    bs = mam.plan_buckets(n_ann, n_prop, dim=256, tile=64, max_buckets=4, chunk_bytes=8 << 20,
                           num_devices=8)
     assert 1 <= len(bs) <= 4
-    got = np.concatenate([b.patients for b in bs])
-    eligible = np.flatnonzero((n_ann > 0) & (n_prop > 0))
-    np.testing.assert_array_equal(np.sort(got), eligible)
+    # Every proposal of every eligible patient is in exactly one tile; nothing else is.
+    covered = np.zeros(500, np.int64)
     for b in bs:
-        assert np.all(n_prop[b.patients] <= b.p_pad) and np.all(n_ann[b.patients] <= b.a_pad)
-        assert b.batch % 8 == 0 and b.p_pad % 8 == 0 and b.a_pad % 8 == 0
-        assert b.batch * 4 * (b.p_pad * 256 + b.a_pad * 256 + b.p_pad * b.a_pad) <= 8 << 20 or b.batch == 8
-    # The plan beats one bucket padded to the largest patient by a wide margin.
-    one = len(eligible) * mam._round_up(n_prop.max(), 8) * mam._round_up(n_ann.max(), 8)
-    assert sum(b.padded_work for b in bs) < 0.5 * one
+        assert np.all(b.tile_count >= 1) and np.all(b.tile_count <= b.tile)
+        assert np.all(b.tile_offset % b.tile == 0)
+        np.add.at(covered, b.tile_patient, b.tile_count)
+        assert np.all(n_ann[b.tile_patient] <= b.a_pad) and b.a_pad % 2 == 0
+        assert b.batch % 8 == 0
+        assert b.batch * 4 * (b.tile * 256 + b.a_pad * 256 + b.tile * b.a_pad) <= 8 << 20
+    eligible = (n_ann > 0) & (n_prop > 0)
+    np.testing.assert_array_equal(covered, np.where(eligible, n_prop, 0))
+    # Little padding: under 1.8x the real work here, against > 3x for one shape.
+    real = int(np.sum(np.where(eligible, n_ann * n_prop, 0)))
+    assert sum(b.padded_work for b in bs) < 1.8 * real
+    assert eligible.sum() * mam._round_up(n_prop.max(), 8) * n_ann.max() > 3 * real
 
 
 def test_kernel_jit_equals_eager_and_ignores_padding_values():

@@ -45,15 +45,17 @@ expansion) is an independent implementation used by the tests and the benchmark.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import time
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 DEFAULT_THETA: float = 0.15
 MESH_AXIS: str = "patients"
@@ -123,12 +125,17 @@ def nearest_lesion(ann_emb, ann_valid, prop_emb, prop_valid, theta):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_kernel(devices: tuple[jax.Device, ...]):
-    """``nearest_lesion`` jitted for a device set (sharded over the patient axis when > 1 device)."""
+    """``nearest_lesion`` jitted for a device set: the patient axis sharded over a 1-D mesh.
+
+    Returns (jitted function, batch sharding, replicated sharding). One device gets a
+    ``SingleDeviceSharding`` so that both cases go through the same code.
+    """
     if len(devices) == 1:
-        return jax.jit(nearest_lesion), None, None
-    mesh = Mesh(np.asarray(devices, dtype=object), (MESH_AXIS,))
-    batch = NamedSharding(mesh, PartitionSpec(MESH_AXIS))
-    replicated = NamedSharding(mesh, PartitionSpec())
+        batch = replicated = SingleDeviceSharding(devices[0])
+    else:
+        mesh = Mesh(np.asarray(devices, dtype=object), (MESH_AXIS,))
+        batch = NamedSharding(mesh, PartitionSpec(MESH_AXIS))
+        replicated = NamedSharding(mesh, PartitionSpec())
     fn = jax.jit(
         nearest_lesion,
         in_shardings=(batch, batch, batch, batch, replicated),
@@ -137,34 +144,57 @@ def _compiled_kernel(devices: tuple[jax.Device, ...]):
     return fn, batch, replicated
 
 
+@functools.lru_cache(maxsize=64)
+def _executable(devices: tuple[jax.Device, ...], batch: int, a_pad: int, p_pad: int, dim: int):
+    """Ahead-of-time compiled kernel for one bucket shape (cached across calls and sweeps)."""
+    fn, bs, rep = _compiled_kernel(devices)
+    f32, b8 = jnp.float32, jnp.bool_
+    args = (
+        jax.ShapeDtypeStruct((batch, a_pad, dim), f32, sharding=bs),
+        jax.ShapeDtypeStruct((batch, a_pad), b8, sharding=bs),
+        jax.ShapeDtypeStruct((batch, p_pad, dim), f32, sharding=bs),
+        jax.ShapeDtypeStruct((batch, p_pad), b8, sharding=bs),
+        jax.ShapeDtypeStruct((), f32, sharding=rep),
+    )
+    return fn.lower(*args).compile()
+
+
 # --------------------------------------------------------------------------------------------------
 # Bucketing.
 # --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Bucket:
-    """Patients that share one static padded shape.
+    """Proposal tiles that share one static padded shape ``[batch, tile, a_pad]``.
+
+    A *tile* is up to ``tile`` consecutive proposals of one patient, paired with all of that
+    patient's annotated lesions (padded to ``a_pad``). Tiling bounds the proposal padding to less
+    than one tile per patient whatever the skew, so only the lesion count varies between buckets.
 
     Attributes:
-      patients: [n] int64 dense patient indices (each with >= 1 annotation and >= 1 proposal).
-      p_pad: padded number of proposals per patient.
-      a_pad: padded number of annotated lesions per patient.
-      batch: patients per chunk (a multiple of the device count); the last chunk is padded with
-        empty patients.
+      tile_patient: [n] int64 dense patient index of each tile.
+      tile_offset: [n] int64 index of the tile's first proposal among its patient's proposals.
+      tile_count: [n] int64 proposals in the tile (1..tile).
+      tile: proposals per tile (the static P axis).
+      a_pad: padded number of annotated lesions (>= every tile patient's lesion count).
+      batch: tiles per chunk (a multiple of the device count); the last chunk is padded with
+        empty tiles.
     """
 
-    patients: np.ndarray
-    p_pad: int
+    tile_patient: np.ndarray
+    tile_offset: np.ndarray
+    tile_count: np.ndarray
+    tile: int
     a_pad: int
     batch: int
 
     @property
     def num_chunks(self) -> int:
-        return -(-len(self.patients) // self.batch)
+        return -(-len(self.tile_patient) // self.batch)
 
     @property
     def padded_work(self) -> int:
-        """Distance evaluations including padding (``chunks * batch * p_pad * a_pad``)."""
-        return self.num_chunks * self.batch * self.p_pad * self.a_pad
+        """Distance evaluations including padding (``chunks * batch * tile * a_pad``)."""
+        return self.num_chunks * self.batch * self.tile * self.a_pad
 
 
 def _round_up(x: np.ndarray | int, m: int) -> np.ndarray:
@@ -176,49 +206,55 @@ def plan_buckets(
     n_prop: np.ndarray,
     *,
     dim: int,
+    tile: int = 64,
     max_buckets: int = 6,
-    pad_multiple: int = 8,
+    ann_pad_multiple: int = 2,
     chunk_bytes: int = 64 << 20,
     num_devices: int = 1,
-    candidate_cuts: int = 128,
+    candidate_cuts: int = 256,
 ) -> list[Bucket]:
-    """Groups patients into at most ``max_buckets`` static shapes.
+    """Splits every patient's proposals into tiles and groups the tiles into static shapes.
+
+    Tiles are sorted by their patient's lesion count and cut into at most ``max_buckets`` runs by
+    an exact dynamic programme over the distinct (rounded) counts, minimising the padded work
+    ``sum(tiles * a_pad)``; so a run compiles at most ``max_buckets`` programs.
 
     Args:
-      n_ann: [N] annotated lesions per patient.
+      n_ann: [N] annotated lesions per patient (dense patient index).
       n_prop: [N] proposals per patient.
       dim: embedding size D (for the chunk memory budget).
+      tile: proposals per tile (static P axis of the kernel).
       max_buckets: most distinct padded shapes (= compilations).
-      pad_multiple: p_pad and a_pad are multiples of this.
-      chunk_bytes: budget for one chunk's float32 buffers (embeddings and the [P, A] distances).
-      num_devices: the batch is a multiple of it so that the patient axis shards evenly.
-      candidate_cuts: bucket boundaries are searched among this many quantile positions of the
-        size-sorted patients (keeps the dynamic programme O(cuts^2 * buckets)).
+      ann_pad_multiple: a_pad is a multiple of this.
+      chunk_bytes: budget of one chunk's float32 buffers (embeddings and [tile, a_pad] distances).
+      num_devices: the batch is a multiple of it so that the tile axis shards evenly.
+      candidate_cuts: most bucket boundaries searched (subsampled beyond this many distinct counts).
 
     Returns:
-      Buckets in increasing size; patients with no annotation or no proposal are in none.
+      Buckets in increasing a_pad; patients with no annotation or no proposal are in none.
     """
     n_ann = np.asarray(n_ann, dtype=np.int64)
     n_prop = np.asarray(n_prop, dtype=np.int64)
     eligible = np.flatnonzero((n_ann > 0) & (n_prop > 0))
     if eligible.size == 0:
         return []
-    order = eligible[np.lexsort((n_ann[eligible], n_prop[eligible]))]
-    p_sorted = n_prop[order]
-    a_sorted = n_ann[order]
-    n = order.size
-    cuts = np.unique(np.round(np.linspace(0, n, min(candidate_cuts, n) + 1)).astype(np.int64))
+    pts = eligible[np.argsort(n_ann[eligible], kind="stable")]
+    n_tiles = -(-n_prop[pts] // tile)
+    tile_patient = np.repeat(pts, n_tiles)
+    first = np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)
+    tile_offset = (np.arange(tile_patient.size, dtype=np.int64) - first) * tile
+    tile_count = np.minimum(tile, n_prop[tile_patient] - tile_offset)
+    a_round = _round_up(n_ann[tile_patient], ann_pad_multiple)            # nondecreasing
+    n = tile_patient.size
+    # Candidate cuts: where the rounded lesion count changes (subsampled if too many), plus the end.
+    change = np.flatnonzero(np.r_[True, a_round[1:] != a_round[:-1]])
+    if change.size > candidate_cuts:
+        change = change[np.unique(np.linspace(0, change.size - 1, candidate_cuts).astype(int))]
+    cuts = np.r_[change, n]
     c = cuts.size
-    # a_max[i, j]: largest annotation count among sorted patients cuts[i]..cuts[j]-1.
-    seg_max = np.maximum.reduceat(a_sorted, cuts[:-1])
-    a_max = np.zeros((c, c), dtype=np.int64)
-    for i in range(c - 1):
-        a_max[i, i + 1:] = np.maximum.accumulate(seg_max[i:])
-    p_pad_end = _round_up(p_sorted[np.maximum(cuts - 1, 0)], pad_multiple)      # [c]
-    a_pad = _round_up(np.maximum(a_max, 1), pad_multiple)
+    a_end = a_round[np.maximum(cuts - 1, 0)]                                # max a in [.., cut)
     count = cuts[None, :] - cuts[:, None]
-    cost = np.where(count > 0, count * p_pad_end[None, :] * a_pad, np.inf).astype(np.float64)
-    # dp[k, j]: least padded work covering sorted patients [0, cuts[j]) with k buckets.
+    cost = np.where(count > 0, count * a_end[None, :], np.inf).astype(np.float64)
     k_max = max(1, int(max_buckets))
     dp = np.full((k_max + 1, c), np.inf)
     arg = np.zeros((k_max + 1, c), dtype=np.int64)
@@ -232,18 +268,17 @@ def plan_buckets(
     j = c - 1
     for k in range(k_best, 0, -1):
         i = int(arg[k, j])
-        bounds.append((i, j))
+        bounds.append((int(cuts[i]), int(cuts[j])))
         j = i
     buckets = []
-    for i, j in reversed(bounds):
-        pts = order[cuts[i]:cuts[j]]
-        p_pad = int(p_pad_end[j])
-        ap = int(a_pad[i, j])
-        per_patient = 4 * (p_pad * dim + ap * dim + p_pad * ap)
-        b_max = max(num_devices, (chunk_bytes // per_patient) // num_devices * num_devices)
-        chunks = -(-pts.size // b_max)
-        batch = int(_round_up(-(-pts.size // chunks), num_devices))
-        buckets.append(Bucket(patients=pts, p_pad=p_pad, a_pad=ap, batch=batch))
+    for lo, hi in reversed(bounds):
+        a_pad = int(a_round[hi - 1])
+        per_tile = 4 * (tile * dim + a_pad * dim + tile * a_pad)
+        b_max = max(num_devices, (chunk_bytes // per_tile) // num_devices * num_devices)
+        chunks = -(-(hi - lo) // b_max)
+        batch = int(_round_up(-(-(hi - lo) // chunks), num_devices))
+        buckets.append(Bucket(tile_patient[lo:hi], tile_offset[lo:hi], tile_count[lo:hi],
+                              tile=int(tile), a_pad=a_pad, batch=batch))
     return buckets
 
 
@@ -275,6 +310,14 @@ def _check_inputs(ann_patient, ann_emb, prop_patient, prop_emb):
     return ann_patient, ann_emb, prop_patient, prop_emb
 
 
+def _aligned_empty(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
+    """An uninitialised float32 array whose data starts on an ``align``-byte boundary."""
+    n = int(np.prod(shape))
+    raw = np.empty(n * 4 + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n * 4].view(np.float32).reshape(shape)
+
+
 def mam_match(
     ann_patient: np.ndarray,
     ann_emb: np.ndarray,
@@ -283,9 +326,10 @@ def mam_match(
     theta: float = DEFAULT_THETA,
     *,
     devices: Sequence[jax.Device] | None = None,
+    tile: int = 64,
     max_buckets: int = 6,
     chunk_bytes: int = 64 << 20,
-    buckets: list[Bucket] | None = None,
+    stats: dict | None = None,
 ) -> MamResult:
     """MAM over all patients: nearest annotated lesion of each proposal and the theta matches.
 
@@ -293,12 +337,15 @@ def mam_match(
       ann_patient: [NA] patient id (any integers) of each annotated lesion.
       ann_emb: [NA, D] annotated-lesion embeddings (cast to float32).
       prop_patient: [NP] patient id of each universal-expert proposal.
-      prop_emb: [NP, D] proposal embeddings (cast to float32).
+      prop_emb: [NP, D] proposal embeddings (cast to float32; no copy if already float32).
       theta: L2 matching threshold, strict (see the module docstring).
-      devices: devices to shard the patient axis over; default all of ``jax.devices()``.
-      max_buckets, chunk_bytes: see :func:`plan_buckets`.
-      buckets: a precomputed plan over the dense patient indices (``np.unique`` order of all ids);
-        normally None.
+      devices: devices to shard the tile axis over; default all of ``jax.devices()``.
+      tile, max_buckets, chunk_bytes: see :func:`plan_buckets`.
+      stats: if a dict, filled with timings (seconds: ``plan_s``, ``compile_s`` (time spent waiting
+        for compilation, which runs in background threads), ``pack_s``
+        (gather + transfer), ``kernel_s`` (the jitted part alone), ``total_s``) and work counts
+        (``real_pairs``, ``padded_pairs``, ``buckets``: list of (tiles, batch, tile, a_pad)).
+        Timing blocks on each chunk, so a run with stats overlaps less host and device work.
 
     Returns:
       :class:`MamResult` with [NP] arrays in the order of ``prop_patient``.
@@ -313,6 +360,7 @@ def mam_match(
     if n_prop_rows == 0 or ann_emb.shape[0] == 0:
         return MamResult(lesion, distance, nearest)
 
+    t_start = time.perf_counter()
     n_pat, ann_dense, prop_dense = _dense_patients(ann_patient, prop_patient)
     n_ann = np.bincount(ann_dense, minlength=n_pat)
     n_prop = np.bincount(prop_dense, minlength=n_pat)
@@ -320,33 +368,19 @@ def mam_match(
     prop_order = np.argsort(prop_dense, kind="stable")
     ann_start = np.cumsum(n_ann) - n_ann
     prop_start = np.cumsum(n_prop) - n_prop
-    if buckets is None:
-        buckets = plan_buckets(n_ann, n_prop, dim=dim, max_buckets=max_buckets,
-                               chunk_bytes=chunk_bytes, num_devices=len(devices))
-    kernel, batch_sharding, replicated = _compiled_kernel(devices)
-    theta32 = np.float32(theta)
-    if replicated is not None:
-        theta_dev = jax.device_put(theta32, replicated)
-    else:
-        theta_dev = jax.device_put(theta32, devices[0])
+    buckets = plan_buckets(n_ann, n_prop, dim=dim, tile=tile, max_buckets=max_buckets,
+                           chunk_bytes=chunk_bytes, num_devices=len(devices))
+    _, batch_sharding, replicated = _compiled_kernel(devices)
+    theta_dev = jax.device_put(np.float32(theta), replicated)
     ann_emb32 = np.ascontiguousarray(ann_emb, dtype=np.float32)
     prop_emb32 = np.ascontiguousarray(prop_emb, dtype=np.float32)
 
-    def gather(pts, counts, starts, order, emb, pad):
-        real = pts >= 0
-        safe = np.where(real, pts, 0)
-        cnt = np.where(real, counts[safe], 0)
+    def rows_of(starts, order, first, count, pad):
+        """[B, pad] rows into the flat arrays (-1 padded) and their validity."""
         ar = np.arange(pad, dtype=np.int64)
-        valid = ar[None, :] < cnt[:, None]
-        pos = np.minimum(starts[safe][:, None] + ar[None, :], order.size - 1)
-        rows = np.where(valid, order[pos], -1)
-        buf = emb[np.where(valid, rows, 0)]
-        return buf, valid, rows
-
-    def put(x):
-        if batch_sharding is not None:
-            return jax.device_put(x, batch_sharding)
-        return jax.device_put(x, devices[0])
+        valid = ar[None, :] < count[:, None]
+        pos = np.minimum(starts[:, None] + first[:, None] + ar[None, :], order.size - 1)
+        return np.where(valid, order[pos], -1), valid
 
     def finish(pending):
         (slot, dist, matched), p_rows, a_rows = pending
@@ -364,21 +398,65 @@ def mam_match(
         distance[rows] = dist[ok]
         lesion[rows] = np.where(matched[ok], near, -1)
 
+    timing = {"plan_s": time.perf_counter() - t_start, "compile_s": 0.0, "pack_s": 0.0,
+              "kernel_s": 0.0}
+    # Every bucket's program is compiled up front in threads (XLA compiles outside the GIL), so
+    # the later buckets' compilations overlap each other and the first buckets' work.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, len(buckets))))
+    futures = [pool.submit(_executable, devices, b.batch, b.a_pad, b.tile, dim) for b in buckets]
+    pool.shutdown(wait=False)
     pending = None
-    for bucket in buckets:
+    for bucket, future in zip(buckets, futures):
+        t0 = time.perf_counter()
+        exe = future.result()
+        timing["compile_s"] += time.perf_counter() - t0
+        # Two sets of host staging buffers per bucket, used alternately. They are 64-byte aligned
+        # so that the CPU backend can use them without a copy (zero-copy device_put); a set is
+        # refilled only after the chunk that last read it has finished.
+        sets = [(_aligned_empty((bucket.batch, bucket.a_pad, dim)),
+                 _aligned_empty((bucket.batch, bucket.tile, dim))) for _ in range(2)]
+        last_out: list = [None, None]
         for c in range(bucket.num_chunks):
-            pts = bucket.patients[c * bucket.batch:(c + 1) * bucket.batch]
-            if pts.size < bucket.batch:
-                pts = np.concatenate([pts, np.full(bucket.batch - pts.size, -1, np.int64)])
-            a_buf, a_valid, a_rows = gather(pts, n_ann, ann_start, ann_order, ann_emb32, bucket.a_pad)
-            p_buf, p_valid, p_rows = gather(pts, n_prop, prop_start, prop_order, prop_emb32,
-                                            bucket.p_pad)
-            out = kernel(put(a_buf), put(a_valid), put(p_buf), put(p_valid), theta_dev)
+            t0 = time.perf_counter()
+            a_buf, p_buf = sets[c % 2]
+            if last_out[c % 2] is not None:
+                jax.block_until_ready(last_out[c % 2])
+            sl = slice(c * bucket.batch, (c + 1) * bucket.batch)
+            tp = bucket.tile_patient[sl]
+            pad = bucket.batch - tp.size
+            zeros = np.zeros(pad, np.int64)
+            tp_safe = np.concatenate([tp, zeros])
+            first = np.concatenate([bucket.tile_offset[sl], zeros])
+            p_count = np.concatenate([bucket.tile_count[sl], zeros])
+            a_count = np.concatenate([n_ann[tp], zeros])
+            a_rows, a_valid = rows_of(ann_start[tp_safe], ann_order, np.zeros_like(first),
+                                      a_count, bucket.a_pad)
+            p_rows, p_valid = rows_of(prop_start[tp_safe], prop_order, first, p_count, bucket.tile)
+            np.take(ann_emb32, np.maximum(a_rows, 0).reshape(-1), axis=0,
+                    out=a_buf.reshape(-1, dim))
+            np.take(prop_emb32, np.maximum(p_rows, 0).reshape(-1), axis=0,
+                    out=p_buf.reshape(-1, dim))
+            args = tuple(jax.device_put(x, batch_sharding) for x in (a_buf, a_valid, p_buf, p_valid))
+            if stats is not None:
+                jax.block_until_ready(args)
+            t1 = time.perf_counter()
+            timing["pack_s"] += t1 - t0
+            out = exe(*args, theta_dev)
+            last_out[c % 2] = out
+            if stats is not None:
+                jax.block_until_ready(out)
+                timing["kernel_s"] += time.perf_counter() - t1
             if pending is not None:
-                finish(pending)      # overlaps host work with the chunk just dispatched
+                finish(pending)      # host work overlaps the chunk just dispatched
             pending = (out, p_rows, a_rows)
     if pending is not None:
         finish(pending)
+    if stats is not None:
+        timing["total_s"] = time.perf_counter() - t_start
+        stats.update(timing)
+        stats["real_pairs"] = int(np.sum(n_ann * n_prop))
+        stats["padded_pairs"] = int(sum(b.padded_work for b in buckets))
+        stats["buckets"] = [(len(b.tile_patient), b.batch, b.tile, b.a_pad) for b in buckets]
     return MamResult(lesion, distance, nearest)
 
 

@@ -49,6 +49,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import NamedTuple, Sequence
 
@@ -59,6 +60,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 DEFAULT_THETA: float = 0.15
 MESH_AXIS: str = "patients"
+# Threads compiling bucket programs concurrently (XLA compiles outside the GIL).
+COMPILE_THREADS: int = max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 class MamResult(NamedTuple):
@@ -207,7 +210,7 @@ def plan_buckets(
     *,
     dim: int,
     tile: int = 64,
-    max_buckets: int = 6,
+    max_buckets: int = 4,
     ann_pad_multiple: int = 2,
     chunk_bytes: int = 64 << 20,
     num_devices: int = 1,
@@ -327,7 +330,7 @@ def mam_match(
     *,
     devices: Sequence[jax.Device] | None = None,
     tile: int = 64,
-    max_buckets: int = 6,
+    max_buckets: int = 4,
     chunk_bytes: int = 64 << 20,
     stats: dict | None = None,
 ) -> MamResult:
@@ -402,7 +405,7 @@ def mam_match(
               "kernel_s": 0.0}
     # Every bucket's program is compiled up front in threads (XLA compiles outside the GIL), so
     # the later buckets' compilations overlap each other and the first buckets' work.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, len(buckets))))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(COMPILE_THREADS, len(buckets))))
     futures = [pool.submit(_executable, devices, b.batch, b.a_pad, b.tile, dim) for b in buckets]
     pool.shutdown(wait=False)
     pending = None

@@ -1,0 +1,152 @@
+"""The mined-annotation table: provenance, canonical order, atomic writes, validation errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from uld_jax.mine import table
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _overlay(n_extra: int = 0, step: int = 4000, reverse: bool = False) -> table.Overlay:
+    rows = dict(
+        dataset=np.array(["deeplesion"] * (3 + n_extra)),
+        case_id=np.array(["000002_01_01", "000001_02_01", "000001_02_01"] + ["000003_01_01"] * n_extra),
+        slice_index=np.array([7, 30, 12] + list(range(n_extra))),
+        kind=np.array([table.KIND_MINED, table.KIND_IGNORE, table.KIND_UNLABELED] + [1] * n_extra),
+        box=np.array([[10, 12, 30, 40], [50, 50, 70, 66], [0, 0, 0, 0]] + [[1, 1, 9, 9]] * n_extra,
+                     np.float32),
+        score=np.array([0.8, 0.9, np.nan] + [0.5] * n_extra, np.float32),
+        expert=np.array([0, 2, -1] + [0] * n_extra),
+        lesion_id=np.array([17, -1, -1] + [3] * n_extra),
+    )
+    if reverse:
+        rows = {k: v[::-1] for k, v in rows.items()}
+    meta = table.make_meta(checkpoint_step=step, config_hash=table.config_hash({"a": 1}),
+                           theta=0.15, sigma=0.5, nrm_experts=["luna16", "lits", "nihln"])
+    return table.build_overlay(**rows, meta=meta)
+
+
+def test_roundtrip_order_and_provenance(tmp_path):
+    ov = _overlay()
+    # Canonical order: case, then slice, whatever the input order.
+    assert ov.arrays["case_id"].tolist() == ["000001_02_01", "000001_02_01", "000002_01_01"]
+    assert ov.arrays["slice_index"].tolist() == [12, 30, 7]
+    p = tmp_path / "mined.npz"
+    table.write_overlay(p, ov)
+    back = table.read_overlay(p)
+    assert back.equal_rows(ov)
+    for f, (dtype, _) in table.FIELDS.items():
+        assert back.arrays[f].dtype.kind == dtype.kind
+    assert back.arrays["slice_index"].dtype == np.int32 and back.arrays["kind"].dtype == np.int8
+    m = back.meta
+    assert m["checkpoint_step"] == 4000 and m["theta"] == 0.15 and m["sigma"] == 0.5
+    assert len(m["config_hash"]) == 16 and m["tool_version"].startswith("uld_jax")
+    assert m["counts"] == {"mined": 1, "ignore": 1, "unlabeled_slices": 1}
+    # The file is a plain npz (no pickle) with a 0-d JSON meta, per docs/formats.md.
+    with np.load(p, allow_pickle=False) as z:
+        assert z["meta"].shape == () and json.loads(str(z["meta"]))["sigma"] == 0.5
+    # Same rows in another input order give identical arrays.
+    assert _overlay(reverse=True).equal_rows(ov)
+
+
+def test_config_hash_is_order_independent():
+    assert table.config_hash({"a": 1, "b": [1, 2]}) == table.config_hash({"b": [1, 2], "a": 1})
+    assert table.config_hash({"a": 1}) != table.config_hash({"a": 2})
+
+
+def test_killed_writer_leaves_old_file_intact(tmp_path):
+    p = tmp_path / "mined.npz"
+    table.write_overlay(p, _overlay(step=1))
+    before = p.read_bytes()
+    # A child process writes a bigger table and is SIGKILLed after the temporary file is complete
+    # but before the rename (the fsync is the last step before it).
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {REPO!r})
+        sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+        from test_mine_table import _overlay
+        from uld_jax.mine import table
+        ov = _overlay(n_extra=5000, step=2)
+        os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+        table.write_overlay({str(p)!r}, ov)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert p.read_bytes() == before
+    assert table.read_overlay(p).meta["checkpoint_step"] == 1
+    leftovers = [f for f in os.listdir(tmp_path) if f != "mined.npz"]
+    assert leftovers and all(f.startswith(".mined.npz.") and f.endswith(".tmp") for f in leftovers)
+    # The next write succeeds over it.
+    table.write_overlay(p, _overlay(step=3))
+    assert table.read_overlay(p).meta["checkpoint_step"] == 3
+
+
+def test_failed_write_cleans_up(tmp_path, monkeypatch):
+    p = tmp_path / "mined.npz"
+    table.write_overlay(p, _overlay(step=1))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(table.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        table.write_overlay(p, _overlay(step=2))
+    assert os.listdir(tmp_path) == ["mined.npz"]
+    assert table.read_overlay(p).meta["checkpoint_step"] == 1
+
+
+def _write_raw(path, **over):
+    ov = _overlay()
+    arrays = dict(ov.arrays)
+    meta = json.dumps(ov.meta)
+    for k, v in over.items():
+        if k == "meta":
+            meta = v
+        elif v is None:
+            arrays.pop(k)
+        else:
+            arrays[k] = v
+    np.savez(path, meta=np.array(meta), **arrays)
+
+
+@pytest.mark.parametrize("over, field, msg", [
+    (dict(kind=np.array([1, 2, 5], np.int8)), "kind", "5 is not"),
+    (dict(dataset=np.array(["deeplesion", "kits", "deeplesion"])), "dataset", "'kits'"),
+    (dict(box=np.array([[0, 0, 1, 1], [5, 5, 4, 9], [0, 0, 0, 0]], np.float32)), "box", "row 1"),
+    (dict(slice_index=np.array([1, 2, 3], np.int64)), "slice_index", "dtype int64"),
+    (dict(expert=np.array([0, 9, -1], np.int8)), "expert", "9 is not"),
+    (dict(score=np.array([0.1, 0.2], np.float32)), "score", "2 rows"),
+    (dict(lesion_id=None), "lesion_id", "missing"),
+    (dict(meta=json.dumps({"theta": 0.15})), "meta", "missing provenance keys"),
+    (dict(meta="{not json"), "meta", "not JSON"),
+])
+def test_reader_errors_name_file_and_field(tmp_path, over, field, msg):
+    p = tmp_path / "bad.npz"
+    _write_raw(p, **over)
+    with pytest.raises(table.OverlayError, match=msg) as e:
+        table.read_overlay(p)
+    assert e.value.field == field and str(p) in str(e.value)
+
+
+def test_reader_rejects_truncated_and_pickled(tmp_path):
+    p = tmp_path / "m.npz"
+    table.write_overlay(p, _overlay(n_extra=200))
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(table.OverlayError, match="truncated or corrupt"):
+        table.read_overlay(p)
+    q = tmp_path / "obj.npz"
+    _write_raw(q, case_id=np.array(["a", "b", "c"], dtype=object))
+    with pytest.raises(table.OverlayError, match=str(q)):
+        table.read_overlay(q)
+    with pytest.raises(table.OverlayError, match="no such file"):
+        table.read_overlay(tmp_path / "absent.npz")

@@ -150,3 +150,74 @@ def test_reader_rejects_truncated_and_pickled(tmp_path):
         table.read_overlay(q)
     with pytest.raises(table.OverlayError, match="no such file"):
         table.read_overlay(tmp_path / "absent.npz")
+
+
+def _mining_inputs(rng, n_patients=6, slices_per_patient=12, dim=8):
+    from uld_jax.mine import run
+
+    n = n_patients * slices_per_patient
+    slices = run.SliceTable(
+        dataset=np.array(["deeplesion"] * n),
+        case_id=np.array([f"{p:06d}_01_01" for p in range(n_patients) for _ in range(slices_per_patient)]),
+        slice_index=np.tile(np.arange(slices_per_patient) * 3, n_patients),
+        patient_id=np.repeat(np.arange(n_patients) + 100, slices_per_patient),
+    )
+    lesion = rng.standard_normal((n_patients, dim)).astype(np.float32)
+    lesion /= np.linalg.norm(lesion, axis=1, keepdims=True)
+    key = np.arange(n_patients) * slices_per_patient + 2                # one key slice per patient
+    ann = run.Annotations(slice=key, box=np.tile([[20, 20, 40, 40]], (n_patients, 1)),
+                          lesion_id=np.arange(n_patients) + 5000, embedding=lesion)
+    rows = []
+    for s in range(n):
+        p = s // slices_per_patient
+        near = lesion[p] + 0.02 * rng.standard_normal(dim).astype(np.float32)
+        far = rng.standard_normal(dim).astype(np.float32)
+        rows.append((s, [20, 20, 40, 40], 0.9, 0, near))               # the lesion (or its twin)
+        rows.append((s, [60, 60, 70, 70], 0.7, 0, far / np.linalg.norm(far)))
+        rows.append((s, [80, 10, 90, 20], rng.uniform(0.3, 1.0), 1 + s % 3, far))
+    props = run.Proposals(
+        slice=np.array([r[0] for r in rows]), box=np.array([r[1] for r in rows], np.float32),
+        score=np.array([r[2] for r in rows], np.float32), expert=np.array([r[3] for r in rows]),
+        embedding=np.stack([r[4] for r in rows]).astype(np.float32))
+    return slices, ann, props
+
+
+def test_mine_overlay_end_to_end_roundtrip_and_order_independent(tmp_path):
+    from uld_jax.mine import run
+
+    rng = np.random.default_rng(0)
+    slices, ann, props = _mining_inputs(rng)
+    out = run.mine_overlay(slices, ann, props, checkpoint_step=4, config_hash="abc")
+    a = out.overlay.arrays
+    mined = a["kind"] == table.KIND_MINED
+    # The lesion twin on every non-key slice is mined (72 slices - 6 key slices), never on a key
+    # slice (it overlaps the annotation there), and it names its patient's annotated lesion.
+    assert mined.sum() == 66
+    assert np.all(a["lesion_id"][mined] == 5000 + np.array([int(c[:6]) for c in a["case_id"][mined]]))
+    assert np.all(a["expert"][mined] == 0)
+    ignore = a["kind"] == table.KIND_IGNORE
+    assert ignore.sum() == np.sum((props.score > 0.5) & (props.expert > 0))
+    assert np.sum(a["kind"] == table.KIND_UNLABELED) == 66
+    p = tmp_path / "mined.npz"
+    table.write_overlay(p, out.overlay)
+    back = table.read_overlay(p)
+    assert back.equal_rows(out.overlay) and back.meta["options"]["theta"] == 0.15
+    # A run that saw the slices and proposals in another order (e.g. resumed in other chunks)
+    # writes the same rows.
+    perm_s = rng.permutation(len(slices))
+    inv = np.argsort(perm_s)
+    slices2 = run.SliceTable(*(np.asarray(getattr(slices, f.name))[perm_s]
+                               for f in __import__("dataclasses").fields(run.SliceTable)))
+    perm_p = rng.permutation(props.slice.size)
+    props2 = run.Proposals(inv[props.slice][perm_p], props.box[perm_p], props.score[perm_p],
+                           props.expert[perm_p], props.embedding[perm_p])
+    ann2 = run.Annotations(inv[ann.slice], ann.box, ann.lesion_id, ann.embedding)
+    out2 = run.mine_overlay(slices2, ann2, props2, checkpoint_step=4, config_hash="abc")
+    assert out2.overlay.equal_rows(out.overlay)
+    # Options flow into the table: NRM as positives, a subset of experts.
+    opts = run.MiningOptions(nrm_as_positive=True, nrm_experts=("lits",))
+    out3 = run.mine_overlay(slices, ann, props, options=opts, checkpoint_step=4, config_hash="abc")
+    k3 = out3.overlay.arrays["kind"]
+    assert np.sum(k3 == table.KIND_IGNORE) == 0
+    assert np.sum(k3 == table.KIND_MINED) == 66 + np.sum(
+        (props.score > 0.5) & (props.expert == 2))

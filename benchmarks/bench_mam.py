@@ -138,7 +138,8 @@ def main(argv=None) -> int:
           f"(proposals/patient median {int(np.median(per_patient))}, max {per_patient.max()}); "
           f"embeddings {(ann_emb.nbytes + prop_emb.nbytes) / 2**30:.2f} GiB; "
           f"built in {time.perf_counter() - t0:.1f} s")
-    print(f"jax {jax.__version__}, devices: {jax.devices()}, cpu cores: {os.cpu_count()}")
+    print(f"jax {jax.__version__}, devices: {jax.devices()}, cpu cores: {os.cpu_count()}, "
+          f"load average before: {os.getloadavg()[0]:.1f} (a shared machine slows every number)")
 
     kw = dict(max_buckets=args.max_buckets, chunk_bytes=args.chunk_mb << 20)
     base_rss = _rss_mb()
@@ -154,6 +155,9 @@ def main(argv=None) -> int:
           f"scatter): {t_jax:.2f} s")
     print(f"  peak memory above the inputs: RSS +{peak_jax:.0f} MiB, "
           f"NumPy allocations (tracemalloc) {tm_peak_jax / 2**20:.0f} MiB")
+    n_slices = np.unique(prop_slice).size
+    print(f"  MAM throughput: {n_slices / t_jax:,.0f} mined slices/s, "
+          f"{prop_patient.size / t_jax:,.0f} proposals/s")
     print(f"  matched proposals: {int(res.matched.sum())} "
           f"({res.matched.mean() * 100:.2f}%), theta={args.theta}")
 
@@ -197,7 +201,8 @@ def main(argv=None) -> int:
     assert cmp["mismatch"] == 0, cmp
     print(f"\nspeed ratio NumPy loop / MAM whole (cold): {t_np / t_jax:.1f}x   "
           f"(/ jitted kernel alone: {t_np / stats['kernel_s']:.1f}x)")
-    print(f"goal whole MAM < 10 s: {'met' if t_jax < 10 else 'NOT met'} ({t_jax:.2f} s)")
+    print(f"goal whole MAM < 10 s: {'met' if t_jax < 10 else 'NOT met'} ({t_jax:.2f} s; "
+          f"load average now {os.getloadavg()[0]:.1f})")
     return 0
 
 

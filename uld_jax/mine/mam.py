@@ -63,6 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from uld_jax.mine import overlap
+
 DEFAULT_THETA: float = 0.15
 MESH_AXIS: str = "tiles"
 # Threads compiling bucket programs concurrently (XLA compiles outside the GIL).
@@ -592,8 +594,6 @@ def select_mined_positives(
         return cand
     prop_slice = np.asarray(prop_slice)
     prop_box = np.asarray(prop_box, dtype=np.float64)
-    from uld_jax.mine import overlap  # local import keeps the module import-light
-
     over = overlap.overlaps_same_key(prop_slice[idx], prop_box[idx], np.asarray(ann_slice),
                                      np.asarray(ann_box, dtype=np.float64), overlap_iou)
     idx = idx[~over]

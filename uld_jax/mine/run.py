@@ -147,10 +147,10 @@ def mine_overlay(
     # 1. MAM.
     if uni.size and proposals.embedding is None:
         raise ValueError("proposals.embedding is required for the universal expert's rows (MAM)")
+    ann_emb = np.asarray(annotations.embedding, dtype=np.float32).reshape(len(a_slice), -1)
     emb = (np.asarray(proposals.embedding)[uni] if uni.size
-           else np.zeros((0, np.asarray(annotations.embedding).reshape(len(a_slice), -1).shape[1]),
-                         np.float32))
-    res = mam.mam_match(patient[a_slice], annotations.embedding, patient[p_slice[uni]], emb,
+           else np.zeros((0, ann_emb.shape[1]), np.float32))
+    res = mam.mam_match(patient[a_slice], ann_emb, patient[p_slice[uni]], emb,
                         options.theta, devices=devices)
     mined = mam.select_mined_positives(
         res, prop_slice=p_slice[uni], prop_box=p_box[uni], ann_slice=a_slice, ann_box=a_box,

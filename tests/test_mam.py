@@ -104,8 +104,13 @@ def _skewed_world(seed=0, n_patients=60, dim=16, theta=0.15):
 
 def test_jit_equals_reference_with_several_buckets_and_chunks():
     ap, ae, pp, pe = _skewed_world()
-    r = mam.mam_match(ap, ae, pp, pe, max_buckets=3, chunk_bytes=200_000)
+    stats = {}
+    r = mam.mam_match(ap, ae, pp, pe, max_buckets=3, chunk_bytes=100_000, stats=stats)
     ref = mam.mam_match_reference(ap, ae, pp, pe)
+    # The case exercises several buckets, several chunks per bucket and padded tiles.
+    assert len(stats["buckets"]) == 3
+    assert any(n > batch for n, batch, _, _ in stats["buckets"])
+    assert any(n % batch for n, batch, _, _ in stats["buckets"])
     # Exact agreement on every decision and lesion (no pair lies within rounding of theta or a tie).
     np.testing.assert_array_equal(r.lesion, ref.lesion)
     np.testing.assert_array_equal(r.nearest, ref.nearest)

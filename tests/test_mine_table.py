@@ -221,3 +221,16 @@ def test_mine_overlay_end_to_end_roundtrip_and_order_independent(tmp_path):
     assert np.sum(k3 == table.KIND_IGNORE) == 0
     assert np.sum(k3 == table.KIND_MINED) == 66 + np.sum(
         (props.score > 0.5) & (props.expert == 2))
+
+
+def test_empty_table_roundtrip(tmp_path):
+    e = np.zeros(0)
+    ov = table.build_overlay(dataset=np.array([], str), case_id=np.array([], str),
+                             slice_index=e.astype(int), kind=e.astype(int),
+                             box=np.zeros((0, 4)), score=e, expert=e.astype(int),
+                             lesion_id=e.astype(int),
+                             meta=table.make_meta(checkpoint_step=0, config_hash="h", theta=0.15,
+                                                  sigma=0.5))
+    table.write_overlay(tmp_path / "e.npz", ov)
+    back = table.read_overlay(tmp_path / "e.npz")
+    assert len(back) == 0 and back.meta["counts"]["mined"] == 0

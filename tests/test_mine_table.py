@@ -234,3 +234,41 @@ def test_empty_table_roundtrip(tmp_path):
     table.write_overlay(tmp_path / "e.npz", ov)
     back = table.read_overlay(tmp_path / "e.npz")
     assert len(back) == 0 and back.meta["counts"]["mined"] == 0
+
+
+def _split_chunk(slices, ann, props, keys):
+    """The inputs restricted to slice keys ``keys`` (local keys 0..len(keys)-1)."""
+    from uld_jax.mine import run
+
+    local = np.full(len(slices), -1)
+    local[keys] = np.arange(keys.size)
+    a = np.isin(ann.slice, keys)
+    p = np.isin(props.slice, keys)
+    return (run.SliceTable(slices.dataset[keys], slices.case_id[keys], slices.slice_index[keys],
+                           slices.patient_id[keys]),
+            run.Annotations(local[ann.slice[a]], ann.box[a], ann.lesion_id[a], ann.embedding[a]),
+            run.Proposals(local[props.slice[p]], props.box[p], props.score[p], props.expert[p],
+                          props.embedding[p]))
+
+
+def test_resumed_chunked_run_gives_the_same_table(tmp_path):
+    from uld_jax.mine import run, store
+
+    rng = np.random.default_rng(1)
+    slices, ann, props = _mining_inputs(rng)
+    whole = run.mine_overlay(slices, ann, props, checkpoint_step=4, config_hash="abc").overlay
+    chunks = np.array_split(np.arange(len(slices)), 5)
+    st = store.ChunkStore(tmp_path / "run", checkpoint_step=4, config_hash="abc", embedding_dim=8)
+    for i in (0, 1, 3):                       # first session: chunks 0, 1, 3, then killed
+        st.save(i, *_split_chunk(slices, ann, props, chunks[i]))
+    with pytest.raises(store.StoreError, match=r"not mined yet: \[2, 4\]"):
+        st.load(expected_chunks=5)
+    with pytest.raises(store.StoreError, match="another run"):
+        store.ChunkStore(tmp_path / "run", checkpoint_step=5, config_hash="abc", embedding_dim=8)
+    st2 = store.ChunkStore(tmp_path / "run", checkpoint_step=4, config_hash="abc", embedding_dim=8)
+    assert st2.done() == {0, 1, 3}
+    for i in sorted(set(range(5)) - st2.done()):          # the resumed session
+        st2.save(i, *_split_chunk(slices, ann, props, chunks[i]))
+    resumed = run.mine_overlay(*st2.load(expected_chunks=5), checkpoint_step=4,
+                               config_hash="abc").overlay
+    assert resumed.equal_rows(whole) and len(resumed) > 0

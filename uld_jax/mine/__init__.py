@@ -6,5 +6,6 @@ Modules:
   overlap  same-slice box overlap (the one overlap rule of mining) on the host
   table    the mined-annotation overlay .npz: canonical rows, provenance, atomic write, validation
   run      the end-to-end core: slice table + annotations + proposals -> overlay
+  store    resumable per-chunk storage of a mining run's model outputs
   quality  mining quality against the synthetic world's truth; theta / sigma sweeps
 """

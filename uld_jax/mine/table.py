@@ -207,17 +207,16 @@ def _validate(source: str, arrays: dict[str, np.ndarray], meta: Mapping[str, Any
                            f"got {meta['checkpoint_step']!r}")
 
 
-def write_overlay(path: str | os.PathLike, overlay: Overlay) -> None:
-    """Writes the table atomically (temporary file in the same folder, fsync, rename)."""
+def atomic_write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Writes ``arrays`` as a compressed .npz atomically (temp file in the same folder, fsync,
+    ``os.replace``, fsync of the folder). A writer killed at any point leaves the old file intact."""
     path = os.fspath(path)
-    _validate(path, overlay.arrays, overlay.meta)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, meta=np.array(json.dumps(overlay.meta, sort_keys=True)),
-                                **overlay.arrays)
+            np.savez_compressed(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -235,6 +234,14 @@ def write_overlay(path: str | os.PathLike, overlay: Overlay) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def write_overlay(path: str | os.PathLike, overlay: Overlay) -> None:
+    """Validates and writes the table atomically (see :func:`atomic_write_npz`)."""
+    path = os.fspath(path)
+    _validate(path, overlay.arrays, overlay.meta)
+    atomic_write_npz(path, {"meta": np.array(json.dumps(overlay.meta, sort_keys=True)),
+                            **overlay.arrays})
 
 
 def read_overlay(path: str | os.PathLike) -> Overlay:

@@ -158,3 +158,29 @@ def test_sweeps_on_a_known_world():
         study2 = r["n_suspicious_true"]
         assert 0 < study2 < r["n_suspicious"]
         assert r["n_suspicious_on_unmarked"] == study2
+
+
+def test_load_volumetric_truth_and_format(tmp_path):
+    import pickle
+
+    p = tmp_path / "truth.pkl"
+    good = {"train": {"000001_01_01_010-040": np.array([[10, 20, 12, 19, 29, 14]], np.float64),
+                      "000002_01_01_001-009": np.zeros((0, 6))},
+            "val": {}, "test": {}}
+    p.write_bytes(pickle.dumps(good))
+    t = quality.load_volumetric_truth(str(p))
+    assert set(t) == {"000001_01_01_010-040", "000002_01_01_001-009"}
+    assert t["000002_01_01_001-009"].shape == (0, 6)
+    bad = {"train": {"000001_01_01_010-040": np.array([[10, 20, 12, 9, 29, 14]])}}
+    p.write_bytes(pickle.dumps(bad))
+    with pytest.raises(ValueError, match="x2 < x1"):
+        quality.load_volumetric_truth(str(p))
+    bad = {"train": {"case7": np.zeros((1, 6))}}
+    p.write_bytes(pickle.dumps(bad))
+    with pytest.raises(ValueError, match="case7"):
+        quality.load_volumetric_truth(str(p))
+    text = quality.format_quality([{"theta": 0.1, "n_mined": 3, "precision": 1.0},
+                                   {"theta": 0.2, "n_mined": 5, "precision": float("nan")}])
+    lines = text.splitlines()
+    assert lines[0].split() == ["theta", "n_mined", "precision"]
+    assert lines[2].split() == ["0.200", "5", "nan"]

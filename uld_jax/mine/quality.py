@@ -27,6 +27,7 @@ asks only that the mined box lie mostly on the lesion.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -88,6 +89,53 @@ class CaseFrame:
         z2 = (b[:, 5] + 1.0 - self.first_slice_number) * t
         return np.stack([z1, (b[:, 1] - y0) * s, (b[:, 0] - x0) * s,
                          z2, (b[:, 4] + 1.0 - y0) * s, (b[:, 3] + 1.0 - x0) * s], axis=1)
+
+
+_SUBVOLUME_RE = re.compile(r"^\d{6}_\d{2}_\d{2}_\d+-\d+$")
+
+
+def load_volumetric_truth(path: str, split: str = "train") -> dict[str, np.ndarray]:
+    """One split of ``deeplesion_volumetric_truth.pkl`` (docs/formats.md): sub-volume name -> [n, 6].
+
+    Loaded with the restricted unpickler (numpy arrays and plain containers only). Raises
+    ValueError naming the file and the offending key for a bad split, name or array.
+    """
+    from uld_jax.io.safe_pickle import safe_load
+
+    data = safe_load(path)
+    if not isinstance(data, dict) or split not in data or not isinstance(data[split], dict):
+        raise ValueError(f"{path}: expected {{'train': {{...}}, 'val': ..., 'test': ...}} with a "
+                         f"dict for split {split!r}")
+    out = {}
+    for name, boxes in data[split].items():
+        if not isinstance(name, str) or not _SUBVOLUME_RE.match(name):
+            raise ValueError(f"{path}: [{split!r}] key {name!r} is not PPPPPP_SS_RR_AAA-BBB")
+        b = np.asarray(boxes, dtype=np.float64)
+        if b.size == 0:
+            b = b.reshape(0, 6)
+        if b.ndim != 2 or b.shape[1] != 6 or not np.all(np.isfinite(b)):
+            raise ValueError(f"{path}: [{split!r}][{name!r}] is not a finite n x 6 array "
+                             f"(shape {b.shape})")
+        if np.any(b[:, 3:] < b[:, :3]):
+            raise ValueError(f"{path}: [{split!r}][{name!r}] has a box with x2 < x1, y2 < y1 or z2 < z1")
+        out[name] = b
+    return out
+
+
+def format_quality(rows: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None) -> str:
+    """A plain-text table of quality dicts (e.g. a sweep), one row each."""
+    keys = list(keys or ["theta", "sigma", "n_mined", "precision", "recall_unmarked",
+                         "n_suspicious", "suspicious_true_fraction"])
+    keys = [k for k in keys if any(k in r for r in rows)]
+
+    def cell(v):
+        if isinstance(v, float):
+            return "nan" if np.isnan(v) else f"{v:.3f}"
+        return str(v)
+
+    table_rows = [keys] + [[cell(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in table_rows) for i in range(len(keys))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table_rows)
 
 
 def truth_from_volumetric(

@@ -99,8 +99,9 @@ class MamResult(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 # The jitted kernel.
 # --------------------------------------------------------------------------------------------------
-def _nearest_one_patient(ann_emb, ann_valid, prop_emb, prop_valid, theta):
-    """One patient: ``ann_emb`` [A, D], ``ann_valid`` [A], ``prop_emb`` [P, D], ``prop_valid`` [P]."""
+def _nearest_one_tile(ann_emb, ann_valid, prop_emb, prop_valid, theta):
+    """One tile of one patient: ``ann_emb`` [A, D], ``ann_valid`` [A], ``prop_emb`` [P, D],
+    ``prop_valid`` [P]."""
     diff = prop_emb[:, None, :] - ann_emb[None, :, :]                    # [P, A, D], fused away
     d2 = jnp.sum(diff * diff, axis=-1)                                   # [P, A]
     d2 = jnp.where(ann_valid[None, :], d2, jnp.inf)
@@ -114,7 +115,10 @@ def _nearest_one_patient(ann_emb, ann_valid, prop_emb, prop_valid, theta):
 
 
 def nearest_lesion(ann_emb, ann_valid, prop_emb, prop_valid, theta):
-    """Nearest annotated lesion of every proposal, for a batch of padded patients.
+    """Nearest annotated lesion of every proposal, for a batch of padded tiles.
+
+    Row b pairs up to P proposals of one patient with that patient's annotated lesions; rows are
+    independent (vmapped), so B can be sharded freely.
 
     Args:
       ann_emb: [B, A, D] float32 annotated-lesion embeddings (padded rows arbitrary).
@@ -128,14 +132,14 @@ def nearest_lesion(ann_emb, ann_valid, prop_emb, prop_valid, theta):
       distance: [B, P] float32 L2 distance to it, ``inf`` for padded proposals or no lesion.
       matched: [B, P] bool, ``distance < theta`` (strict).
     """
-    return jax.vmap(_nearest_one_patient, in_axes=(0, 0, 0, 0, None))(
+    return jax.vmap(_nearest_one_tile, in_axes=(0, 0, 0, 0, None))(
         ann_emb, ann_valid, prop_emb, prop_valid, theta
     )
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_kernel(devices: tuple[jax.Device, ...]):
-    """``nearest_lesion`` jitted for a device set: the patient axis sharded over a 1-D mesh.
+    """``nearest_lesion`` jitted for a device set: the tile (batch) axis sharded over a 1-D mesh.
 
     Returns (jitted function, batch sharding, replicated sharding). One device gets a
     ``SingleDeviceSharding`` so that both cases go through the same code.

@@ -228,3 +228,13 @@ def test_bad_inputs_raise_clear_errors():
         mam.mam_match(np.zeros(2), np.zeros((1, 4)), np.zeros(1), np.zeros((1, 4)))
     with pytest.raises(ValueError, match="NaN"):
         mam.mam_match(np.zeros(1), np.full((1, 4), np.nan), np.zeros(1), np.zeros((1, 4)))
+
+
+def test_patient_ids_any_integers():
+    """Huge or negative patient ids (the sorting path) give the same result as small ones."""
+    ap, ae, pp, pe = _skewed_world(seed=4, n_patients=20)
+    base = mam.mam_match(ap, ae, pp, pe)
+    for f in (lambda x: x * 10**12, lambda x: -x - 1):
+        r = mam.mam_match(f(ap), ae, f(pp), pe)
+        for x, y in zip(base, r):
+            np.testing.assert_array_equal(x, y)

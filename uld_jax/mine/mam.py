@@ -300,8 +300,18 @@ def plan_buckets(
 # Driver over flat arrays.
 # --------------------------------------------------------------------------------------------------
 def _dense_patients(ann_patient: np.ndarray, prop_patient: np.ndarray):
-    ids, inv = np.unique(np.concatenate([ann_patient, prop_patient]), return_inverse=True)
-    return ids.size, inv[: ann_patient.size], inv[ann_patient.size:]
+    """Patient ids -> dense 0..N-1 indices (in increasing id order) for both arrays."""
+    both = np.concatenate([ann_patient, prop_patient])
+    if both.dtype.kind in "iu" and both.size and both.min() >= 0 and both.max() < 4 * both.size:
+        # Small non-negative ints (the usual case): a counting pass instead of a sort.
+        present = np.bincount(both) > 0
+        dense = np.cumsum(present) - 1
+        inv = dense[both]
+        n = int(present.sum())
+    else:
+        _, inv = np.unique(both, return_inverse=True)
+        n = int(inv.max()) + 1 if inv.size else 0
+    return n, inv[: ann_patient.size], inv[ann_patient.size:]
 
 
 def _check_inputs(ann_patient, ann_emb, prop_patient, prop_emb):

@@ -272,3 +272,22 @@ def test_resumed_chunked_run_gives_the_same_table(tmp_path):
     resumed = run.mine_overlay(*st2.load(expected_chunks=5), checkpoint_step=4,
                                config_hash="abc").overlay
     assert resumed.equal_rows(whole) and len(resumed) > 0
+
+
+def test_store_and_driver_errors(tmp_path):
+    from uld_jax.mine import run, store
+
+    rng = np.random.default_rng(2)
+    slices, ann, props = _mining_inputs(rng, n_patients=2, slices_per_patient=3)
+    st = store.ChunkStore(tmp_path / "r", checkpoint_step=1, config_hash="c", embedding_dim=8)
+    st.save(0, slices, ann, props)
+    (tmp_path / "r" / "chunk_000001.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(store.StoreError, match="chunk_000001.npz: unreadable chunk"):
+        st.load()
+    with pytest.raises(ValueError, match="outside"):
+        st.save(2, slices, run.Annotations(ann.slice + 100, ann.box, ann.lesion_id,
+                                           ann.embedding), props)
+    bad = run.Proposals(props.slice + len(slices), props.box, props.score, props.expert,
+                        props.embedding)
+    with pytest.raises(ValueError, match="proposals.slice refers to slice keys outside"):
+        run.mine_overlay(slices, ann, bad, checkpoint_step=1, config_hash="c")

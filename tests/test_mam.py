@@ -105,7 +105,8 @@ def _skewed_world(seed=0, n_patients=60, dim=16, theta=0.15):
 def test_jit_equals_reference_with_several_buckets_and_chunks():
     ap, ae, pp, pe = _skewed_world()
     stats = {}
-    r = mam.mam_match(ap, ae, pp, pe, max_buckets=3, chunk_bytes=100_000, stats=stats)
+    r = mam.mam_match(ap, ae, pp, pe, max_buckets=3, chunk_bytes=100_000, stats=stats,
+                      compile_cost_pairs=0)
     ref = mam.mam_match_reference(ap, ae, pp, pe)
     # The case exercises several buckets, several chunks per bucket and padded tiles.
     assert len(stats["buckets"]) == 3
@@ -131,7 +132,7 @@ def test_plan_buckets_covers_every_proposal_once():
     n_ann = rng.integers(0, 30, 500)
     n_prop = rng.lognormal(4, 1.2, 500).astype(int)
     bs = mam.plan_buckets(n_ann, n_prop, dim=256, tile=64, max_buckets=4, chunk_bytes=8 << 20,
-                          num_devices=8)
+                          num_devices=8, compile_cost_pairs=0)
     assert 1 <= len(bs) <= 4
     # Every proposal of every eligible patient is in exactly one tile; nothing else is.
     covered = np.zeros(500, np.int64)
@@ -148,6 +149,10 @@ def test_plan_buckets_covers_every_proposal_once():
     real = int(np.sum(np.where(eligible, n_ann * n_prop, 0)))
     assert sum(b.padded_work for b in bs) < 1.8 * real
     assert eligible.sum() * mam._round_up(n_prop.max(), 8) * n_ann.max() > 3 * real
+    # A compilation price trades buckets for padding: fewer programs, more padded work.
+    few = mam.plan_buckets(n_ann, n_prop, dim=256, max_buckets=4, compile_cost_pairs=1e6)
+    assert len(few) < len(bs)
+    assert sum(b.padded_work for b in few) > sum(b.padded_work for b in bs)
 
 
 def test_kernel_jit_equals_eager_and_ignores_padding_values():

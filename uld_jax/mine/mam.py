@@ -226,6 +226,7 @@ def plan_buckets(
     chunk_bytes: int = 64 << 20,
     num_devices: int = 1,
     candidate_cuts: int = 256,
+    compile_cost_pairs: float = 8e6,
 ) -> list[Bucket]:
     """Splits every patient's proposals into tiles and groups the tiles into static shapes.
 
@@ -243,6 +244,10 @@ def plan_buckets(
       chunk_bytes: budget of one chunk's float32 buffers (embeddings and [tile, a_pad] distances).
       num_devices: the batch is a multiple of it so that the tile axis shards evenly.
       candidate_cuts: most bucket boundaries searched (subsampled beyond this many distinct counts).
+      compile_cost_pairs: the price of one more compiled program, in padded distance pairs (8M
+        pairs ~ 0.3 s of kernel on 2 CPU cores ~ one XLA compilation); the number of buckets k
+        (<= max_buckets) minimises ``padded_pairs + k * compile_cost_pairs``, so small inputs get
+        one or two programs and the paper's scale three or four. 0: always ``max_buckets``.
 
     Returns:
       Buckets in increasing a_pad; patients with no annotation or no proposal are in none.
@@ -277,7 +282,8 @@ def plan_buckets(
         tot = dp[k - 1][:, None] + cost                                    # [i, j]
         arg[k] = np.argmin(tot, axis=0)
         dp[k] = tot[arg[k], np.arange(c)]
-    k_best = int(np.argmin(dp[1:, c - 1])) + 1
+    total = dp[1:, c - 1] * tile + compile_cost_pairs * np.arange(1, k_max + 1)
+    k_best = int(np.argmin(total)) + 1
     bounds = []
     j = c - 1
     for k in range(k_best, 0, -1):
@@ -353,6 +359,7 @@ def mam_match(
     tile: int = 64,
     max_buckets: int = 4,
     chunk_bytes: int = 64 << 20,
+    compile_cost_pairs: float = 8e6,
     stats: dict | None = None,
 ) -> MamResult:
     """MAM over all patients: nearest annotated lesion of each proposal and the theta matches.
@@ -365,7 +372,7 @@ def mam_match(
       theta: L2 matching threshold, strict (see the module docstring).
       devices: devices to shard the tile axis over; default all of ``jax.devices()``. (Multi-host:
         pass the local devices; patients are split between hosts by the caller.)
-      tile, max_buckets, chunk_bytes: see :func:`plan_buckets`.
+      tile, max_buckets, chunk_bytes, compile_cost_pairs: see :func:`plan_buckets`.
       stats: if a dict, filled with timings (seconds: ``plan_s``, ``compile_s`` (time spent waiting
         for compilation, which runs in background threads), ``pack_s``
         (gather + transfer), ``kernel_s`` (the jitted part alone), ``total_s``) and work counts
@@ -394,7 +401,8 @@ def mam_match(
     ann_start = np.cumsum(n_ann) - n_ann
     prop_start = np.cumsum(n_prop) - n_prop
     buckets = plan_buckets(n_ann, n_prop, dim=dim, tile=tile, max_buckets=max_buckets,
-                           chunk_bytes=chunk_bytes, num_devices=len(devices))
+                           chunk_bytes=chunk_bytes, num_devices=len(devices),
+                           compile_cost_pairs=compile_cost_pairs)
     _, batch_sharding, replicated = _compiled_kernel(devices)
     theta_dev = jax.device_put(np.float32(theta), replicated)
     ann_emb32 = np.ascontiguousarray(ann_emb, dtype=np.float32)

@@ -80,18 +80,46 @@ def test_match_to_truth_picks_largest_iobb_and_respects_case():
 
 
 def test_case_frame_conversion():
-    fr = quality.CaseFrame("c", src_pixel_mm=0.8, src_slice_mm=5.0)
+    # Source: 0.8 mm pixels, 5 mm slices, slice number 1 at 0 mm; Case: 0.8 mm, 2 mm, slice 0 at 0.
+    fr = quality.CaseFrame("c", scale_yx=(1.0, 1.0), src_slice_mm=5.0)
     got = fr.to_case(np.array([[10, 20, 3, 19, 29, 4]]))
-    np.testing.assert_allclose(got, [[5, 20, 10, 10, 30, 20]])
-    fr = quality.CaseFrame("c", src_pixel_mm=0.4, src_slice_mm=2.0, crop_yx=(5, 2),
-                           first_slice_number=3)
+    # Slices 3..4 are slabs centred at 10 and 15 mm: [7.5, 17.5] mm -> Case [4.25, 9.25].
+    np.testing.assert_allclose(got, [[4.25, 20, 10, 9.25, 30, 20]])
+    t = quality.LesionTruth(np.array(["c"]), got, np.array([1]), np.array([False]))
+    present = [i for i in range(12) if quality.visible_truth(t, ["c"], [i])[0]]
+    assert present == [4, 5, 6, 7, 8]            # Case slices at 8..16 mm lie inside the slabs
+    fr = quality.CaseFrame("c", scale_yx=(0.5, 0.25), crop_yx=(5, 2), src_slice_mm=2.0,
+                           src_z1_mm=-4.0, out_z0_mm=1.0)
     got = fr.to_case(np.array([[10, 20, 3, 19, 29, 4]]))
-    np.testing.assert_allclose(got, [[0, 7.5, 4, 2, 12.5, 9]])
+    # z: slabs 3..4 centred at 0 and 2 mm -> [-1, 3] mm -> Case (-1 - 1) / 2 + 0.5 = -0.5 .. 1.5.
+    np.testing.assert_allclose(got, [[-0.5, 7.5, 2, 1.5, 12.5, 4.5]])
     t = quality.truth_from_volumetric({"s2": np.zeros((0, 6)), "s1": np.array([[10, 20, 3, 19, 29, 4]])},
                                       {"s1": fr, "s2": fr}, marked={"s1": [True], "s2": []})
     assert t.case_id.tolist() == ["c"] and t.marked.tolist() == [True]
     with pytest.raises(KeyError, match="s3"):
         quality.truth_from_volumetric({"s3": np.zeros((1, 6))}, {})
+
+
+def test_case_frame_from_a_resampling_plan():
+    """Duck-typed data_prep.preprocess.Resampling of sub-volume ..._011-040 (5 mm, 0.7 mm px)."""
+    import types
+
+    dz = 5.0
+    src_z = (np.arange(11, 41) - 1.0) * dz                    # the reader's positions
+    out_z = np.arange(src_z[0], src_z[-1] + 1e-9, 2.0)
+    plan = types.SimpleNamespace(crop_yx=(30, 12), scale_yx=(0.875, 0.875), src_z=src_z,
+                                 out_z=out_z, slice_mm=2.0)
+    fr = quality.CaseFrame.from_resampling("000001_01_01", plan, first_slice_number=11)
+    assert fr.src_z1_mm == 0.0 and fr.out_z0_mm == 50.0 and fr.src_slice_mm == 5.0
+    # A lesion on source slice 11 only (slab [47.5, 52.5] mm): Case slices at 50 and 52 mm.
+    got = fr.to_case(np.array([[100, 200, 11, 119, 239, 11]]))
+    t = quality.LesionTruth(np.array(["000001_01_01"]), got, np.array([1]), np.array([False]))
+    present = [i for i in range(out_z.size)
+               if quality.visible_truth(t, ["000001_01_01"], [i])[0]]
+    assert present == [0, 1]
+    np.testing.assert_allclose(got[0, [1, 2, 4, 5]],
+                               [(200 - 30) * 0.875, (100 - 12) * 0.875, (240 - 30) * 0.875,
+                                (120 - 12) * 0.875])
 
 
 def _two_study_world(seed=0, dim=8):

@@ -59,36 +59,61 @@ class LesionTruth:
 
 @dataclasses.dataclass(frozen=True)
 class CaseFrame:
-    """Maps a sub-volume's source voxel grid onto its preprocessed Case.
+    """Maps a sub-volume's source voxel grid onto its preprocessed Case (resampled slices).
+
+    In-plane, a source continuous coordinate ``u`` (pixels) maps to ``(u - crop) * scale`` (the
+    convention of ``data_prep.preprocess.Resampling``). Along z, source slice number ``n`` (1-based,
+    as in the released truth) is a slab centred at ``src_z1_mm + (n - 1) * src_slice_mm`` of
+    thickness ``src_slice_mm``; Case slice ``i`` is the point sample at
+    ``out_z0_mm + i * case_slice_mm`` and covers ``[i, i + 1)`` in Case coordinates, its centre
+    ``i + 0.5`` being that position. So a lesion on source slices ``z1..z2`` is present on exactly the
+    Case slices whose positions fall inside the slabs ``z1..z2`` (slice-centre rule).
 
     Attributes:
       case_id: the Case id the truth rows get.
-      src_pixel_mm: source in-plane pixel size (mm); src_slice_mm: source slice interval (mm).
-      case_pixel_mm, case_slice_mm: the Case's (0.8 mm and 2 mm by default).
+      scale_yx: Case pixels per source pixel, (y, x) (source spacing / Case pixel size).
       crop_yx: (y0, x0) of the crop in source pixels (``Case.source_crop_yx``).
-      first_slice_number: the (possibly fractional) 1-based source slice number whose lower edge
-        is the lower edge of Case slice 0.
+      src_slice_mm: source slice interval (mm); case_slice_mm: the Case's (2 mm by default).
+      src_z1_mm: position (mm) of source slice number 1; out_z0_mm: position of Case slice 0, on
+        the same axis.
     """
 
     case_id: str
-    src_pixel_mm: float
-    src_slice_mm: float
-    case_pixel_mm: float = 0.8
-    case_slice_mm: float = 2.0
+    scale_yx: tuple[float, float]
     crop_yx: tuple[float, float] = (0.0, 0.0)
-    first_slice_number: float = 1.0
+    src_slice_mm: float = 1.0
+    case_slice_mm: float = 2.0
+    src_z1_mm: float = 0.0
+    out_z0_mm: float = 0.0
+
+    @classmethod
+    def from_resampling(cls, case_id: str, plan: Any, first_slice_number: int) -> "CaseFrame":
+        """From a ``data_prep.preprocess.Resampling`` (duck-typed: ``crop_yx``, ``scale_yx``,
+        ``src_z``, ``out_z``, ``slice_mm``) of a sub-volume whose first source slice has the 1-based
+        number ``first_slice_number`` (``AAA`` of ``..._AAA-BBB``)."""
+        src_z = np.asarray(plan.src_z, dtype=np.float64)
+        dz = float(src_z[1] - src_z[0]) if src_z.size > 1 else float(plan.slice_mm)
+        return cls(case_id=case_id, scale_yx=tuple(float(v) for v in plan.scale_yx),
+                   crop_yx=tuple(float(v) for v in plan.crop_yx), src_slice_mm=dz,
+                   case_slice_mm=float(plan.slice_mm),
+                   src_z1_mm=float(src_z[0]) - (first_slice_number - 1) * dz,
+                   out_z0_mm=float(np.asarray(plan.out_z)[0]))
 
     def to_case(self, boxes_xyzxyz: np.ndarray) -> np.ndarray:
         """Released inclusive ``[x1, y1, z1, x2, y2, z2]`` (z 1-based) [n, 6] -> Case ``[z1, y1, x1,
         z2, y2, x2]`` [n, 6] continuous coordinates."""
         b = np.asarray(boxes_xyzxyz, dtype=np.float64).reshape(-1, 6)
-        s = self.src_pixel_mm / self.case_pixel_mm
-        t = self.src_slice_mm / self.case_slice_mm
+        sy, sx = self.scale_yx
         y0, x0 = self.crop_yx
-        z1 = (b[:, 2] - self.first_slice_number) * t
-        z2 = (b[:, 5] + 1.0 - self.first_slice_number) * t
-        return np.stack([z1, (b[:, 1] - y0) * s, (b[:, 0] - x0) * s,
-                         z2, (b[:, 4] + 1.0 - y0) * s, (b[:, 3] + 1.0 - x0) * s], axis=1)
+        dz, s = self.src_slice_mm, self.case_slice_mm
+
+        def z_case(pos_mm):
+            return (pos_mm - self.out_z0_mm) / s + 0.5
+
+        lo = self.src_z1_mm + (b[:, 2] - 1.0) * dz - dz / 2
+        hi = self.src_z1_mm + (b[:, 5] - 1.0) * dz + dz / 2
+        return np.stack([z_case(lo), (b[:, 1] - y0) * sy, (b[:, 0] - x0) * sx,
+                         z_case(hi), (b[:, 4] + 1.0 - y0) * sy, (b[:, 3] + 1.0 - x0) * sx], axis=1)
 
 
 _SUBVOLUME_RE = re.compile(r"^\d{6}_\d{2}_\d{2}_\d+-\d+$")

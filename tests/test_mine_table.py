@@ -291,3 +291,16 @@ def test_store_and_driver_errors(tmp_path):
                         props.embedding)
     with pytest.raises(ValueError, match="proposals.slice refers to slice keys outside"):
         run.mine_overlay(slices, ann, bad, checkpoint_step=1, config_hash="c")
+
+
+def test_mining_slice_indices_every_5mm():
+    from uld_jax.mine import run
+
+    # 2 mm slices, 0..18 mm: 0, 5 -> 2.5 -> 3 (ties up), 10 -> 5, 15 -> 7.5 -> 8; plus key slice 4.
+    np.testing.assert_array_equal(run.mining_slice_indices(10, include=[4]), [0, 3, 4, 5, 8])
+    np.testing.assert_array_equal(run.mining_slice_indices(1), [0])
+    assert run.mining_slice_indices(0).size == 0
+    idx = run.mining_slice_indices(200)
+    assert np.all(np.abs(np.diff(idx) * 2.0 - 5.0) <= 1.0)     # 4 or 6 mm apart
+    with pytest.raises(ValueError, match="outside"):
+        run.mining_slice_indices(5, include=[5])

@@ -37,7 +37,8 @@ class SliceTable:
       dataset: [S] str, a name in ``uld_jax.core.DATASETS`` (``deeplesion`` for mining).
       case_id: [S] str, the preprocessed Case (sub-volume) id.
       slice_index: [S] int, index into the Case's slices (the sample table's numbering).
-      patient_id: [S] int, the patient (MAM compares lesions and proposals within a patient).
+      patient_id: [S] int, the patient (MAM compares lesions and proposals within a patient);
+        DeepLesion's ``PPPPPP`` as an integer. (Strings work too, but sort slower.)
     """
 
     dataset: np.ndarray
@@ -47,6 +48,27 @@ class SliceTable:
 
     def __len__(self) -> int:
         return int(np.asarray(self.case_id).shape[0])
+
+
+def mining_slice_indices(num_slices: int, *, slice_mm: float = 2.0, step_mm: float = 5.0,
+                         include: np.ndarray | None = None) -> np.ndarray:
+    """Slices of a Case to mine: one every ``step_mm`` (the paper's 5 mm) plus ``include``.
+
+    Case slices are ``slice_mm`` apart (2 mm); the slice nearest to each multiple of ``step_mm``
+    from the first slice is taken (ties to the higher slice), then the ``include`` slices (the key
+    slices, whose annotations MAM needs) are added. Returns sorted unique int64 indices.
+    """
+    if num_slices <= 0:
+        return np.zeros(0, np.int64)
+    extent = (num_slices - 1) * slice_mm
+    pos = np.arange(0.0, extent + 1e-6 * slice_mm, step_mm)
+    idx = np.minimum(np.floor(pos / slice_mm + 0.5).astype(np.int64), num_slices - 1)
+    if include is not None:
+        inc = np.asarray(include, np.int64).reshape(-1)
+        if inc.size and (inc.min() < 0 or inc.max() >= num_slices):
+            raise ValueError(f"include has slice indices outside 0..{num_slices - 1}")
+        idx = np.concatenate([idx, inc])
+    return np.unique(idx)
 
 
 @dataclasses.dataclass

@@ -15,6 +15,11 @@ theta or of a tie, and counted).
 
     python benchmarks/bench_mam.py                 # paper scale (about 1.5 GB of embeddings)
     python benchmarks/bench_mam.py --scale 0.05    # quick look
+
+Measured 2026-11-25 on the 2-core shared build machine (load average 7-9, i.e. ~4x
+oversubscribed), jax 0.10.2 CPU: whole MAM cold 8.69 s wall / 4.20 s CPU (3 buckets, padded work
+1.78x real), jitted kernel alone 2.81 s, NumPy per-patient float64 loop 30.0 s wall / 14.4 s CPU,
+identical matches (35,474 of 1.43M proposals), peak memory +349 MiB above the 1.4 GiB inputs.
 """
 
 from __future__ import annotations

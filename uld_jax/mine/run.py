@@ -1,0 +1,214 @@
+"""From a mining run's per-slice outputs to the mined-annotation table (MAM + NRM, end to end).
+
+The ``python -m uld_jax.mine`` driver runs MELD over the training slices (sampled every 5 mm, plus
+the key slices that carry the annotations) and collects, per slice, every expert's proposals with
+their scores and embeddings, and the embeddings of the annotated lesions (the embedding head run on
+the ground-truth boxes). It then calls :func:`mine_overlay`, which is pure and host-side except for
+the jitted MAM kernel:
+
+1. MAM (:mod:`uld_jax.mine.mam`) on the universal (DeepLesion) expert's proposals, grouped by
+   patient -> mined positives (kind 1, ``lesion_id`` of the matched annotated lesion).
+2. NRM (:mod:`uld_jax.mine.nrm`) on the single-type experts' proposals, explained by the original
+   annotations and the mined positives -> ignore regions (kind 2) or positives (``as_positive``).
+3. Every slice of the run that carries no original annotation is offered as an unlabeled slice
+   (kind 3); finetuning draws a fresh random subset of them each epoch.
+
+Slices are referred to by *slice key*: the row of :class:`SliceTable`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from uld_jax.core import DATASET_ID, SINGLE_TYPE_DATASETS
+from uld_jax.mine import mam, nrm, table
+
+UNIVERSAL_EXPERT: int = DATASET_ID["deeplesion"]
+
+
+@dataclasses.dataclass
+class SliceTable:
+    """The slices of a mining run; row i is slice key i.
+
+    Attributes:
+      dataset: [S] str, a name in ``uld_jax.core.DATASETS`` (``deeplesion`` for mining).
+      case_id: [S] str, the preprocessed Case (sub-volume) id.
+      slice_index: [S] int, index into the Case's slices (the sample table's numbering).
+      patient_id: [S] int, the patient (MAM compares lesions and proposals within a patient);
+        DeepLesion's ``PPPPPP`` as an integer. (Strings work too, but sort slower.)
+    """
+
+    dataset: np.ndarray
+    case_id: np.ndarray
+    slice_index: np.ndarray
+    patient_id: np.ndarray
+
+    def __len__(self) -> int:
+        return int(np.asarray(self.case_id).shape[0])
+
+
+def mining_slice_indices(num_slices: int, *, slice_mm: float = 2.0, step_mm: float = 5.0,
+                         include: np.ndarray | None = None) -> np.ndarray:
+    """Slices of a Case to mine: one every ``step_mm`` (the paper's 5 mm) plus ``include``.
+
+    Case slices are ``slice_mm`` apart (2 mm); the slice nearest to each multiple of ``step_mm``
+    from the first slice is taken (ties to the higher slice), then the ``include`` slices (the key
+    slices, whose annotations MAM needs) are added. Returns sorted unique int64 indices.
+    """
+    if num_slices <= 0:
+        return np.zeros(0, np.int64)
+    extent = (num_slices - 1) * slice_mm
+    pos = np.arange(0.0, extent + 1e-6 * slice_mm, step_mm)
+    idx = np.minimum(np.floor(pos / slice_mm + 0.5).astype(np.int64), num_slices - 1)
+    if include is not None:
+        inc = np.asarray(include, np.int64).reshape(-1)
+        if inc.size and (inc.min() < 0 or inc.max() >= num_slices):
+            raise ValueError(f"include has slice indices outside 0..{num_slices - 1}")
+        idx = np.concatenate([idx, inc])
+    return np.unique(idx)
+
+
+@dataclasses.dataclass
+class Annotations:
+    """Original annotations on the run's slices.
+
+    Attributes:
+      slice: [A] int slice key; box: [A, 4] internal boxes (pixels of the preprocessed slice).
+      lesion_id: [A] int64 unique id of the annotated lesion (e.g. its DL_info row), written to the
+        ``lesion_id`` of the MAM rows it explains.
+      embedding: [A, D] float32 L2-normalised embedding of the annotated lesion.
+    """
+
+    slice: np.ndarray
+    box: np.ndarray
+    lesion_id: np.ndarray
+    embedding: np.ndarray
+
+
+@dataclasses.dataclass
+class Proposals:
+    """Every expert's proposals on the run's slices (post-NMS).
+
+    Attributes:
+      slice: [P] int slice key; box: [P, 4]; score: [P] in [0, 1] (the expert's fused score).
+      expert: [P] int dataset id of the expert (``UNIVERSAL_EXPERT`` for MAM's input).
+      embedding: [P, D] float32, or None; only the universal expert's rows are used.
+    """
+
+    slice: np.ndarray
+    box: np.ndarray
+    score: np.ndarray
+    expert: np.ndarray
+    embedding: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class MiningOptions:
+    """MAM/NRM settings (paper defaults); recorded in the table's provenance."""
+
+    theta: float = mam.DEFAULT_THETA
+    sigma: float = nrm.DEFAULT_SIGMA
+    nrm_experts: Sequence[str] = SINGLE_TYPE_DATASETS
+    nrm_as_positive: bool = False
+    overlap_iou: float = 0.0          # same-slice overlap rule for MAM and NRM (IoU > this)
+    mam_dedupe_iou: float = 0.5
+    nrm_dedupe_iou: float | None = None
+    mam_min_score: float | None = None
+    add_unlabeled_slices: bool = True
+
+
+@dataclasses.dataclass
+class MiningOutcome:
+    """The table and what produced it (for reports and quality measurement).
+
+    Attributes:
+      overlay: the table to write with :func:`uld_jax.mine.table.write_overlay`.
+      mam_result: per universal proposal (rows ``universal_rows`` of the proposals).
+      universal_rows, mined: [PU] proposal rows of the universal expert and which were mined.
+      single_rows, suspicious: [PS] proposal rows of single-type experts and which are suspicious.
+    """
+
+    overlay: table.Overlay
+    mam_result: mam.MamResult
+    universal_rows: np.ndarray
+    mined: np.ndarray
+    single_rows: np.ndarray
+    suspicious: np.ndarray
+
+
+def mine_overlay(
+    slices: SliceTable,
+    annotations: Annotations,
+    proposals: Proposals,
+    *,
+    options: MiningOptions = MiningOptions(),
+    checkpoint_step: int,
+    config_hash: str,
+    devices=None,
+    extra_meta: dict[str, Any] | None = None,
+) -> MiningOutcome:
+    """MAM + NRM over one run's slices -> the mined-annotation table (not yet written)."""
+    n_slices = len(slices)
+    patient = np.asarray(slices.patient_id)
+    for name, keys in (("annotations", annotations.slice), ("proposals", proposals.slice)):
+        keys = np.asarray(keys)
+        if keys.size and (keys.min() < 0 or keys.max() >= n_slices):
+            raise ValueError(f"{name}.slice refers to slice keys outside 0..{n_slices - 1}")
+    expert = np.asarray(proposals.expert)
+    uni = np.flatnonzero(expert == UNIVERSAL_EXPERT)
+    single = np.flatnonzero(np.isin(expert, [DATASET_ID[d] for d in SINGLE_TYPE_DATASETS]))
+    p_slice = np.asarray(proposals.slice)
+    p_box = np.asarray(proposals.box, dtype=np.float32).reshape(-1, 4)
+    p_score = np.asarray(proposals.score, dtype=np.float32)
+    a_slice = np.asarray(annotations.slice)
+    a_box = np.asarray(annotations.box, dtype=np.float32).reshape(-1, 4)
+
+    # 1. MAM.
+    if uni.size and proposals.embedding is None:
+        raise ValueError("proposals.embedding is required for the universal expert's rows (MAM)")
+    ann_emb = np.asarray(annotations.embedding, dtype=np.float32).reshape(len(a_slice), -1)
+    emb = (np.asarray(proposals.embedding)[uni] if uni.size
+           else np.zeros((0, ann_emb.shape[1]), np.float32))
+    res = mam.mam_match(patient[a_slice], ann_emb, patient[p_slice[uni]], emb,
+                        options.theta, devices=devices)
+    mined = mam.select_mined_positives(
+        res, prop_slice=p_slice[uni], prop_box=p_box[uni], ann_slice=a_slice, ann_box=a_box,
+        overlap_iou=options.overlap_iou, dedupe_iou=options.mam_dedupe_iou,
+        prop_score=p_score[uni], min_score=options.mam_min_score)
+    mined_rows = uni[mined]
+
+    # 2. NRM.
+    nres = nrm.nrm(p_slice[single], p_box[single], p_score[single], expert[single],
+                   existing_slice=a_slice, existing_box=a_box,
+                   mined_slice=p_slice[mined_rows], mined_box=p_box[mined_rows],
+                   sigma=options.sigma, experts=options.nrm_experts,
+                   as_positive=options.nrm_as_positive, overlap_iou=options.overlap_iou,
+                   dedupe_iou=options.nrm_dedupe_iou)
+    sus_rows = single[nres.suspicious]
+
+    # 3. Unlabeled slices: every slice of the run without an original annotation.
+    unl = np.setdiff1d(np.arange(n_slices), a_slice) if options.add_unlabeled_slices \
+        else np.zeros(0, np.int64)
+
+    lesion_ids = np.asarray(annotations.lesion_id, dtype=np.int64)
+    row_slice = np.concatenate([p_slice[mined_rows], p_slice[sus_rows], unl]).astype(np.int64)
+    n_m, n_s, n_u = mined_rows.size, sus_rows.size, unl.size
+    kind = np.concatenate([np.full(n_m, table.KIND_MINED), np.full(n_s, int(nres.provenance)),
+                           np.full(n_u, table.KIND_UNLABELED)]).astype(np.int8)
+    box = np.concatenate([p_box[mined_rows], p_box[sus_rows], np.zeros((n_u, 4), np.float32)])
+    score = np.concatenate([p_score[mined_rows], p_score[sus_rows], np.full(n_u, np.nan, np.float32)])
+    expert_col = np.concatenate([expert[mined_rows], expert[sus_rows], np.full(n_u, -1)])
+    lesion_col = np.concatenate([lesion_ids[res.lesion[mined]], np.full(n_s + n_u, -1, np.int64)])
+    opts = dataclasses.asdict(options)
+    opts["nrm_experts"] = list(options.nrm_experts)
+    meta = table.make_meta(checkpoint_step=checkpoint_step, config_hash=config_hash,
+                           theta=options.theta, sigma=options.sigma, options=opts,
+                           slices_mined=int(n_slices), **(extra_meta or {}))
+    overlay = table.build_overlay(
+        dataset=np.asarray(slices.dataset)[row_slice], case_id=np.asarray(slices.case_id)[row_slice],
+        slice_index=np.asarray(slices.slice_index)[row_slice], kind=kind, box=box, score=score,
+        expert=expert_col, lesion_id=lesion_col, meta=meta)
+    return MiningOutcome(overlay, res, uni, mined, single, nres.suspicious)

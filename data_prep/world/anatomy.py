@@ -620,11 +620,11 @@ def _unit(v):
 NODE_STATIONS = {
     # name: (x, y, d, spread) in patient mm (scaled by s), roughly the nodal stations.
     "paratracheal": (-14, -12, 55, 8), "aortopulmonary": (14, -12, 88, 6),
-    "subcarinal": (0, 8, 96, 6), "hilar_r": (-40, 2, 108, 6), "hilar_l": (40, 2, 104, 6),
+    "subcarinal": (0, 8, 96, 6), "hilar_r": (-28, 4, 112, 5), "hilar_l": (28, 2, 106, 5),
     "prevascular": (0, -45, 70, 10), "paraaortic": (16, None, 390, 25),
     "aortocaval": (-6, None, 360, 12), "mesenteric": (0, -20, 420, 45), "iliac_r": (-55, 0, 520, 15),
     "iliac_l": (55, 0, 520, 15), "inguinal_r": (-95, -40, 640, 12), "inguinal_l": (95, -40, 640, 12),
-    "axillary_r": (-120, -5, 70, 12), "axillary_l": (120, -5, 70, 12), "retrocrural": (12, None, 260, 8),
+    "axillary_r": (-138, -10, 55, 8), "axillary_l": (138, -10, 55, 8), "retrocrural": (12, None, 260, 8),
 }
 STATION_COARSE = {
     "paratracheal": 3, "aortopulmonary": 3, "subcarinal": 3, "hilar_r": 3, "hilar_l": 3,

@@ -235,7 +235,7 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
     ages = [int(min(age0 + np.floor(tt), 95)) for tt in t]
     trend = float(g.choice([-0.2, -0.08, 0.0, 0.08, 0.18]))
     primary = str(g.choice(L.TYPE_NAMES, p=L.TYPE_WEIGHTS))
-    w_pat = 0.5 * (np.array(L.TYPE_NAMES) == primary) + 0.5 * L.TYPE_WEIGHTS
+    w_pat = 0.6 * (np.array(L.TYPE_NAMES) == primary) + 0.4 * L.TYPE_WEIGHTS
     w_pat /= w_pat.sum()
     size_mult = preset.body_scale
 
@@ -339,7 +339,8 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
             taken.add(les.lesion_id)
             done += 1
             # Occasionally a second (rarely third) lesion on the same key slice.
-            while done < quota and g.random() < 0.04:
+            on_slice = 1
+            while done < quota and on_slice < 3 and g.random() < 0.04:
                 d = float(ser_list[si].d_of(kk))
                 co = [o for o, osis in cands if o.lesion_id not in taken and si in osis
                       and L.cross_section(o.centre, o.semi_at(k), o.angle, d) is not None
@@ -350,6 +351,7 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
                 mark(o, si, kk)
                 taken.add(o.lesion_id)
                 done += 1
+                on_slice += 1
 
     # Sub-volumes: context around each key slice, overlapping ranges merged (<= 220 slices).
     subvols: list[SubVolume] = []

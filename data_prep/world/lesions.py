@@ -32,18 +32,18 @@ class LesionType:
 
 
 LESION_TYPES: dict[str, LesionType] = {t.name: t for t in (
-    LesionType("lung_nodule", 5, "lung", "lung", 10.0, 0.72, 3.0, 30.0, 1.25, 0.25),
-    LesionType("liver_tumour", 4, "liver", "liver", 18.0, 0.78, 5.0, 80.0, 1.0, 0.13),
-    LesionType("lymph_node_mediastinal", 3, "lymph_node", "lymph_node", 17.0, 0.5, 8.0, 55.0, 0.85, 0.16),
+    LesionType("lung_nodule", 5, "lung", "lung", 10.0, 0.8, 3.0, 30.0, 1.25, 0.25),
+    LesionType("liver_tumour", 4, "liver", "liver", 18.0, 0.88, 5.0, 80.0, 1.0, 0.09),
+    LesionType("lymph_node_mediastinal", 3, "lymph_node", "lymph_node", 17.0, 0.5, 8.0, 55.0, 0.95, 0.27),
     LesionType("lymph_node_abdominal", 2, "lymph_node", "lymph_node", 17.0, 0.5, 8.0, 60.0, 0.75, 0.12),
-    LesionType("lymph_node_pelvic", 8, "lymph_node", "lymph_node", 17.0, 0.5, 8.0, 55.0, 0.8, 0.04),
+    LesionType("lymph_node_pelvic", 8, "lymph_node", "lymph_node", 17.0, 0.5, 8.0, 55.0, 0.8, 0.03),
     LesionType("lymph_node_axillary", 7, "lymph_node", "lymph_node", 16.0, 0.45, 8.0, 45.0, 0.8, 0.03),
     LesionType("kidney_lesion", 6, "kidney", None, 17.0, 0.7, 5.0, 70.0, 0.9, 0.05),
     LesionType("adrenal_nodule", 2, "adrenal", None, 17.0, 0.5, 6.0, 60.0, 0.85, 0.04),
-    LesionType("abdominal_mass", 2, "abdomen", None, 24.0, 0.65, 6.0, 90.0, 0.8, 0.07),
+    LesionType("abdominal_mass", 2, "abdomen", None, 24.0, 0.75, 6.0, 90.0, 0.8, 0.07),
     LesionType("bone_lesion", 1, "bone", None, 20.0, 0.5, 6.0, 45.0, 0.6, 0.025),
     LesionType("soft_tissue_lesion", 7, "soft_tissue", None, 19.0, 0.65, 5.0, 80.0, 0.75, 0.04),
-    LesionType("pelvic_mass", 8, "pelvis", None, 28.0, 0.6, 6.0, 90.0, 0.85, 0.04),
+    LesionType("pelvic_mass", 8, "pelvis", None, 28.0, 0.6, 6.0, 90.0, 0.85, 0.025),
 )}
 TYPE_NAMES = tuple(LESION_TYPES)
 TYPE_WEIGHTS = np.array([LESION_TYPES[n].weight for n in TYPE_NAMES])

@@ -67,14 +67,14 @@ PRESETS: dict[str, Preset] = {
         cover_mm=70.0),
     "small": Preset(
         name="small", dl_patients=72, dl_studies_total=None, dl_marks_total=None, dl_max_studies=3,
-        dl_marks_mean=2.4, dl_extra_lesions=6.0, dl_context_mm=(10.0, 16.0),
+        dl_marks_mean=2.4, dl_extra_lesions=10.0, dl_context_mm=(10.0, 16.0),
         dl_intervals=((5.0, 0.7), (2.0, 0.1), (1.0, 0.2)),
         luna_scans=20, luna_intervals=((2.5, 0.7), (2.0, 0.3)), lits_volumes=10,
         lits_intervals=((5.0, 0.5), (2.5, 0.5)), nihln_med=5, nihln_abd=5,
         nihln_interval=((2.5, 0.5), (2.0, 0.5)), cover_mm=None),
     "paper": Preset(
         name="paper", dl_patients=4427, dl_studies_total=10594, dl_marks_total=32735, dl_max_studies=16,
-        dl_marks_mean=3.09, dl_extra_lesions=8.0, dl_context_mm=(22.0, 40.0),
+        dl_marks_mean=3.09, dl_extra_lesions=12.0, dl_context_mm=(22.0, 40.0),
         dl_intervals=((5.0, 0.52), (1.0, 0.40), (2.0, 0.05), (3.0, 0.015), (2.5, 0.015)),
         luna_scans=888, luna_intervals=((2.5, 0.35), (1.25, 0.25), (0.625, 0.15), (2.0, 0.15),
                                         (1.0, 0.10)),

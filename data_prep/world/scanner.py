@@ -58,7 +58,7 @@ def sample_protocol(g, body: A.Body, interval: float, kernel: str | None = None,
                     phase: int | None = None, nx: int = 512) -> dict:
     """Samples pixel spacing (0.5-1 mm, fitted to the body), kernel, phase, noise and table shift."""
     ba, _ = body.body_ab(300 * body.s)
-    want = (2 * ba + g.uniform(15, 70)) / nx
+    want = (2 * ba + g.uniform(40, 150) * body.s) / nx
     px = float(np.clip(want, 0.5, 0.977))
     px = round(px * 512) / 512  # scanner-like values (n/512 mm)
     if kernel is None:

@@ -67,8 +67,7 @@ class SingleScan:
 
     @property
     def spacing(self):
-        return (self.grid.px, self.grid.px, float(self.grid.d[0] - self.grid.d[1]) if len(self.grid.d) > 1
-                else self.grid.thickness)
+        return (self.grid.px, self.grid.px, self.grid.thickness)
 
     def canonical_index(self, pts):
         """[..., 3] patient (x, y, d) -> continuous canonical (i, j, k)."""
@@ -139,20 +138,20 @@ def make_luna(seed: int, preset: Preset, i: int) -> SingleScan:
         tries = 0
         while sum(labeled) < n and tries < 4 * n + 8:
             tries += 1
-            dia = float(np.exp(g.normal(np.log(5.3), 0.7))) * preset.body_scale
+            dia = float(np.exp(g.normal(np.log(5.2), 0.76)))
             if dia > 32.0:
                 continue
             les = L.new_lesion(body, g, len(lesions), "lung_nodule", 1, dia, sphere=True)
             if les is None or not _inside_grid(grid, les):
                 continue
             lesions.append(les)
-            lab = dia >= 3.0 * preset.body_scale
+            lab = dia >= 3.0
             labeled.append(bool(lab))
             if not lab:
                 excl.append([*les.centre, dia])
     # Small nodules below 3 mm and non-nodule findings (vessel crossings, scars): irrelevant findings.
     for _ in range(int(g.poisson(4))):
-        dia = float(g.uniform(1.5, 3.0)) * preset.body_scale
+        dia = float(g.uniform(1.5, 3.0))
         les = L.new_lesion(body, g, len(lesions), "lung_nodule", 1, dia, sphere=True)
         if les is not None and _inside_grid(grid, les):
             lesions.append(les)
@@ -178,8 +177,9 @@ def make_luna(seed: int, preset: Preset, i: int) -> SingleScan:
                       excluded=ex)
 
 
-def make_lits(seed: int, preset: Preset, i: int) -> SingleScan:
-    """LiTS volume i: abdomen around the liver; liver and tumours segmented, other lesions not."""
+def make_lits(seed: int, preset: Preset, i: int, orient: int | None = None) -> SingleScan:
+    """LiTS volume i: abdomen around the liver; liver and tumours segmented, other lesions not.
+    ``orient`` forces an index into LITS_ORIENTATIONS (default: drawn)."""
     g = wrng.stream(seed, "lits", i)
     body = A.sample_body(seed, ("lits", i), scale_mult=preset.body_scale)
     s = body.s
@@ -200,8 +200,9 @@ def make_lits(seed: int, preset: Preset, i: int) -> SingleScan:
                                      "bone_lesion"], int(g.integers(0, 4)), len(lesions), preset.body_scale)
     lesions += others
     labeled += [False] * len(others)
+    drawn = int(g.integers(0, len(LITS_ORIENTATIONS)))
     return SingleScan("lits", i, str(i), 0, body, grid, float(g.uniform(-100, 100)), lesions, labeled,
-                      orient=int(g.integers(0, len(LITS_ORIENTATIONS))))
+                      orient=drawn if orient is None else int(orient))
 
 
 def nihln_ids(preset: Preset) -> list[str]:

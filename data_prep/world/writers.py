@@ -250,8 +250,9 @@ def _sitk_image(arr_zyx, spacing, origin, direction=np.eye(3)):
     return img
 
 
-def lits_unit(seed: int, preset: Preset, i: int, out: str | None, tables_only: bool):
-    scan = SG.make_lits(seed, preset, i)
+def lits_unit(seed: int, preset: Preset, i: int, out: str | None, tables_only: bool,
+              orient: int | None = None):
+    scan = SG.make_lits(seed, preset, i, orient)
     to_file_index, direction, file_sp, origin, to_file_array = lits_orientation(scan)
     truth = _single_truth_rows(scan, to_file_index)
     if not tables_only and out is not None:

@@ -157,6 +157,10 @@ def _generate(preset: Preset, seed: int, tmp: pathlib.Path, tables_only: bool, w
             summary["subvolumes"].extend(svs)
         for f in (f_info, f_sc, f_tr):
             f.close()
+        # Fresh arrays with the canonical dtype object, so the pickle's bytes do not depend on
+        # whether the boxes came from this process or from a worker.
+        truth = {split: {str(k): np.array(np.asarray(v).tolist(), dtype=np.float64).reshape(-1, 6)
+                         for k, v in d.items()} for split, d in truth.items()}
         atomic_dump(truth, tmp / "truth" / "deeplesion_volumetric_truth.pkl")
 
         # LUNA16.

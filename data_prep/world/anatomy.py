@@ -176,7 +176,7 @@ class Body:
         d_ = np.asarray(d, dtype=np.float64) / self.s
         w = np.where(d_ < 300, 11.0, 9.0) * self.s
         yv = self.vertebra_y(d)
-        inside = _se(x, y, a - w, b - w, 2.2) < 1.0
+        inside = _se(x, y, a - w, b - w, 2.0) < 1.0
         spine = _se(x, y - yv - 12 * self.s, 27 * self.s, 34 * self.s, 2.0) < 1
         para = _se(x, y - b, 56 * self.s, 38 * self.s, 2.0) < 1
         return inside & ~spine & ~para
@@ -188,7 +188,7 @@ class Body:
         w = 11.0 * s
         f = 0.35 + 0.65 * np.sqrt(np.clip(d / (45 * s), 0, 1))
         # Each lung is a rounded region of its hemithorax; the apex tapers.
-        lat = _se(x, y - 4 * s, (a - w) * f, (b - w) * np.maximum(f, 0.6), 2.2) < 1.0
+        lat = _se(x, y - 4 * s, (a - w) * f, (b - w) * np.maximum(f, 0.6), 2.0) < 1.0
         cav = self.in_cavity(x, y, d) & lat & (d > 0) & (d < self.diaphragm_d(x, y))
         med_w = np.where(d < 120 * s, 24.0, 18.0) * s
         taper = 0.45 + 0.55 * np.clip((y + 0.3 * b) / (0.6 * b), 0, 1)
@@ -215,6 +215,8 @@ class Body:
         sinus = out.copy()
         for side, dd in ((-1, 352.0), (1, 338.0)):
             cx, cy, cd = side * 70 * s, 45 * s, dd * s
+            if np.all(np.abs(np.asarray(d) - cd) > 56 * s):
+                continue
             ang = np.deg2rad(-side * 25.0)
             u = (x - cx) * np.cos(ang) + (y - cy) * np.sin(ang)
             v = -(x - cx) * np.sin(ang) + (y - cy) * np.cos(ang)
@@ -262,18 +264,27 @@ class Body:
         # Ribs: 12 pairs descending anteriorly around the chest wall.
         rn = np.sqrt(_se(x, y, a, b, 2.0))
         r_rib = 1.0 - 7.0 * s / (0.5 * (a + b))
-        radial = (rn - r_rib) * 0.5 * (a + b)
-        phi = np.arctan2(x, -y)
-        alpha = np.pi - np.abs(phi)                       # 0 posterior midline, pi anterior
-        base = 8 * s + 115 * s * (alpha / np.pi) ** 1.6 - 10 * s * np.sin(alpha * 1.2)
-        k = np.round((d - base) / (24 * s))
-        valid_k = (k >= 0) & (k <= 11)
-        dist = np.abs(d - base - k * 24 * s)
-        reach = np.where(k >= 9, 1.9, np.pi - 0.38)
-        rib_core = valid_k & (dist < 4.2 * s) & (np.abs(radial) < 4.5 * s) & (alpha > 0.32) & (alpha < reach)
-        rib_cart = valid_k & (dist < 4.0 * s) & (np.abs(radial) < 4.0 * s) & (alpha >= np.pi - 0.38) \
-            & (alpha < np.pi - 0.12) & (k < 8)
-        rib_cort = rib_core & ((dist > 2.6 * s) | (np.abs(radial) > 2.8 * s))
+        radial_all = (rn - r_rib) * 0.5 * (a + b)
+        rib_core = np.zeros(shape, bool)
+        rib_cart = np.zeros(shape, bool)
+        rib_cort = np.zeros(shape, bool)
+        ring = np.broadcast_to(np.abs(radial_all) < 4.0 * s, shape) & np.broadcast_to(dn < 420, shape)
+        if ring.any():
+            # Only the chest-wall ring can hold a rib: evaluate the rib geometry there.
+            xr, yr = np.broadcast_to(x, shape)[ring], np.broadcast_to(y, shape)[ring]
+            dr = np.broadcast_to(d, shape)[ring]
+            radial = np.broadcast_to(radial_all, shape)[ring]
+            alpha = np.pi - np.abs(np.arctan2(xr, -yr))      # 0 posterior midline, pi anterior
+            base = 8 * s + 115 * s * (alpha / np.pi) ** 1.6 - 10 * s * np.sin(alpha * 1.2)
+            k = np.round((dr - base) / (24 * s))
+            valid_k = (k >= 0) & (k <= 11)
+            dist = np.abs(dr - base - k * 24 * s)
+            reach = np.where(k >= 9, 1.9, np.pi - 0.38)
+            core_r = valid_k & (dist < 4.6 * s) & (np.abs(radial) < 3.2 * s) & (alpha > 0.32) & (alpha < reach)
+            rib_core[ring] = core_r
+            rib_cart[ring] = valid_k & (dist < 4.0 * s) & (np.abs(radial) < 4.0 * s) \
+                & (alpha >= np.pi - 0.38) & (alpha < np.pi - 0.12) & (k < 8)
+            rib_cort[ring] = core_r & ((dist > 4.6 * s - 1.3) | (np.abs(radial) > 3.2 * s - 1.3))
         # Sternum.
         st = (dn > 15) & (dn < 190) & (_se(x, y + (b - 9 * s), 15 * s, 6 * s, 2.0) < 1)
         st_c = st & (_se(x, y + (b - 9 * s), 13 * s, 4.2 * s, 2.0) > 1)
@@ -312,7 +323,7 @@ class Body:
         body = (_se(x, y, ba, bb_eff, 2.3) < 1) & (y < ty - 0.5)
         lab[body] = FAT
         a, b = self.core_ab(d)
-        core = body & (_se(x, y, a, b, 2.2) < 1)
+        core = body & (_se(x, y, a, b, 2.0) < 1)
         lab[core] = MUSCLE
         cav = core & self.in_cavity(x, y, d)
         dia = self.diaphragm_d(x, y)
@@ -409,19 +420,22 @@ def sample_body(seed: int, patient_key: tuple, sex: str | None = None, scale_mul
         patient_key=tuple(patient_key), s=s,
         fat=float(np.clip(g.lognormal(np.log(16.0), 0.45), 5.0, 55.0)) * scale_mult,
         visceral=float(g.uniform(0, 1)),
-        lung_hu=float(g.normal(-862, 18)),
+        lung_hu=float(g.normal(-875, 15)),
         dome_r=float(g.normal(212, 8) * s), dome_l=float(g.normal(226, 8) * s),
         heart_shift=float(g.normal(0, 5)), table_gap=float(g.uniform(0.5, 4.0)), sex=sex,
     )
 
 
 def _perp(v, g):
-    a = np.cross(v, g.normal(size=3))
-    n = np.linalg.norm(a)
-    return a / n if n > 1e-9 else np.array([1.0, 0, 0])
+    """[n, 3] random unit vectors perpendicular to the rows of v [n, 3]."""
+    v = np.asarray(v, float).reshape(-1, 3)
+    a = np.cross(v, g.normal(size=v.shape))
+    n = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.where(n > 1e-9, a / np.maximum(n, 1e-12), np.array([1.0, 0.0, 0.0]))
 
 
-def _grow_tree(body: Body, g, roots, inside, kind, r_min, max_gen=18, length_k=(4.0, 7.0)) -> Tubes:
+def _grow_tree(body: Body, g, roots, inside, kind, r_min, max_gen=18, length_k=(4.0, 7.0),
+               targets: np.ndarray | None = None) -> Tubes:
     """Grows a branching vessel tree generation by generation (vectorised over the tips).
 
     roots: list of (point (x, y, d), direction, radius); inside(x, y, d) -> bool array: where
@@ -439,9 +453,14 @@ def _grow_tree(body: Body, g, roots, inside, kind, r_min, max_gen=18, length_k=(
         L = np.clip(r * g.uniform(*length_k, size=n), 3.0, 24.0)
         best_q = np.full((n, 3), np.nan)
         best_v = v.copy()
-        for attempt in range(4):
-            jitter = g.normal(size=(n, 3)) * (0.25 + 0.25 * attempt)
+        for attempt in range(6):
+            jitter = g.normal(size=(n, 3)) * (0.25 + 0.2 * attempt)
             vv = v + jitter
+            if targets is not None and attempt >= 2:
+                # Steer towards random points of the organ not yet reached (space filling).
+                tg = targets[g.integers(0, len(targets), size=n)] - p
+                tg /= np.maximum(np.linalg.norm(tg, axis=1, keepdims=True), 1e-6)
+                vv = v + 1.5 * tg + jitter * 0.5
             vv /= np.linalg.norm(vv, axis=1, keepdims=True)
             q = p + vv * L[:, None]
             ok = inside(q[:, 0], q[:, 1], q[:, 2]) & np.isnan(best_q[:, 0])
@@ -458,13 +477,13 @@ def _grow_tree(body: Body, g, roots, inside, kind, r_min, max_gen=18, length_k=(
         out_r.append(r[alive])
         p, v, r = best_q[alive], best_v[alive], r[alive]
         # Branch.
-        r1 = r * g.uniform(0.72, 0.88, size=len(p))
-        r2 = r * g.uniform(0.5, 0.78, size=len(p))
+        r1 = r * g.uniform(0.8, 0.93, size=len(p))
+        r2 = r * g.uniform(0.45, 0.72, size=len(p))
         keep1 = r1 >= r_min
         keep2 = r2 >= r_min
         ang1 = np.deg2rad(g.uniform(15, 40, size=len(p)))
         ang2 = np.deg2rad(g.uniform(25, 60, size=len(p)))
-        axes = np.stack([_perp(vi, g) for vi in v]) if len(v) else np.zeros((0, 3))
+        axes = _perp(v, g)
         v1 = v * np.cos(ang1)[:, None] + axes * np.sin(ang1)[:, None]
         v2 = v * np.cos(ang2)[:, None] - axes * np.sin(ang2)[:, None]
         p = np.concatenate([p[keep1], p[keep2]])
@@ -519,6 +538,9 @@ def grow_tubes(body: Body, seed: int) -> Body:
     pt = [(22 * s, -42 * s, 150 * s), (24 * s, -30 * s, 118 * s), (12 * s, -14 * s, 104 * s)]
     parts.append(Tubes.chain(pt, [13 * s], TUBE_PULM_ART))
     lung = body.in_lung
+    cand = np.stack([g.uniform(-150, 150, 6000) * s, g.uniform(-110, 110, 6000) * s,
+                     g.uniform(0, 300, 6000) * s], axis=1)
+    lung_pts = cand[lung(cand[:, 0], cand[:, 1], cand[:, 2])]
     roots_art = []
     for side, hx, hd in ((-1, -34.0, 106.0), (1, 34.0, 100.0)):
         for k in range(9):
@@ -528,7 +550,7 @@ def grow_tubes(body: Body, seed: int) -> Body:
                               float(g.uniform(4.0, 6.5) * s)))
     parts.append(Tubes.chain([(12 * s, -14 * s, 104 * s), (-30 * s, -10 * s, 106 * s)], [9.5 * s], TUBE_PULM_ART))
     parts.append(Tubes.chain([(12 * s, -14 * s, 104 * s), (36 * s, -8 * s, 100 * s)], [9 * s], TUBE_PULM_ART))
-    art = _grow_tree(body, g, roots_art, lung, TUBE_PULM_ART, r_min=0.45)
+    art = _grow_tree(body, g, roots_art, lung, TUBE_PULM_ART, r_min=0.45, targets=lung_pts)
     parts.append(art)
     roots_vein = []
     for side, hx, hd in ((-1, -24.0, 145.0), (1, 26.0, 142.0)):
@@ -537,7 +559,7 @@ def grow_tubes(body: Body, seed: int) -> Body:
             dirv = (side * 1.0, 0.6 * np.cos(theta), 1.2 * np.sin(theta))
             roots_vein.append(((hx * s, 2 * s + g.normal(0, 3), hd * s + g.normal(0, 4)), dirv,
                                float(g.uniform(3.5, 5.5) * s)))
-    parts.append(_grow_tree(body, g, roots_vein, lung, TUBE_PULM_VEIN, r_min=0.45))
+    parts.append(_grow_tree(body, g, roots_vein, lung, TUBE_PULM_VEIN, r_min=0.45, targets=lung_pts))
     # Airways: trachea, main bronchi, then bronchi running beside the larger arteries.
     carina = (0, -2 * s, 78 * s)
     parts.append(Tubes.chain([(0, -12 * s, -80 * s), (0, -6 * s, 20 * s), carina], [8.5 * s],
@@ -546,7 +568,7 @@ def grow_tubes(body: Body, seed: int) -> Body:
     parts.append(Tubes.chain([carina, (30 * s, -2 * s, 104 * s)], [6.0 * s], TUBE_AIRWAY, wall=1.5 * s))
     big = art.r >= 2.6
     if big.any():
-        off = np.stack([_perp(b - a, g) for a, b in zip(art.p0[big], art.p1[big])])
+        off = _perp(art.p1[big] - art.p0[big], g)
         rr = art.r[big] * 0.75
         shift = off * (art.r[big] + rr + 1.0)[:, None]
         n = int(big.sum())
@@ -643,6 +665,22 @@ def station_point(body: Body, name: str, g) -> np.ndarray:
     else:
         y = y * s
     return np.array([x * s + g.normal(0, spread), y + g.normal(0, spread * 0.4), d])
+
+
+def station_points(body: Body, names, g) -> np.ndarray:
+    """Vectorised :func:`station_point`: [n, 3] random points of the named stations."""
+    s = body.s
+    st = np.array([NODE_STATIONS[n][:2] + (NODE_STATIONS[n][2], NODE_STATIONS[n][3]) for n in names],
+                  dtype=object)
+    n = len(names)
+    x = np.array([v[0] for v in st], float)
+    y = np.array([np.nan if v[1] is None else v[1] for v in st], float)
+    dd = np.array([v[2] for v in st], float)
+    spread = np.array([v[3] for v in st], float)
+    d = (dd + g.normal(0, 1, n) * spread * 0.5) * s
+    yv = body.vertebra_y(d) - 26 * s
+    yy = np.where(np.isnan(y), yv, y * s)
+    return np.stack([x * s + g.normal(0, 1, n) * spread, yy + g.normal(0, 1, n) * spread * 0.4, d], axis=1)
 
 
 def normal_nodes(body: Body, g) -> np.ndarray:

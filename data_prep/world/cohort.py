@@ -169,31 +169,24 @@ def plan_deeplesion(seed: int, preset: Preset) -> DLPlan:
 def lesion_voxel_box(les: L.Lesion, k: int, x0: float, y0: float, px: float, d_slices: np.ndarray):
     """3D box of a lesion (study k) on a slice grid: ([c1, r1, c2, r2] inclusive 0-based pixel
     indices, [i1, i2] inclusive indices into d_slices) of the voxel centres inside the ellipsoid;
-    None when no voxel centre is inside."""
+    None when no voxel centre is inside. Vectorised over the slices."""
     semi = les.semi_at(k)
     if semi[0] <= 0:
         return None
-    best = None
-    zs = []
-    for i, d in enumerate(d_slices):
-        cs = L.cross_section(les.centre, semi, les.angle, d)
-        if cs is None:
-            continue
-        cx, cy, a, b = cs
-        ex, ey = L.inplane_extent((a, b), les.angle)
-        c1 = int(np.ceil((cx - ex - x0) / px))
-        c2 = int(np.floor((cx + ex - x0) / px))
-        r1 = int(np.ceil((cy - ey - y0) / px))
-        r2 = int(np.floor((cy + ey - y0) / px))
-        if c2 < c1 or r2 < r1:
-            continue
-        zs.append(i)
-        box = (c1, r1, c2, r2)
-        best = box if best is None else (min(best[0], c1), min(best[1], r1), max(best[2], c2),
-                                         max(best[3], r2))
-    if best is None:
+    t = (np.asarray(d_slices, float) - les.centre[2]) / semi[2]
+    f = np.sqrt(np.clip(1.0 - t * t, 0.0, None))
+    ex0, ey0 = L.inplane_extent(semi[:2], les.angle)
+    cx, cy = les.centre[0], les.centre[1]
+    c1 = np.ceil((cx - ex0 * f - x0) / px)
+    c2 = np.floor((cx + ex0 * f - x0) / px)
+    r1 = np.ceil((cy - ey0 * f - y0) / px)
+    r2 = np.floor((cy + ey0 * f - y0) / px)
+    ok = (np.abs(t) < 1.0) & (c2 >= c1) & (r2 >= r1)
+    if not ok.any():
         return None
-    return np.array(best), (zs[0], zs[-1])
+    zs = np.flatnonzero(ok)
+    box = np.array([c1[ok].min(), r1[ok].min(), c2[ok].max(), r2[ok].max()]).astype(int)
+    return box, (int(zs[0]), int(zs[-1]))
 
 
 def recist_on_slice(les: L.Lesion, k: int, d: float, x0: float, y0: float, px: float):

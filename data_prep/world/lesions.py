@@ -172,10 +172,42 @@ def _candidates(body: A.Body, g, type_name: str, n: int, station: str | None = N
     elif type_name.startswith("lymph_node"):
         stations = NODE_TYPE_STATIONS[type_name] if station is None else (station,)
         pick = g.integers(0, len(stations), size=n)
-        return np.stack([A.station_point(body, stations[i], g) for i in pick])
+        return A.station_points(body, [stations[i] for i in pick], g)
     else:
         raise KeyError(f"unknown lesion type {type_name!r}")
     return lo + u * (hi - lo)
+
+
+def _in_body_outline(body: A.Body, x, y, d):
+    ba, bb = body.body_ab(d)
+    bb_eff = np.where(y > 0, bb * 0.93, bb)
+    return (A._se(x, y, ba, bb_eff, 2.3) < 1) & (y < body.table_y(x) - 0.5)
+
+
+def organ_ok(body: A.Body, type_name: str, x, y, d) -> np.ndarray:
+    """Whether points (x, y, d) mm lie in the tissue a lesion type grows in (cheap organ tests,
+    the same regions as :meth:`anatomy.Body.labels`)."""
+    if type_name == "lung_nodule":
+        return body.in_lung(x, y, d)
+    if type_name == "liver_tumour":
+        return body.in_liver(x, y, d)
+    if type_name == "kidney_lesion":
+        return body.in_kidney(x, y, d)[0] & body.in_abdomen_fat(x, y, d)
+    bone = body.in_bone(x, y, d)[0]
+    if type_name == "bone_lesion":
+        a, b = body.core_ab(d)
+        return bone & (A._se(x, y, a, b, 2.0) < 1)
+    if type_name == "soft_tissue_lesion":
+        a, b = body.core_ab(d)
+        return _in_body_outline(body, x, y, d) & ~(A._se(x, y, a, b, 2.0) < 1)
+    if type_name.startswith("lymph_node"):
+        return _in_body_outline(body, x, y, d) & ~body.in_lung(x, y, d) & ~bone
+    abd = body.in_abdomen_fat(x, y, d) & ~bone
+    if type_name == "adrenal_nodule":
+        return abd & ~body.in_liver(x, y, d) & ~body.in_kidney(x, y, d)[0]
+    if type_name in ("abdominal_mass", "pelvic_mass"):
+        return abd & ~body.in_liver(x, y, d) & ~body.in_kidney(x, y, d)[0] & ~body.in_spleen(x, y, d)
+    raise KeyError(f"unknown lesion type {type_name!r}")
 
 
 _ALLOWED = {
@@ -196,24 +228,16 @@ def place(body: A.Body, g, type_name: str, long_mm: float, station: str | None =
     The centre lies in the type's organ; for lung nodules and liver tumours the in-plane ends of the
     long axis must also be in the organ (juxtapleural nodules and capsular tumours still occur).
     """
-    n = 96
-    for _ in range(4):
+    for n in (24, 96, 96, 96):
         cand = _candidates(body, g, type_name, n, station)
-        if type_name.startswith("lymph_node"):
-            lab = body.labels(cand[:, 0], cand[:, 1], cand[:, 2])
-            ok = ~np.isin(lab, (A.AIR, A.LUNG, A.CORTEX, A.CANCELLOUS, A.CSF, A.TABLE_FOAM, A.TABLE_SHELL))
-        else:
-            lab = body.labels(cand[:, 0], cand[:, 1], cand[:, 2])
-            ok = np.isin(lab, _ALLOWED[type_name])
-            if type_name in ("lung_nodule", "liver_tumour", "kidney_lesion"):
-                r = 0.45 * long_mm
-                inside = np.zeros(len(cand), int)
-                for dx, dy in ((r, 0), (-r, 0), (0, r), (0, -r)):
-                    lab2 = body.labels(cand[:, 0] + dx, cand[:, 1] + dy, cand[:, 2])
-                    inside += np.isin(lab2, _ALLOWED[type_name])
-                ok &= inside >= (3 if type_name != "kidney_lesion" else 2)
-            if type_name == "soft_tissue_lesion":
-                ok &= ~body.in_cavity(cand[:, 0], cand[:, 1], cand[:, 2])
+        ok = organ_ok(body, type_name, cand[:, 0], cand[:, 1], cand[:, 2])
+        if type_name in ("lung_nodule", "liver_tumour", "kidney_lesion") and ok.any():
+            r = 0.45 * long_mm
+            off = np.array([(r, 0), (-r, 0), (0, r), (0, -r)])
+            inside = organ_ok(body, type_name, cand[None, :, 0] + off[:, None, 0],
+                              cand[None, :, 1] + off[:, None, 1],
+                              cand[None, :, 2] + 0 * off[:, None, 0]).sum(axis=0)
+            ok &= inside >= (3 if type_name != "kidney_lesion" else 2)
         idx = np.flatnonzero(ok)
         if len(idx):
             return cand[idx[0]]

@@ -118,7 +118,7 @@ def _capsule_fraction(P, a, b, r, w):
     return np.clip((r - dist) / w + 0.5, 0.0, 1.0)
 
 
-def _blend_tubes(vol, grid: ScanGrid, fine_d, tubes: A.Tubes, phase: int):
+def _blend_tubes(vol, grid: ScanGrid, fine_d, tubes: A.Tubes, phase: int, g_tube=None):
     xs, ys = grid.xs(), grid.ys()
     px = grid.px
     lo = np.minimum(tubes.p0, tubes.p1) - tubes.r[:, None] - tubes.wall[:, None] - px
@@ -160,9 +160,9 @@ def _blend_tubes(vol, grid: ScanGrid, fine_d, tubes: A.Tubes, phase: int):
                 yy = P[..., 1] - yc
                 fluid = 18.0 if kind != A.TUBE_COLON else 5.0
                 content = np.where(yy < level, -990.0, fluid).astype(np.float32)
-                if kind == A.TUBE_COLON:  # mottled stool: gas bubbles in the fluid
-                    bub = (np.sin(P[..., 0] * 0.9) * np.sin(P[..., 1] * 1.1) * np.sin(P[..., 2] * 0.8)) > 0.55
-                    content = np.where(bub & (yy >= level), -700.0, content).astype(np.float32)
+                if kind == A.TUBE_COLON:  # mottled stool: small gas bubbles in the faeces
+                    bub = ndimage.gaussian_filter(g_tube.standard_normal(P.shape[:-1]), 1.0) > 0.35
+                    content = np.where(bub & (yy >= level), -600.0, content).astype(np.float32)
                 if kind == A.TUBE_ESOPHAGUS:
                     fi *= 0.0
             sub += fi * (content - sub)
@@ -246,9 +246,9 @@ def render(body: A.Body, grid: ScanGrid, seed: int, key: tuple, ellipsoids=()) -
         sl += _TEX[lab] * tex[i, r0:r1, c0:c1]
         # Dependent lung density: the posterior lung is denser.
         lung = lab == A.LUNG
-        sl[lung] += (35.0 * np.clip((Yc[lung] / (100 * body.s) + 0.2), 0, 1.2)).astype(np.float32)
+        sl[lung] += (25.0 * np.clip((Yc[lung] / (100 * body.s) + 0.2), 0, 1.2)).astype(np.float32)
         vol[i, r0:r1, c0:c1] = sl
-    _blend_tubes(vol, grid, fd_sorted, body.tubes, grid.phase)
+    _blend_tubes(vol, grid, fd_sorted, body.tubes, grid.phase, g)
     nodes = [(n[:3], n[3:6], n[6], float(A.HU_LUT[grid.phase, A.NODE]), 6.0) for n in body.nodes]
     _blend_ellipsoids(vol, grid, fd_sorted, list(nodes) + list(ellipsoids), g)
     # Partial volume across the slice thickness.

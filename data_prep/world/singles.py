@@ -234,7 +234,8 @@ def make_nihln(seed: int, preset: Preset, i: int) -> SingleScan:
         les = L.new_lesion(body, g, len(lesions), tn, 1, longd)
         if les is None or not _inside_grid(grid, les):
             continue
-        les.semi = np.array([longd / 2, short / 2, short / 2 * g.uniform(1.0, 1.4)])
+        # z half-axis at least 0.6 slice intervals: the node's centre voxel is always inside it.
+        les.semi = np.array([longd / 2, short / 2, max(short / 2 * g.uniform(1.0, 1.4), 0.6 * interval)])
         # Keep clear of nodes already placed (one label per voxel in the mask).
         if any(np.linalg.norm(les.centre - o.centre) < (les.semi[0] + o.semi[0]) for o in lesions):
             continue

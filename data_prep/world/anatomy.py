@@ -56,8 +56,8 @@ TUBE_AIRWAY, TUBE_BOWEL, TUBE_COLON, TUBE_ESOPHAGUS = range(6, 10)
 TUBE_HU = np.array([
     # pulm art, pulm vein, aorta, sys vein, portal, hep vein, airway wall, bowel wall, colon wall, esoph
     [40, 40, 42, 40, 38, 36, 40, 45, 45, 45],
-    [320, 260, 330, 90, 110, 60, 45, 95, 90, 70],
-    [170, 160, 165, 150, 175, 165, 45, 95, 90, 75],
+    [320, 260, 330, 90, 110, 60, 45, 75, 70, 70],
+    [170, 160, 165, 150, 175, 165, 45, 70, 65, 75],
 ], dtype=np.float32)
 
 # Landmark depths (mm below the lung apex for a patient of scale 1) and the musculoskeletal trunk's
@@ -148,8 +148,10 @@ class Body:
     def _diaphragm_d(self, x, y):
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
-        dome = np.where(x < 0, self.dome_r, self.dome_l)
-        xd = np.where(x < 0, -65.0, 65.0) * self.s
+        # Smooth blend between the right and left domes (no seam on the midline).
+        t = 1.0 / (1.0 + np.exp(-x / (12.0 * self.s)))
+        dome = self.dome_r + (self.dome_l - self.dome_r) * t
+        xd = (-65.0 + 130.0 * t) * self.s
         _, b = self.core_ab(dome)
         return dome + 0.0028 * (x - xd) ** 2 / self.s + 100.0 * self.s * np.clip(y / b, 0, 1) ** 1.3
 
@@ -259,7 +261,8 @@ class Body:
         rc = np.hypot(x, y - yc)
         arch = (rc > 8 * s) & (rc < 13 * s) & (y > yc - 2 * s)
         spin = (np.abs(x) < 4 * s) & (y > yc + 10 * s) & (y < b - 14 * s) & (np.mod(dn, 27.0) < 17)
-        trans = (np.abs(y - yc) < 4.5 * s) & (np.abs(x) < 36 * s) & (np.abs(x) > 8 * s) & (np.mod(dn + 5, 27.0) < 9)
+        trans = (np.abs(y - yc + 1.5 * s) < 3.0 * s) & (np.abs(x) < 27 * s) & (np.abs(x) > 10 * s) \
+            & (np.mod(dn + 5, 27.0) < 7)
         post = (arch | spin | trans) & (dn < 560)
         # Ribs: 12 pairs descending anteriorly around the chest wall.
         rn = np.sqrt(_se(x, y, a, b, 2.0))
@@ -292,10 +295,12 @@ class Body:
         il = np.zeros(shape, bool)
         il_c = np.zeros(shape, bool)
         for side in (-1, 1):
-            qw = _se(x - side * 95 * s, y - 28 * s, 42 * s, 58 * s, 2.0)
-            wing = (dn > 430) & (dn < 560) & (qw > 0.62) & (qw < 1.0) & (y > -25 * s) & (side * x > 40 * s)
+            # Iliac wing: a curved plate (~8 mm thick) lateral to the psoas, open anteriorly.
+            qw = _se(x - side * 80 * s, y - 30 * s, 48 * s, 62 * s, 2.0)
+            wing = (dn > 440) & (dn < 570) & (qw > 0.74) & (qw < 1.0) & (y > -20 * s) \
+                & (side * x > 60 * s + 0.25 * np.abs(y))
             il |= wing
-            il_c |= wing & ((qw > 0.93) | (qw < 0.68))
+            il_c |= wing & ((qw > 0.95) | (qw < 0.79))
             fh = np.sqrt((x - side * 88 * s) ** 2 + (y - 8 * s) ** 2 + (d - 612 * s) ** 2)
             il |= fh < 24 * s
             il_c |= (fh < 24 * s) & (fh > 21.5 * s)
@@ -629,7 +634,7 @@ def grow_tubes(body: Body, seed: int) -> Body:
     if walk_p0:
         n = len(walk_p0)
         parts.append(Tubes(np.array(walk_p0), np.array(walk_p1), np.array(walk_r),
-                           np.full(n, TUBE_BOWEL, np.int16), np.full(n, 2.0), np.array(walk_gas)))
+                           np.full(n, TUBE_BOWEL, np.int16), np.full(n, 1.6), np.array(walk_gas)))
     body.tubes = Tubes.concat(parts)
     body.nodes = normal_nodes(body, g)
     return body

@@ -292,7 +292,10 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
             kk = int(np.clip(np.round((les.centre[2] - se.d_first) / se.interval) + 1, 1, se.n_slices))
             return kk
 
+        per_slice: dict[tuple, int] = {}
+
         def mark(les, si, kk):
+            per_slice[(si, kk)] = per_slice.get((si, kk), 0) + 1
             se = ser_list[si]
             x0, y0 = xy0[si]
             rec = recist_on_slice(les, k, float(se.d_of(kk)), x0, y0, se.proto["px"])
@@ -306,7 +309,7 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
         done = 0
         taken: set[int] = set()
         attempts = 0
-        while done < quota and attempts < 40:
+        while done < quota and attempts < 200:
             attempts += 1
             cands = []
             for les in lesions:
@@ -325,6 +328,9 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
             les, sis = cands[int(g.choice(len(cands), p=w / w.sum()))]
             si = int(g.choice(sis))
             kk = key_of(les, si)
+            if per_slice.get((si, kk), 0) >= 3:   # at most 3 marks on one key slice
+                taken.add(les.lesion_id)
+                continue
             if recist_on_slice(les, k, float(ser_list[si].d_of(kk)), *xy0[si], ser_list[si].proto["px"]) is None:
                 taken.add(les.lesion_id)
                 continue
@@ -332,8 +338,7 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
             taken.add(les.lesion_id)
             done += 1
             # Occasionally a second (rarely third) lesion on the same key slice.
-            on_slice = 1
-            while done < quota and on_slice < 3 and g.random() < 0.04:
+            while done < quota and per_slice[(si, kk)] < 3 and g.random() < 0.04:
                 d = float(ser_list[si].d_of(kk))
                 co = [o for o, osis in cands if o.lesion_id not in taken and si in osis
                       and L.cross_section(o.centre, o.semi_at(k), o.angle, d) is not None
@@ -344,7 +349,6 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
                 mark(o, si, kk)
                 taken.add(o.lesion_id)
                 done += 1
-                on_slice += 1
 
     # Sub-volumes: context around each key slice, overlapping ranges merged (<= 220 slices).
     subvols: list[SubVolume] = []

@@ -231,13 +231,18 @@ def place(body: A.Body, g, type_name: str, long_mm: float, station: str | None =
     for n in (24, 96, 96, 96):
         cand = _candidates(body, g, type_name, n, station)
         ok = organ_ok(body, type_name, cand[:, 0], cand[:, 1], cand[:, 2])
-        if type_name in ("lung_nodule", "liver_tumour", "kidney_lesion") and ok.any():
+        if type_name in ("lung_nodule", "liver_tumour", "kidney_lesion", "soft_tissue_lesion") and ok.any():
             r = 0.45 * long_mm
             off = np.array([(r, 0), (-r, 0), (0, r), (0, -r)])
             inside = organ_ok(body, type_name, cand[None, :, 0] + off[:, None, 0],
                               cand[None, :, 1] + off[:, None, 1],
                               cand[None, :, 2] + 0 * off[:, None, 0]).sum(axis=0)
-            ok &= inside >= (3 if type_name != "kidney_lesion" else 2)
+            need = {"kidney_lesion": 2, "soft_tissue_lesion": 4}.get(type_name, 3)
+            if type_name == "soft_tissue_lesion":  # inside the body outline, not just in the fat
+                inside = _in_body_outline(body, cand[None, :, 0] + off[:, None, 0],
+                                          cand[None, :, 1] + off[:, None, 1],
+                                          cand[None, :, 2] + 0 * off[:, None, 0]).sum(axis=0)
+            ok &= inside >= need
         idx = np.flatnonzero(ok)
         if len(idx):
             return cand[idx[0]]

@@ -74,7 +74,7 @@ PRESETS: dict[str, Preset] = {
         nihln_interval=((2.5, 0.5), (2.0, 0.5)), cover_mm=None),
     "paper": Preset(
         name="paper", dl_patients=4427, dl_studies_total=10594, dl_marks_total=32735, dl_max_studies=16,
-        dl_marks_mean=3.09, dl_extra_lesions=12.0, dl_context_mm=(22.0, 40.0),
+        dl_marks_mean=3.09, dl_extra_lesions=9.0, dl_context_mm=(22.0, 40.0),
         dl_intervals=((5.0, 0.52), (1.0, 0.40), (2.0, 0.05), (3.0, 0.015), (2.5, 0.015)),
         luna_scans=888, luna_intervals=((2.5, 0.35), (1.25, 0.25), (0.625, 0.15), (2.0, 0.15),
                                         (1.0, 0.10)),

@@ -158,7 +158,7 @@ def _blend_tubes(vol, grid: ScanGrid, fine_d, tubes: A.Tubes, phase: int, g_tube
                 yc = 0.5 * (tubes.p0[i, 1] + tubes.p1[i, 1])
                 level = -inner + 2 * inner * tubes.gas[i]
                 yy = P[..., 1] - yc
-                fluid = 18.0 if kind != A.TUBE_COLON else 5.0
+                fluid = 28.0 if kind != A.TUBE_COLON else 12.0
                 content = np.where(yy < level, -990.0, fluid).astype(np.float32)
                 if kind == A.TUBE_COLON:  # mottled stool: small gas bubbles in the faeces
                     bub = ndimage.gaussian_filter(g_tube.standard_normal(P.shape[:-1]), 1.0) > 0.35

@@ -553,6 +553,11 @@ def grow_tubes(body: Body, seed: int) -> Body:
             dirv = (side * 1.0, 0.8 * np.cos(theta), 1.1 * np.sin(theta))
             roots_art.append(((hx * s, -6 * s + g.normal(0, 3), hd * s + g.normal(0, 4)), dirv,
                               float(g.uniform(4.0, 6.5) * s)))
+        # Lower-lobe arteries: large trunks running down and back to the bases.
+        for k in range(4):
+            dirv = (side * g.uniform(0.2, 0.7), g.uniform(-0.2, 0.8), 1.0)
+            roots_art.append((((hx + side * 6) * s, 4 * s + g.normal(0, 4), (hd + 20) * s + g.normal(0, 4)),
+                              dirv, float(g.uniform(4.5, 6.5) * s)))
     parts.append(Tubes.chain([(12 * s, -14 * s, 104 * s), (-30 * s, -10 * s, 106 * s)], [9.5 * s], TUBE_PULM_ART))
     parts.append(Tubes.chain([(12 * s, -14 * s, 104 * s), (36 * s, -8 * s, 100 * s)], [9 * s], TUBE_PULM_ART))
     art = _grow_tree(body, g, roots_art, lung, TUBE_PULM_ART, r_min=0.45, targets=lung_pts)
@@ -564,6 +569,10 @@ def grow_tubes(body: Body, seed: int) -> Body:
             dirv = (side * 1.0, 0.6 * np.cos(theta), 1.2 * np.sin(theta))
             roots_vein.append(((hx * s, 2 * s + g.normal(0, 3), hd * s + g.normal(0, 4)), dirv,
                                float(g.uniform(3.5, 5.5) * s)))
+        for k in range(3):
+            dirv = (side * g.uniform(0.3, 0.8), g.uniform(-0.3, 0.6), 1.0)
+            roots_vein.append((((hx + side * 8) * s, 6 * s + g.normal(0, 3), (hd + 8) * s), dirv,
+                               float(g.uniform(4.0, 5.5) * s)))
     parts.append(_grow_tree(body, g, roots_vein, lung, TUBE_PULM_VEIN, r_min=0.45, targets=lung_pts))
     # Airways: trachea, main bronchi, then bronchi running beside the larger arteries.
     carina = (0, -2 * s, 78 * s)
@@ -571,7 +580,7 @@ def grow_tubes(body: Body, seed: int) -> Body:
                              TUBE_AIRWAY, wall=1.8 * s))
     parts.append(Tubes.chain([carina, (-32 * s, -2 * s, 100 * s)], [6.5 * s], TUBE_AIRWAY, wall=1.5 * s))
     parts.append(Tubes.chain([carina, (30 * s, -2 * s, 104 * s)], [6.0 * s], TUBE_AIRWAY, wall=1.5 * s))
-    big = art.r >= 2.6
+    big = art.r >= 3.2
     if big.any():
         off = _perp(art.p1[big] - art.p0[big], g)
         rr = art.r[big] * 0.75

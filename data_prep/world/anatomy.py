@@ -153,7 +153,9 @@ class Body:
         dome = self.dome_r + (self.dome_l - self.dome_r) * t
         xd = (-65.0 + 130.0 * t) * self.s
         _, b = self.core_ab(dome)
-        return dome + 0.0028 * (x - xd) ** 2 / self.s + 100.0 * self.s * np.clip(y / b, 0, 1) ** 1.3
+        yd = -0.15 * b   # the dome's summit, slightly anterior; it slopes down in every direction
+        return (dome + 0.0028 * (x - xd) ** 2 / self.s + 0.0025 * np.minimum(y - yd, 0.0) ** 2 / self.s
+                + 100.0 * self.s * np.clip(y / b, 0, 1) ** 1.3)
 
     # ------------------------------------------------------------------------------- regions
     def _heart_q(self, x, y, d):
@@ -336,6 +338,7 @@ class Body:
         lab[thorax] = VFAT
         abdomen = cav & (d >= dia) & (d < 640 * s)
         lab[abdomen] = np.uint8(VFAT)
+        lab[abdomen & (d < dia + 3.0)] = MUSCLE   # the diaphragm itself, ~3 mm thick
         # Muscular diaphragm sheet and abdominal wall muscles already MUSCLE; psoas:
         for side in (-1, 1):
             dn = d / s

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import signal
 import sys
 from typing import Any
 
@@ -275,6 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lits", type=int, default=None, help="LiTS volumes")
     ap.add_argument("--nihln", type=int, default=None, help="NIH-LN patients (half MED, half ABD)")
     a = ap.parse_args(argv)
+    # A terminated run unwinds like Ctrl-C, so the temporary output folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = {"dl_patients": a.dl_patients, "luna_scans": a.luna, "lits_volumes": a.lits}
     if a.nihln is not None:
         if a.nihln < 0:

@@ -414,3 +414,19 @@ def test_tables_only_statistics_match_targets(tmp_path):
     assert multi and any(len({d for _, d in v}) > 1 for v in multi)
     text = ST.format_stats(out)
     assert "long diameter mm" in text and "LUNA16 nodule diameter" in text
+
+
+def test_terminated_run_leaves_nothing(tmp_path):
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "data_prep.synthesize", "--preset", "tiny", "--workers", "1",
+                          "--out", str(tmp_path / "w")], cwd=REPO, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(tmp_path.iterdir()):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    assert list(tmp_path.iterdir()) == []

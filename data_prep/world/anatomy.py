@@ -284,11 +284,11 @@ class Body:
             k = np.round((dr - base) / (24 * s))
             valid_k = (k >= 0) & (k <= 11)
             dist = np.abs(dr - base - k * 24 * s)
-            reach = np.where(k >= 9, 1.9, np.pi - 0.38)
+            reach = np.where(k >= 9, 1.9, np.pi - 0.75)   # bony rib ends near the midclavicular line
             core_r = valid_k & (dist < 4.6 * s) & (np.abs(radial) < 3.2 * s) & (alpha > 0.32) & (alpha < reach)
             rib_core[ring] = core_r
             rib_cart[ring] = valid_k & (dist < 4.0 * s) & (np.abs(radial) < 4.0 * s) \
-                & (alpha >= np.pi - 0.38) & (alpha < np.pi - 0.12) & (k < 8)
+                & (alpha >= np.pi - 0.75) & (alpha < np.pi - 0.12) & (k < 8)
             rib_cort[ring] = core_r & ((dist > 4.6 * s - 1.3) | (np.abs(radial) > 3.2 * s - 1.3))
         # Sternum.
         st = (dn > 15) & (dn < 190) & (_se(x, y + (b - 9 * s), 15 * s, 6 * s, 2.0) < 1)

@@ -65,6 +65,7 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     r.post_nms_train = 2000 if paper else 64
     r.pre_nms_test = 6000 if paper else 512
     r.post_nms_test = 300 if paper else 32
+    r.straddle = 0.0                               # anchors crossing the border by more: ignored
     r.min_size = 2.0                               # pixels; smaller proposals are dropped
     r.box_weights = (1.0, 1.0, 1.0, 1.0)
     r.smooth_l1_beta = 1.0 / 9.0
@@ -76,7 +77,9 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     o.positive_fraction = 0.25
     o.fg_iou = 0.5
     o.bg_iou = 0.5
-    o.ignore_iou = 0.3                             # overlap with an NRM ignore region that excludes
+    # An anchor/ROI whose intersection-over-own-area with an NRM ignore region exceeds this is
+    # excluded from negative sampling (never from positives of a real box).
+    o.ignore_iobb = 0.5
     o.box_head_dims = (1024, 1024) if paper else (64, 64)
     o.box_weights = (10.0, 10.0, 5.0, 5.0)
     o.box_loss_weight = 10.0                       # MULAN's weight of the ROI box loss

@@ -34,6 +34,10 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.use_mask = True
     c.use_embedding = True
     c.context_fusion = True                        # 3D context fusion (MULAN/3DCE)
+    # The pipeline's image is windowed to [0, 255] minus PIXEL_MEAN; the backbone sees it times
+    # input_scale, i.e. with a spread like ImageNet-normalised input (std ~1 for [0,1]/0.225), which
+    # frozen ImageNet BatchNorm statistics assume.
+    c.input_scale = 1.0 / (255.0 * 0.225)
     c.dtype = "float32"                            # compute dtype ('bfloat16' on accelerators)
 
     b = c.backbone = ml_collections.ConfigDict()

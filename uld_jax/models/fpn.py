@@ -75,6 +75,7 @@ class DenseNetFPN(nn.Module):
         if s % 3:
             raise ValueError(f"number of slices must be a multiple of 3, got {s}")
         n_img = s // 3
+        image = image * cfg.input_scale
         if cfg.context_fusion:
             # [B, H, W, n_img, 3] -> [B, n_img, H, W, 3] -> [B * n_img, H, W, 3]
             x = image.reshape(b, h, w, n_img, 3).transpose(0, 3, 1, 2, 4).reshape(b * n_img, h, w, 3)

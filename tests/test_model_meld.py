@@ -34,10 +34,11 @@ def setup():
             out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
                                    batch, train=True, rngs={"sample": key}, mutable=["batch_stats"])
             total, logs = losses.meld_loss(out, batch, cfg)
-            return total, (logs, out)
+            return total, (logs, out, upd["batch_stats"])
 
-        (total, (logs, out)), grads = jax.value_and_grad(f, has_aux=True)(variables["params"])
-        return total, logs, out, grads
+        (total, (logs, out, stats)), grads = jax.value_and_grad(f, has_aux=True)(
+            variables["params"])
+        return total, logs, out, grads, stats
 
     infer = jax.jit(lambda v, b: model.apply(v, b, train=False))
     return cfg, model, variables, loss_and_grads, infer, traces
@@ -52,7 +53,7 @@ def test_train_outputs_and_no_recompile(setup):
     cfg, _, variables, step, _, traces = setup
     n0 = len(traces)
     for i, counts in enumerate(([1, 2, 3, 4], [0, 0, 0, 0], [4, 0, 1, 2])):
-        total, logs, out, _ = step(variables, _batch(boxes_per_image=counts, seed=i),
+        total, logs, out, _, _ = step(variables, _batch(boxes_per_image=counts, seed=i),
                                    jax.random.PRNGKey(i))
         assert np.isfinite(float(total))
     assert len(traces) - n0 <= 1  # one trace for all numbers of valid boxes
@@ -103,7 +104,7 @@ def _zero_rows(tree, path, index):
 def test_gradients_reach_only_the_samples_dataset(setup):
     _, _, variables, step, _, _ = setup
     batch = _batch(dataset_ids=[LUNA] * B, boxes_per_image=[2, 1, 3, 2], seed=5)
-    _, _, out, g = step(variables, batch, jax.random.PRNGKey(0))
+    _, _, out, g, _ = step(variables, batch, jax.random.PRNGKey(0))
     assert int(np.sum(out["roi_labels"] == 1)) > 0 and float(np.sum(out["box_mask"])) > 0
     others = [d for d in range(4) if d != LUNA]
     dataset_axis0 = [("rpn", "conv_kernel"), ("rpn", "conv_bias"), ("rpn", "cls_kernel"),
@@ -124,7 +125,7 @@ def test_gradients_reach_only_the_samples_dataset(setup):
 def test_empty_slices_are_finite(setup):
     _, _, variables, step, infer, _ = setup
     batch = _batch(boxes_per_image=[0] * B, seed=6)
-    total, logs, out, g = step(variables, batch, jax.random.PRNGKey(1))
+    total, logs, out, g, _ = step(variables, batch, jax.random.PRNGKey(1))
     assert np.isfinite(float(total))
     assert all(np.isfinite(float(v)) for v in logs.values())
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(g))
@@ -137,7 +138,7 @@ def test_mined_positives_train_classification_only(setup):
     _, _, variables, step, _, _ = setup
     batch = _batch(boxes_per_image=[2, 2, 1, 3], seed=7)
     batch[Keys.PROVENANCE][:] = int(Provenance.MINED)
-    total, logs, out, g = step(variables, batch, jax.random.PRNGKey(2))
+    total, logs, out, g, _ = step(variables, batch, jax.random.PRNGKey(2))
     assert np.sum(out["roi_labels"] == 1) > 0 and np.sum(out["rpn_labels"] == 1) > 0
     assert not np.any(out["box_mask"]) and not np.any(out["rpn_box_mask"])
     assert not np.any(out["mask_valid"])
@@ -153,7 +154,7 @@ def test_ignore_regions_are_never_sampled_as_negatives(setup):
     batch = _batch(boxes_per_image=[1, 1, 1, 1], seed=8)
     batch[Keys.IGNORE_BOXES][:, 0] = [0.0, 0.0, 64.0, 64.0]
     batch[Keys.IGNORE_VALID][:, 0] = True
-    _, _, out, _ = step(variables, batch, jax.random.PRNGKey(3))
+    _, _, out, _, _ = step(variables, batch, jax.random.PRNGKey(3))
     ign = batch[Keys.IGNORE_BOXES][0, :1]
     for boxes_key, lab_key in (("roi_boxes", "roi_labels"),):
         for i in range(B):
@@ -222,3 +223,63 @@ def test_baseline_config_same_code():
     assert set(v["params"]) == {"backbone", "rpn", "box_head", "cls_heads"}
     assert v["params"]["cls_heads"]["out_kernel"].shape[0] == 1
     assert v["params"]["rpn"]["cls_kernel"].shape[0] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Overfitting a handful of synthetic slices (bright 3D blobs at known positions).
+# --------------------------------------------------------------------------------------------------
+DETECTION_TERMS = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")
+
+
+def _overfit(setup, steps: int):
+    import optax
+
+    from uld_jax.ops.boxes import pairwise_iou
+
+    cfg, model, variables, step, infer, _ = setup
+    batch = _batch(boxes_per_image=[1, 2, 1, 2], seed=11)
+    batch[Keys.LESION_ID] = np.where(batch[Keys.BOX_VALID], np.arange(B * G).reshape(B, G), -1)
+    batch[Keys.ORGAN_TARGET] = (batch[Keys.ORGAN_TARGET] > 0.5).astype(np.float32)  # hard targets
+    opt = optax.adam(1e-3)
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p))
+    apply = jax.jit(optax.apply_updates)
+    params, state = variables["params"], opt.init(variables["params"])
+    bstats = variables["batch_stats"]
+    hist = []
+    for i in range(steps):
+        v = {"params": params, "batch_stats": bstats}
+        _, logs, _, g, bstats = step(v, batch, jax.random.PRNGKey(i))
+        u, state = update(g, state, params)
+        params = apply(params, u)
+        hist.append({k: float(logs[k]) for k in (*DETECTION_TERMS, "total")})
+    return cfg, model, params, bstats, batch, hist, infer, pairwise_iou
+
+
+def _det_loss(h):
+    return sum(h[k] for k in DETECTION_TERMS)
+
+
+def test_overfit_short(setup):
+    _, _, _, _, _, hist, _, _ = _overfit(setup, 40)
+    first = _det_loss(hist[0])
+    last = np.mean([_det_loss(h) for h in hist[-5:]])
+    assert last < first / 3, (first, last)
+
+
+@pytest.mark.slow
+def test_overfit_finds_the_boxes(setup):
+    cfg, model, params, bstats, batch, hist, infer, pairwise_iou = _overfit(setup, 200)
+    first = _det_loss(hist[0])
+    last = np.mean([_det_loss(h) for h in hist[-10:]])
+    assert last < first / 10, (first, last)
+    assert np.mean([h["total"] for h in hist[-10:]]) < hist[0]["total"] / 5
+    det = infer({"params": params, "batch_stats": bstats}, batch)
+    for b in range(B):
+        d = int(batch[Keys.DATASET_ID][b])
+        gt = batch[Keys.BOXES][b][batch[Keys.BOX_VALID][b]]
+        n = len(gt)
+        top = np.asarray(det["boxes"][b, d, :n])
+        assert np.all(np.asarray(det["valid"][b, d, :n]))
+        assert np.all(np.asarray(det["scores"][b, d, :n]) > 0.5)
+        iou = np.asarray(pairwise_iou(jnp.asarray(top), jnp.asarray(gt)))
+        assert np.all(iou.max(axis=0) > 0.7), (b, iou)  # every lesion is among the top-n boxes

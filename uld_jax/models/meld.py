@@ -12,7 +12,8 @@ Usage::
     det = model.apply(variables, batch, train=False)
 
 Batch keys consumed (``uld_jax.core.Keys``; B samples, G boxes, R ignore regions):
-training: IMAGE [B, H, W, 9], DATASET_ID [B], BOXES [B, G, 4], BOX_VALID [B, G], PROVENANCE [B, G],
+training: IMAGE [B, H, W, 9], DATASET_ID [B], optional IMAGE_VALID [B, H, W] (anchors centred on
+padding are not sampled), BOXES [B, G, 4], BOX_VALID [B, G], PROVENANCE [B, G],
 optional MASKS [B, G, H, W], LESION_TYPE [B, G], LESION_ID [B, G], ORGAN_TARGET / ORGAN_VALID
 [B, G, 3], IGNORE_BOXES [B, R, 4] / IGNORE_VALID [B, R]. Inference: IMAGE only.
 
@@ -164,10 +165,17 @@ class MELD(nn.Module):
 
         # ---- RPN targets (the sample's own RPN) ----
         rc = cfg.rpn
-        inside = ops.anchors_inside(anchors, img_h, img_w, rc.straddle)
+        inside = ops.anchors_inside(anchors, img_h, img_w, rc.straddle)[None]  # [1, N]
+        if Keys.IMAGE_VALID in batch:
+            # anchors centred on padding (outside the scan) are neither positive nor negative
+            cy = jnp.clip(((anchors[:, 0] + anchors[:, 2]) / 2).astype(jnp.int32), 0, img_h - 1)
+            cx = jnp.clip(((anchors[:, 1] + anchors[:, 3]) / 2).astype(jnp.int32), 0, img_w - 1)
+            inside = inside & batch[Keys.IMAGE_VALID].astype(bool)[:, cy, cx]
+        inside = jnp.broadcast_to(inside, (b, anchors.shape[0]))
         labels, midx = jax.vmap(
-            lambda gb, gv, ib, iv: ops.match(anchors, gb, gv, ib, iv, rc.fg_iou, rc.bg_iou, True,
-                                             cfg.roi.ignore_iobb, inside))(gt, gt_valid, ign, ign_valid)
+            lambda gb, gv, ib, iv, av: ops.match(anchors, gb, gv, ib, iv, rc.fg_iou, rc.bg_iou, True,
+                                                 cfg.roi.ignore_iobb, av))(
+            gt, gt_valid, ign, ign_valid, inside)
         sidx, slab = jax.vmap(lambda k, l: ops.sample(k, l, rc.batch_per_image, rc.positive_fraction))(
             jax.random.split(k_rpn, b), labels)
         s_anchor = anchors[sidx]                                     # [B, n, 4]

@@ -26,6 +26,11 @@ def _iobb(a, b):
     return ih * iw / ((a[2] - a[0]) * (a[3] - a[1]))
 
 
+_MATCH = jax.jit(M.match_boxes, static_argnames=(
+    "positive_iou", "negative_iou", "allow_low_quality_matches", "ignore_iobb",
+    "ignore_overrides_positive"))
+
+
 def _np_match(boxes, gt, gv, pos_t, neg_t, low_q, bv, ign, iv, ign_t, flags):
     n, g = len(boxes), len(gt)
     iou = np.array([[_iou(boxes[i], gt[j]) if gv[j] and bv[i] else 0.0 for j in range(g)]
@@ -62,17 +67,17 @@ def test_golden_rpn_low_quality_and_padding():
     anchors = np.array([[0, 0, 10, 10], [0, 0, 12, 12], [40, 40, 50, 50], [20, 20, 30, 30]], np.float32)
     gt = np.array([[0, 0, 10, 10], [41, 41, 61, 61], [0, 0, 10, 10]], np.float32)
     gv = np.array([True, True, False])  # the third row is padding (identical to the first)
-    m = M.match_boxes(anchors, gt, gv, positive_iou=0.7, negative_iou=0.3)
+    m = _MATCH(anchors, gt, gv, positive_iou=0.7, negative_iou=0.3)
     # anchor 1: IoU 100/144 = 0.694 -> between thresholds -> IGNORE; anchor 2 vs gt 1: 81/419 -> NEG.
     np.testing.assert_array_equal(m.labels, [1, -1, 0, 0])
     np.testing.assert_array_equal(m.matched_gt[:2], [0, 0])
-    m = M.match_boxes(anchors, gt, gv, positive_iou=0.7, negative_iou=0.3,
+    m = _MATCH(anchors, gt, gv, positive_iou=0.7, negative_iou=0.3,
                       allow_low_quality_matches=True)
     # Anchor 2 is gt 1's best anchor, so it becomes positive although IoU < 0.3.
     np.testing.assert_array_equal(m.labels, [1, -1, 1, 0])
     np.testing.assert_array_equal(m.matched_gt[2], 1)
     # No valid GT at all: everything negative, padded GT never matched.
-    m = M.match_boxes(anchors, gt, np.zeros(3, bool), positive_iou=0.7, negative_iou=0.3,
+    m = _MATCH(anchors, gt, np.zeros(3, bool), positive_iou=0.7, negative_iou=0.3,
                       allow_low_quality_matches=True)
     np.testing.assert_array_equal(m.labels, [0, 0, 0, 0])
     np.testing.assert_array_equal(m.max_iou, 0)
@@ -84,7 +89,7 @@ def test_golden_ignore_regions_and_flags():
     flags = np.array([False, True])  # gt 1 is a mined positive
     ign = np.array([[28, 28, 40, 40], [0, 0, 0, 0]], np.float32)
     iv = np.array([True, False])
-    m = M.match_boxes(rois, gt, np.ones(2, bool), positive_iou=0.5, negative_iou=0.5,
+    m = _MATCH(rois, gt, np.ones(2, bool), positive_iou=0.5, negative_iou=0.5,
                       ignore_boxes=ign, ignore_valid=iv, gt_flags=flags)
     # roi 1 lies inside the ignore box (IoBB 1): IGNORE; roi 2 IoBB 0.25: stays negative.
     np.testing.assert_array_equal(m.labels, [1, -1, 0, 1])
@@ -92,21 +97,20 @@ def test_golden_ignore_regions_and_flags():
     np.testing.assert_array_equal(m.matched_flags, [False, False, False, True])
     # An ignore box over a positive vetoes it unless told otherwise.
     ign2 = np.array([[0, 0, 10, 10]], np.float32)
-    m = M.match_boxes(rois, gt, np.ones(2, bool), positive_iou=0.5, negative_iou=0.5, ignore_boxes=ign2)
+    m = _MATCH(rois, gt, np.ones(2, bool), positive_iou=0.5, negative_iou=0.5, ignore_boxes=ign2)
     assert int(m.labels[0]) == M.IGNORE
-    m = M.match_boxes(rois, gt, np.ones(2, bool), positive_iou=0.5, negative_iou=0.5, ignore_boxes=ign2,
+    m = _MATCH(rois, gt, np.ones(2, bool), positive_iou=0.5, negative_iou=0.5, ignore_boxes=ign2,
                       ignore_overrides_positive=False)
     assert int(m.labels[0]) == M.POSITIVE
     # Invalid boxes (e.g. anchors outside the image) are IGNORE.
-    m = M.match_boxes(rois, gt, np.ones(2, bool), positive_iou=0.5, negative_iou=0.5,
+    m = _MATCH(rois, gt, np.ones(2, bool), positive_iou=0.5, negative_iou=0.5,
                       box_valid=np.array([False, True, True, True]))
     assert int(m.labels[0]) == M.IGNORE
 
 
 def test_random_against_reference():
     rng = np.random.default_rng(0)
-    fn = jax.jit(M.match_boxes, static_argnames=("positive_iou", "negative_iou",
-                                                  "allow_low_quality_matches", "ignore_iobb"))
+    fn = _MATCH
     for trial in range(4):
         boxes = _boxes(rng, 40)
         boxes[3] = [5, 5, 5, 9]
@@ -127,6 +131,11 @@ def test_random_against_reference():
             np.testing.assert_array_equal(np.asarray(m.matched_gt)[pos], want[0][pos])
             np.testing.assert_allclose(m.max_iou, want[2], atol=1e-6)
             np.testing.assert_array_equal(m.matched_flags, want[3])
+        if trial == 0:  # jit equals eager
+            e = M.match_boxes(boxes, gt, gv, positive_iou=0.5, negative_iou=0.5, box_valid=bv,
+                              ignore_boxes=ign, ignore_valid=iv, gt_flags=flags)
+            for f in e._fields:
+                np.testing.assert_array_equal(getattr(e, f), getattr(m, f))
 
 
 def test_sampling_counts_fraction_and_determinism():
@@ -174,3 +183,15 @@ def test_sampling_is_uniform_over_positives_and_batch():
     assert len({tuple(r) for r in idx}) > 1
     one = S.sample_balanced(labels, jax.random.fold_in(jax.random.key(3), 5), 4, 0.5)
     np.testing.assert_array_equal(idx[5], one[0])
+
+
+def test_empty_ground_truth_and_ignore_arrays():
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    m = _MATCH(boxes, np.zeros((0, 4), np.float32), np.zeros(0, bool), positive_iou=0.7,
+               negative_iou=0.3, allow_low_quality_matches=True,
+               ignore_boxes=np.array([[0, 0, 10, 10]], np.float32), gt_flags=np.zeros(0, bool))
+    np.testing.assert_array_equal(m.labels, [M.IGNORE, M.NEGATIVE])
+    np.testing.assert_array_equal(m.matched_flags, [False, False])
+    m = _MATCH(boxes, np.zeros((0, 4), np.float32), np.zeros(0, bool), positive_iou=0.5,
+               negative_iou=0.5, ignore_boxes=np.zeros((0, 4), np.float32))
+    np.testing.assert_array_equal(m.labels, [M.NEGATIVE, M.NEGATIVE])

@@ -51,12 +51,15 @@ def _np_roi_align(f, boxes, out, scale, sr, aligned=True):
     return res
 
 
+_ROI_ALIGN = jax.jit(R.roi_align, static_argnames=("output_size", "sampling_ratio", "aligned"))
+
+
 def test_linear_ramp_is_exact():
     hf, wf, scale = 16, 20, 0.25
     hh, ww = np.meshgrid(np.arange(hf) + 0.5, np.arange(wf) + 0.5, indexing="ij")
     feats = np.stack([hh, ww, 3 * hh - 2 * ww + 1], -1).astype(np.float32)
     boxes = np.array([[8, 12, 40, 60], [5.5, 3.25, 9.75, 70.0], [2, 2, 62, 78]], np.float32)
-    out = np.asarray(R.roi_align(feats, boxes, output_size=7, spatial_scale=scale, sampling_ratio=2))
+    out = np.asarray(_ROI_ALIGN(feats, boxes, output_size=7, spatial_scale=scale, sampling_ratio=2))
     for k, (y1, x1, y2, x2) in enumerate(boxes):
         cy = (y1 + (np.arange(7) + 0.5) * (y2 - y1) / 7) * scale
         cx = (x1 + (np.arange(7) + 0.5) * (x2 - x1) / 7) * scale
@@ -81,8 +84,8 @@ def test_matches_loop_reference_including_borders_and_padding():
     )
     for aligned in (True, False):
         for sr in (1, 2, 3):
-            got = R.roi_align(feats, boxes, output_size=5, spatial_scale=0.25, sampling_ratio=sr,
-                              aligned=aligned)
+            got = _ROI_ALIGN(feats, boxes, output_size=5, spatial_scale=0.25, sampling_ratio=sr,
+                             aligned=aligned)
             want = _np_roi_align(feats, boxes, 5, 0.25, sr, aligned)
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"aligned={aligned} sr={sr}")
 
@@ -123,3 +126,39 @@ def test_crop_masks_golden():
     np.testing.assert_allclose(got[1], want, atol=1e-5)
     bool_masks = masks.astype(bool)
     np.testing.assert_allclose(R.crop_masks(bool_masks, boxes, np.array([1, 1, 2])), got, atol=1e-6)
+
+
+def test_roi_chunk_equals_unchunked_and_empty_masks():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(8, 8, 2)).astype(np.float32)
+    c = rng.uniform(0, 32, (7, 2))
+    boxes = np.concatenate([c - 5, c + 5], 1).astype(np.float32)
+    full = _ROI_ALIGN(feats, boxes, output_size=3)
+    chunked = jax.jit(lambda f, b: R.roi_align(f, b, output_size=3, roi_chunk=3))(feats, boxes)
+    assert chunked.shape == (7, 3, 3, 2)
+    np.testing.assert_allclose(chunked, full, atol=1e-6)
+    empty = R.crop_masks(np.zeros((0, 16, 16), np.uint8), boxes, np.zeros(7, np.int32), 5)
+    assert empty.shape == (7, 5, 5) and not np.asarray(empty).any()
+
+
+def test_paste_masks_inverts_crop():
+    # An all-ones mask pasted on a box recovers exactly the box's pixels after thresholding.
+    boxes = np.array([[4, 6, 20, 30], [10.0, 0.0, 38.0, 28.0]], np.float32)
+    ones = np.ones((2, 28, 28), np.float32)
+    paste = jax.jit(R.paste_masks, static_argnums=(2, 3))
+    pasted = np.asarray(paste(ones, boxes, 40, 36))
+    assert pasted.shape == (2, 40, 36)
+    want = np.zeros((40, 36), bool)
+    want[4:20, 6:30] = True
+    np.testing.assert_array_equal(pasted[0] >= 0.5, want)
+    want = np.zeros((40, 36), bool)
+    want[10:38, 0:28] = True
+    np.testing.assert_array_equal(pasted[1] >= 0.5, want)
+    # Crop then paste an ellipse: nearly the same mask.
+    yy, xx = np.mgrid[:40, :36]
+    ell = (((yy + 0.5 - 20) / 12) ** 2 + ((xx + 0.5 - 18) / 9) ** 2 <= 1).astype(np.uint8)
+    box = np.array([[8, 9, 32, 27]], np.float32)
+    crop = jax.jit(R.crop_masks, static_argnums=3)(ell[None], box, np.zeros(1, np.int32), 28)
+    back = np.asarray(paste(crop, box, 40, 36))[0] >= 0.5
+    inter, union = (back & (ell > 0)).sum(), (back | (ell > 0)).sum()
+    assert inter / union > 0.95

@@ -107,8 +107,8 @@ def match_boxes(
         is_best = (iou == best_per_gt[None, :]) & (best_per_gt[None, :] > 0) & gt_valid[None, :]
         labels = jnp.where(jnp.any(is_best, axis=1), POSITIVE, labels)
 
-    if ignore_boxes is not None and ignore_boxes.shape[0] > 0:
-        ign = jnp.asarray(ignore_boxes, jnp.float32)
+    ign = None if ignore_boxes is None else jnp.asarray(ignore_boxes, jnp.float32).reshape(-1, 4)
+    if ign is not None and ign.shape[0] > 0:
         iv = None if ignore_valid is None else jnp.asarray(ignore_valid, bool)
         in_ignore = jnp.any(box_ops.pairwise_iobb(boxes, ign, bvalid, iv) > ignore_iobb, axis=1)
     else:

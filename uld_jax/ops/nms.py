@@ -50,7 +50,8 @@ def top_k_by_score(
         ok = ok & jnp.asarray(valid, bool)
     kk = min(k, n)
     # Rank invalid rows last without letting a -inf score collide with them.
-    key = jnp.where(ok, scores.astype(jnp.float32), -jnp.inf)
+    # (+ 0.0 turns -0.0 into 0.0 so that the two zeros tie, as equal scores must.)
+    key = jnp.where(ok, scores.astype(jnp.float32) + 0.0, -jnp.inf)
     _, idx = lax.top_k(key, kk)
     sel_ok = ok[idx]
     idx = jnp.where(sel_ok, idx, 0).astype(jnp.int32)
@@ -64,7 +65,7 @@ def _sort_candidates(scores: Array, ok: Array) -> Array:
     """Permutation visiting valid rows by descending score, ties by index, invalid rows last."""
     n = scores.shape[0]
     iota = jnp.arange(n, dtype=jnp.int32)
-    neg = jnp.where(ok, -scores.astype(jnp.float32), 0.0)
+    neg = jnp.where(ok, -scores.astype(jnp.float32) + 0.0, 0.0)  # -0.0 and 0.0 tie
     _, _, order = lax.sort((jnp.logical_not(ok).astype(jnp.int32), neg, iota), num_keys=3)
     return order
 

@@ -17,6 +17,11 @@ a regular ``S x S`` grid factors too, so the whole ROI crop is ``Ay @ F @ Ax^T``
 and ``Ax`` [out, W] -- dense matmuls that run well on GPU/TPU under static shapes. The adaptive
 sampling ratio (``ceil(roi_size / out)``) is data dependent and therefore not offered; pass a fixed
 ``sampling_ratio``.
+
+Cost: the dense form does ``K * out * H * W * C`` multiply-adds where a gather does
+``K * out^2 * S^2 * 4 * C``; it wins where matmuls are cheap and gathers are not (TPU, and GPU
+tensor cores), not on a CPU -- ``benchmarks/bench_ops.py`` prints both side by side (on this
+project's 2-core CPU the gather reference was 1.4-4x faster).
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ def roi_align(
     sampling_ratio: int = 2,
     aligned: bool = True,
     precision: jax.lax.PrecisionLike = None,
+    roi_chunk: int | None = None,
 ) -> Array:
     """ROIAlign on one image.
 
@@ -91,12 +97,24 @@ def roi_align(
       sampling_ratio: static number of sample points per bin and axis.
       aligned: Detectron2 ``aligned=True`` half-pixel convention (the right one).
       precision: passed to the einsums (e.g. ``jax.lax.Precision.HIGHEST`` on TPU for exact f32).
+      roi_chunk: optional static chunk of ROIs processed at a time (``lax.map``). The einsum's
+        intermediate is [K, out, W, C]; chunking bounds it to [roi_chunk, out, W, C] (e.g. 300 test
+        ROIs x 7 x 128 x 512 floats is 0.55 GB unchunked).
 
     Returns:
       [K, output_size, output_size, C] in the features' dtype.
     """
     features = jnp.asarray(features)
-    boxes = jnp.asarray(boxes, jnp.float32) * spatial_scale
+    boxes = jnp.asarray(boxes, jnp.float32)
+    k = boxes.shape[0]
+    if roi_chunk is not None and 0 < roi_chunk < k:
+        n_chunks = -(-k // roi_chunk)
+        padded = jnp.pad(boxes, ((0, n_chunks * roi_chunk - k), (0, 0)))
+        fn = lambda b: roi_align(features, b, output_size, spatial_scale, sampling_ratio, aligned,
+                                 precision)
+        out = jax.lax.map(fn, padded.reshape(n_chunks, roi_chunk, 4))
+        return out.reshape((n_chunks * roi_chunk,) + out.shape[2:])[:k]
+    boxes = boxes * spatial_scale
     h, w, _ = features.shape
     ay = interpolation_matrix(boxes[:, 0], boxes[:, 2], h, output_size, sampling_ratio, aligned)
     ax = interpolation_matrix(boxes[:, 1], boxes[:, 3], w, output_size, sampling_ratio, aligned)
@@ -114,9 +132,11 @@ def batch_roi_align(
     sampling_ratio: int = 2,
     aligned: bool = True,
     precision: jax.lax.PrecisionLike = None,
+    roi_chunk: int | None = None,
 ) -> Array:
     """:func:`roi_align` vmapped over the batch: [B, H, W, C], [B, K, 4] -> [B, K, out, out, C]."""
-    fn = lambda f, b: roi_align(f, b, output_size, spatial_scale, sampling_ratio, aligned, precision)
+    fn = lambda f, b: roi_align(f, b, output_size, spatial_scale, sampling_ratio, aligned, precision,
+                                roi_chunk)
     return jax.vmap(fn)(features, boxes)
 
 
@@ -145,7 +165,9 @@ def crop_masks(
     """
     masks = jnp.asarray(masks)
     boxes = jnp.asarray(boxes, jnp.float32)
-    _, h, w = masks.shape
+    g, h, w = masks.shape
+    if g == 0:
+        return jnp.zeros((boxes.shape[0], output_size, output_size), jnp.float32)
     idx = jnp.clip(jnp.asarray(mask_index, jnp.int32), 0, masks.shape[0] - 1)
     # Gather whole masks (K slabs), not sample points; keep the narrow dtype until the matmul.
     picked = jnp.take(masks, idx, axis=0)
@@ -155,3 +177,42 @@ def crop_masks(
     ax = interpolation_matrix(boxes[:, 1], boxes[:, 3], w, output_size, sampling_ratio, aligned)
     rows = jnp.einsum("kih,khw->kiw", ay, picked.astype(jnp.float32), precision=precision)
     return jnp.einsum("kjw,kiw->kij", ax, rows, precision=precision)
+
+
+def paste_masks(
+    masks: Array,
+    boxes: Array,
+    height: int,
+    width: int,
+    precision: jax.lax.PrecisionLike = None,
+) -> Array:
+    """Resample per-box mask predictions back onto the image (inverse of :func:`crop_masks`).
+
+    Image pixel (y, x) (centre ``y + 0.5``) reads the mask at cell coordinate
+    ``((y + 0.5 - y1) / (y2 - y1)) * M - 0.5`` (and likewise in x) with bilinear weights and zero
+    padding outside the M x M grid -- the ``grid_sample(align_corners=False)`` rule Detectron2 uses.
+
+    Args:
+      masks: [K, M, M] soft masks (probabilities) in box coordinates.
+      boxes: [K, 4] boxes in input pixels.
+      height, width: static image size in pixels.
+      precision: passed to the einsums.
+
+    Returns:
+      [K, height, width] float32; threshold at 0.5 for binary masks.
+    """
+    masks = jnp.asarray(masks, jnp.float32)
+    boxes = jnp.asarray(boxes, jnp.float32)
+    m = masks.shape[-1]
+
+    def weights(lo, hi, n):
+        size = jnp.maximum(hi - lo, 1e-6)
+        centre = jnp.arange(n, dtype=jnp.float32) + 0.5
+        coord = (centre[None, :] - lo[:, None]) / size[:, None] * m - 0.5  # [K, n]
+        cells = jnp.arange(m, dtype=jnp.float32)
+        return jnp.maximum(0.0, 1.0 - jnp.abs(coord[..., None] - cells))  # [K, n, M]
+
+    wy = weights(boxes[:, 0], boxes[:, 2], height)
+    wx = weights(boxes[:, 1], boxes[:, 3], width)
+    rows = jnp.einsum("kym,kmn->kyn", wy, masks, precision=precision)
+    return jnp.einsum("kxn,kyn->kyx", wx, rows, precision=precision)

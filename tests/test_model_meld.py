@@ -299,8 +299,10 @@ def test_training_rpn_equals_select_of_all():
 
     r = DatasetRPN(4, 15, 8)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 5, 7)), jnp.float32)
-    v = r.init(jax.random.PRNGKey(0), x)
-    v = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape), v)
+    shapes = jax.eval_shape(lambda: r.init(jax.random.PRNGKey(0), x))
+    rng = np.random.default_rng(1)
+    v = jax.tree_util.tree_map(lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape), jnp.float32),
+                               shapes)
     ids = jnp.array([2, 0, 2])
     la, da = jax.jit(r.apply)(v, x)
     ls, ds = jax.jit(r.apply)(v, x, ids)

@@ -282,7 +282,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
 
         (loss, (new_other, task_metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state["params"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -299,8 +299,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
         m.update({
             "loss": loss,
             "norm/grad": grad_norm,
-            "norm/param": optax.global_norm(new_state["params"]),
-            "norm/update": optax.global_norm(updates),
+            "norm/param": optax.tree.norm(new_state["params"]),
+            "norm/update": optax.tree.norm(updates),
             "lr": schedule(step),
             "nonfinite_steps": 1.0 - ok.astype(jnp.float32),
         })
@@ -372,6 +372,7 @@ def make_checkpoint_manager(workdir: str, ckpt: ml_collections.ConfigDict,
         keep_period=int(steps_per_epoch) if ckpt.keep_epochs else None,
         create=True,
         enable_async_checkpointing=bool(ckpt.async_save),
+        cleanup_tmp_directories=True,  # a save cut short by a kill leaves a *.orbax-checkpoint-tmp
     )
     return ocp.CheckpointManager(
         epath.Path(workdir) / "checkpoints", options=options,

@@ -480,6 +480,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         task = task or tasks_lib.build_task(config)
         data = data or tasks_lib.build_data(config)
     workdir = os.fspath(workdir)
+    ckpt_dir = epath.Path(workdir) / "checkpoints"
+    resuming = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if (config.init_from.epoch > 0 or config.init_from.step >= 0) and not (
+            config.init_from.workdir or resuming):
+        raise ValueError("this config starts from another run's checkpoint (init_from.epoch/step "
+                         "is set): pass --config.init_from.workdir=<that run's workdir>")
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     pidx, pcount = jax.process_index(), jax.process_count()
 
@@ -527,9 +533,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("resumed from %s/checkpoints step %d", workdir, latest)
     elif config.init_from.workdir:
         state = _init_from(state, config.init_from, repl)
-    elif config.init_from.epoch > 0 or config.init_from.step >= 0:
-        raise ValueError("this config starts from another run's checkpoint (init_from.epoch/step "
-                         "is set): pass --config.init_from.workdir=<that run's workdir>")
 
     train_step = make_train_step(task, tx, schedule, mesh)
     eval_step = make_eval_step(task, mesh, int(config.seed))

@@ -144,7 +144,10 @@ def make_mesh(num_data_devices: int = -1) -> Mesh:
         raise ValueError(f"mesh.data={num_data_devices}: this job has {len(devices)} devices")
     if n != len(devices) and jax.process_count() > 1:
         raise ValueError("a partial mesh is only supported in a single-process job")
-    return Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
+    # Auto axes: the step is written for GSPMD propagation (jax.make_mesh defaults to Explicit);
+    # make_mesh orders the devices for the physical topology (ICI/NVLink first).
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices[:n])
 
 
 def to_global_batch(local_batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -11,6 +11,7 @@ environment, see ``uld_jax.train.maybe_initialize_distributed`` and docs/scaling
 
 from __future__ import annotations
 
+import logging as pylogging
 import re
 import sys
 
@@ -23,8 +24,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and T
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(pylogging.Filter):
+    """Drops INFO lines of orbax / tensorstore / grain internals (dozens per checkpoint); run with
+    ``-v 1`` to see them."""
+
+    NOISY = ("/orbax/", "/tensorstore/", "/grain/", "/etils/")
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or not any(
+            n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
     del argv
+    if flags.FLAGS.verbosity < 1:
+        logging.get_absl_handler().addFilter(_QuietLibraries())
     from uld_jax import train  # after flag parsing, so a config error never pays for jax's import
 
     train.maybe_initialize_distributed()

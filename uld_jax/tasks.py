@@ -249,10 +249,15 @@ def toy_data(config: ml_collections.ConfigDict) -> Data:
     eval_records = toy_records(int(t.num_eval), int(t.image_size), int(config.seed) + 10_000)
 
     def train_iter(pidx, pcount):
-        ds = (grain.MapDataset.source(train_records).shuffle(seed=int(config.seed)).repeat()
-              [pidx::pcount].random_map(_toy_flip, seed=int(config.seed) + 1)
-              .batch(gbs // pcount, drop_remainder=True))
-        return iter(ds.to_iter_dataset())
+        # The global stream (shuffled per epoch, random flip keyed by the global index) is the same
+        # for any process count; process p reads rows [p*L, (p+1)*L) of every global batch, so a
+        # job's result does not depend on how many processes share it.
+        stream = (grain.MapDataset.source(train_records).shuffle(seed=int(config.seed)).repeat()
+                  .random_map(_toy_flip, seed=int(config.seed) + 1))
+        local = gbs // pcount
+        ds = grain.MapDataset.range(2**62).map(
+            lambda k: stream[(k // local) * gbs + pidx * local + k % local])
+        return iter(ds.batch(local, drop_remainder=True).to_iter_dataset())
 
     def eval_iter(pidx, pcount):
         ds = grain.MapDataset.source(eval_records)[pidx::pcount].batch(

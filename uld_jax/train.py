@@ -40,7 +40,8 @@ The loop
 all devices of all processes, shards the batch on ``'data'`` and replicates the state, and runs
 ``train_step(state, batch, rng)`` jitted with ``in_shardings``/``out_shardings`` and the state
 donated. Process-local batches become global arrays through
-``jax.make_array_from_process_local_data``. The rng of step ``s`` is ``fold_in(key(seed), s)``.
+``jax.make_array_from_process_local_data``. Parameters are initialised from ``key(seed)``; the rng of
+step ``s`` is ``fold_in(fold_in(key(seed), 1), s)``.
 Checkpoints (``workdir/checkpoints/<step>``) hold the state (params, other variables, optimizer
 state, step), the per-process data-iterator state and the config; a rerun on the same workdir resumes
 from the latest. A non-finite loss or gradient stops training with :class:`NonFiniteLossError` before
@@ -111,11 +112,12 @@ class NonFiniteLossError(FloatingPointError):
 def maybe_initialize_distributed() -> bool:
     """Calls ``jax.distributed.initialize()`` when the environment says this is a multi-process job.
 
-    Multi-process when any of: ``JAX_COORDINATOR_ADDRESS`` is set (explicit: with
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, read by jax itself), ``ULD_DISTRIBUTED=1`` (let jax
+    Multi-process when any of: ``JAX_COORDINATOR_ADDRESS`` (``host:port``) is set (explicit: with
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``), ``ULD_DISTRIBUTED=1`` (let jax
     auto-detect: SLURM, Open MPI, TPU pods, GKE), ``SLURM_NTASKS`` > 1 (a ``srun`` step of several
-    tasks), or a multi-worker TPU VM (``TPU_WORKER_HOSTNAMES`` lists several hosts). Must run before
-    any other jax call. Returns whether it initialised.
+    tasks), or a multi-worker TPU VM (``TPU_WORKER_HOSTNAMES`` lists several hosts);
+    ``ULD_DISTRIBUTED=0`` forces a single process. Must run before any other jax call. Returns
+    whether it initialised.
     """
     env = os.environ
     multi = (
@@ -128,7 +130,12 @@ def maybe_initialize_distributed() -> bool:
         multi = False
     if not multi:
         return False
-    jax.distributed.initialize()
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        # jax reads the address itself, not the process count and id.
+        kwargs = {"num_processes": int(env["JAX_NUM_PROCESSES"]),
+                  "process_id": int(env["JAX_PROCESS_ID"])}
+    jax.distributed.initialize(**kwargs)
     logging.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -257,16 +264,33 @@ def split_variables(variables: Mapping[str, Any]) -> tuple[PyTree, dict[str, Any
     return params, variables
 
 
-def init_state(task: Task, tx: optax.GradientTransformation, batch: Batch, rng: jax.Array,
-               repl: NamedSharding) -> dict[str, Any]:
-    """The train state ``{step, params, other, opt_state}``, created replicated on the mesh."""
+def init_state(task: Task, tx: optax.GradientTransformation, batch: Batch,
+               rng: jax.Array | int, repl: NamedSharding) -> dict[str, Any]:
+    """The train state ``{step, params, other, opt_state}``, created replicated on the mesh.
+
+    ``rng``: a key, or an int seed (then the key is made inside the jitted function, which is what
+    a multi-process job needs: no process-local array enters it)."""
 
     def _init(rng, batch):
+        if isinstance(rng, int):
+            rng = jax.random.key(rng)
         params, other = split_variables(task.init(rng, batch))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "other": other,
                 "opt_state": tx.init(params)}
 
+    if isinstance(rng, int):
+        return jax.jit(functools.partial(_init, rng), out_shardings=repl)(batch)
     return jax.jit(_init, out_shardings=repl)(rng, batch)
+
+
+def replicated_key(seed: int, repl: NamedSharding, fold: int = 0) -> jax.Array:
+    """``fold_in(key(seed), fold)`` as a global array replicated on the mesh (multi-process safe)."""
+    return jax.jit(lambda: jax.random.fold_in(jax.random.key(seed), fold), out_shardings=repl)()
+
+
+def _put_replicated(x: np.ndarray, repl: NamedSharding) -> jax.Array:
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, repl, lambda idx: x[idx])
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -382,25 +406,35 @@ def make_checkpoint_manager(workdir: str, ckpt: ml_collections.ConfigDict,
         item_names=("state", "data_iter", "config"))
 
 
+def _reader(workdir: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        epath.Path(workdir) / "checkpoints",
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data_iter": IteratorStateHandler(), "config": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True))
+
+
 def load_checkpoint_state(workdir: str, step: Optional[int] = None) -> tuple[int, dict[str, Any]]:
     """``(step, state)`` of a run's checkpoint (latest when ``step`` is None) as numpy arrays:
     ``state = {step, params, other, opt_state}``. For finetuning, mining and evaluation."""
-    mngr = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints",
-                                 item_names=("state", "data_iter", "config"))
+    mngr = _reader(workdir)
     step = mngr.latest_step() if step is None else int(step)
     if step is None or step not in mngr.all_steps():
         raise FileNotFoundError(
             f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints "
             f"(available: {sorted(mngr.all_steps())})")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Restore onto this process's first device whatever the saving job's topology was.
+    meta = mngr.item_metadata(step).state
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     mngr.close()
-    return step, restored.state
+    return step, jax.tree.map(np.asarray, restored.state)
 
 
 def load_checkpoint_config(workdir: str, step: Optional[int] = None) -> dict[str, Any]:
     """The config (as saved, a JSON dict, with a ``_derived`` entry) of a run's checkpoint."""
-    mngr = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints",
-                                 item_names=("state", "data_iter", "config"))
+    mngr = _reader(workdir)
     step = mngr.latest_step() if step is None else int(step)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
@@ -429,7 +463,7 @@ def _init_from(state: dict[str, Any], init: ml_collections.ConfigDict,
             raise ValueError(f"init_from {init.workdir} step {step}: its {key} do not match this "
                              f"model's\n  this: {want}\n  there: {got}")
         out[key] = jax.tree.map(
-            lambda a, b: jax.device_put(np.asarray(b, dtype=a.dtype), repl), state[key],
+            lambda a, b: _put_replicated(np.asarray(b, dtype=a.dtype), repl), state[key],
             src_state[key])
     logging.info("initialised params from %s step %d", init.workdir, step)
     return out
@@ -515,11 +549,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     example = to_global_batch(next(train_it), batch_sharding)
     train_it.set_state(start_it_state)
 
-    base_rng = jax.random.key(int(config.seed))
-    init_rng, train_rng = jax.random.split(base_rng)
-    state = init_state(task, tx, example, init_rng, repl)
+    # Parameters from key(seed); the step rng is fold_in(fold_in(key(seed), 1), step).
+    state = init_state(task, tx, example, int(config.seed), repl)
     del example
-    train_rng = jax.device_put(train_rng, repl)
+    train_rng = replicated_key(int(config.seed), repl, fold=1)
 
     mngr = make_checkpoint_manager(workdir, config.checkpoint, spe)
     guard = _FiniteGuard(workdir)

@@ -137,7 +137,14 @@ class CaseReader(Protocol):
     """What each ``data_prep.readers.<dataset>`` module provides to the builders."""
 
     def iter_cases(self, raw_root: str, *, skip_bad: bool = False,
-                   bad_items: list[BadItem] | None = None) -> Iterator[Case]:
+                   bad_items: list[BadItem] | None = None,
+                   pixel_mm: float = 0.8, slice_mm: float = 2.0) -> Iterator[Case]:
         """Yields the dataset's preprocessed Cases. Raises BadItem, or with ``skip_bad`` appends
-        it to ``bad_items`` and continues."""
+        it to ``bad_items`` and continues.
+
+        ``pixel_mm`` / ``slice_mm``: the in-plane pixel size and slice distance (mm) the Cases are
+        resampled to (``data_prep.build --pixel-mm/--slice-mm``; defaults: the paper's 0.8 / 2.0).
+        The builder passes both by keyword and calls ``iter_cases`` once per build, so the order
+        of the yielded Cases should be deterministic (sorted inputs) for a resumed build to skip
+        the Cases it already wrote."""
         ...

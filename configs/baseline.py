@@ -9,8 +9,8 @@ from uld_jax import core
 
 def get_config(arg: str | None = None):
     c = common.base_config(common.parse_variant(arg))
-    c.model.datasets = ("deeplesion",)
-    c.model.organ_heads = (core.ORGAN_HEADS[0],)
+    c.model.num_datasets = 1                 # DeepLesion's expert only
+    c.model.num_organ_heads = 1              # the whole-body head
     c.model.use_gate = False
-    c.data.datasets = ("deeplesion",)
+    c.data.datasets = (core.DATASETS[0],)    # dataset id 0 = the single expert's column
     return c

@@ -35,25 +35,26 @@ def test_paper_variant_has_the_papers_constants(name):
     assert c.optimizer.name == "radam" and c.optimizer.lr == 1e-4
     assert tuple(c.optimizer.decay_epochs) == (4, 6) and c.optimizer.decay_factor == 0.1
     assert c.num_epochs == 8 and c.batch_size == 4
-    assert c.model.backbone == "densenet121" and tuple(c.model.densenet_blocks) == (6, 12, 24)
-    assert c.data.image_size == 512 and c.loss.box_weight == 10.0
-    assert tuple(c.model.anchor_sizes) == (16, 24, 32, 48, 96)
+    assert tuple(c.model.backbone.block_layers) == (6, 12, 24) and c.model.backbone.growth_rate == 32
+    assert tuple(c.data.image_size) == (512, 512) and c.model.image_size == 512
+    assert c.model.roi.box_loss_weight == 10.0 and c.data.pixel_mm == core.TARGET_PIXEL_MM
+    assert tuple(c.model.anchors.sizes) == (16, 24, 32, 48, 96)
     sched = train.make_lr_schedule(c.optimizer, steps_per_epoch=100)
     assert [float(sched(s)) for s in (399, 400, 599, 600)] == pytest.approx([1e-4, 1e-5, 1e-5, 1e-6])
 
 
 def test_baseline_is_mulan_like_and_meld_has_four_experts_and_the_gate():
     b, m = _get("baseline", "paper"), _get("meld", "paper")
-    assert tuple(b.model.datasets) == ("deeplesion",) and tuple(b.data.datasets) == ("deeplesion",)
-    assert tuple(b.model.organ_heads) == ("whole_body",) and not b.model.use_gate
-    assert tuple(m.model.datasets) == core.DATASETS and tuple(m.model.organ_heads) == core.ORGAN_HEADS
-    assert m.model.use_gate
+    assert b.model.num_datasets == 1 and tuple(b.data.datasets) == ("deeplesion",)
+    assert b.model.num_organ_heads == 1 and not b.model.use_gate
+    assert m.model.num_datasets == 4 and tuple(m.data.datasets) == core.DATASETS
+    assert m.model.num_organ_heads == len(core.ORGAN_HEADS) and m.model.use_gate
 
 
 def test_finetune_recipe():
     f = _get("finetune", "paper")
     assert f.init_from.epoch == 4 and f.num_epochs == 4
-    assert f.data.unlabeled_ratio == 0.5 and f.mine.theta == 0.15 and f.mine.sigma == 0.5
+    assert f.data.added_ratio == 0.5 and f.mine.theta == 0.15 and f.mine.sigma == 0.5
     sched = train.make_lr_schedule(f.optimizer, steps_per_epoch=10)
     assert [float(sched(s)) for s in (0, 19, 20, 39)] == pytest.approx([1e-5, 1e-5, 1e-6, 1e-6])
 

@@ -1,21 +1,14 @@
 """Builds the ``train.Task`` and ``train.Data`` named by a config (``config.task.name``,
 ``config.data.name``).
 
-* ``meld``: the MELD detector (``uld_jax/models/meld.py``) with its losses (``uld_jax/losses.py``).
-  Used by ``configs/baseline.py`` (one dataset, one head, no gate), ``configs/meld.py`` and
-  ``configs/finetune.py``. Expected from those modules (the contract this adapter is written to):
+* ``meld``: the MELD detector (``uld_jax.models.meld.MELD`` with ``config.model``, a
+  ``uld_jax.models.config.model_config``) and ``uld_jax.losses.meld_loss``. Used by
+  ``configs/baseline.py`` (one dataset expert, one head, no gate), ``configs/meld.py`` and
+  ``configs/finetune.py``.
 
-  - ``meld.build_model(model_config) -> flax.linen.Module``; ``module.apply(variables, batch,
-    train=..., rngs=..., mutable=...)`` takes a batch of ``core.Keys`` arrays and returns its
-    outputs (a pytree);
-  - ``losses.meld_loss(outputs, batch, loss_config) -> (loss, metrics)`` with ``metrics`` following
-    the ``train.Task`` convention (per head and per dataset losses, gate statistics).
-
-* ``pipeline``: the grain input pipeline (``uld_jax/input_pipeline.py``), expected to provide
-  ``train_dataset(config, process_index, process_count) -> grain.IterDataset`` of process-local
-  batches of ``config.batch_size // process_count`` (endless, reshuffled each epoch),
-  ``eval_dataset(config, process_index, process_count) -> grain.IterDataset | None`` (finite, padded)
-  and ``steps_per_epoch(config) -> int``.
+* ``pipeline``: the grain input pipeline (``uld_jax.input_pipeline.make_dataset`` with
+  ``config.data``, a ``default_input_config`` plus ``name`` and ``val_split``) on the datasets built
+  by ``python -m data_prep.build`` in ``config.data.data_dir``.
 
 * ``toy``: a small Flax detector-shaped model (per-dataset lesion-presence logits, a box regressor,
   an organ gate; BatchNorm and dropout) on an in-memory grain dataset of synthetic images with one
@@ -30,6 +23,8 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from absl import logging
 
 import flax.linen as nn
 import grain
@@ -85,46 +80,139 @@ def build_data(config: ml_collections.ConfigDict) -> Data:
 # ------------------------------------------------------------------------------------------------
 # MELD and the grain pipeline.
 # ------------------------------------------------------------------------------------------------
+def _dataset_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    d = int(config.model.num_datasets)
+    names = tuple(config.data.datasets)
+    return names if len(names) == d else tuple(core.DATASETS[:d])
+
+
+def meld_metrics(out: dict, logs: dict, names: tuple[str, ...], num_heads: int) -> dict[str, Any]:
+    """``losses.meld_loss`` logs + model outputs -> ``train.Task`` metrics.
+
+    * every loss term as ``loss/<term>`` (``loss/rpn_cls``, ``loss/roi_cls/lung``, ...);
+    * per-dataset terms (``loss/rpn_cls/luna16``) as ``(value, samples of that dataset)`` pairs, so
+      an interval's value is the mean over that dataset's samples (meld_loss gives 0 for a dataset
+      absent from a batch; weighting by its count drops those);
+    * ``gate/<organ>_mean``: mean gate weight over the sampled ROIs and ``gate/<organ>_pos_mean``
+      over the positive ROIs (organ heads 1..H-1; w0 = 1 is not logged);
+    * ``sampling/rpn_pos_fraction`` / ``sampling/roi_pos_fraction``: positives among the sampled
+      anchors / ROIs (a collapse to 0 means the matcher finds no lesion).
+    """
+    loss_names = core.DATASETS if len(names) == len(core.DATASETS) else tuple(
+        f"dataset{i}" for i in range(len(names)))
+    ds = out["dataset_id"]
+    m: dict[str, Any] = {}
+    for key, value in logs.items():
+        if key == "total":
+            continue
+        term, _, tail = key.rpartition("/")
+        if term and tail in loss_names:
+            i = loss_names.index(tail)
+            count = jnp.sum(ds == i).astype(jnp.float32)
+            m[f"loss/{term}/{names[i]}"] = (jnp.reshape(value, (1,)), jnp.reshape(count, (1,)))
+        else:
+            m[f"loss/{key}"] = value
+    roi_pos = (out["roi_labels"] == 1).astype(jnp.float32)
+    if "gate_logits" in out:
+        w = out["organ_weights"]                                    # [B, S, H]
+        for j, organ in enumerate(core.ORGAN_HEADS[1:num_heads], start=1):
+            m[f"gate/{organ}_mean"] = jnp.mean(w[..., j])
+            m[f"gate/{organ}_pos_mean"] = (w[..., j], roi_pos)
+    rpn_sampled = (out["rpn_labels"] >= 0).astype(jnp.float32)
+    m["sampling/rpn_pos_fraction"] = (jnp.sum(out["rpn_labels"] == 1) /
+                                      jnp.maximum(jnp.sum(rpn_sampled), 1.0))
+    m["sampling/roi_pos_fraction"] = (jnp.sum(roi_pos) /
+                                      jnp.maximum(jnp.sum(out["roi_labels"] >= 0), 1.0))
+    return m
+
+
 def meld_task(config: ml_collections.ConfigDict) -> Task:
-    """MELD (or the MULAN-like baseline, by ``config.model``) as a ``train.Task``."""
-    meld = _import("uld_jax.models.meld", ("build_model",), "task.name='meld'")
+    """MELD (or the MULAN-like baseline, by ``config.model``) as a ``train.Task``.
+
+    Training runs ``MELD.train_outputs`` (targets and ROI sampling inside, rng stream ``'sample'``)
+    and ``losses.meld_loss``; BatchNorm statistics (``bn_mode='batch'``) are the other variables.
+    Validation losses run the same forward with a fixed sampling key; it normalises with batch
+    statistics (the training forward's), and the padding samples of a final evaluation batch take
+    part in the batch means.
+    """
+    meld = _import("uld_jax.models.meld", ("MELD",), "task.name='meld'")
     losses = _import("uld_jax.losses", ("meld_loss",), "task.name='meld'")
-    model = meld.build_model(config.model)
+    mcfg = config.model
+    model = meld.MELD(mcfg)
+    names = _dataset_names(config)
+    heads = int(mcfg.num_organ_heads)
 
     def init(rng, batch):
-        r_params, r_drop, r_sample = jax.random.split(rng, 3)
-        return model.init({"params": r_params, "dropout": r_drop, "sampling": r_sample}, batch,
-                          train=False)
+        # An rbg key for the initialisers: XLA compiles MELD's hundreds of threefry draws ~5x slower
+        # on CPU (models/meld.py:init_variables does the same); still a function of the seed.
+        data = jax.random.key_data(rng).reshape(-1).astype(jnp.uint32)
+        key = jax.random.wrap_key_data(jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])[:4],
+                                       impl="rbg")
+        return model.init({"params": key}, batch[Keys.IMAGE], method=meld.MELD.init_all)
+
+    def forward(params, other, batch, rng):
+        variables = {"params": params, **other}
+        if other:
+            out, updates = model.apply(variables, batch, train=True, rngs={"sample": rng},
+                                       mutable=list(other))
+            return out, {**other, **updates}
+        return model.apply(variables, batch, train=True, rngs={"sample": rng}), other
 
     def loss_fn(params, other, batch, rng, train):
-        r_drop, r_sample = jax.random.split(rng)
-        variables = {"params": params, **other}
-        rngs = {"dropout": r_drop, "sampling": r_sample}
-        if train and other:
-            outputs, new_other = model.apply(variables, batch, train=True, rngs=rngs,
-                                             mutable=list(other))
-        else:
-            outputs, new_other = model.apply(variables, batch, train=train, rngs=rngs), other
-        loss, metrics = losses.meld_loss(outputs, batch, config.loss)
-        return loss, (dict(new_other), metrics)
+        out, new_other = forward(params, other, batch, rng)
+        loss, logs = losses.meld_loss(out, batch, mcfg)
+        return loss, (new_other if train else other, meld_metrics(out, logs, names, heads))
 
-    return Task(init=init, loss_fn=loss_fn)
+    def eval_fn(params, other, batch):
+        out, _ = forward(params, other, batch, jax.random.key(int(config.seed)))
+        loss, logs = losses.meld_loss(out, batch, mcfg)
+        return dict(meld_metrics(out, logs, names, heads), loss=loss)
+
+    return Task(init=init, loss_fn=loss_fn, eval_fn=eval_fn)
 
 
 def pipeline_data(config: ml_collections.ConfigDict) -> Data:
-    """The grain input pipeline as a ``train.Data``."""
-    ip = _import("uld_jax.input_pipeline", ("train_dataset", "eval_dataset", "steps_per_epoch"),
+    """The grain input pipeline (``config.data``) as a ``train.Data``: endless mixed training
+    batches of this process's share, and (``data.val_split``) the evaluation split once, in order,
+    the last batch padded."""
+    ip = _import("uld_jax.input_pipeline", ("make_dataset", "steps_per_epoch", "load_tables"),
                  "data.name='pipeline'")
+    if not config.data.data_dir:
+        raise ValueError("data.data_dir is empty: pass --config.data.data_dir=<DATA_DIR of "
+                         "python -m data_prep.build>")
+
+    def _cfg(**kw) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict(config.data.to_dict())
+        c.global_batch_size = int(config.batch_size)
+        c.seed = int(config.seed)
+        c.num_epochs = -1
+        c.update(kw)
+        return c
+
+    train_cfg = _cfg()
+    val_cfg = None
+    if config.data.val_split:
+        val_cfg = _cfg(split=config.data.val_split, mix=False, shuffle=False, num_epochs=1,
+                       augment=False)
+        try:
+            tables, _ = ip.load_tables(val_cfg)
+            if not sum(len(t) for t in tables):
+                raise ValueError("no samples")
+        except (OSError, ValueError, KeyError) as e:
+            logging.warning("no evaluation during training: split %r of %s unusable (%s)",
+                            config.data.val_split, config.data.data_dir, e)
+            val_cfg = None
 
     def train_iter(pidx, pcount):
-        return iter(ip.train_dataset(config, pidx, pcount))
+        return iter(ip.make_dataset(train_cfg, process_index=pidx, process_count=pcount))
 
     def eval_iter(pidx, pcount):
-        ds = ip.eval_dataset(config, pidx, pcount)
-        return None if ds is None else iter(ds)
+        return iter(ip.make_dataset(val_cfg, process_index=pidx, process_count=pcount,
+                                    pad_final_batch=True))
 
-    return Data(train_iter=train_iter, steps_per_epoch=int(ip.steps_per_epoch(config)),
-                eval_iter=eval_iter)
+    return Data(train_iter=train_iter,
+                steps_per_epoch=int(ip.steps_per_epoch(train_cfg, process_count=jax.process_count())),
+                eval_iter=eval_iter if val_cfg is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------

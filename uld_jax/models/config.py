@@ -70,7 +70,7 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     r.pre_nms_test = 6000 if paper else 512
     r.post_nms_test = 300 if paper else 32
     r.straddle = 0.0                               # anchors crossing the border by more: ignored
-    r.min_size = 2.0                               # pixels; smaller proposals are dropped
+    r.min_size = 0.0                               # pixels; proposals not above this are dropped
     r.box_weights = (1.0, 1.0, 1.0, 1.0)
     r.smooth_l1_beta = 1.0 / 9.0
 
@@ -84,6 +84,7 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # An anchor/ROI whose intersection-over-own-area with an NRM ignore region exceeds this is
     # excluded from negative sampling (never from positives of a real box).
     o.ignore_iobb = 0.5
+    o.ignore_overrides_positive = False            # a real lesion box stays positive inside one
     o.box_head_dims = (1024, 1024) if paper else (64, 64)
     o.box_weights = (10.0, 10.0, 5.0, 5.0)
     o.box_loss_weight = 10.0                       # MULAN's weight of the ROI box loss

@@ -28,9 +28,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from uld_jax.core import Keys, Provenance
+from uld_jax.core import Keys
 from uld_jax.models import detops as ops
+from uld_jax.ops import detections as detection_ops
+from uld_jax.ops import proposals as proposal_ops
+from uld_jax.ops import targets as target_ops
 from uld_jax.models.fpn import DenseNetFPN
 from uld_jax.models.roi_heads import (BoxHead, EmbeddingHead, MaskHead, OrganClassifierHeads,
                                       OrganGate, fuse_scores, organ_weights)
@@ -100,118 +104,97 @@ class MELD(nn.Module):
 
     def _anchors(self, feat_h: int, feat_w: int) -> jax.Array:
         a = self.cfg.anchors
-        return ops.anchor_grid(feat_h, feat_w, a.stride, a.sizes, a.ratios)
+        return ops.anchor_grid(feat_h, feat_w, a.stride, a.sizes, a.ratios)  # numpy constant
 
     def _gate_logits(self, roi_feats):
         if self.cfg.use_gate and self.cfg.num_organ_heads > 1:
             return self.gate(roi_feats)
         return None
 
-    def _proposals(self, logits, deltas, anchors, img_h, img_w, pre_n, post_n):
-        """One image, one RPN: logits [N], deltas [N, 4] -> (boxes [post_n, 4], valid [post_n])."""
-        rc = self.cfg.rpn
-        idx, ok = ops.top_k(logits, pre_n)
-        top = logits[idx]
-        boxes = ops.clip_boxes(ops.decode(deltas[idx], anchors[idx], rc.box_weights), img_h, img_w)
-        hw = boxes[:, 2:] - boxes[:, :2]
-        ok = ok & jnp.all(hw >= rc.min_size, axis=-1)
-        keep, kvalid = ops.nms(boxes, top, ok, rc.nms_iou, post_n)
-        return boxes[keep], kvalid
-
     # ----------------------------------------------------------------------------------------------
     def train_outputs(self, batch: dict) -> dict:
-        """Training forward with targets. Returns a dict (B samples, n = rpn.batch_per_image,
-        S = roi.batch_per_image, P = mask.max_per_image, H heads):
+        """Training forward with targets (``uld_jax.ops.proposals`` / ``targets``). Returns a dict
+        (B samples, N anchors, S = roi.batch_per_image, P = mask.max_per_image, H heads):
 
-        * ``rpn_logits`` [B, n], ``rpn_labels`` [B, n] (1 pos, 0 neg, -1 not sampled),
-          ``rpn_deltas`` / ``rpn_box_targets`` [B, n, 4], ``rpn_box_mask`` [B, n]: sampled anchors of
-          the sample's own dataset RPN;
-        * ``roi_boxes`` [B, S, 4], ``roi_labels`` [B, S], ``roi_gt_index`` [B, S],
-          ``cls_logits`` [B, S, H] (the sample's dataset column of every head),
-          ``cls_logits_all`` [B, S, H, D], ``organ_weights`` [B, S, H] (w0 = 1),
+        * ``rpn_logits`` [B, N], ``rpn_deltas`` / ``rpn_box_targets`` [B, N, 4]: every anchor of the
+          sample's own dataset RPN; ``rpn_labels`` [B, N] (1 sampled positive, 0 sampled negative,
+          -1 not sampled), ``rpn_box_mask`` [B, N] (sampled positives of original, not mined,
+          boxes);
+        * ``roi_boxes`` [B, S, 4], ``roi_labels`` [B, S] (1 / 0 / -1 empty slot; positives first),
+          ``roi_gt_index`` [B, S], ``cls_logits`` [B, S, H] (the sample's dataset column of every
+          head), ``cls_logits_all`` [B, S, H, D], ``organ_weights`` [B, S, H] (w0 = 1),
           ``gate_logits`` [B, S, H-1] (absent without a gate), ``gate_targets`` / ``gate_mask``
-          [B, S, H-1], ``box_deltas`` / ``box_targets`` [B, S, 4], ``box_mask`` [B, S] (positives
-          of original, not mined, boxes);
-        * mask head: ``mask_logits`` / ``mask_targets`` [B, P, 28, 28], ``mask_valid`` [B, P];
-        * embedding head: ``embeddings`` [B, P, E], ``type_logits`` [B, P, T], ``emb_valid`` [B, P],
-          ``emb_lesion_id`` [B, P] (-1 unknown), ``emb_gt_index`` [B, P], ``emb_type`` [B, P];
-        * ``proposals`` [B, post_nms_train, 4], ``proposal_valid``; ``dataset_id`` [B].
+          [B, S, H-1], ``box_deltas`` / ``box_targets`` [B, S, 4], ``box_mask`` [B, S];
+        * mask head (first P slots, i.e. positives first): ``mask_logits`` / ``mask_targets``
+          [B, P, 28, 28], ``mask_valid`` [B, P] (positives of original boxes with a mask);
+        * embedding head (same P slots): ``embeddings`` [B, P, E], ``type_logits`` [B, P, T],
+          ``emb_valid`` [B, P], ``emb_lesion_id`` [B, P] (-1 unknown), ``emb_gt_index``,
+          ``emb_type`` [B, P];
+        * ``proposals`` [B, post_nms_train, 4], ``proposal_valid``; ``dataset_id`` [B];
+          ``sample_id`` [B] (batch rows sharing it are augmented views of one slice).
         """
-        cfg = self.cfg
+        cfg, rc, oc = self.cfg, self.cfg.rpn, self.cfg.roi
         image = batch[Keys.IMAGE]
         b, img_h, img_w, _ = image.shape
+        sizes = jnp.tile(jnp.asarray([[img_h, img_w]], jnp.float32), (b, 1))
         dataset_id = batch[Keys.DATASET_ID].astype(jnp.int32)
         feat = self.backbone(image, train=True)
-        fh, fw = feat.shape[1:3]
-        anchors = self._anchors(fh, fw)
-
-        logits_all, deltas_all = self.rpn(feat)
-        logits = _select_dataset(logits_all, dataset_id, 1)          # [B, N]
-        deltas = _select_dataset(deltas_all, dataset_id, 1)          # [B, N, 4]
+        anchors = self._anchors(*feat.shape[1:3])
+        logits, deltas = self.rpn(feat, dataset_id)                 # [B, N], [B, N, 4]
 
         gt = batch[Keys.BOXES].astype(jnp.float32)
         g = gt.shape[1]
         prov = batch.get(Keys.PROVENANCE, jnp.zeros(gt.shape[:2], jnp.int32))
-        box_valid = batch[Keys.BOX_VALID].astype(bool)
-        gt_valid = box_valid & (prov != Provenance.IGNORE)
-        regress_ok = gt_valid & (prov == Provenance.ORIGINAL)
-        ign = batch.get(Keys.IGNORE_BOXES, jnp.zeros((b, 0, 4), jnp.float32)).astype(jnp.float32)
-        ign_valid = batch.get(Keys.IGNORE_VALID, jnp.zeros(ign.shape[:2], bool)).astype(bool)
-        ign = jnp.concatenate([ign, gt], axis=1)
-        ign_valid = jnp.concatenate([ign_valid, box_valid & (prov == Provenance.IGNORE)], axis=1)
-
-        out = {"dataset_id": dataset_id}
+        gt_valid, no_reg, ign, ign_valid = target_ops.gt_from_provenance(
+            gt, batch[Keys.BOX_VALID], prov, batch.get(Keys.IGNORE_BOXES),
+            batch.get(Keys.IGNORE_VALID))
+        regress_ok = gt_valid & ~no_reg
+        anchor_ok = self._anchor_valid(anchors, batch, b, img_h, img_w)
         k_rpn, k_roi = jax.random.split(self.make_rng("sample"))
+        # Rows with the same sample id are views (augmentations) of the same slice.
+        sample_id = batch.get(Keys.SAMPLE_ID, jnp.arange(b))
+        out = {"dataset_id": dataset_id, "sample_id": jnp.asarray(sample_id).astype(jnp.int32)}
 
-        # ---- RPN targets (the sample's own RPN) ----
-        rc = cfg.rpn
-        inside = ops.anchors_inside(anchors, img_h, img_w, rc.straddle)[None]  # [1, N]
-        if Keys.IMAGE_VALID in batch:
-            # anchors centred on padding (outside the scan) are neither positive nor negative
-            cy = jnp.clip(((anchors[:, 0] + anchors[:, 2]) / 2).astype(jnp.int32), 0, img_h - 1)
-            cx = jnp.clip(((anchors[:, 1] + anchors[:, 3]) / 2).astype(jnp.int32), 0, img_w - 1)
-            inside = inside & batch[Keys.IMAGE_VALID].astype(bool)[:, cy, cx]
-        inside = jnp.broadcast_to(inside, (b, anchors.shape[0]))
-        labels, midx = jax.vmap(
-            lambda gb, gv, ib, iv, av: ops.match(anchors, gb, gv, ib, iv, rc.fg_iou, rc.bg_iou, True,
-                                                 cfg.roi.ignore_iobb, av))(
-            gt, gt_valid, ign, ign_valid, inside)
-        sidx, slab = jax.vmap(lambda k, l: ops.sample(k, l, rc.batch_per_image, rc.positive_fraction))(
-            jax.random.split(k_rpn, b), labels)
-        s_anchor = anchors[sidx]                                     # [B, n, 4]
-        s_gt = _take(midx, sidx)                                     # [B, n]
-        out["rpn_logits"] = _take(logits, sidx)
-        out["rpn_labels"] = slab
-        out["rpn_deltas"] = _take(deltas, sidx)
-        out["rpn_box_targets"] = ops.encode(_take(gt, s_gt), s_anchor, rc.box_weights)
-        out["rpn_box_mask"] = (slab == 1) & _take(regress_ok, s_gt)
+        # ---- RPN targets of the sample's own RPN (dense over anchors) ----
+        rt = target_ops.batch_rpn_targets(
+            anchors, gt, gt_valid, k_rpn, gt_no_box_regression=no_reg, ignore_boxes=ign,
+            ignore_valid=ign_valid, anchor_valid=anchor_ok, positive_iou=rc.fg_iou,
+            negative_iou=rc.bg_iou, num_samples=rc.batch_per_image,
+            positive_fraction=rc.positive_fraction, ignore_iobb=oc.ignore_iobb,
+            ignore_overrides_positive=oc.ignore_overrides_positive, weights=rc.box_weights)
+        out["rpn_logits"], out["rpn_deltas"] = logits, deltas
+        out["rpn_labels"] = jnp.where(rt.cls_weight > 0, rt.objectness.astype(jnp.int32), -1)
+        out["rpn_box_targets"] = rt.box_targets
+        out["rpn_box_mask"] = rt.box_weight > 0
 
-        # ---- proposals (no gradient), plus the ground truth ----
-        props, pvalid = jax.vmap(
-            lambda l, d: self._proposals(l, d, anchors, img_h, img_w, rc.pre_nms_train,
-                                         rc.post_nms_train))(
-            jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas))
-        out["proposals"], out["proposal_valid"] = props, pvalid
-        cand = jnp.concatenate([props, gt], axis=1)
-        cvalid = jnp.concatenate([pvalid, gt_valid], axis=1)
-
-        # ---- ROI sampling with targets ----
-        oc = cfg.roi
-        rlab, ridx = jax.vmap(
-            lambda c, cv, gb, gv, ib, iv: ops.match(c, gb, gv, ib, iv, oc.fg_iou, oc.bg_iou, False,
-                                                    oc.ignore_iobb, cv))(
-            cand, cvalid, gt, gt_valid, ign, ign_valid)
-        sidx, slab = jax.vmap(lambda k, l: ops.sample(k, l, oc.batch_per_image, oc.positive_fraction))(
-            jax.random.split(k_roi, b), rlab)
-        rois = jax.lax.stop_gradient(_take(cand, sidx))              # [B, S, 4]
-        rgt = _take(ridx, sidx)                                      # [B, S]
+        # ---- proposals (no gradient) and sampled ROIs with their targets ----
+        props = proposal_ops.batch_generate_proposals(
+            jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas), anchors, sizes,
+            pre_nms_top_n=rc.pre_nms_train, post_nms_top_n=rc.post_nms_train,
+            nms_threshold=rc.nms_iou, min_size=rc.min_size, weights=rc.box_weights,
+            anchor_valid=anchor_ok)
+        out["proposals"], out["proposal_valid"] = props.boxes, props.valid
+        masks = batch.get(Keys.MASKS)
+        mask_kw = {}
+        if cfg.use_mask and masks is not None:
+            mask_kw = {"gt_masks": masks, "gt_mask_valid": jnp.any(masks > 0, axis=(2, 3)),
+                       "mask_size": cfg.mask.resolution}
+        tt = target_ops.batch_roi_targets(
+            props.boxes, props.valid, gt, gt_valid, k_roi, gt_no_box_regression=no_reg,
+            ignore_boxes=ign, ignore_valid=ign_valid, positive_iou=oc.fg_iou,
+            negative_iou=oc.bg_iou, num_samples=oc.batch_per_image,
+            positive_fraction=oc.positive_fraction, ignore_iobb=oc.ignore_iobb,
+            ignore_overrides_positive=oc.ignore_overrides_positive, weights=oc.box_weights,
+            **mask_kw)
+        rois, rgt = tt.rois, tt.matched_gt
+        slab = jnp.where(tt.valid, tt.labels, -1)
         out["roi_boxes"], out["roi_labels"], out["roi_gt_index"] = rois, slab, rgt
 
         roi_feats = self._roi_align(feat, rois, oc.pool_size)        # [B, S, 7, 7, C]
         box_feat, box_deltas_all = self.box_head(roi_feats)
         out["box_deltas"] = _select_dataset(box_deltas_all, dataset_id, 2)
-        out["box_targets"] = ops.encode(_take(gt, rgt), rois, oc.box_weights)
-        out["box_mask"] = (slab == 1) & _take(regress_ok, rgt)
+        out["box_targets"] = tt.box_targets
+        out["box_mask"] = tt.box_weight > 0
         cls_all = self.cls_heads(roi_feats)                          # [B, S, H, D]
         out["cls_logits_all"] = cls_all
         out["cls_logits"] = _select_dataset(cls_all, dataset_id, 3)
@@ -224,81 +207,101 @@ class MELD(nn.Module):
             out["gate_targets"] = _take(ot.astype(jnp.float32), rgt)
             out["gate_mask"] = _take(ov.astype(bool), rgt) & (slab == 1)[..., None]
 
-        # ---- positive ROIs for the mask and embedding heads (fixed P, positives first) ----
-        if cfg.use_mask or cfg.use_embedding:
-            p = min(cfg.mask.max_per_image, oc.batch_per_image)
-            s = slab.shape[1]
-            prio = jnp.where(slab == 1, 2 * s - jnp.arange(s), s - jnp.arange(s))
-            _, pidx = jax.lax.top_k(prio, p)                         # [B, P]
-            ppos = _take(slab, pidx) == 1
-            pbox = _take(rois, pidx)
-            pgt = _take(rgt, pidx)
-            if cfg.use_mask:
-                mfeat = self._roi_align(feat, pbox, cfg.mask.pool_size)
-                out["mask_logits"] = self.mask_head(mfeat)
-                if Keys.MASKS in batch:
-                    tgt, has = self._mask_targets(batch[Keys.MASKS], pbox, pgt)
-                    out["mask_targets"] = tgt
-                    out["mask_valid"] = ppos & has & _take(regress_ok, pgt)
-                else:
-                    out["mask_targets"] = jnp.zeros_like(out["mask_logits"])
-                    out["mask_valid"] = jnp.zeros_like(ppos)
-            if cfg.use_embedding:
-                emb, probe = self.embed_head(_take(box_feat, pidx))
-                out["embeddings"], out["type_logits"] = emb, probe
-                out["emb_valid"] = ppos & _take(gt_valid, pgt)
-                lid = batch.get(Keys.LESION_ID, -jnp.ones((b, g), jnp.int32))
-                lt = batch.get(Keys.LESION_TYPE, -jnp.ones((b, g), jnp.int32))
-                out["emb_lesion_id"] = _take(lid, pgt)
-                out["emb_type"] = _take(lt.astype(jnp.int32), pgt)
-                out["emb_gt_index"] = pgt
+        # ---- mask and embedding heads on the first P slots (the sampler puts positives first) ----
+        p = min(cfg.mask.max_per_image, oc.batch_per_image)
+        ppos = slab[:, :p] == 1
+        pgt = rgt[:, :p]
+        if cfg.use_mask:
+            out["mask_logits"] = self.mask_head(self._roi_align(feat, rois[:, :p],
+                                                                cfg.mask.pool_size))
+            if mask_kw:
+                out["mask_targets"] = tt.mask_targets[:, :p]
+                out["mask_valid"] = (tt.mask_weight[:, :p] > 0) & _take(regress_ok, pgt)
+            else:
+                out["mask_targets"] = jnp.zeros_like(out["mask_logits"])
+                out["mask_valid"] = jnp.zeros_like(ppos)
+        if cfg.use_embedding:
+            emb, probe = self.embed_head(box_feat[:, :p])
+            out["embeddings"], out["type_logits"] = emb, probe
+            out["emb_valid"] = ppos
+            lid = batch.get(Keys.LESION_ID, -jnp.ones((b, g), jnp.int32))
+            lt = batch.get(Keys.LESION_TYPE, -jnp.ones((b, g), jnp.int32))
+            out["emb_lesion_id"] = _take(lid, pgt)
+            out["emb_type"] = _take(lt.astype(jnp.int32), pgt)
+            out["emb_gt_index"] = pgt
         return out
+
+    def _anchor_valid(self, anchors, batch, b, img_h, img_w):
+        """[B, N]: anchors inside the image (straddle) and not centred on padding.
+
+        The static part is computed in NumPy: as an XLA constant expression it is constant-folded
+        at compile time, which takes seconds for the paper's 245,760 anchors.
+        """
+        a = np.asarray(anchors)
+        st = self.cfg.rpn.straddle
+        ok = np.ones(a.shape[0], bool) if st < 0 else (
+            (a[:, 0] >= -st) & (a[:, 1] >= -st) & (a[:, 2] <= img_h + st) & (a[:, 3] <= img_w + st))
+        ok = jnp.asarray(ok)[None]
+        if Keys.IMAGE_VALID in batch:
+            cy = np.clip(((a[:, 0] + a[:, 2]) / 2).astype(np.int32), 0, img_h - 1)
+            cx = np.clip(((a[:, 1] + a[:, 3]) / 2).astype(np.int32), 0, img_w - 1)
+            ok = ok & jnp.asarray(batch[Keys.IMAGE_VALID], bool)[:, cy, cx]
+        return jnp.broadcast_to(ok, (b, a.shape[0]))
 
     # ----------------------------------------------------------------------------------------------
     def inference_outputs(self, batch: dict) -> dict:
         """Detections of every dataset expert (D experts, K = roi.detections_per_image, H heads):
 
         * ``boxes`` [B, D, K, 4] (input pixels, internal format), ``scores`` [B, D, K] (eq. 1 fused,
-          in [0, 1]), ``head_scores`` [B, D, K, H], ``organ_weights`` [B, D, K, H] (w0 = 1),
-          ``valid`` [B, D, K] bool (False on padding), sorted by score within each expert;
-        * ``masks`` [B, D, K, 28, 28] mask probabilities in the box frame (with use_mask);
+          in [0, 1]; 0 on padding), ``head_scores`` [B, D, K, H], ``organ_weights`` [B, D, K, H]
+          (w0 = 1), ``valid`` [B, D, K] bool, sorted by score within each expert;
+        * ``masks`` [B, D, K, 28, 28] mask probabilities in the box frame (with use_mask; paste
+          them onto the image with ``uld_jax.ops.roi_align.paste_masks``);
         * ``embeddings`` [B, D, K, E] unit vectors (with use_embedding);
         * ``proposals`` [B, D, post_nms_test, 4], ``proposal_valid``.
+
+        Expert d uses RPN d's proposals, box-regression column d and classification column d of
+        every organ head.
         """
         cfg, rc, oc = self.cfg, self.cfg.rpn, self.cfg.roi
         image = batch[Keys.IMAGE]
         b, img_h, img_w, _ = image.shape
         d = cfg.num_datasets
+        size = jnp.asarray([img_h, img_w], jnp.float32)
         feat = self.backbone(image, train=False)
         anchors = self._anchors(*feat.shape[1:3])
+        anchor_ok = self._anchor_valid(anchors, batch, b, img_h, img_w)
         logits_all, deltas_all = self.rpn(feat)                     # [B, D, N], [B, D, N, 4]
-        prop_fn = lambda l, dl: self._proposals(l, dl, anchors, img_h, img_w, rc.pre_nms_test,  # noqa
-                                                rc.post_nms_test)
-        props, pvalid = jax.vmap(jax.vmap(prop_fn))(logits_all, deltas_all)  # [B, D, P, 4]
-        n_p = props.shape[2]
-        roi_feats = self._roi_align(feat, props.reshape(b, d * n_p, 4), oc.pool_size)
+        prop_fn = lambda l, dl, av: proposal_ops.generate_proposals(  # noqa: E731
+            l, dl, anchors, size, pre_nms_top_n=rc.pre_nms_test, post_nms_top_n=rc.post_nms_test,
+            nms_threshold=rc.nms_iou, min_size=rc.min_size, weights=rc.box_weights,
+            anchor_valid=av)
+        props = jax.vmap(jax.vmap(prop_fn, in_axes=(0, 0, None)))(logits_all, deltas_all, anchor_ok)
+        pboxes, pvalid = props.boxes, props.valid                   # [B, D, P, 4], [B, D, P]
+        n_p = pboxes.shape[2]
+        roi_feats = self._roi_align(feat, pboxes.reshape(b, d * n_p, 4), oc.pool_size)
         roi_feats = roi_feats.reshape(b, d, n_p, *roi_feats.shape[2:])
         box_feat, box_deltas_all = self.box_head(roi_feats)          # [B, D, P, F], [B, D, P, D, 4]
         eye = jnp.eye(d, dtype=jnp.float32)
-        # expert e uses its own proposals and its own output column e
         box_deltas = jnp.einsum("bepdk,ed->bepk", box_deltas_all, eye)
         cls_all = self.cls_heads(roi_feats)                          # [B, D, P, H, D]
         head_scores = jax.nn.sigmoid(jnp.einsum("bephd,ed->beph", cls_all, eye))
-        w = organ_weights(self._gate_logits(roi_feats), cfg.num_organ_heads, props.shape[:3])
+        w = organ_weights(self._gate_logits(roi_feats), cfg.num_organ_heads, pboxes.shape[:3])
         fused = fuse_scores(head_scores, w)                          # [B, D, P]
-        boxes = ops.clip_boxes(ops.decode(box_deltas, props, oc.box_weights), img_h, img_w)
-        ok = pvalid & (fused > oc.test_score_threshold)
         k = oc.detections_per_image
-        keep, kvalid = jax.vmap(jax.vmap(
-            lambda bx, sc, v: ops.nms(bx, sc, v, oc.test_nms_iou, k)))(boxes, fused, ok)
-        g = lambda x: jax.vmap(jax.vmap(lambda a, i: a[i]))(x, keep)  # noqa: E731
+        det_fn = lambda r, dl, sc, v: detection_ops.postprocess_detections(  # noqa: E731
+            r, dl, sc, size, roi_valid=v, weights=oc.box_weights,
+            score_threshold=oc.test_score_threshold, nms_threshold=oc.test_nms_iou,
+            max_detections=k, min_size=rc.min_size)
+        det = jax.vmap(jax.vmap(det_fn))(pboxes, box_deltas, fused, pvalid)
+        g = lambda x: jax.vmap(jax.vmap(lambda a, i: a[i]))(x, det.roi_index)  # noqa: E731
         out = {
-            "boxes": g(boxes), "scores": jnp.where(kvalid, g(fused), 0.0),
-            "head_scores": g(head_scores), "organ_weights": g(w), "valid": kvalid,
-            "proposals": props, "proposal_valid": pvalid,
+            "boxes": det.boxes, "scores": det.scores, "head_scores": g(head_scores),
+            "organ_weights": g(w), "valid": det.valid,
+            "proposals": pboxes, "proposal_valid": pvalid,
         }
         if cfg.use_mask:
-            mf = self._roi_align(feat, out["boxes"].reshape(b, d * k, 4), cfg.mask.pool_size)
+            mf = self._roi_align(feat, det.boxes.reshape(b, d * k, 4), cfg.mask.pool_size)
             m = jax.nn.sigmoid(self.mask_head(mf))
             out["masks"] = m.reshape(b, d, k, *m.shape[2:])
         if cfg.use_embedding:
@@ -311,16 +314,6 @@ class MELD(nn.Module):
         """feat [B, h, w, C], boxes [B, R, 4] (input pixels) -> [B, R, size, size, C]."""
         return jax.vmap(lambda f, bx: ops.roi_align(f, bx, size, self.cfg.anchors.stride,
                                                     self.cfg.roi.sampling_ratio))(feat, boxes)
-
-    def _mask_targets(self, masks: jax.Array, boxes: jax.Array, gt_idx: jax.Array):
-        """Binary targets [B, P, 28, 28] of the matched GT masks resampled into the ROI boxes, and
-        whether that GT has a (non-empty) mask [B, P]."""
-        res = self.cfg.mask.resolution
-        has = jnp.any(masks > 0, axis=(2, 3))                        # [B, G]
-
-        one = lambda m, bx, gi: ops.crop_masks(m, bx, gi, res)  # noqa: E731
-        tgt = jax.vmap(one)(masks, boxes, gt_idx)
-        return (tgt >= 0.5).astype(jnp.float32), _take(has, gt_idx)
 
 
 def init_variables(model: MELD, seed: int = 0, batch_size: int = 1) -> dict:

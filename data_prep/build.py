@@ -130,7 +130,8 @@ def validate_case(case: Case, dataset: str, pixel_mm: float, slice_mm: float) ->
             raise BadItem(lw, f"unknown provenance {les.provenance}")
         ot = np.asarray(les.organ_target, np.float64)
         ov = np.asarray(les.organ_valid)
-        if ot.shape != (3,) or ov.shape != (3,) or not np.all(np.isfinite(ot)) or ot.min() < 0 or ot.max() > 1:
+        if (ot.shape != (3,) or ov.shape != (3,) or not np.all(np.isfinite(ot))
+                or ot.min() < 0 or ot.max() > 1):
             raise BadItem(lw, f"organ_target must be 3 values in [0, 1] with 3 validity flags, "
                               f"got {ot} / {ov}")
         if les.recist is not None and np.asarray(les.recist).shape != (4, 2):
@@ -254,7 +255,8 @@ class _DatasetWriter:
         feats = sd.slice_features()
         if self.slice_writer is None:
             from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-            self.slice_writer = array_record_module.ArrayRecordWriter(self._slice_part(), "group_size:1")
+            self.slice_writer = array_record_module.ArrayRecordWriter(self._slice_part(),
+                                                                      sd.SLICE_RECORD_OPTIONS)
         # zlib releases the GIL: encoding the slices of a case in threads scales with cores.
         for zi, data in enumerate(self.encode_map(sd.encode_slice, list(case.slices))):
             self.slice_writer.write(feats.serialize_example({
@@ -329,7 +331,8 @@ class _DatasetWriter:
                 start += c["num_slices"]
         if not cases:
             raise BuildError(f"{ds}: no usable cases (skipped {len(skipped)} bad items)")
-        sd.write_tfds_metadata(sdir, sd.slice_features(), {sd.SLICES_SPLIT: [c["num_slices"] for c in self.chunks]},
+        sd.write_tfds_metadata(sdir, sd.slice_features(),
+                               {sd.SLICES_SPLIT: [c["num_slices"] for c in self.chunks]},
                                description=f"ULD slice store of {ds}: each resampled axial slice once "
                                            f"(int16 HU, codec {sd.SLICE_CODEC}).")
         # Sample table: per split, the chunks that hold samples of it.
@@ -479,14 +482,18 @@ def build(raw: str, out: str, datasets: Iterable[str] = DATASETS, skip_bad: bool
     for d in datasets:
         if d not in DATASETS:
             raise BuildError(f"unknown dataset {d!r}; expected some of {','.join(DATASETS)}")
+    report_path = os.path.join(out, "build_report.json")
     report = {}
+    if os.path.isfile(report_path):       # keep the entries of datasets built by earlier runs
+        with open(report_path) as f:
+            report = json.load(f)
     for d in datasets:
         report[d] = build_dataset(raw, out, d, skip_bad=skip_bad, pixel_mm=pixel_mm,
                                   slice_mm=slice_mm, reader_lookup=reader_lookup,
                                   chunk_slices=chunk_slices, progress=progress,
                                   encode_threads=encode_threads)
-        sd.atomic_write_json(os.path.join(out, "build_report.json"), report)
-    return report
+        sd.atomic_write_json(report_path, report)
+    return {d: report[d] for d in datasets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

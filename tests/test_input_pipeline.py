@@ -8,7 +8,6 @@ import pytest
 from data_prep import build as build_lib
 from data_prep import case_factory as cf
 from uld_jax import input_pipeline as ip
-from uld_jax import slice_data as sd
 from uld_jax.core import DATASET_ID, Keys, Provenance
 
 H = W = 64
@@ -363,3 +362,39 @@ def test_antialiased_shrink_keeps_geometry_and_mean():
     assert inner.size and np.all(np.abs(inner - 500) < 1e-3)
     bg = out[valid & (np.arange(40)[:, None] > y2 + 2)][:, 0]
     assert bg.std() < 100 / 2.0              # 3x3 averaging shrinks the noise ~3x; plain sampling would not
+
+
+def test_image_boxes_map_back_to_the_sample_table(data):
+    out, _ = data
+    c = _config(out, augment=False, pixel_mm=1.1)        # a real rescale (0.8 mm slices)
+    tables, _ = ip.load_tables(c)
+    batches, _ = _batches(c, 3)
+    n = 0
+    for batch in batches:
+        for b in range(4):
+            t, row, _, _ = _lookup(tables, batch, b)
+            p = ip.unaugmented_placement(t, row, c)
+            assert batch[Keys.PIXEL_MM][b] == pytest.approx(0.8 / p.scale)
+            les = t.sample_lesions(row)
+            want = les["boxes"][les["provenance"] == Provenance.ORIGINAL]
+            got = batch[Keys.BOXES][b][batch[Keys.BOX_VALID][b]]
+            np.testing.assert_allclose(ip.image_boxes_to_slice(got, p), want, atol=1e-4)
+            np.testing.assert_allclose(ip.slice_boxes_to_image(want, p), got, atol=1e-4)
+            n += len(want)
+    assert n > 3
+
+
+def test_positives_beyond_max_boxes_become_ignore_regions(tmp_path, caplog):
+    boxes = [[2 + 6 * i, 3, 6 + 6 * i, 9] for i in range(5)]
+    case = cf.make_case("lits", 0, num_slices=4, height=40, width=20, lesion_slices=(2,) * 5,
+                        boxes=boxes, negatives=())
+    build_lib.build("/raw", str(tmp_path), ["lits"], reader_lookup=lambda n: cf.ListReader([case]),
+                    progress=False)
+    c = _config(tmp_path, datasets=("lits",), max_boxes=3, max_ignore=8, augment=False, mix=False,
+                shuffle=False, num_epochs=1, global_batch_size=1)
+    with caplog.at_level("WARNING"):
+        (b,) = list(ip.make_dataset(c, process_index=0, process_count=1))
+    assert b[Keys.BOX_VALID].sum() == 3 and b[Keys.IGNORE_VALID].sum() == 2
+    kept = np.concatenate([b[Keys.BOXES][0][:3], b[Keys.IGNORE_BOXES][0][:2]])
+    np.testing.assert_allclose(kept - kept[0] + np.asarray(boxes[0]), np.asarray(boxes, np.float32))
+    assert "max_boxes=3" in caplog.text

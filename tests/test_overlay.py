@@ -161,3 +161,27 @@ def test_overlay_cli(data, tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "deeplesion", "overlays", "cli1", "overlay_info.json"))
     assert ov.main(["merge", "--data", str(out), "--dataset", "deeplesion", "--name", "cli1", p]) == 1
     assert "immutable" in capsys.readouterr().err
+
+
+def test_mining_pass_over_added_slices(data):
+    out, cases = data
+    c = ip.default_input_config("tiny")
+    c.update(dict(data_dir=str(out), datasets=("deeplesion",), image_size=(48, 48), pixel_mm=0.8,
+                  mix=False, shuffle=False, augment=False, num_epochs=1, global_batch_size=4))
+    tables, stores = ip.load_tables(c)
+    tables = [ov.add_slices(t, every_mm=5.0) for t in tables]
+    batches = list(ip.make_dataset(c, tables=tables, stores=stores, process_index=0, process_count=1))
+    ids = np.concatenate([b[Keys.SAMPLE_ID] for b in batches])
+    assert sorted(ids[ids >= 0].tolist()) == list(range(len(tables[0])))
+    by_id = {cs.case_id: cs for cs in cases}
+    t = tables[0]
+    for b in batches:
+        for i, s in enumerate(b[Keys.SAMPLE_ID]):
+            if s < 0:
+                continue
+            case = by_id[t.case_id[t.case_row[s]]]
+            z = int(t.slice_index[s])
+            valid = b[Keys.IMAGE_VALID][i]
+            ys, xs = np.nonzero(valid)
+            crop = b[Keys.IMAGE][i, ys.min():ys.max() + 1, xs.min():xs.max() + 1, 4]
+            np.testing.assert_array_equal(crop, ip.window(case.slices[z]))

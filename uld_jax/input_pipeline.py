@@ -35,7 +35,8 @@ lesion_type        [B,G] int32      coarse type (-1 unknown / padding)
 lesion_id          [B,G] int64      (-1 unknown / padding)
 organ_target       [B,G,3] f32      lung, liver, lymph node targets in [0, 1]
 organ_valid        [B,G,3] bool
-ignore_boxes       [B,R,4] f32      NRM ignore regions (Provenance.IGNORE rows)
+ignore_boxes       [B,R,4] f32      NRM ignore regions (Provenance.IGNORE rows), after any
+                                    positives beyond G (logged), so that none becomes background
 ignore_valid       [B,R] bool
 sample_id          [B] int64        row of the dataset's sample table (-1: padding element
                                     of a final evaluation batch); unique with dataset_id
@@ -54,7 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import logging
 import sys
 from typing import Any, Sequence
 
@@ -366,6 +367,32 @@ def warp_mask(rect, crop: np.ndarray, p: Placement, image_size: tuple[int, int])
     return out
 
 
+def unaugmented_placement(table: sd.SampleTable, row: int,
+                          config: ml_collections.ConfigDict) -> Placement:
+    """The placement the loader uses for sample ``row`` when ``config.augment`` is False."""
+    c = int(table.case_row[row])
+    h, w = (int(v) for v in table.case_hw[c])
+    return choose_placement(h, w, float(table.case_pixel_mm[c]), float(config.pixel_mm),
+                            tuple(int(v) for v in config.image_size), None)
+
+
+def image_boxes_to_slice(boxes: np.ndarray, p: Placement) -> np.ndarray:
+    """[..., 4] boxes in model-input pixels -> pixels of the stored (preprocessed) slice.
+
+    For mining (overlay rows are in slice pixels) and evaluation: with ``p`` from
+    :func:`unaugmented_placement`, detections on a batch map back to the sample table's frame.
+    """
+    b = np.asarray(boxes, np.float64)
+    t = np.array([p.ty, p.tx, p.ty, p.tx])
+    return ((b - t) / p.scale).astype(np.float32)
+
+
+def slice_boxes_to_image(boxes: np.ndarray, p: Placement) -> np.ndarray:
+    """Inverse of :func:`image_boxes_to_slice` (no clipping)."""
+    b = np.asarray(boxes, np.float64)
+    return (b * p.scale + np.array([p.ty, p.tx, p.ty, p.tx])).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sample loading.
 # --------------------------------------------------------------------------------------------------
@@ -444,9 +471,11 @@ class SampleLoader(grain.transforms.Map):
         les = table.sample_lesions(row)
         prov = les["provenance"]
         boxes, keep = warp_boxes(les["boxes"], p, h, w, self.image_size)
-        # Positives: original rows first, then mined; ignore regions separately.
-        pos = [i for pv in (Provenance.ORIGINAL, Provenance.MINED)
-               for i in np.flatnonzero((prov == int(pv)) & keep)][: self.G]
+        # Positives: original rows first, then mined. Positives beyond G become ignore regions
+        # (a dropped lesion must not turn into background), ahead of the NRM ignore rows.
+        pos_all = [int(i) for pv in (Provenance.ORIGINAL, Provenance.MINED)
+                   for i in np.flatnonzero((prov == int(pv)) & keep)]
+        pos, overflow = pos_all[: self.G], pos_all[self.G:]
         for g, i in enumerate(pos):
             ex[Keys.BOXES][g] = boxes[i]
             ex[Keys.BOX_VALID][g] = True
@@ -459,10 +488,23 @@ class SampleLoader(grain.transforms.Map):
                 ex[Keys.MASKS][g] = warp_mask(les["mask_rect"][i],
                                               sd.decode_mask(les["mask_rect"][i], les["mask"][i]),
                                               p, self.image_size)
-        ign = np.flatnonzero((prov == int(Provenance.IGNORE)) & keep)[: self.R]
+        ign_all = overflow + [int(i) for i in np.flatnonzero((prov == int(Provenance.IGNORE)) & keep)]
+        ign = np.asarray(ign_all[: self.R], np.int64)
         ex[Keys.IGNORE_BOXES][: len(ign)] = boxes[ign]
         ex[Keys.IGNORE_VALID][: len(ign)] = True
+        if overflow or len(ign_all) > self.R:
+            self._warn_overflow(table, row, len(pos_all), len(ign_all) - len(overflow))
         return ex
+
+    def _warn_overflow(self, table: sd.SampleTable, row: int, n_pos: int, n_ign: int) -> None:
+        self._overflows = getattr(self, "_overflows", 0) + 1
+        if self._overflows in (1, 10, 100, 1000):
+            logging.warning(
+                "%s %s slice %d: %d positives for max_boxes=%d (extra ones become ignore regions) and "
+                "%d ignore regions for max_ignore=%d (extra ones dropped); %d such samples so far in "
+                "this process. Raise config.max_boxes / max_ignore.", table.dataset,
+                table.case_id[table.case_row[row]], int(table.slice_index[row]), n_pos, self.G,
+                n_ign, self.R, self._overflows)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def validate_rows(cols: Mapping[str, np.ndarray], where: str,
         if len(cols[k]) != n:
             raise OverlayError(f"{where}: column {k!r} has {len(cols[k])} rows, expected {n}")
     for i in range(n):
-        ds, cid, z, kind = str(cols["dataset"][i]), str(cols["case_id"][i]), int(cols["slice_index"][i]), int(cols["kind"][i])
+        ds, cid = str(cols["dataset"][i]), str(cols["case_id"][i])
+        z, kind = int(cols["slice_index"][i]), int(cols["kind"][i])
         w = f"{where} row {i} ({ds}/{cid} slice {z})"
         if ds not in DATASET_ID:
             raise OverlayError(f"{w}: unknown dataset {ds!r}; expected one of {DATASETS}")
@@ -89,7 +90,8 @@ def validate_rows(cols: Mapping[str, np.ndarray], where: str,
             raise OverlayError(f"{w}: expert {int(cols['expert'][i])} is not a dataset id or -1")
         box = cols["box"][i]
         if kind != KIND_ADDED and (not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]):
-            raise OverlayError(f"{w}: box {box.tolist()} is not a finite [y1, x1, y2, x2] with y1 < y2, x1 < x2")
+            raise OverlayError(
+                f"{w}: box {box.tolist()} is not a finite [y1, x1, y2, x2] with y1 < y2, x1 < x2")
         if not np.isfinite(cols["score"][i]):
             raise OverlayError(f"{w}: score is not finite")
         if cases is not None:
@@ -99,8 +101,13 @@ def validate_rows(cols: Mapping[str, np.ndarray], where: str,
             zn, h, wd = known[cid]
             if not 0 <= z < zn:
                 raise OverlayError(f"{w}: slice index {z} outside 0..{zn - 1} of case {cid!r}")
-            if kind != KIND_ADDED and (box[0] < -1e-3 or box[1] < -1e-3 or box[2] > h + 1e-3 or box[3] > wd + 1e-3):
+            if kind != KIND_ADDED and _outside(box, h, wd):
                 raise OverlayError(f"{w}: box {box.tolist()} outside the {h}x{wd} slice")
+
+
+def _outside(box: np.ndarray, h: int, w: int, tol: float = 1e-3) -> bool:
+    """Whether internal box [y1, x1, y2, x2] leaves the h x w slice."""
+    return bool(box[0] < -tol or box[1] < -tol or box[2] > h + tol or box[3] > w + tol)
 
 
 def _case_extents(data_dir: str, datasets: Sequence[str]) -> dict[str, dict[str, tuple[int, int, int]]]:
@@ -189,7 +196,7 @@ def apply_overlays(table: sd.SampleTable, paths: Sequence[str]) -> sd.SampleTabl
                 raise OverlayError(f"{w}: slice index {z} outside 0..{int(table.case_num_slices[c]) - 1}")
             h, wd = (int(v) for v in table.case_hw[c])
             box = cols["box"][i]
-            if kind != KIND_ADDED and (box[0] < -1e-3 or box[1] < -1e-3 or box[2] > h + 1e-3 or box[3] > wd + 1e-3):
+            if kind != KIND_ADDED and _outside(box, h, wd):
                 raise OverlayError(f"{w}: box {box.tolist()} outside the {h}x{wd} slice")
             key = (c, z)
             if key not in sample_of:
@@ -284,7 +291,8 @@ def merge_overlays(data_dir: str, dataset: str, overlays: Sequence[str], name: s
             continue
         merged = apply_overlays(table, overlays)
         split_records[split] = merged.to_records()
-        counts[split] = {"samples": len(merged), "added_samples": int(merged.added.sum()) - int(table.added.sum()),
+        counts[split] = {"samples": len(merged),
+                         "added_samples": int(merged.added.sum()) - int(table.added.sum()),
                          "rows": int(merged.lesion_ptr[-1]) - int(table.lesion_ptr[-1])}
     sd.write_table(sd.table_dir(tmp, dataset, "samples"), dataset, "samples", sd.sample_features(),
                    split_records, description=f"ULD sample table of {dataset} + overlays {name}")

@@ -215,10 +215,16 @@ def shard_filename(dataset: str, table: str, split: str, shard: int, num_shards:
     return f"{tfds_name(dataset, table)}-{split}.array_record-{shard:05d}-of-{num_shards:05d}"
 
 
-def write_array_record(path: str, records: Sequence[bytes]) -> None:
+# Slice records hold zlib'd pixels already: array_record's own compression would only cost time
+# (measured: 2.4 -> 0.9 ms per 300 kB record to write, 0.85 -> 0.5 ms to read).
+SLICE_RECORD_OPTIONS = "group_size:1,uncompressed"
+TABLE_RECORD_OPTIONS = "group_size:1"
+
+
+def write_array_record(path: str, records: Sequence[bytes], options: str = TABLE_RECORD_OPTIONS) -> None:
     """Writes serialized records to one ArrayRecord file (``group_size:1``: cheap random access)."""
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    writer = array_record_module.ArrayRecordWriter(path, options)
     try:
         for r in records:
             writer.write(r)
@@ -237,7 +243,8 @@ def write_tfds_metadata(tdir: str, features, split_shards: dict[str, list[int]],
     for split, lengths in split_shards.items():
         nbytes = 0
         for k in range(len(lengths)):
-            fn = f"{os.path.basename(os.path.dirname(tdir))}-{split}.array_record-{k:05d}-of-{len(lengths):05d}"
+            name = os.path.basename(os.path.dirname(tdir))
+            fn = f"{name}-{split}.array_record-{k:05d}-of-{len(lengths):05d}"
             nbytes += os.path.getsize(os.path.join(tdir, fn))
         infos.append(tfds.core.SplitInfo(name=split, shard_lengths=list(lengths), num_bytes=nbytes))
     kwargs = {}
@@ -388,7 +395,8 @@ _LESION_SHAPES = {"boxes": ((4,), np.float32), "provenance": ((), np.int32),
 class SampleTable:
     """One dataset's cases and samples of one split, as numpy columns.
 
-    Cases (C): ``case_id`` [C] str, ``case_patient`` / ``case_study`` / ``case_series`` [C] str, ``case_split`` [C] str,
+    Cases (C): ``case_id`` [C] str, ``case_patient`` / ``case_study`` / ``case_series`` [C] str,
+    ``case_split`` [C] str,
     ``case_slice_start`` [C] int64 (first slice-store record), ``case_num_slices`` [C],
     ``case_hw`` [C, 2], ``case_pixel_mm`` [C], ``case_slice_mm`` [C], ``case_z_mm`` list of [Z_c].
     Samples (S): ``case_row`` [S] (into the case columns), ``slice_index`` [S], ``z_mm`` [S],

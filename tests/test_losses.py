@@ -1,0 +1,181 @@
+"""MELD losses on hand-built outputs, against plain-numpy references and worked cases."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uld_jax import losses
+from uld_jax.models.config import model_config
+
+
+def _bce(x, t):
+    return np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
+
+
+def _sl1(x, beta):
+    a = np.abs(x)
+    return np.where(a < beta, 0.5 * a * a / beta, a - 0.5 * beta)
+
+
+def _outputs(seed=0, b=2, n=6, s=5, h=4, p=3, e=8, mined_row=True):
+    rng = np.random.default_rng(seed)
+    out = {
+        "dataset_id": np.array([0, 1][:b], np.int32),
+        "rpn_logits": rng.normal(size=(b, n)).astype(np.float32),
+        "rpn_labels": np.array([[1, 0, 0, -1, 1, 0], [0, 0, -1, -1, -1, -1]][:b], np.int32),
+        "rpn_deltas": rng.normal(size=(b, n, 4)).astype(np.float32),
+        "rpn_box_targets": rng.normal(size=(b, n, 4)).astype(np.float32),
+        "roi_labels": np.array([[1, 1, 0, 0, -1], [0, 0, 0, -1, -1]][:b], np.int32),
+        "cls_logits": rng.normal(size=(b, s, h)).astype(np.float32),
+        "organ_weights": np.concatenate([np.ones((b, s, 1)), rng.uniform(size=(b, s, h - 1))],
+                                        -1).astype(np.float32),
+        "box_deltas": rng.normal(size=(b, s, 4)).astype(np.float32),
+        "box_targets": rng.normal(size=(b, s, 4)).astype(np.float32),
+        "gate_logits": rng.normal(size=(b, s, h - 1)).astype(np.float32),
+        "gate_targets": rng.uniform(size=(b, s, h - 1)).astype(np.float32),
+        "gate_mask": rng.uniform(size=(b, s, h - 1)) < 0.5,
+        "mask_logits": rng.normal(size=(b, p, 28, 28)).astype(np.float32),
+        "mask_targets": (rng.uniform(size=(b, p, 28, 28)) < 0.5).astype(np.float32),
+        "mask_valid": np.array([[True, False, True], [False, False, False]][:b]),
+        "embeddings": rng.normal(size=(b, p, e)).astype(np.float32),
+        "type_logits": rng.normal(size=(b, p, 9)).astype(np.float32),
+        "emb_valid": np.array([[True, True, False], [True, False, False]][:b]),
+        "emb_lesion_id": np.array([[5, -1, -1], [5, -1, -1]][:b], np.int32),
+        "emb_gt_index": np.array([[0, 0, 1], [0, 0, 0]][:b], np.int32),
+        "emb_type": np.array([[3, 3, -1], [-1, -1, -1]][:b], np.int32),
+    }
+    out["embeddings"] /= np.linalg.norm(out["embeddings"], axis=-1, keepdims=True)
+    # positives' box regression: row 1 of sample 0 is a mined positive (mask False)
+    out["rpn_box_mask"] = out["rpn_labels"] == 1
+    out["box_mask"] = out["roi_labels"] == 1
+    if mined_row:
+        out["box_mask"][0, 1] = False
+    return out
+
+
+def test_rpn_losses_match_numpy():
+    cfg = model_config("tiny")
+    o = _outputs()
+    got = losses.rpn_losses(o, cfg)
+    lab = o["rpn_labels"]
+    for i in range(2):
+        smp = lab[i] >= 0
+        n = max(smp.sum(), 1)
+        cls = _bce(o["rpn_logits"][i], (lab[i] == 1).astype(float))[smp].sum() / n
+        box = _sl1(o["rpn_deltas"][i] - o["rpn_box_targets"][i], 1 / 9).sum(-1)[lab[i] == 1].sum() / n
+        np.testing.assert_allclose(got["rpn_cls"][i], cls, rtol=1e-5)
+        np.testing.assert_allclose(got["rpn_box"][i], box, rtol=1e-5, atol=1e-7)
+
+
+def test_roi_cls_is_gated_sum_with_stop_gradient():
+    cfg = model_config("tiny")
+    o = _outputs()
+    got = losses.roi_losses(o, cfg)
+    lab = o["roi_labels"]
+    for i in range(2):
+        smp = lab[i] >= 0
+        bce = _bce(o["cls_logits"][i], (lab[i] == 1).astype(float)[:, None])  # [S, H]
+        want = (o["organ_weights"][i] * bce).sum(-1)[smp].mean()
+        np.testing.assert_allclose(got["roi_cls"][i], want, rtol=1e-5)
+        np.testing.assert_allclose(got["roi_cls/lung"][i], bce[smp, 1].mean(), rtol=1e-5)
+    # The gate weights receive no gradient from L = sum_i w_i L_i.
+    g = jax.grad(lambda w: jnp.sum(losses.roi_losses({**o, "organ_weights": w}, cfg)["roi_cls"]))(
+        jnp.asarray(o["organ_weights"]))
+    assert np.all(np.asarray(g) == 0)
+
+
+def test_mined_positives_do_not_regress_boxes():
+    cfg = model_config("tiny")
+    o = _outputs()
+    base = losses.roi_losses(o, cfg)["roi_box"]
+    o2 = dict(o)
+    o2["box_deltas"] = o["box_deltas"].copy()
+    o2["box_deltas"][0, 1] += 100.0  # the mined positive's prediction is wild: no effect
+    np.testing.assert_allclose(losses.roi_losses(o2, cfg)["roi_box"], base)
+    o2["box_deltas"][0, 0] += 100.0  # an original positive's is: large effect
+    assert losses.roi_losses(o2, cfg)["roi_box"][0] > base[0] + 100
+    lab = o["roi_labels"][0]
+    want = 10.0 * _sl1(o["box_deltas"][0, 0] - o["box_targets"][0, 0], 1.0).sum() / (lab >= 0).sum()
+    np.testing.assert_allclose(base[0], want, rtol=1e-5)
+    # the mined positive still counts as a positive for classification
+    assert o["roi_labels"][0, 1] == 1
+
+
+def test_gate_and_mask_losses_masked():
+    cfg = model_config("tiny")
+    o = _outputs()
+    got = losses.roi_losses(o, cfg)["gate"]
+    m = o["gate_mask"][0]
+    want = _bce(o["gate_logits"][0], o["gate_targets"][0])[m].mean()
+    np.testing.assert_allclose(got[0], want, rtol=1e-5)
+    mk = losses.mask_loss(o)
+    want = _bce(o["mask_logits"][0], o["mask_targets"][0]).mean((-1, -2))[[0, 2]].mean()
+    np.testing.assert_allclose(mk[0], want, rtol=1e-5)
+    assert mk[1] == 0.0  # no valid mask: zero, not NaN
+
+
+def test_embedding_pairs_same_lesion():
+    cfg = model_config("tiny")
+    o = _outputs()
+    # rows (0,0), (0,1) share gt 0 of sample 0; (0,0) and (1,0) share lesion_id 5.
+    # (0,1)'s only positive is (0,0) and its only negative (1,0).
+    good = dict(o)
+    e = np.zeros_like(o["embeddings"])
+    e[0, 0, 0], e[0, 1, 0], e[1, 0, 2] = 1.0, 1.0, 1.0   # (0,1) on its positive
+    good["embeddings"] = e
+    bad = dict(o)
+    e2 = np.zeros_like(o["embeddings"])
+    e2[0, 0, 0], e2[0, 1, 1], e2[1, 0, 1] = 1.0, 1.0, 1.0  # (0,1) on its negative
+    bad["embeddings"] = e2
+    lg = losses.embedding_loss(good, cfg)
+    lb = losses.embedding_loss(bad, cfg)
+    assert np.all(np.isfinite(lg)) and np.all(np.isfinite(lb))
+    assert lg[0] < lb[0]
+    # worked case (type probe zeroed, all embeddings identical): every valid row sees 2 others with
+    # equal similarity, so each positive has log-probability -log 2 and SupCon = log 2
+    e3 = np.zeros_like(o["embeddings"])
+    e3[..., 0] = 1.0
+    z = dict(good, embeddings=e3, type_logits=np.zeros_like(o["type_logits"]), emb_type=-np.ones((2, 3), np.int32))
+    np.testing.assert_allclose(losses.embedding_loss(z, cfg), [np.log(2.0)] * 2, rtol=1e-5)
+
+
+def test_total_finite_when_nothing_is_positive():
+    cfg = model_config("tiny")
+    o = _outputs()
+    for k in ("rpn_labels", "roi_labels"):
+        o[k] = np.where(o[k] == 1, 0, o[k])
+    for k in ("rpn_box_mask", "box_mask", "gate_mask", "mask_valid", "emb_valid"):
+        o[k] = np.zeros_like(o[k])
+    o["emb_type"] = -np.ones_like(o["emb_type"])
+    total, logs = jax.jit(lambda x: losses.meld_loss(x, None, cfg))(o)
+    assert np.isfinite(total)
+    assert all(np.isfinite(v) for v in logs.values())
+    assert float(logs["roi_box"]) == 0.0 and float(logs["mask"]) == 0.0
+
+
+def test_jit_equals_eager_and_per_dataset_logs():
+    cfg = model_config("tiny")
+    o = _outputs()
+    t_eager, logs_eager = losses.meld_loss(o, None, cfg)
+    t_jit, logs_jit = jax.jit(lambda x: losses.meld_loss(x, None, cfg))(o)
+    np.testing.assert_allclose(t_jit, t_eager, rtol=1e-5)
+    for k in logs_eager:
+        np.testing.assert_allclose(logs_jit[k], logs_eager[k], rtol=1e-5, atol=1e-7)
+    per = losses.rpn_losses(o, cfg)["rpn_cls"]
+    np.testing.assert_allclose(logs_eager["rpn_cls/deeplesion"], per[0], rtol=1e-6)
+    np.testing.assert_allclose(logs_eager["rpn_cls/luna16"], per[1], rtol=1e-6)
+    assert float(logs_eager["rpn_cls/lits"]) == 0.0
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_gate_gradient_policy_is_configurable(stop):
+    cfg = model_config("tiny")
+    cfg.unlock()
+    cfg.gate.stop_gradient_weights = stop
+    o = _outputs()
+    g = jax.grad(lambda w: jnp.sum(losses.roi_losses({**o, "organ_weights": w}, cfg)["roi_cls"]))(
+        jnp.asarray(o["organ_weights"]))
+    assert bool(np.any(np.asarray(g) != 0)) == (not stop)

@@ -1,0 +1,44 @@
+"""Region proposal networks, one per dataset, on the shared stride-4 features.
+
+Every parameter has a leading dataset axis ``D`` (parameter row d is dataset d's RPN), all D RPNs
+are computed (one wide 3x3 convolution, then per-dataset 1x1 outputs as an einsum) and the caller
+selects by the sample's dataset id, so a sample of dataset d back-propagates into row d only.
+
+Output layout matches the anchors of ``anchor_grid`` (row-major cells, then the A shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class DatasetRPN(nn.Module):
+    """features [B, h, w, C] -> (objectness logits [B, D, h*w*A], deltas [B, D, h*w*A, 4])."""
+
+    num_datasets: int
+    num_anchors: int
+    conv_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array):
+        b, h, w, c = x.shape
+        d, a, r = self.num_datasets, self.num_anchors, self.conv_dim
+        conv_k = self.param("conv_kernel", nn.initializers.normal(0.01), (d, 3, 3, c, r))
+        conv_b = self.param("conv_bias", nn.initializers.zeros, (d, r))
+        cls_k = self.param("cls_kernel", nn.initializers.normal(0.01), (d, r, a))
+        cls_b = self.param("cls_bias", nn.initializers.zeros, (d, a))
+        box_k = self.param("box_kernel", nn.initializers.normal(0.01), (d, r, a * 4))
+        box_b = self.param("box_bias", nn.initializers.zeros, (d, a * 4))
+        k = conv_k.transpose(1, 2, 3, 0, 4).reshape(3, 3, c, d * r).astype(self.dtype)
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), k, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = nn.relu(y.reshape(b, h, w, d, r) + conv_b.astype(self.dtype))
+        logits = jnp.einsum("bhwdr,dra->bdhwa", y, cls_k.astype(self.dtype)) + cls_b[None, :, None, None]
+        deltas = jnp.einsum("bhwdr,dra->bdhwa", y, box_k.astype(self.dtype)) + box_b[None, :, None, None]
+        return (logits.reshape(b, d, h * w * a).astype(jnp.float32),
+                deltas.reshape(b, d, h * w * a, 4).astype(jnp.float32))

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 MINED_DATASET = "deeplesion"
 ANNOTATION_ID_BASE = 1 << 40
 DATA_AXIS = "data"
+MIN_BOX_PX = 1.0          # detections thinner than this (slice pixels) after clipping are dropped
 
 
 @dataclasses.dataclass
@@ -214,9 +215,20 @@ def _mining_forward(module, image, image_valid, ann_boxes):
             "embeddings": det["embeddings"][:, uni], "ann_embeddings": ann_emb}
 
 
+_PREDICT_CACHE: dict[tuple, Any] = {}
+
+
 def make_predict(model, mesh: Mesh):
     """``predict(variables, image, image_valid, ann_boxes) -> dict`` jitted over ``mesh`` (batch
-    on ``'data'``, variables replicated)."""
+    on ``'data'``, variables replicated). Cached per (model config, devices), so repeated runs in
+    one process (tests, sweeps) compile once."""
+    key = (table.config_hash(model.cfg), tuple(d.id for d in mesh.devices.flat))
+    if key not in _PREDICT_CACHE:
+        _PREDICT_CACHE[key] = _make_predict(model, mesh)
+    return _PREDICT_CACHE[key]
+
+
+def _make_predict(model, mesh: Mesh):
     data = NamedSharding(mesh, P(DATA_AXIS))
     repl = NamedSharding(mesh, P())
 
@@ -365,8 +377,8 @@ class ChunkMiner:
                 boxes = ip.image_boxes_to_slice(out["boxes"][i], b.placements[i])   # [D, K, 4]
                 boxes = np.clip(boxes, 0.0, np.array([h, w, h, w], np.float32))
                 keep = (out["valid"][i] & (out["scores"][i] >= self.min_score)
-                        & (boxes[..., 2] - boxes[..., 0] > 1e-3)
-                        & (boxes[..., 3] - boxes[..., 1] > 1e-3))
+                        & (boxes[..., 2] - boxes[..., 0] >= MIN_BOX_PX)
+                        & (boxes[..., 3] - boxes[..., 1] >= MIN_BOX_PX))
                 e_idx, k_idx = np.nonzero(keep)
                 if e_idx.size:
                     p_parts["slice"].append(np.full(e_idx.size, key))

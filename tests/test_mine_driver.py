@@ -1,0 +1,239 @@
+"""uld_jax.mine.driver: checkpoint -> slices every 5 mm -> jitted inference in resumable chunks ->
+MAM + NRM -> an overlay the pipeline loads (a tiny built dataset and a real orbax checkpoint of a
+randomly initialised tiny MELD)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import meld as meld_config
+from data_prep import build as build_lib
+from data_prep import case_factory as cf
+from uld_jax import input_pipeline as ip
+from uld_jax import slice_data as sd
+from uld_jax import train
+from uld_jax.core import DATASET_ID, Keys, Provenance
+from uld_jax.mine import driver, run, store, table
+
+STEPS_PER_EPOCH = 1          # so that the epoch-4 checkpoint is step 4
+SAVED_STEPS = (2, 4, 6)
+
+
+def tiny_config(data_dir: str):
+    c = meld_config.get_config("tiny")
+    c.data.data_dir = str(data_dir)
+    c.data.datasets = ("deeplesion",)
+    c.data.image_size = (64, 64)
+    c.data.pixel_mm = 0.8
+    c.data.val_split = ""
+    c.model.image_size = 64
+    c.batch_size = 8
+    c.checkpoint.async_save = False
+    return c
+
+
+def save_checkpoints(workdir: str, config, steps=SAVED_STEPS, seed: int = 0) -> None:
+    """Real orbax checkpoints (the training loop's layout) of a randomly initialised MELD."""
+    from uld_jax.models import meld
+    model = meld.MELD(config.model)
+    variables = meld.init_variables(model, seed=seed)
+    params = variables["params"]
+    other = {k: v for k, v in variables.items() if k != "params"}
+    tx, _ = train.make_optimizer(config.optimizer, STEPS_PER_EPOCH)
+    cfg_json = json.loads(config.to_json_best_effort())
+    cfg_json["_derived"] = {"steps_per_epoch": STEPS_PER_EPOCH, "total_steps": max(steps),
+                            "mesh_devices": 8, "process_count": 1}
+    mngr = train.make_checkpoint_manager(workdir, config.checkpoint, STEPS_PER_EPOCH)
+    for s in steps:
+        state = {"step": np.int32(s), "params": params, "other": other,
+                 "opt_state": tx.init(params)}
+        mngr.save(s, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data_iter=train.IteratorStateSave({}),
+            config=ocp.args.JsonSave(cfg_json)))
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minedrv")
+    data = root / "data"
+    # 4 patients x 2 studies (cases), 12 slices of 2 mm (0..22 mm: slices 0, 3, 5, 8, 10 every
+    # 5 mm, plus the key slice 5); 6 training cases, 2 validation cases.
+    cases = [cf.make_case("deeplesion", k, num_slices=12, height=40, width=40, lesion_slices=(5,),
+                          negatives=(), patient=f"{k // 2:06d}", split="train" if k < 6 else "val")
+             for k in range(8)]
+    build_lib.build("/raw", str(data), ["deeplesion"], reader_lookup=lambda n: cf.ListReader(cases),
+                    progress=False)
+    config = tiny_config(data)
+    run_dir = root / "run"
+    save_checkpoints(str(run_dir), config)
+    summary = driver.mine(str(run_dir), driver.DriverOptions(chunk_slices=8, progress=False))
+    return {"root": root, "data": data, "run": run_dir, "config": config, "summary": summary,
+            "cases": cases}
+
+
+def test_driver_writes_a_valid_overlay_with_provenance(world):
+    s = world["summary"]
+    assert s["step"] == 4                                      # epoch 4, not the latest (6)
+    assert s["slices"] == 6 * 5 and s["chunks_total"] == 4 and s["chunks_done"] == 4
+    assert s["slices_per_s"] > 0
+    ov = table.read_overlay(s["out"])
+    assert s["out"] == os.path.join(world["run"], "mined.npz")
+    m = ov.meta
+    saved = train.load_checkpoint_config(str(world["run"]), 4)
+    saved.pop("_derived")
+    assert m["checkpoint_step"] == 4 and m["config_hash"] == table.config_hash(saved)
+    assert m["theta"] == 0.15 and m["sigma"] == 0.5 and m["created"] and m["tool_version"]
+    assert m["mining"]["every_mm"] == 5.0 and m["slices_mined"] == 30
+    assert m["num_annotations"] == 6                           # one key-slice lesion per case
+    assert m["counts"] == ov.counts() == s["counts"]
+    a = ov.arrays
+    # Every training case's slices every 5 mm without an annotation are offered as unlabeled.
+    unl = a["kind"] == table.KIND_UNLABELED
+    assert unl.sum() == 6 * 4 and set(a["slice_index"][unl].tolist()) == {0, 3, 8, 10}
+    assert np.all(np.isin(a["case_id"], [c.case_id for c in world["cases"][:6]]))
+    boxed = ~unl
+    assert np.all(a["box"][boxed, 2] <= 40) and np.all(a["box"][boxed, :2] >= 0)
+    mined = a["kind"] == table.KIND_MINED
+    assert np.all(a["expert"][mined] == DATASET_ID["deeplesion"])
+    # The matched annotation is a lesion of the same patient (case_factory: lesion id = case * 100).
+    case_no = np.char.replace(a["case_id"][mined], "deeplesion_case", "").astype(int)
+    assert np.all(a["lesion_id"][mined] % 100 == 0)
+    assert np.all(a["lesion_id"][mined] // 100 // 2 == case_no // 2)
+    assert np.all(a["expert"][a["kind"] == table.KIND_IGNORE] > 0)
+
+
+def test_mined_overlay_merges_and_the_loader_yields_its_rows(world):
+    out = world["summary"]["out"]
+    ov = table.read_overlay(out)
+    base = sd.load_sample_table(world["data"], "deeplesion", "train")
+    t = sd.load_sample_table(world["data"], "deeplesion", "train", overlays=[out])
+    assert len(base) == 6 and len(t) == 30 and t.added.sum() == 24
+    c = ip.default_input_config("tiny")
+    c.update(dict(data_dir=str(world["data"]), datasets=("deeplesion",), overlays=(out,),
+                  image_size=(64, 64), pixel_mm=0.8, mix=False, shuffle=False, augment=False,
+                  num_epochs=1, global_batch_size=10))
+    G, R = int(c.max_boxes), int(c.max_ignore)
+    n_mined = n_ign = 0
+    for b in ip.make_dataset(c, process_index=0, process_count=1):
+        for i, row in enumerate(b[Keys.SAMPLE_ID]):
+            if row < 0:
+                continue
+            cid, z = str(t.case_id[t.case_row[row]]), int(t.slice_index[row])
+            on = (ov.arrays["case_id"] == cid) & (ov.arrays["slice_index"] == z)
+            k_m = int(np.sum(on & (ov.arrays["kind"] == table.KIND_MINED)))
+            k_i = int(np.sum(on & (ov.arrays["kind"] == table.KIND_IGNORE)))
+            n_orig = int(t.is_key_slice[row])
+            prov = b[Keys.PROVENANCE][i][b[Keys.BOX_VALID][i]]
+            want_m = min(n_orig + k_m, G) - n_orig
+            assert int(np.sum(prov == Provenance.MINED)) == want_m
+            assert int(b[Keys.IGNORE_VALID][i].sum()) == min(max(n_orig + k_m - G, 0) + k_i, R)
+            n_mined += want_m
+            n_ign += k_i
+    assert n_mined + n_ign > 0
+    # Training mixing: key slices + added_ratio x as many of the 24 added slices, redrawn per epoch.
+    m = ip.EpochMixDataset([t], seed=0, added_ratio=0.5)
+    assert m.epoch_length == 6 + 3
+    e0 = {int(r) for _, r in m.epoch_elements(0)}
+    e1 = {int(r) for _, r in m.epoch_elements(1)}
+    assert e0 != e1 and set(range(6)) <= e0 & e1
+
+
+def test_interrupted_run_resumes_to_the_same_table(world):
+    run_dir = str(world["run"])
+    sdir = os.path.join(world["root"], "resume_store")
+    out = os.path.join(world["root"], "resumed.npz")
+    opts = dict(chunk_slices=8, progress=False, store_dir=sdir, out=out)
+    s1 = driver.mine(run_dir, driver.DriverOptions(max_chunks=1, **opts))
+    assert s1["out"] is None and s1["chunks_done"] == 1 and not os.path.exists(out)
+    s2 = driver.mine(run_dir, driver.DriverOptions(max_chunks=2, **opts))
+    assert s2["out"] is None and s2["chunks_done"] == 3 and s2["chunks_mined_now"] == 2
+    s3 = driver.mine(run_dir, driver.DriverOptions(**opts))
+    assert s3["chunks_mined_now"] == 1 and s3["out"] == out
+    assert table.read_overlay(out).equal_rows(table.read_overlay(world["summary"]["out"]))
+    # Another checkpoint step refuses to resume a store of step 4.
+    with pytest.raises(store.StoreError, match="another run"):
+        driver.mine(run_dir, driver.DriverOptions(step=6, **opts))
+
+
+def _plant(src: str, dst: str) -> dict:
+    """Copies a chunk store and plants known embeddings and scores (see the test below)."""
+    shutil.copytree(src, dst)
+    st_meta = json.load(open(os.path.join(dst, "store.json")))
+    d = st_meta["embedding_dim"]
+    e1, e2 = np.eye(d, dtype=np.float32)[0], np.eye(d, dtype=np.float32)[1]
+    planted = {}
+    for name in sorted(os.listdir(dst)):
+        if not name.startswith("chunk_"):
+            continue
+        path = os.path.join(dst, name)
+        with np.load(path) as z:
+            arr = {k: z[k] for k in z.files}
+        arr["a_embedding"][:] = e1
+        uni = arr["p_expert"] == DATASET_ID["deeplesion"]
+        arr["p_embedding"][uni] = e2                           # sqrt(2) from every annotation
+        arr["p_score"][~uni] = 0.2                             # below every sigma tried
+        if name == "chunk_000000.npz":
+            ann_slices = set(arr["a_slice"].tolist())
+            pat = arr["s_patient_id"]
+            a0 = 0
+            cand = np.flatnonzero(uni & ~np.isin(arr["p_slice"], list(ann_slices))
+                                  & (pat[arr["p_slice"]] == pat[arr["a_slice"][a0]]))
+            j = int(cand[0])
+            arr["p_embedding"][j] = e1 + np.float32(0.1) * e2  # 0.1 from annotation 0
+            s_j = int(arr["p_slice"][j])
+            single = np.flatnonzero(~uni & ~np.isin(arr["p_slice"], list(ann_slices) + [s_j]))
+            k = int(single[0])
+            arr["p_score"][k] = 0.7
+            planted = {"mined_box": arr["p_box"][j], "mined_slice": int(arr["s_slice_index"][s_j]),
+                       "mined_case": str(arr["s_case_id"][s_j]),
+                       "lesion_id": int(arr["a_lesion_id"][a0]),
+                       "ignore_box": arr["p_box"][k], "ignore_expert": int(arr["p_expert"][k])}
+        table.atomic_write_npz(path, arr)
+    return planted
+
+
+def test_theta_and_sigma_on_planted_embeddings(world, capsys):
+    run_dir = str(world["run"])
+    sdir = os.path.join(world["root"], "planted_store")
+    planted = _plant(os.path.join(run_dir, "mining", "step_4"), sdir)
+
+    def mined_with(theta, sigma, name):
+        out = os.path.join(world["root"], name)
+        rc = driver.main(["--workdir", run_dir, "--chunk_slices", "8", "--progress", "off",
+                          "--store_dir", sdir, "--out", out, "--theta", str(theta),
+                          "--sigma", str(sigma)])
+        assert rc == 0
+        return table.read_overlay(out)
+
+    ov = mined_with(0.15, 0.5, "a.npz")
+    printed = capsys.readouterr().out
+    assert "mined positives 1, ignore regions 1" in printed
+    a = ov.arrays
+    (m,) = np.flatnonzero(a["kind"] == table.KIND_MINED)
+    assert a["case_id"][m] == planted["mined_case"] and a["slice_index"][m] == planted["mined_slice"]
+    np.testing.assert_array_equal(a["box"][m], planted["mined_box"])
+    assert a["lesion_id"][m] == planted["lesion_id"] and ov.meta["theta"] == 0.15
+    (g,) = np.flatnonzero(a["kind"] == table.KIND_IGNORE)
+    np.testing.assert_array_equal(a["box"][g], planted["ignore_box"])
+    assert a["expert"][g] == planted["ignore_expert"]
+    # theta below the planted distance (0.1): nothing mined; sigma above 0.7: nothing suspicious.
+    c = mined_with(0.05, 0.8, "b.npz").counts()
+    assert c["mined"] == 0 and c["ignore"] == 0 and c["unlabeled_slices"] == ov.counts()["unlabeled_slices"]
+    assert mined_with(0.15, 0.1, "c.npz").counts()["ignore"] > 1     # the 0.2 scores now count
+
+
+def test_cli_errors_are_one_line(world, tmp_path, capsys):
+    assert driver.main(["--workdir", str(tmp_path / "nothing"), "--progress", "off"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert driver.main(["--workdir", str(world["run"]), "--step", "5", "--progress", "off"]) == 1
+    assert "no step 5" in capsys.readouterr().err
+    assert driver.main(["--workdir", str(world["run"]), "--nrm_experts", "deeplesion"]) == 1
+    assert "single-type" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from uld_jax import input_pipeline as ip
 from uld_jax import slice_data as sd
 from uld_jax import train
 from uld_jax.core import DATASET_ID, Keys, Provenance
-from uld_jax.mine import driver, run, store, table
+from uld_jax.mine import driver, store, table
 
 STEPS_PER_EPOCH = 1          # so that the epoch-4 checkpoint is step 4
 SAVED_STEPS = (2, 4, 6)

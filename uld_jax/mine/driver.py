@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -46,7 +45,6 @@ import time
 from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -54,7 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from uld_jax import input_pipeline as ip
 from uld_jax import overlay as overlay_lib
 from uld_jax import slice_data as sd
-from uld_jax.core import DATASET_ID, DATASETS, SINGLE_TYPE_DATASETS, Keys, Provenance
+from uld_jax.core import DATASET_ID, SINGLE_TYPE_DATASETS, Keys, Provenance
 from uld_jax.mine import mam, nrm, run, store, table
 
 log = logging.getLogger(__name__)
@@ -104,17 +102,6 @@ class DriverOptions:
 # --------------------------------------------------------------------------------------------------
 # The run: config, checkpoint step, variables.
 # --------------------------------------------------------------------------------------------------
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """``path/to/config.py[:variant]`` -> ``get_config(variant)`` of that file."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {spec}: no such file {path}")
-    mod_spec = importlib.util.spec_from_file_location(f"_mine_cfg_{abs(hash(path))}", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
-
-
 def choose_step(workdir: str, step: int | None, epoch: int) -> int:
     """The checkpoint to mine with: ``step`` if given (must exist), else the end of ``epoch`` if
     that checkpoint was saved, else the latest. Raises FileNotFoundError naming what exists."""
@@ -138,27 +125,30 @@ def choose_step(workdir: str, step: int | None, epoch: int) -> int:
     return int(steps[-1])
 
 
-def load_run(workdir: str, step: int, config_spec: str | None = None
-             ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """(config, variables) of a training run's checkpoint ``step`` (variables as numpy:
-    ``{'params': ..., <other collections>}``)."""
-    from uld_jax import train  # pylint: disable=g-import-not-at-top
+def load_run(workdir: str, step: int, config_spec: str | None = None):
+    """(loaded model, provenance config hash) of a training run's checkpoint ``step``.
+
+    Loading is :func:`uld_jax.inference.load_model` (the shared inference core: the stored config
+    over the variant's defaults, a parameter-structure check). The hash is
+    :func:`uld_jax.mine.table.config_hash` of the stored experiment config (without the
+    ``_derived`` entry), or of ``config_spec``'s config when given.
+    """
+    from uld_jax import inference, train  # pylint: disable=g-import-not-at-top
+    loaded = inference.load_model(workdir=workdir, step=step, config=config_spec)
     if config_spec:
-        config = load_config_file(config_spec)
+        saved = inference.load_config_file(config_spec)
     else:
         saved = dict(train.load_checkpoint_config(workdir, step))
         saved.pop("_derived", None)
-        config = ml_collections.ConfigDict(saved)
-    _, state = train.load_checkpoint_state(workdir, step)
-    return config, {"params": state["params"], **dict(state.get("other", {}))}
+    return loaded, table.config_hash(saved)
 
 
 # --------------------------------------------------------------------------------------------------
 # Slices to mine.
 # --------------------------------------------------------------------------------------------------
-def input_config(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
+def input_config(data_config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
     """The loader config for mining: the training run's geometry, unaugmented, DeepLesion only."""
-    c = ml_collections.ConfigDict(config.data.to_dict())
+    c = ml_collections.ConfigDict(data_config.to_dict())
     c.data_dir = data_dir
     c.datasets = (MINED_DATASET,)
     c.split = "train"
@@ -423,23 +413,21 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
     ``chunks_total``, ``chunks_done``, ``chunks_mined_now``, ``slices``, ``slices_mined_now``,
     ``seconds``, ``slices_per_s`` (this call's inference), ``counts`` (rows per kind, when written).
     """
-    from uld_jax.models import meld  # pylint: disable=g-import-not-at-top
     workdir = os.fspath(workdir)
     t_start = time.perf_counter()
     step = choose_step(workdir, options.step, options.epoch)
-    config, variables = load_run(workdir, step, options.config)
-    data_dir = options.data_dir or str(config.data.data_dir)
+    loaded, model_hash = load_run(workdir, step, options.config)
+    data_dir = options.data_dir or str(loaded.data_config.data_dir)
     if not data_dir:
         raise ValueError("no data directory: pass --data_dir (the run's config has none)")
-    icfg = input_config(config, data_dir)
-    model = meld.MELD(config.model)
-    if int(config.model.image_size) != int(icfg.image_size[0]):
-        raise ValueError(f"model.image_size {config.model.image_size} != data.image_size "
-                         f"{tuple(icfg.image_size)} in the run's config")
+    icfg = input_config(loaded.data_config, data_dir)
+    if not loaded.model_config.use_embedding:
+        raise ValueError(f"{loaded.source}: the model has no embedding head (model.use_embedding "
+                         "is False); MAM needs lesion embeddings")
     ext, rows = mining_table(data_dir, options.every_mm)
-    miner = ChunkMiner(model, variables, icfg, ext, rows, chunk_slices=options.chunk_slices,
+    miner = ChunkMiner(loaded.model, loaded.variables, icfg, ext, rows,
+                       chunk_slices=options.chunk_slices,
                        batch_per_device=options.batch_per_device, min_score=options.min_score)
-    model_hash = table.config_hash(config)
     settings = {"model_config": model_hash, "data_dir": os.path.abspath(data_dir),
                 "every_mm": float(options.every_mm), "chunk_slices": int(options.chunk_slices),
                 "min_score": float(options.min_score), "image_size": list(icfg.image_size),
@@ -447,7 +435,7 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
     store_hash = table.config_hash(settings)
     store_dir = options.store_dir or os.path.join(workdir, "mining", f"step_{step}")
     st = store.ChunkStore(store_dir, checkpoint_step=step, config_hash=store_hash,
-                          embedding_dim=int(config.model.embedding.dim))
+                          embedding_dim=int(loaded.model_config.embedding.dim))
     pidx, pcount = jax.process_index(), jax.process_count()
     n_chunks = miner.num_chunks
     done = st.done()
@@ -542,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nrm.expert_ids(experts)
         s = mine(a.workdir, opts)
     except (FileNotFoundError, ValueError, store.StoreError, table.OverlayError) as e:
+        # (inference.ModelLoadError, StoreError and OverlayError are ValueErrors)
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:

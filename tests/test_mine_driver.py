@@ -38,7 +38,7 @@ def tiny_config(data_dir: str):
     return c
 
 
-def save_checkpoints(workdir: str, config, steps=SAVED_STEPS, seed: int = 0) -> None:
+def save_checkpoints(workdir: str, config, steps=SAVED_STEPS, seed: int = 1) -> None:
     """Real orbax checkpoints (the training loop's layout) of a randomly initialised MELD."""
     from uld_jax.models import meld
     model = meld.MELD(config.model)
@@ -192,10 +192,13 @@ def _plant(src: str, dst: str) -> dict:
             single = np.flatnonzero(~uni & ~np.isin(arr["p_slice"], list(ann_slices) + [s_j]))
             k = int(single[0])
             arr["p_score"][k] = 0.7
+            s_k = int(arr["p_slice"][k])
             planted = {"mined_box": arr["p_box"][j], "mined_slice": int(arr["s_slice_index"][s_j]),
                        "mined_case": str(arr["s_case_id"][s_j]),
                        "lesion_id": int(arr["a_lesion_id"][a0]),
-                       "ignore_box": arr["p_box"][k], "ignore_expert": int(arr["p_expert"][k])}
+                       "ignore_box": arr["p_box"][k], "ignore_expert": int(arr["p_expert"][k]),
+                       "ignore_slice": int(arr["s_slice_index"][s_k]),
+                       "ignore_case": str(arr["s_case_id"][s_k])}
         table.atomic_write_npz(path, arr)
     return planted
 
@@ -237,3 +240,125 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     assert "no step 5" in capsys.readouterr().err
     assert driver.main(["--workdir", str(world["run"]), "--nrm_experts", "deeplesion"]) == 1
     assert "single-type" in capsys.readouterr().err
+
+
+def _finetune_config(world):
+    from configs import finetune
+    c = finetune.get_config("tiny")
+    c.data.data_dir = str(world["data"])
+    c.data.datasets = ("deeplesion",)
+    c.data.image_size = (64, 64)
+    c.data.pixel_mm = 0.8
+    c.data.val_split = ""
+    c.model.image_size = 64
+    c.batch_size = 8
+    c.checkpoint.async_save = False
+    c.init_from.workdir = str(world["run"])
+    c.data.overlays = (world["summary"]["out"],)
+    return c
+
+
+def test_finetune_config_consumes_the_mined_overlay(world):
+    from configs import finetune
+    from uld_jax import tasks
+    p = finetune.get_config("paper")
+    assert p.init_from.epoch == 4 and p.num_epochs == 4 and p.data.added_ratio == 0.5
+    sched = train.make_lr_schedule(p.optimizer, 10)
+    assert float(sched(0)) == pytest.approx(1e-5) and float(sched(19)) == pytest.approx(1e-5)
+    assert float(sched(20)) == pytest.approx(1e-6) and float(sched(39)) == pytest.approx(1e-6)
+    c = _finetune_config(world)
+    data = tasks.build_data(c)
+    assert data.steps_per_epoch == (6 + 3) // 8            # key slices + 0.5 x as many added
+    it = data.train_iter(0, 1)
+    batches = [next(it) for _ in range(3)]
+    prov = np.concatenate([b[Keys.PROVENANCE][b[Keys.BOX_VALID]] for b in batches])
+    n_ignore = sum(int(b[Keys.IGNORE_VALID].sum()) for b in batches)
+    assert np.sum(prov == Provenance.ORIGINAL) > 0
+    assert np.sum(prov == Provenance.MINED) + n_ignore > 0   # the mined rows reach training
+    ids = np.concatenate([b[Keys.SAMPLE_ID] for b in batches])
+    assert np.any(ids >= 6)                                  # added (unlabeled) slices drawn
+
+
+@pytest.mark.slow
+def test_finetune_trains_from_the_checkpoint_on_the_overlay(world, tmp_path):
+    c = _finetune_config(world)
+    c.total_steps = 2
+    c.log_every_steps = 1
+    out = train.train_and_evaluate(c, str(tmp_path / "ft"))
+    assert out["step"] == 2 and np.isfinite(out["train"]["loss"])
+    # Started from the MELD run's epoch-2 checkpoint (tiny finetune: init_from.epoch = 2).
+    _, src = train.load_checkpoint_state(str(world["run"]), 2)
+    _, ft = train.load_checkpoint_state(str(tmp_path / "ft"), 2)
+    a = jax_leaves(src["params"])
+    b = jax_leaves(ft["params"])
+    assert len(a) == len(b)
+    assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) < 0.1   # moved a little
+    assert int(ft["step"]) == 2
+
+
+def jax_leaves(tree):
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_quality_report_on_planted_truth(world, tmp_path):
+    from uld_jax.mine import quality, report
+    run_dir = str(world["run"])
+    sdir = str(tmp_path / "store")
+    pl = _plant(os.path.join(run_dir, "mining", "step_4"), sdir)
+    out = str(tmp_path / "mined.npz")
+    driver.mine(run_dir, driver.DriverOptions(chunk_slices=8, progress=False, store_dir=sdir,
+                                              out=out))
+    # Truth: the marked key-slice lesion of every training case, plus two unmarked lesions exactly
+    # under the planted mined box and the planted suspicious region.
+    case_id, box3d, marked = [], [], []
+    for c in world["cases"][:6]:
+        (les,) = c.lesions
+        y1, x1, y2, x2 = les.box
+        case_id.append(c.case_id)
+        box3d.append([les.slice_index, y1, x1, les.slice_index + 1, y2, x2])
+        marked.append(True)
+    for case, z, b in ((pl["mined_case"], pl["mined_slice"], pl["mined_box"]),
+                       (pl["ignore_case"], pl["ignore_slice"], pl["ignore_box"])):
+        case_id.append(case)
+        box3d.append([z, b[0], b[1], z + 1, b[2], b[3]])
+        marked.append(False)
+    truth = quality.LesionTruth(np.asarray(case_id), np.asarray(box3d, np.float64),
+                                np.arange(len(case_id), dtype=np.int64), np.asarray(marked))
+    ov, slices, ann, props = report.load_run_outputs(out)
+    rep = report.quality_report(truth, ov, slices, ann, props, thetas=(0.05, 0.15),
+                                sigmas=(0.1, 0.5, 0.8))
+    q = rep["quality"]
+    assert q["n_mined"] == 1 and q["precision"] == 1.0 and q["n_mined_on_unmarked"] == 1
+    assert q["n_unmarked_visible"] == 2 and q["recall_unmarked"] == 0.5
+    assert q["n_suspicious"] == 1 and q["suspicious_true_fraction"] == 1.0
+    th = {r["theta"]: r for r in rep["theta_sweep"]}
+    assert th[0.05]["n_mined"] == 0 and th[0.15]["n_mined"] == 1 and th[0.15]["precision"] == 1.0
+    sg = {r["sigma"]: r for r in rep["sigma_sweep"]}
+    assert sg[0.8]["n_suspicious"] == 0 and sg[0.5]["n_suspicious"] == 1
+    assert sg[0.1]["n_suspicious"] > 1 and sg[0.1]["suspicious_true_fraction"] < 1.0
+    md, js = report.write_report(rep, str(tmp_path / "rep"))
+    text = open(md).read()
+    assert "| mined positives | 1 |" in text and "theta sweep" in text and "sigma sweep" in text
+    back = json.load(open(js))
+    assert back["theta_sweep"][0]["precision"] is None            # nan (nothing mined) -> null
+    assert back["quality"]["n_mined"] == 1
+
+
+def test_truth_csv_reader(tmp_path):
+    from uld_jax.mine import report
+    p = tmp_path / "deeplesion_lesions.csv"
+    p.write_text("subvolume,x1,y1,z1,x2,y2,z2,lesion_id,patient,study,series,split,lesion_type,"
+                 "coarse_type,organ,long_diameter_mm,marked,dl_row\n"
+                 "000001_01_01_010-020,5,6,12,9,10,14,7,1,1,1,train,liver_tumour,4,liver,12.0,1,3\n"
+                 "000001_01_01_010-020,1,2,11,3,4,11,8,1,1,1,train,lung_nodule,5,lung,4.0,0,-1\n"
+                 "000002_01_01_001-009,1,2,3,3,4,5,9,2,1,1,val,lung_nodule,5,lung,4.0,0,-1\n")
+    t = report.load_truth_csv(str(p), "train")
+    assert list(t) == ["000001_01_01_010-020"]
+    d = t["000001_01_01_010-020"]
+    np.testing.assert_array_equal(d["boxes"][0], [5, 6, 12, 9, 10, 14])
+    assert d["lesion_id"].tolist() == [7, 8] and d["marked"].tolist() == [True, False]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("subvolume,x1\nA,1\n")
+    with pytest.raises(ValueError, match="bad.csv: header lacks"):
+        report.load_truth_csv(str(bad))

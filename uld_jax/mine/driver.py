@@ -434,9 +434,20 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
                 "pixel_mm": float(icfg.pixel_mm)}
     store_hash = table.config_hash(settings)
     store_dir = options.store_dir or os.path.join(workdir, "mining", f"step_{step}")
-    st = store.ChunkStore(store_dir, checkpoint_step=step, config_hash=store_hash,
-                          embedding_dim=int(loaded.model_config.embedding.dim))
     pidx, pcount = jax.process_index(), jax.process_count()
+
+    def open_store():
+        return store.ChunkStore(store_dir, checkpoint_step=step, config_hash=store_hash,
+                                embedding_dim=int(loaded.model_config.embedding.dim))
+
+    if pcount > 1:
+        # Process 0 creates (or checks) store.json first, so that processes never race on it.
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        st = open_store() if pidx == 0 else None
+        multihost_utils.sync_global_devices("uld_jax.mine store")
+        st = st or open_store()
+    else:
+        st = open_store()
     n_chunks = miner.num_chunks
     done = st.done()
     mine_ids = [c for c in range(n_chunks) if c % pcount == pidx and c not in done]

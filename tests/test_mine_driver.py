@@ -104,7 +104,7 @@ def test_driver_writes_a_valid_overlay_with_provenance(world):
     mined = a["kind"] == table.KIND_MINED
     assert np.all(a["expert"][mined] == DATASET_ID["deeplesion"])
     # The matched annotation is a lesion of the same patient (case_factory: lesion id = case * 100).
-    case_no = np.char.replace(a["case_id"][mined], "deeplesion_case", "").astype(int)
+    case_no = np.asarray([int(c[len("deeplesion_case"):]) for c in a["case_id"][mined]], int)
     assert np.all(a["lesion_id"][mined] % 100 == 0)
     assert np.all(a["lesion_id"][mined] // 100 // 2 == case_no // 2)
     assert np.all(a["expert"][a["kind"] == table.KIND_IGNORE] > 0)

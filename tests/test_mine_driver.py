@@ -362,3 +362,34 @@ def test_truth_csv_reader(tmp_path):
     bad.write_text("subvolume,x1\nA,1\n")
     with pytest.raises(ValueError, match="bad.csv: header lacks"):
         report.load_truth_csv(str(bad))
+
+
+def test_report_frames_map_world_truth_onto_built_cases(tmp_path_factory):
+    """On the synthetic world (skipped until data_prep.synthesize is in the checkout): every marked
+    lesion of the truth, mapped into its built Case, lies under its DL_info annotation box (RECIST
+    extent +- 5 px) on the annotation's key slice."""
+    pytest.importorskip("data_prep.synthesize")
+    from data_prep import synthesize
+    from uld_jax.mine import quality, report
+    world_dir = tmp_path_factory.mktemp("world") / "tiny"
+    synthesize.synthesize(preset="tiny", seed=0, out=world_dir)
+    data = tmp_path_factory.mktemp("wdata")
+    build_lib.build(str(world_dir), str(data), ["deeplesion"], pixel_mm=1.6, progress=False)
+    frames = report.frames_from_build(str(data), str(world_dir / "DeepLesion" / "DL_info.csv"))
+    checked = 0
+    for split in ("train", "val", "test"):
+        truth = report.truth_in_case_frames(
+            report.load_truth_csv(str(world_dir / "truth" / "deeplesion_lesions.csv"), split), frames)
+        t = sd.load_sample_table(data, "deeplesion", split)
+        for s in range(len(t)):
+            cid, z = str(t.case_id[t.case_row[s]]), int(t.slice_index[s])
+            for b in t.sample_lesions(s)["boxes"]:
+                mine_ = np.flatnonzero((truth.case_id == cid) & truth.marked)
+                cy = (truth.box3d[mine_, 1] + truth.box3d[mine_, 4]) / 2
+                cx = (truth.box3d[mine_, 2] + truth.box3d[mine_, 5]) / 2
+                under = ((b[0] <= cy) & (cy <= b[2]) & (b[1] <= cx) & (cx <= b[3])
+                         & (truth.box3d[mine_, 0] <= z + 0.5) & (z + 0.5 <= truth.box3d[mine_, 3]))
+                assert under.any(), (cid, z, b, truth.box3d[mine_])
+                checked += 1
+    assert checked > 0
+    assert isinstance(frames[next(iter(frames))], quality.CaseFrame)

@@ -143,13 +143,14 @@ def main(argv=None):
     ap.add_argument("--paper", action="store_true", help="also measure the paper config (slow)")
     ap.add_argument("--paper-batch", type=int, default=1)
     ap.add_argument("--paper-size", type=int, default=None, help="override 512 px")
+    ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--json", type=str, default=None, help="write the rows here")
     a = ap.parse_args(argv)
     # Shared CPUs: measure the peak before and after and keep the best (the machine's capability).
     peak = matmul_peak()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  "
           f"matmul peak (f32 2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    rows = bench("tiny", a.batch, a.steps, None, peak)
+    rows = [] if a.skip_tiny else bench("tiny", a.batch, a.steps, None, peak)
     if a.paper:
         rows += bench("paper", a.paper_batch, max(1, min(a.steps, 2)), a.paper_size, peak)
     peak2 = matmul_peak()

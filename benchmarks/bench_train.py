@@ -9,8 +9,9 @@ Each measurement runs in a fresh process (XLA_FLAGS=--xla_force_host_platform_de
 must be set before jax starts). Per row: compile time of the step, the step alone on one prefetched
 global batch (steps/s, samples/s), the whole loop body (next batch + host->device + step), and the
 data iterator alone (batches/s). Ratios printed: N devices vs 1, and pipeline rate / step rate
-(>1: the pipeline keeps up). The task is MELD + the grain pipeline when those modules exist in the
-checkout, else the toy task (uld_jax/tasks.py), which is said in the output.
+(>1: the pipeline keeps up). The task is MELD + the grain pipeline (on --data-dir, or a small world of
+data_prep.case_factory cases built into a temporary folder) when uld_jax.models exists, else the
+toy task (uld_jax/tasks.py); the output says which.
 On a GPU/TPU host run it with --devices equal to the real device count (forced host devices then
 only matter for CPU).
 """
@@ -21,6 +22,7 @@ import argparse
 import importlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -42,10 +44,15 @@ def _child(args) -> dict:
     task_name = args.task
     if task_name == "auto":
         try:
-            tasks.meld_task(config), tasks.pipeline_data(config)
+            tasks.meld_task(config)
             task_name = "meld"
         except tasks.TaskUnavailableError:
             task_name = "toy"
+    if task_name == "meld":
+        config.data.data_dir = args.data_dir
+        if args.image_size:
+            config.data.image_size = (args.image_size, args.image_size)
+            config.model.image_size = args.image_size
     if task_name == "toy":
         config.task.name, config.data.name = "toy", "toy"
         config.toy.num_train = max(config.toy.num_train, 2 * args.batch_size * (7 * args.steps + 10))
@@ -108,7 +115,11 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8, help="global batch (0: the config's)")
-    p.add_argument("--task", default="auto", choices=("auto", "meld", "toy"))
+    p.add_argument("--task", default="auto", choices=("auto", "meld", "toy"),
+                   help="auto: MELD + the grain pipeline when uld_jax.models exists, else toy")
+    p.add_argument("--data-dir", default="", help="built datasets for MELD (python -m "
+                   "data_prep.build); default: a small world built into a temporary folder")
+    p.add_argument("--image-size", type=int, default=0, help="MELD input side (0: the config's)")
     p.add_argument("--toy-size", type=int, default=64, help="toy task image side, pixels")
     p.add_argument("--toy-width", type=int, default=16)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -118,6 +129,14 @@ def main():
         return
 
     configs = [args.config] + ([args.config.split(":")[0] + ":paper"] if args.paper else [])
+    tmp = None
+    if args.task != "toy" and not args.data_dir:
+        import tempfile
+        sys.path.insert(0, REPO)
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        import meld_data  # the small built world of the training tests
+        tmp = tempfile.TemporaryDirectory(prefix="bench_train_world_")
+        args.data_dir = str(meld_data.build_small_world(pathlib.Path(tmp.name), 8))
     rows = []
     for cfg in configs:
         for n in (int(x) for x in args.devices.split(",")):
@@ -128,7 +147,8 @@ def main():
             cmd = [sys.executable, os.path.abspath(__file__), "--child", "--config", cfg,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
                    str(args.batch_size), "--task", args.task, "--toy-size", str(args.toy_size),
-                   "--toy-width", str(args.toy_width)]
+                   "--toy-width", str(args.toy_width), "--data-dir", args.data_dir,
+                   "--image-size", str(args.image_size)]
             r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
             if r.returncode or not line:

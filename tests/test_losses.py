@@ -140,6 +140,16 @@ def test_embedding_pairs_same_lesion():
     e3[..., 0] = 1.0
     z = dict(good, embeddings=e3, type_logits=np.zeros_like(o["type_logits"]), emb_type=-np.ones((2, 3), np.int32))
     np.testing.assert_allclose(losses.embedding_loss(z, cfg), [np.log(2.0)] * 2, rtol=1e-5)
+    # two augmented views of one slice (same sample id): box 0 in both rows pairs up even without
+    # a lesion id; rows (0,1) and (1,0) are now positives too
+    views = dict(bad, sample_id=np.array([7, 7], np.int32),
+                 emb_lesion_id=-np.ones((2, 3), np.int32))
+    e4 = np.zeros_like(o["embeddings"])
+    e4[0, 0, 0], e4[0, 1, 0], e4[1, 0, 0] = 1.0, 1.0, 1.0
+    tight = dict(views, embeddings=e4, type_logits=np.zeros_like(o["type_logits"]),
+                 emb_type=-np.ones((2, 3), np.int32))
+    np.testing.assert_allclose(losses.embedding_loss(tight, cfg), [np.log(2.0)] * 2, rtol=1e-5)
+    assert losses.embedding_loss(dict(tight, embeddings=e2), cfg)[0] > np.log(2.0) + 0.5
 
 
 def test_total_finite_when_nothing_is_positive():

@@ -291,3 +291,18 @@ def test_overfit_finds_the_boxes(setup):
         assert np.all(np.asarray(det["scores"][b, d, :n]) > 0.5)
         iou = np.asarray(pairwise_iou(jnp.asarray(top), jnp.asarray(gt)))
         assert np.all(iou.max(axis=0) > 0.7), (b, iou)  # every lesion is among the top-n boxes
+
+
+def test_training_rpn_equals_select_of_all():
+    """The training path (each sample's own RPN, gathered) equals computing all D and selecting."""
+    from uld_jax.models.rpn import DatasetRPN
+
+    r = DatasetRPN(4, 15, 8)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 5, 7)), jnp.float32)
+    v = r.init(jax.random.PRNGKey(0), x)
+    v = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape), v)
+    ids = jnp.array([2, 0, 2])
+    la, da = jax.jit(r.apply)(v, x)
+    ls, ds = jax.jit(r.apply)(v, x, ids)
+    np.testing.assert_allclose(ls, np.asarray(la)[np.arange(3), ids], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ds, np.asarray(da)[np.arange(3), ids], rtol=1e-5, atol=1e-6)

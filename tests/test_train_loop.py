@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import train_helpers as th
+from jax.sharding import NamedSharding, PartitionSpec as P
 from uld_jax import train
 
 
@@ -51,6 +52,22 @@ def test_tiny_run_loss_falls_and_writes_tensorboard(tmp_path):
     # epoch-end checkpoints are kept beyond checkpoint.keep
     ckpts = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
     assert ckpts == [8, 16, 24, 32, 40, 48, 56, 64]
+
+    # Finetuning starts from this run's epoch-3 checkpoint: its params and BatchNorm statistics,
+    # a fresh optimizer and step 0.
+    ft = th.tiny_config()
+    ft.init_from.workdir, ft.init_from.epoch = str(tmp_path), 3
+    mesh = train.make_mesh(-1)
+    repl = NamedSharding(mesh, P())
+    tx, _ = train.make_optimizer(ft.optimizer, 8)
+    it = data.train_iter(0, 1)
+    fresh = train.init_state(th.make_task(), tx, th.global_batch(next(it), mesh), 0, repl)
+    state = jax.device_get(train._init_from(fresh, ft.init_from, repl))
+    _, src = train.load_checkpoint_state(str(tmp_path), step=24)
+    assert th.tree_allclose(state["params"], src["params"], rtol=0, atol=0)
+    assert th.tree_allclose(state["other"], src["other"], rtol=0, atol=0)
+    assert int(state["step"]) == 0
+    assert th.tree_allclose(state["opt_state"], jax.device_get(fresh["opt_state"]), rtol=0, atol=0)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path):

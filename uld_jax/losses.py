@@ -18,8 +18,8 @@ per-dataset values are means over that dataset's samples. Terms and their choice
   positive ROIs whose box has a non-empty mask.
 * ``embedding``: supervised-contrastive loss (Khosla et al. 2020) over the positive-ROI embeddings of
   the whole batch: two embeddings are a positive pair when they come from the same lesion (same box
-  of the same sample -- different ROIs of one lesion act as augmented views -- or the same known
-  ``lesion_id`` across samples/studies); plus a cross-entropy type probe on the coarse lesion type
+  of the same slice -- different ROIs of one lesion, and two augmented views of one slice (batch
+  rows with the same ``sample_id``) -- or the same known ``lesion_id`` across samples/studies); plus a cross-entropy type probe on the coarse lesion type
   where known. Rows without a positive partner contribute nothing.
 
 Every normaliser is ``max(count, 1)``, so slices without lesions give finite (negative-only) losses.
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from uld_jax.core import DATASETS
+from uld_jax.core import DATASETS, ORGAN_HEADS
 
 
 def _smooth_l1(x: jax.Array, beta: float) -> jax.Array:
@@ -61,8 +61,6 @@ def rpn_losses(out: dict, cfg: Any) -> dict[str, jax.Array]:
 def roi_losses(out: dict, cfg: Any) -> dict[str, jax.Array]:
     """Per-sample ROI losses [B]: 'roi_cls' (sum_i w_i L_i), 'roi_cls/<head>' (L_i), 'roi_box',
     and 'gate' when the model has a gate."""
-    from uld_jax.core import ORGAN_HEADS
-
     lab = out["roi_labels"]
     sampled = lab >= 0
     tgt = (lab == 1).astype(jnp.float32)
@@ -100,7 +98,10 @@ def embedding_loss(out: dict, cfg: Any) -> jax.Array:
     b, p, _ = e.shape
     v = out["emb_valid"].reshape(-1)
     z = e.reshape(b * p, -1)
-    sample = jnp.repeat(jnp.arange(b), p)
+    # same box of the same slice: the same batch row, or another row with the same sample id (two
+    # augmented views of one slice keep their box order)
+    sid = out.get("sample_id", jnp.arange(b))
+    sample = jnp.repeat(jnp.asarray(sid), p)
     gt = out["emb_gt_index"].reshape(-1)
     lid = out["emb_lesion_id"].reshape(-1)
     same = ((sample[:, None] == sample[None, :]) & (gt[:, None] == gt[None, :])) | (

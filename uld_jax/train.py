@@ -29,7 +29,9 @@ Interfaces
   ``name -> np.ndarray`` with leading dimension ``config.batch_size // process_count`` (feature names
   from :class:`uld_jax.core.Keys`), with ``get_state() -> JSON-able dict`` and ``set_state(dict)``
   (grain's ``DatasetIterator`` has both). Its state after ``k`` batches must replay the same batches
-  ``k+1, k+2, ...``: that is what makes a resumed run equal an uninterrupted one.
+  ``k+1, k+2, ...``: that is what makes a resumed run equal an uninterrupted one. Where process
+  ``p`` of ``P`` yields rows ``[p*L, (p+1)*L)`` of each global batch (``L = B / P``), results do not
+  depend on the process count either (the toy data does this; any partition of the data works).
 * ``eval_iter(process_index, process_count)`` (optional): a fresh finite iterable of local batches of
   the same size (pad the last batch and mask it in ``eval_fn``).
 * ``steps_per_epoch``: number of global batches in one epoch.
@@ -55,7 +57,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
 import flax
 import jax

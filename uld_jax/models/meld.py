@@ -130,7 +130,8 @@ class MELD(nn.Module):
         * embedding head (same P slots): ``embeddings`` [B, P, E], ``type_logits`` [B, P, T],
           ``emb_valid`` [B, P], ``emb_lesion_id`` [B, P] (-1 unknown), ``emb_gt_index``,
           ``emb_type`` [B, P];
-        * ``proposals`` [B, post_nms_train, 4], ``proposal_valid``; ``dataset_id`` [B].
+        * ``proposals`` [B, post_nms_train, 4], ``proposal_valid``; ``dataset_id`` [B];
+          ``sample_id`` [B] (batch rows sharing it are augmented views of one slice).
         """
         cfg, rc, oc = self.cfg, self.cfg.rpn, self.cfg.roi
         image = batch[Keys.IMAGE]
@@ -139,9 +140,7 @@ class MELD(nn.Module):
         dataset_id = batch[Keys.DATASET_ID].astype(jnp.int32)
         feat = self.backbone(image, train=True)
         anchors = self._anchors(*feat.shape[1:3])
-        logits_all, deltas_all = self.rpn(feat)
-        logits = _select_dataset(logits_all, dataset_id, 1)          # [B, N]
-        deltas = _select_dataset(deltas_all, dataset_id, 1)          # [B, N, 4]
+        logits, deltas = self.rpn(feat, dataset_id)                 # [B, N], [B, N, 4]
 
         gt = batch[Keys.BOXES].astype(jnp.float32)
         g = gt.shape[1]
@@ -152,7 +151,9 @@ class MELD(nn.Module):
         regress_ok = gt_valid & ~no_reg
         anchor_ok = self._anchor_valid(anchors, batch, b, img_h, img_w)
         k_rpn, k_roi = jax.random.split(self.make_rng("sample"))
-        out = {"dataset_id": dataset_id}
+        # Rows with the same sample id are views (augmentations) of the same slice.
+        sample_id = batch.get(Keys.SAMPLE_ID, jnp.arange(b))
+        out = {"dataset_id": dataset_id, "sample_id": jnp.asarray(sample_id).astype(jnp.int32)}
 
         # ---- RPN targets of the sample's own RPN (dense over anchors) ----
         rt = target_ops.batch_rpn_targets(

@@ -1,8 +1,9 @@
 """Region proposal networks, one per dataset, on the shared stride-4 features.
 
-Every parameter has a leading dataset axis ``D`` (parameter row d is dataset d's RPN), all D RPNs
-are computed (one wide 3x3 convolution, then per-dataset 1x1 outputs as an einsum) and the caller
-selects by the sample's dataset id, so a sample of dataset d back-propagates into row d only.
+Every parameter has a leading dataset axis ``D`` (parameter row d is dataset d's RPN). At inference
+all D RPNs are computed (one wide 3x3 convolution, then per-dataset 1x1 outputs as an einsum); in
+training each sample runs its own dataset's RPN only, so a sample of dataset d back-propagates into
+row d only.
 
 Output layout matches the anchors of ``anchor_grid`` (row-major cells, then the A shapes).
 """
@@ -17,7 +18,15 @@ import jax.numpy as jnp
 
 
 class DatasetRPN(nn.Module):
-    """features [B, h, w, C] -> (objectness logits [B, D, h*w*A], deltas [B, D, h*w*A, 4])."""
+    """features [B, h, w, C] -> (objectness logits, deltas).
+
+    * ``dataset_id=None`` (inference): every dataset's RPN, ``[B, D, h*w*A]`` and
+      ``[B, D, h*w*A, 4]``.
+    * ``dataset_id`` [B] (training): only each sample's own RPN, ``[B, h*w*A]`` and
+      ``[B, h*w*A, 4]``. Its parameters are gathered per sample (row ``dataset_id[b]``), which gives
+      exactly the values and gradients of computing all D and selecting, at 1/D of the RPN's cost
+      (the 3x3 convolutions of all D RPNs are a third of the paper config's training FLOPs).
+    """
 
     num_datasets: int
     num_anchors: int
@@ -25,7 +34,7 @@ class DatasetRPN(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array):
+    def __call__(self, x: jax.Array, dataset_id: jax.Array | None = None):
         b, h, w, c = x.shape
         d, a, r = self.num_datasets, self.num_anchors, self.conv_dim
         conv_k = self.param("conv_kernel", nn.initializers.normal(0.01), (d, 3, 3, c, r))
@@ -34,11 +43,30 @@ class DatasetRPN(nn.Module):
         cls_b = self.param("cls_bias", nn.initializers.zeros, (d, a))
         box_k = self.param("box_kernel", nn.initializers.normal(0.01), (d, r, a * 4))
         box_b = self.param("box_bias", nn.initializers.zeros, (d, a * 4))
-        k = conv_k.transpose(1, 2, 3, 0, 4).reshape(3, 3, c, d * r).astype(self.dtype)
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), k, (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        y = nn.relu(y.reshape(b, h, w, d, r) + conv_b.astype(self.dtype))
-        logits = jnp.einsum("bhwdr,dra->bdhwa", y, cls_k.astype(self.dtype)) + cls_b[None, :, None, None]
-        deltas = jnp.einsum("bhwdr,dra->bdhwa", y, box_k.astype(self.dtype)) + box_b[None, :, None, None]
-        return (logits.reshape(b, d, h * w * a).astype(jnp.float32),
-                deltas.reshape(b, d, h * w * a, 4).astype(jnp.float32))
+        x = x.astype(self.dtype)
+        if dataset_id is None:
+            k = conv_k.transpose(1, 2, 3, 0, 4).reshape(3, 3, c, d * r).astype(self.dtype)
+            y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = nn.relu(y.reshape(b, h, w, d, r) + conv_b.astype(self.dtype))
+            logits = jnp.einsum("bhwdr,dra->bdhwa", y, cls_k.astype(self.dtype)) + \
+                cls_b[None, :, None, None]
+            deltas = jnp.einsum("bhwdr,dra->bdhwa", y, box_k.astype(self.dtype)) + \
+                box_b[None, :, None, None]
+            return (logits.reshape(b, d, h * w * a).astype(jnp.float32),
+                    deltas.reshape(b, d, h * w * a, 4).astype(jnp.float32))
+        # Per-sample RPN as one grouped convolution: sample b's image is feature group b.
+        kb = conv_k[dataset_id].astype(self.dtype)                   # [B, 3, 3, C, R]
+        k = kb.transpose(1, 2, 3, 0, 4).reshape(3, 3, c, b * r)
+        xg = x.transpose(1, 2, 0, 3).reshape(1, h, w, b * c)
+        y = jax.lax.conv_general_dilated(xg, k, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=b)
+        y = y.reshape(h, w, b, r).transpose(2, 0, 1, 3)              # [B, h, w, R]
+        y = nn.relu(y + conv_b[dataset_id][:, None, None, :].astype(self.dtype))
+        logits = jnp.einsum("bhwr,bra->bhwa", y, cls_k[dataset_id].astype(self.dtype)) + \
+            cls_b[dataset_id][:, None, None, :]
+        deltas = jnp.einsum("bhwr,bra->bhwa", y, box_k[dataset_id].astype(self.dtype)) + \
+            box_b[dataset_id][:, None, None, :]
+        return (logits.reshape(b, h * w * a).astype(jnp.float32),
+                deltas.reshape(b, h * w * a, 4).astype(jnp.float32))

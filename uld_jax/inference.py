@@ -485,7 +485,8 @@ class ScanMapping:
         in the box (at least the one nearest its centre), clipped to the scan;
         ``center_voxel`` [N, 3] continuous index of the box centre; ``center_world`` [N, 3] mm;
         ``world_min`` / ``world_max`` [N, 3] mm, the world extent of the box's 8 corners;
-        ``size_mm`` [N, 3] the box's extent along the scan's i, j, k axes in mm.
+        ``size_mm`` [N, 3] the box's extent along the scan's i, j, k axes in mm;
+        ``index_lo`` / ``index_hi`` [N, 3] its continuous index edges (unclipped to whole voxels).
         """
         lo_c, hi_c = self.stored_box_to_canonical(z_first, z_last, boxes)
         a, b = self.canonical_to_original_index(lo_c), self.canonical_to_original_index(hi_c)
@@ -507,4 +508,5 @@ class ScanMapping:
             "center_voxel": centre[:, ::-1], "center_world": self.index_to_world(centre),
             "world_min": wc.min(axis=1), "world_max": wc.max(axis=1),
             "size_mm": (hi - lo)[:, ::-1] * np.asarray(self.spacing_zyx[::-1]),
+            "index_lo": lo[:, ::-1], "index_hi": hi[:, ::-1],
         }

@@ -195,7 +195,7 @@ def volumetric_pred(sd: SplitDetections, data_dir: str, dl_rows: dict | None,
                     stack_iou: float = 0.5) -> dict[str, np.ndarray]:
     """{case_id: n x 6 per-slice 2D detections ``[z, x1, y1, x2, y2, score]``} on the case's original
     voxel grid (z: the release's slice number for sub-volume names, else the 0-based slice index),
-    one row per (detection, original slice) of the stored slice's slab."""
+    one row per (detection, original slice whose centre lies in the stored slice's 2 mm slab)."""
     from uld_jax.evaluate.inputs import parse_subvolume_name
 
     recs = _case_records(data_dir, sd.dataset)
@@ -213,7 +213,11 @@ def volumetric_pred(sd: SplitDetections, data_dir: str, dl_rows: dict | None,
             s = m.boxes_to_scan(k, k, sd.boxes[r])
             for i in range(n):
                 lo, hi = s["voxel_min"][i], s["voxel_max"][i]
-                for zz in range(int(lo[2]), int(hi[2]) + 1):
+                # the original slices whose centres lie in this stored slice's slab (slabs tile z:
+                # each original slice is reported from one stored slice, none when it has none)
+                k0 = int(np.ceil(s["index_lo"][i][2] - 1e-9))
+                k1 = int(np.ceil(s["index_hi"][i][2] - 1e-9)) - 1
+                for zz in range(max(k0, 0), min(k1, m.shape_zyx[0] - 1) + 1):
                     parts.append([zz, lo[0], lo[1], hi[0], hi[1], float(sd.scores[r][i])])
         a = np.asarray(parts, np.float64).reshape(-1, 6)
         sub = parse_subvolume_name(str(cid))

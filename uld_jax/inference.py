@@ -231,12 +231,14 @@ class Predictor:
     dataset expert's ``K = roi.detections_per_image`` detections per image.
 
     ``expert``: a dataset name (``deeplesion``: the universal expert, the default) or index.
+    ``with_masks`` / ``with_embeddings``: also return the mask head's / embedding head's output for
+    the selected expert's detections.
     ``num_traces`` counts how often the function was traced (1 after any number of calls with the
     fixed shapes).
     """
 
     def __init__(self, loaded: LoadedModel, batch_size: int, expert: str | int = "deeplesion",
-                 with_masks: bool = True):
+                 with_masks: bool = True, with_embeddings: bool = False):
         names = loaded.expert_names
         if isinstance(expert, str):
             if expert not in names:
@@ -249,6 +251,7 @@ class Predictor:
         self.expert_name = names[self.expert]
         self.batch_size = int(batch_size)
         self.with_masks = bool(with_masks) and bool(loaded.model_config.use_mask)
+        self.with_embeddings = bool(with_embeddings) and bool(loaded.model_config.use_embedding)
         self.num_traces = 0
         self._fn = jax.jit(self._predict)
 
@@ -279,6 +282,8 @@ class Predictor:
             # the selected expert's boxes only (out["masks"] covers all D experts: left unused,
             # XLA drops that computation)
             res["masks"] = model.apply(variables, feat, boxes, method=_masks)
+        if self.with_embeddings:
+            res["embeddings"] = out["embeddings"][:, e]
         return res
 
     def device_call(self, images: np.ndarray, image_valid: np.ndarray, sample_valid: np.ndarray):
@@ -300,7 +305,8 @@ class Predictor:
         [B, K, 4] model-input pixels, ``scores`` [B, K] (eq. 1), ``valid`` [B, K], ``organ_weights``
         [B, K, H] (w0 = 1, then lung, liver, lymph node), ``head_scores`` [B, K, H] (each organ
         head's sigmoid score), ``expert_scores`` [B, K, D] (every expert's eq.-1 score re-computed on
-        the final box), ``masks`` [B, K, 28, 28] mask probabilities in the box frame (with masks).
+        the final box), ``masks`` [B, K, 28, 28] mask probabilities in the box frame (with masks),
+        ``embeddings`` [B, K, E] unit lesion embeddings (with embeddings; for MAM).
         """
         if images.shape[0] != self.batch_size:
             raise ValueError(f"batch of {images.shape[0]}; this predictor is compiled for "

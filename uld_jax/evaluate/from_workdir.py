@@ -305,7 +305,7 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
                                           truth_source=truth, **extra)
         return [rep]
     if protocol == "luna16":
-        from uld_jax.evaluate.luna import luna16_froc, read_points_csv
+        from uld_jax.evaluate.luna import PointTable, luna16_froc, read_points_csv
 
         folder = truth if os.path.isdir(truth) else os.path.dirname(os.path.abspath(truth))
         ann = os.path.join(truth, "annotations.csv") if os.path.isdir(truth) else truth
@@ -313,7 +313,7 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
         sd = infer_split(loaded, data_dir, "luna16", split, every_slice=True, **kw)
         cand, scans = luna_candidates(sd, data_dir, stack_iou)
         excluded = (read_points_csv(exc, "diameter_mm") if os.path.isfile(exc)
-                    else read_points_csv(ann, "diameter_mm").__class__.from_rows([], np.zeros((0, 3)), []))
+                    else PointTable.from_rows([], np.zeros((0, 3)), []))
         r = luna16_froc(cand, read_points_csv(ann, "diameter_mm"), excluded, scans, max_marks=max_marks)
         return [report.evaluate_luna16(r, sources={"model": loaded.source, "annotations": ann,
                                                    "scans": f"{len(scans)} scans of {split}"})]

@@ -85,3 +85,94 @@ def test_workdir_errors_are_one_line(built, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert "nope" in err and "checkpoints" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# World coordinates from a built case's source scan (LUNA16 protocol, volumetric z numbering).
+# ------------------------------------------------------------------------------------------------
+CUBE_LO, CUBE_HI = (12, 9, 6), (22, 19, 14)          # index ranges [lo, hi) along i, j, k
+
+
+@pytest.fixture(scope="module")
+def built_luna(tmp_path_factory):
+    """A LUNA16-style build whose case comes from a real .mhd file (flipped axes, non-zero origin)
+    with a bright cube, annotated on the stored slices where the cube is."""
+    import SimpleITK as sitk
+
+    from data_prep.readers.common import make_case, preprocess_scan
+    from data_prep.readers.scan import read_scan
+    from data_prep.types import Lesion2D
+
+    root = tmp_path_factory.mktemp("luna_eval")
+    arr = np.full((20, 30, 34), 40, np.int16)
+    arr[:, :2] = -1000
+    (i0, j0, k0), (i1, j1, k1) = CUBE_LO, CUBE_HI
+    arr[k0:k1, j0:j1, i0:i1] = 900
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.4, 1.6, 2.5))
+    img.SetOrigin((55.0, -20.5, -140.0))
+    img.SetDirection((-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    path = str(root / "1.3.6.1.4.1.14519.5.2.1.6279.6001.100.mhd")
+    sitk.WriteImage(img, path)
+    vol = read_scan(path)
+    _, plan, slices = preprocess_scan(vol, pixel_mm=0.8, slice_mm=2.0)
+    lesions = []
+    for z in range(slices.shape[0]):
+        on = slices[z] > 470
+        if on.any():
+            r, c = np.nonzero(on)
+            lesions.append(Lesion2D(slice_index=z, box=np.array([r.min(), c.min(), r.max() + 1, c.max() + 1],
+                                                                 np.float32)))
+    uid = os.path.basename(path)[:-4]
+    case = make_case(dataset="luna16", case_id=uid, patient_id=uid, study_id=uid, series_id=uid,
+                     split="test", slices=slices, plan=plan, lesions=lesions,
+                     sample_slices=range(slices.shape[0]), source=path)
+    data = root / "data"
+    build_lib.build("/raw", str(data), ["luna16"], reader_lookup=lambda n: cf.ListReader([case]),
+                    progress=False)
+    lo = np.asarray(CUBE_LO) - 0.5
+    hi = np.asarray(CUBE_HI) - 0.5
+    corners = np.array([img.TransformContinuousIndexToPhysicalPoint(
+        [float(v) for v in np.where([(m >> a) & 1 for a in range(3)], hi, lo)]) for m in range(8)])
+    centre = corners.mean(0)
+    ann = root / "annotations.csv"
+    ann.write_text(f"seriesuid,coordX,coordY,coordZ,diameter_mm\n{uid},{centre[0]},{centre[1]},"
+                   f"{centre[2]},14.0\n")
+    return str(data), uid, centre, str(ann)
+
+
+def test_world_mapping_of_built_cases(built_luna):
+    """Detections equal to the stored annotations map back to the cube's world centre (SimpleITK)
+    and its voxels; as LUNA16 candidates they find the nodule without FPs."""
+    from uld_jax import slice_data
+    from uld_jax.evaluate.luna import PointTable, luna16_froc
+
+    data, uid, centre, ann = built_luna
+    t = slice_data.load_sample_table(data, "luna16", "test")
+    boxes = [t.sample_lesions(r)["boxes"] for r in range(len(t))]
+    sd = from_workdir.SplitDetections("luna16", "luna16", t, boxes,
+                                      [np.full(len(b), 0.9, np.float32) for b in boxes])
+    cand, scans = from_workdir.luna_candidates(sd, data)
+    assert scans == [uid] and len(cand) == 1
+    np.testing.assert_array_less(np.abs(cand.xyz[0] - centre), [1.5, 1.5, 2.5])
+    empty = PointTable.from_rows([], np.zeros((0, 3)), [])
+    from uld_jax.evaluate.luna import read_points_csv
+    r = luna16_froc(cand, read_points_csv(ann, "diameter_mm"), empty, scans)
+    assert r.cpm == pytest.approx(1.0)
+    per_slice = from_workdir.volumetric_pred(sd, data, None)[uid]
+    assert len(per_slice)
+    i_lo, i_hi = per_slice[:, 1].min(), per_slice[:, 3].max()
+    j_lo, j_hi = per_slice[:, 2].min(), per_slice[:, 4].max()
+    assert abs(i_lo - CUBE_LO[0]) <= 1 and abs(i_hi - (CUBE_HI[0] - 1)) <= 1
+    assert abs(j_lo - CUBE_LO[1]) <= 1 and abs(j_hi - (CUBE_HI[1] - 1)) <= 1
+    assert abs(per_slice[:, 0].min() - CUBE_LO[2]) <= 1 and abs(per_slice[:, 0].max() - (CUBE_HI[2] - 1)) <= 1
+
+
+def test_luna16_from_workdir_cli(workdir, built_luna, tmp_path, capsys):
+    data, uid, _, ann = built_luna
+    rc = ev_main.main(["--workdir", workdir, "--data", data, "--protocol", "luna16", "--truth", ann,
+                       "--out", str(tmp_path / "ev"), "--no-plot"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.load(open(tmp_path / "ev" / "results.json"))
+    assert res["protocol"] == "luna16" and res["info"]["counts"]["nodules"] == 1
+    assert 0.0 <= res["tables"]["linear"]["mean"] <= 1.0

@@ -147,6 +147,17 @@ class SliceDetections:
     masks: np.ndarray | None
 
 
+def input_boxes_to_stored(boxes: np.ndarray, scan: PreparedScan) -> np.ndarray:
+    """[N, 4] model-input boxes -> stored-slice pixels (the loader's placement inverted), clipped to
+    the stored slice."""
+    from uld_jax.input_pipeline import image_boxes_to_slice
+
+    h, w = scan.slices.shape[1:]
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    sb = image_boxes_to_slice(b, scan.placement) if len(b) else np.zeros((0, 4), np.float32)
+    return np.clip(sb, 0.0, [h, w, h, w]).astype(np.float32)
+
+
 def detect_slices(predictor, scan: PreparedScan, score_threshold: float = 0.0,
                   progress: bool = True) -> SliceDetections:
     """Runs ``predictor`` on every stored slice (batches of its fixed size, the next batch prepared
@@ -155,12 +166,10 @@ def detect_slices(predictor, scan: PreparedScan, score_threshold: float = 0.0,
     from tqdm import tqdm
 
     from uld_jax.inference import pad_batch
-    from uld_jax.input_pipeline import image_boxes_to_slice
 
     bs = predictor.batch_size
     starts = list(range(0, scan.num_slices, bs))
     rows: dict[str, list] = {k: [] for k in ("z", "box", "score", "w", "head", "exp", "mask")}
-    h, w = scan.slices.shape[1:]
 
     def collect(zs, dev):
         import jax
@@ -197,11 +206,10 @@ def detect_slices(predictor, scan: PreparedScan, score_threshold: float = 0.0,
     nh = int(predictor.loaded.model_config.num_organ_heads)
     nd = len(predictor.loaded.expert_names)
     ib = cat("box", (4,))
-    sb = image_boxes_to_slice(ib, scan.placement) if len(ib) else np.zeros((0, 4), np.float32)
-    sb = np.clip(sb, 0.0, [h, w, h, w]).astype(np.float32)
     return SliceDetections(
         slice_index=np.concatenate(rows["z"]).astype(np.int64) if rows["z"] else np.zeros(0, np.int64),
-        boxes=sb, input_boxes=ib, scores=cat("score", ()), organ_weights=cat("w", (nh,)),
+        boxes=input_boxes_to_stored(ib, scan), input_boxes=ib, scores=cat("score", ()),
+        organ_weights=cat("w", (nh,)),
         head_scores=cat("head", (nh,)), expert_scores=cat("exp", (nd,)),
         masks=cat("mask", (28, 28)) if rows["mask"] else None)
 
@@ -346,45 +354,40 @@ def _uncanonicalize(arr: np.ndarray, direction: np.ndarray) -> np.ndarray:
 
 
 def mask_volume(f: Findings, dets: SliceDetections, scan: PreparedScan) -> np.ndarray:
-    """[Z, Y, X] int16 labels on the scan's own grid: voxel = rank of the finding whose pasted mask
+    """[Z, Y, X] int16 labels on the scan's own grid: voxel = rank of the finding whose mask
     (probability >= 0.5) covers it, higher-ranked findings first; 0 background.
 
-    Each voxel of the canonical grid reads the stored slice nearest to its position and the
-    model-input pixel its centre falls in.
+    Each voxel of the canonical grid reads the stored slice nearest to its position, and the mask
+    (``inference.sample_mask``) at its centre's position on the model input.
     """
-    from uld_jax.inference import paste_mask
+    from uld_jax.inference import sample_mask
+    from uld_jax.input_pipeline import slice_boxes_to_image
 
+    if dets.masks is None:
+        raise ValueError("this model has no mask head (use_mask=False)")
     m = scan.mapping
     _, _, shape_c, sp_c, origin_c = m._canon
     labels = np.zeros(shape_c, np.int16)
-    if dets.masks is None:
-        raise ValueError("this model has no mask head (use_mask=False)")
     p = scan.placement
-    H, W = scan.canvas.shape[:2]
     zc = origin_c[2] + sp_c[0] * np.arange(shape_c[0])
     nearest = np.clip(np.floor((zc - m.out_z[0]) / m.slice_mm + 0.5), 0, len(m.out_z) - 1).astype(int)
     inside = (zc >= m.out_z[0] - 0.5 * m.slice_mm) & (zc <= m.out_z[-1] + 0.5 * m.slice_mm)
-    cy, cx = m.crop_yx
-    sy, sx = m.scale_yx
+    # canonical voxel centre (index n -> continuous n + 0.5) -> stored pixel -> model input
+    uy = (np.arange(shape_c[1]) + 0.5 - m.crop_yx[0]) * m.scale_yx[0] * p.scale + p.ty
+    ux = (np.arange(shape_c[2]) + 0.5 - m.crop_yx[1]) * m.scale_yx[1] * p.scale + p.tx
     for r, mem in enumerate(f.members, start=1):
         for i in mem:
-            y0, x0, crop = paste_mask(dets.masks[i], dets.input_boxes[i], H, W)
-            if crop.size == 0:
-                continue
-            on = crop >= 0.5
             js = np.flatnonzero((nearest == dets.slice_index[i]) & inside)
-            if not on.any() or js.size == 0:
+            # only inside the reported box (the input box clipped to the stored slice), as Mask
+            # R-CNN pastes a mask inside its box
+            y1, x1, y2, x2 = (float(v) for v in slice_boxes_to_image(dets.boxes[i], p))
+            vy = np.flatnonzero((uy >= y1) & (uy <= y2))
+            vx = np.flatnonzero((ux >= x1) & (ux <= x2))
+            if js.size == 0 or vy.size == 0 or vx.size == 0:
                 continue
-            # canonical voxel centre (index n -> continuous n + 0.5) -> stored -> model input pixel
-            ys = np.arange(shape_c[1])
-            xs = np.arange(shape_c[2])
-            iy = np.floor(((ys + 0.5 - cy) * sy) * p.scale + p.ty).astype(np.int64) - y0
-            ix = np.floor(((xs + 0.5 - cx) * sx) * p.scale + p.tx).astype(np.int64) - x0
-            vy = np.flatnonzero((iy >= 0) & (iy < on.shape[0]))
-            vx = np.flatnonzero((ix >= 0) & (ix < on.shape[1]))
-            if vy.size == 0 or vx.size == 0:
+            sub = sample_mask(dets.masks[i], dets.input_boxes[i], uy[vy], ux[vx]) >= 0.5
+            if not sub.any():
                 continue
-            sub = on[np.ix_(iy[vy], ix[vx])]
             for j in js:
                 plane = labels[j][np.ix_(vy, vx)]
                 plane[(plane == 0) & sub] = r
@@ -489,7 +492,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = inference.cached_model(
         os.path.abspath(args.workdir) if args.workdir else None,
         os.path.abspath(args.checkpoint) if args.checkpoint else None, args.step, args.config)
-    predictor = inference.cached_predictor(loaded, int(args.batch_size), args.expert, bool(args.masks))
+    # One compiled function whether or not masks are written (the model computes them anyway).
+    predictor = inference.cached_predictor(loaded, int(args.batch_size), args.expert, True)
     scan = prepare_scan(vol, loaded.data_config)
     t1 = time.perf_counter()
     dets = detect_slices(predictor, scan, float(args.score_threshold), progress=not args.no_progress)

@@ -220,17 +220,25 @@ def _rescore(module, feat, boxes):
     return jnp.sum(w[..., None] * head, axis=-2) / jnp.sum(w, axis=-1)[..., None]
 
 
+def _masks(module, feat, boxes):
+    """Mask probabilities of given boxes: feat [B, h, w, C], boxes [B, K, 4] -> [B, K, 28, 28]."""
+    cfg = module.cfg
+    return jax.nn.sigmoid(module.mask_head(module._roi_align(feat, boxes, cfg.mask.pool_size)))
+
+
 class Predictor:
     """One compiled inference function for a fixed batch: ``[B, H, W, 9]`` images -> the selected
     dataset expert's ``K = roi.detections_per_image`` detections per image.
 
     ``expert``: a dataset name (``deeplesion``: the universal expert, the default) or index.
+    ``with_masks`` / ``with_embeddings``: also return the mask head's / embedding head's output for
+    the selected expert's detections.
     ``num_traces`` counts how often the function was traced (1 after any number of calls with the
     fixed shapes).
     """
 
     def __init__(self, loaded: LoadedModel, batch_size: int, expert: str | int = "deeplesion",
-                 with_masks: bool = True):
+                 with_masks: bool = True, with_embeddings: bool = False):
         names = loaded.expert_names
         if isinstance(expert, str):
             if expert not in names:
@@ -243,6 +251,7 @@ class Predictor:
         self.expert_name = names[self.expert]
         self.batch_size = int(batch_size)
         self.with_masks = bool(with_masks) and bool(loaded.model_config.use_mask)
+        self.with_embeddings = bool(with_embeddings) and bool(loaded.model_config.use_embedding)
         self.num_traces = 0
         self._fn = jax.jit(self._predict)
 
@@ -270,7 +279,11 @@ class Predictor:
             "expert_scores": model.apply(variables, feat, boxes, method=_rescore),
         }
         if self.with_masks:
-            res["masks"] = out["masks"][:, e]
+            # the selected expert's boxes only (out["masks"] covers all D experts: left unused,
+            # XLA drops that computation)
+            res["masks"] = model.apply(variables, feat, boxes, method=_masks)
+        if self.with_embeddings:
+            res["embeddings"] = out["embeddings"][:, e]
         return res
 
     def device_call(self, images: np.ndarray, image_valid: np.ndarray, sample_valid: np.ndarray):
@@ -292,7 +305,8 @@ class Predictor:
         [B, K, 4] model-input pixels, ``scores`` [B, K] (eq. 1), ``valid`` [B, K], ``organ_weights``
         [B, K, H] (w0 = 1, then lung, liver, lymph node), ``head_scores`` [B, K, H] (each organ
         head's sigmoid score), ``expert_scores`` [B, K, D] (every expert's eq.-1 score re-computed on
-        the final box), ``masks`` [B, K, 28, 28] mask probabilities in the box frame (with masks).
+        the final box), ``masks`` [B, K, 28, 28] mask probabilities in the box frame (with masks),
+        ``embeddings`` [B, K, E] unit lesion embeddings (with embeddings; for MAM).
         """
         if images.shape[0] != self.batch_size:
             raise ValueError(f"batch of {images.shape[0]}; this predictor is compiled for "
@@ -334,33 +348,42 @@ def cached_predictor(loaded: LoadedModel, batch_size: int, expert: str, with_mas
 # ------------------------------------------------------------------------------------------------
 # Masks (host side).
 # ------------------------------------------------------------------------------------------------
-def paste_mask(mask: np.ndarray, box: np.ndarray, height: int, width: int):
-    """A box-frame mask [M, M] (probabilities) onto the pixels its box covers, numpy, the rule of
-    ``uld_jax.ops.roi_align.paste_masks`` (bilinear, ``align_corners=False``, zero outside).
+def sample_mask(mask: np.ndarray, box: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """A box-frame mask [M, M] (probabilities) read at image points: the rule of
+    ``uld_jax.ops.roi_align.paste_masks`` (bilinear, ``align_corners=False``, zero outside the grid).
 
-    Returns ``(y0, x0, crop)``: crop [h, w] float32 covering image rows ``y0..y0+h-1`` and columns
-    ``x0..x0+w-1`` (the pixels the box touches, clipped to the image).
+    ``box``: [4] internal box (image pixels); ``ys`` [n], ``xs`` [m]: continuous image coordinates
+    (a pixel centre is ``index + 0.5``). Returns [n, m] float32.
     """
     m = np.asarray(mask, np.float32)
     n = m.shape[-1]
     y1, x1, y2, x2 = (float(v) for v in box)
-    r0, r1 = max(0, int(np.floor(y1))), min(height, int(np.ceil(y2)))
-    c0, c1 = max(0, int(np.floor(x1))), min(width, int(np.ceil(x2)))
-    if r1 <= r0 or c1 <= c0 or y2 <= y1 or x2 <= x1:
-        return r0, c0, np.zeros((0, 0), np.float32)
 
-    def taps(lo, hi, a, b):
-        u = (np.arange(a, b) + 0.5 - lo) / (hi - lo) * n - 0.5
-        i0 = np.floor(u).astype(np.int64)
-        w1 = (u - i0).astype(np.float32)
-        mat = np.zeros((b - a, n), np.float32)
+    def taps(u, lo, hi):
+        c = (np.asarray(u, np.float64) - lo) / max(hi - lo, 1e-9) * n - 0.5
+        i0 = np.floor(c).astype(np.int64)
+        w1 = (c - i0).astype(np.float32)
+        mat = np.zeros((len(c), n), np.float32)
         for i, w in ((i0, 1.0 - w1), (i0 + 1, w1)):
             ok = (i >= 0) & (i < n)
             mat[np.flatnonzero(ok), i[ok]] += w[ok]
         return mat
 
-    ry, rx = taps(y1, y2, r0, r1), taps(x1, x2, c0, c1)
-    return r0, c0, ry @ m @ rx.T
+    return taps(ys, y1, y2) @ m @ taps(xs, x1, x2).T
+
+
+def paste_mask(mask: np.ndarray, box: np.ndarray, height: int, width: int):
+    """:func:`sample_mask` at the centres of the image pixels the box touches (clipped to the image).
+
+    Returns ``(y0, x0, crop)``: crop [h, w] float32 covering image rows ``y0..y0+h-1`` and columns
+    ``x0..x0+w-1``.
+    """
+    y1, x1, y2, x2 = (float(v) for v in box)
+    r0, r1 = max(0, int(np.floor(y1))), min(height, int(np.ceil(y2)))
+    c0, c1 = max(0, int(np.floor(x1))), min(width, int(np.ceil(x2)))
+    if r1 <= r0 or c1 <= c0 or y2 <= y1 or x2 <= x1:
+        return r0, c0, np.zeros((0, 0), np.float32)
+    return r0, c0, sample_mask(mask, box, np.arange(r0, r1) + 0.5, np.arange(c0, c1) + 0.5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -468,7 +491,8 @@ class ScanMapping:
         in the box (at least the one nearest its centre), clipped to the scan;
         ``center_voxel`` [N, 3] continuous index of the box centre; ``center_world`` [N, 3] mm;
         ``world_min`` / ``world_max`` [N, 3] mm, the world extent of the box's 8 corners;
-        ``size_mm`` [N, 3] the box's extent along the scan's i, j, k axes in mm.
+        ``size_mm`` [N, 3] the box's extent along the scan's i, j, k axes in mm;
+        ``index_lo`` / ``index_hi`` [N, 3] its continuous index edges (unclipped to whole voxels).
         """
         lo_c, hi_c = self.stored_box_to_canonical(z_first, z_last, boxes)
         a, b = self.canonical_to_original_index(lo_c), self.canonical_to_original_index(hi_c)
@@ -490,4 +514,5 @@ class ScanMapping:
             "center_voxel": centre[:, ::-1], "center_world": self.index_to_world(centre),
             "world_min": wc.min(axis=1), "world_max": wc.max(axis=1),
             "size_mm": (hi - lo)[:, ::-1] * np.asarray(self.spacing_zyx[::-1]),
+            "index_lo": lo[:, ::-1], "index_hi": hi[:, ::-1],
         }

@@ -195,7 +195,7 @@ def volumetric_pred(sd: SplitDetections, data_dir: str, dl_rows: dict | None,
                     stack_iou: float = 0.5) -> dict[str, np.ndarray]:
     """{case_id: n x 6 per-slice 2D detections ``[z, x1, y1, x2, y2, score]``} on the case's original
     voxel grid (z: the release's slice number for sub-volume names, else the 0-based slice index),
-    one row per (detection, original slice) of the stored slice's slab."""
+    one row per (detection, original slice whose centre lies in the stored slice's 2 mm slab)."""
     from uld_jax.evaluate.inputs import parse_subvolume_name
 
     recs = _case_records(data_dir, sd.dataset)
@@ -213,7 +213,11 @@ def volumetric_pred(sd: SplitDetections, data_dir: str, dl_rows: dict | None,
             s = m.boxes_to_scan(k, k, sd.boxes[r])
             for i in range(n):
                 lo, hi = s["voxel_min"][i], s["voxel_max"][i]
-                for zz in range(int(lo[2]), int(hi[2]) + 1):
+                # the original slices whose centres lie in this stored slice's slab (slabs tile z:
+                # each original slice is reported from one stored slice, none when it has none)
+                k0 = int(np.ceil(s["index_lo"][i][2] - 1e-9))
+                k1 = int(np.ceil(s["index_hi"][i][2] - 1e-9)) - 1
+                for zz in range(max(k0, 0), min(k1, m.shape_zyx[0] - 1) + 1):
                     parts.append([zz, lo[0], lo[1], hi[0], hi[1], float(sd.scores[r][i])])
         a = np.asarray(parts, np.float64).reshape(-1, 6)
         sub = parse_subvolume_name(str(cid))
@@ -301,7 +305,7 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
                                           truth_source=truth, **extra)
         return [rep]
     if protocol == "luna16":
-        from uld_jax.evaluate.luna import luna16_froc, read_points_csv
+        from uld_jax.evaluate.luna import PointTable, luna16_froc, read_points_csv
 
         folder = truth if os.path.isdir(truth) else os.path.dirname(os.path.abspath(truth))
         ann = os.path.join(truth, "annotations.csv") if os.path.isdir(truth) else truth
@@ -309,7 +313,7 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
         sd = infer_split(loaded, data_dir, "luna16", split, every_slice=True, **kw)
         cand, scans = luna_candidates(sd, data_dir, stack_iou)
         excluded = (read_points_csv(exc, "diameter_mm") if os.path.isfile(exc)
-                    else read_points_csv(ann, "diameter_mm").__class__.from_rows([], np.zeros((0, 3)), []))
+                    else PointTable.from_rows([], np.zeros((0, 3)), []))
         r = luna16_froc(cand, read_points_csv(ann, "diameter_mm"), excluded, scans, max_marks=max_marks)
         return [report.evaluate_luna16(r, sources={"model": loaded.source, "annotations": ann,
                                                    "scans": f"{len(scans)} scans of {split}"})]

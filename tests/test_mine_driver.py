@@ -393,3 +393,34 @@ def test_report_frames_map_world_truth_onto_built_cases(tmp_path_factory):
                 checked += 1
     assert checked > 0
     assert isinstance(frames[next(iter(frames))], quality.CaseFrame)
+
+
+def test_one_device_and_eight_devices_mine_the_same(world):
+    """The batch is sharded over the local mesh: 1 device x 3 slices per call gives the outputs of
+    8 devices x 1 slice per call (up to float reassociation)."""
+    import jax
+    if jax.local_device_count() < 8:
+        pytest.skip("needs 8 (forced host) devices")
+    run_dir = str(world["run"])
+    sdir = os.path.join(world["root"], "one_device_store")
+    out = os.path.join(world["root"], "one_device.npz")
+    s = driver.mine(run_dir, driver.DriverOptions(chunk_slices=8, progress=False, store_dir=sdir,
+                                                  out=out, num_devices=1, batch_per_device=3))
+    assert s["out"] == out
+
+    def load(d):
+        m = json.load(open(os.path.join(d, "store.json")))
+        return store.ChunkStore(d, **m).load()
+
+    s1, a1, p1 = load(sdir)
+    s8, a8, p8 = load(os.path.join(run_dir, "mining", "step_4"))
+    np.testing.assert_array_equal(s1.case_id, s8.case_id)
+    np.testing.assert_array_equal(s1.slice_index, s8.slice_index)
+    np.testing.assert_array_equal(a1.lesion_id, a8.lesion_id)
+    np.testing.assert_allclose(a1.embedding, a8.embedding, atol=1e-4)
+    assert len(p1.slice) == len(p8.slice)
+    np.testing.assert_array_equal(p1.expert, p8.expert)
+    np.testing.assert_allclose(p1.box, p8.box, atol=1e-2)
+    np.testing.assert_allclose(p1.score, p8.score, atol=1e-4)
+    np.testing.assert_allclose(p1.embedding, p8.embedding, atol=1e-4)
+    assert table.read_overlay(out).counts() == world["summary"]["counts"]

@@ -81,6 +81,7 @@ class DriverOptions:
       max_chunks: stop after mining this many chunks in this call (None: all); the overlay is
         written only when every chunk is there. For tests and time-sliced jobs.
       progress: show a progress bar (default: when stderr is a terminal).
+      num_devices: use the first N local devices (None: all of them).
       mining: MAM / NRM options (theta, sigma, NRM experts, ...).
     """
 
@@ -96,6 +97,7 @@ class DriverOptions:
     store_dir: str | None = None
     max_chunks: int | None = None
     progress: bool | None = None
+    num_devices: int | None = None
     mining: run.MiningOptions = dataclasses.field(default_factory=run.MiningOptions)
 
 
@@ -427,7 +429,8 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
     ext, rows = mining_table(data_dir, options.every_mm)
     miner = ChunkMiner(loaded.model, loaded.variables, icfg, ext, rows,
                        chunk_slices=options.chunk_slices,
-                       batch_per_device=options.batch_per_device, min_score=options.min_score)
+                       batch_per_device=options.batch_per_device, min_score=options.min_score,
+                       devices=jax.local_devices()[:options.num_devices])
     settings = {"model_config": model_hash, "data_dir": os.path.abspath(data_dir),
                 "every_mm": float(options.every_mm), "chunk_slices": int(options.chunk_slices),
                 "min_score": float(options.min_score), "image_size": list(icfg.image_size),
@@ -516,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--every_mm", type=float, default=5.0)
     p.add_argument("--chunk_slices", type=int, default=256)
     p.add_argument("--batch_per_device", type=int, default=1)
+    p.add_argument("--num_devices", type=int, default=None, help="first N local devices (all)")
     p.add_argument("--min_score", type=float, default=0.05)
     p.add_argument("--max_chunks", type=int, default=None)
     p.add_argument("--theta", type=float, default=mam.DEFAULT_THETA)
@@ -531,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = DriverOptions(
         step=a.step, epoch=a.epoch, config=a.config, data_dir=a.data_dir, every_mm=a.every_mm,
         chunk_slices=a.chunk_slices, batch_per_device=a.batch_per_device, min_score=a.min_score,
-        out=a.out, store_dir=a.store_dir, max_chunks=a.max_chunks,
+        out=a.out, store_dir=a.store_dir, max_chunks=a.max_chunks, num_devices=a.num_devices,
         progress={"auto": None, "on": True, "off": False}[a.progress],
         mining=run.MiningOptions(theta=a.theta, sigma=a.sigma, nrm_experts=experts,
                                  nrm_as_positive=a.nrm_as_positive))

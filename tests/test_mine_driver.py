@@ -424,3 +424,35 @@ def test_one_device_and_eight_devices_mine_the_same(world):
     np.testing.assert_allclose(p1.score, p8.score, atol=1e-4)
     np.testing.assert_allclose(p1.embedding, p8.embedding, atol=1e-4)
     assert table.read_overlay(out).counts() == world["summary"]["counts"]
+
+
+@pytest.mark.slow
+def test_killed_cli_run_resumes_to_the_same_table(world):
+    """``python -m uld_jax.mine`` killed (SIGKILL) after some chunks, then rerun: same table."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    run_dir = str(world["run"])
+    sdir = os.path.join(world["root"], "killed_store")
+    out = os.path.join(world["root"], "killed.npz")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "uld_jax.mine", "--workdir", run_dir, "--chunk_slices", "8",
+           "--store_dir", sdir, "--out", out, "--progress", "off"]
+    env = dict(os.environ, PYTHONPATH=repo)
+    proc = subprocess.Popen(cmd + ["--debug_sleep_per_chunk_s", "30"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        if os.path.isdir(sdir) and any(n.startswith("chunk_") for n in os.listdir(sdir)):
+            break
+        assert proc.poll() is None, "the mining run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [n for n in os.listdir(sdir) if n.startswith("chunk_")]
+    assert 1 <= len(done) < 4 and not os.path.exists(out)
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"mined now: {30 - 8 * len(done)} slices" in r.stdout
+    assert table.read_overlay(out).equal_rows(table.read_overlay(world["summary"]["out"]))

@@ -98,6 +98,7 @@ class DriverOptions:
     max_chunks: int | None = None
     progress: bool | None = None
     num_devices: int | None = None
+    debug_sleep_per_chunk_s: float = 0.0   # tests: slow the run down to kill it mid-way
     mining: run.MiningOptions = dataclasses.field(default_factory=run.MiningOptions)
 
 
@@ -464,6 +465,8 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
     try:
         for c in mine_ids:
             st.save(c, *miner.mine_chunk(c, on_batch=bar.update))
+            if options.debug_sleep_per_chunk_s:
+                time.sleep(options.debug_sleep_per_chunk_s)
     finally:
         bar.close()
     t_inf = time.perf_counter() - t0
@@ -529,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nrm_as_positive", action="store_true",
                    help="suspicious regions become positives instead of ignore regions")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--debug_sleep_per_chunk_s", type=float, default=0.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     experts = tuple(e for e in a.nrm_experts.split(",") if e)
@@ -537,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chunk_slices=a.chunk_slices, batch_per_device=a.batch_per_device, min_score=a.min_score,
         out=a.out, store_dir=a.store_dir, max_chunks=a.max_chunks, num_devices=a.num_devices,
         progress={"auto": None, "on": True, "off": False}[a.progress],
+        debug_sleep_per_chunk_s=a.debug_sleep_per_chunk_s,
         mining=run.MiningOptions(theta=a.theta, sigma=a.sigma, nrm_experts=experts,
                                  nrm_as_positive=a.nrm_as_positive))
     from uld_jax import train  # pylint: disable=g-import-not-at-top

@@ -58,7 +58,9 @@ from uld_jax.mine import mam, nrm, run, store, table
 log = logging.getLogger(__name__)
 
 MINED_DATASET = "deeplesion"
-ANNOTATION_ID_BASE = 1 << 40
+# Ids of annotations without a lesion id: kept below 2**31, since the batch's LESION_ID becomes
+# int32 on devices without x64 (a larger id would wrap onto a real one).
+ANNOTATION_ID_BASE = 1 << 30
 DATA_AXIS = "data"
 MIN_BOX_PX = 1.0          # detections thinner than this (slice pixels) after clipping are dropped
 
@@ -435,7 +437,7 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
     settings = {"model_config": model_hash, "data_dir": os.path.abspath(data_dir),
                 "every_mm": float(options.every_mm), "chunk_slices": int(options.chunk_slices),
                 "min_score": float(options.min_score), "image_size": list(icfg.image_size),
-                "pixel_mm": float(icfg.pixel_mm)}
+                "pixel_mm": float(icfg.pixel_mm), "annotation_id_base": ANNOTATION_ID_BASE}
     store_hash = table.config_hash(settings)
     store_dir = options.store_dir or os.path.join(workdir, "mining", f"step_{step}")
     pidx, pcount = jax.process_index(), jax.process_count()

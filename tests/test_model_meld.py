@@ -299,10 +299,26 @@ def test_training_rpn_equals_select_of_all():
 
     r = DatasetRPN(4, 15, 8)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 5, 7)), jnp.float32)
-    v = r.init(jax.random.PRNGKey(0), x)
-    v = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape), v)
+    shapes = jax.eval_shape(lambda: r.init(jax.random.PRNGKey(0), x))
+    rng = np.random.default_rng(1)
+    v = jax.tree_util.tree_map(lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape), jnp.float32),
+                               shapes)
     ids = jnp.array([2, 0, 2])
     la, da = jax.jit(r.apply)(v, x)
     ls, ds = jax.jit(r.apply)(v, x, ids)
     np.testing.assert_allclose(ls, np.asarray(la)[np.arange(3), ids], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ds, np.asarray(da)[np.arange(3), ids], rtol=1e-5, atol=1e-6)
+
+
+def test_minimal_batch_traces(setup):
+    """Only image, dataset id and boxes are required: the optional keys default (traced only)."""
+    cfg, model, variables, _, _, _ = setup
+    full = _batch(seed=9)
+    batch = {k: full[k] for k in (Keys.IMAGE, Keys.DATASET_ID, Keys.BOXES, Keys.BOX_VALID)}
+    out, _ = jax.eval_shape(lambda v, b: model.apply(v, b, train=True,
+                                                     rngs={"sample": jax.random.PRNGKey(0)},
+                                                     mutable=["batch_stats"]), variables, batch)
+    total, _ = jax.eval_shape(lambda o: losses.meld_loss(o, batch, cfg), out)
+    assert total.shape == ()
+    det = jax.eval_shape(lambda v, b: model.apply(v, {Keys.IMAGE: b[Keys.IMAGE]}), variables, batch)
+    assert det["boxes"].shape == (B, cfg.num_datasets, cfg.roi.detections_per_image, 4)

@@ -1,4 +1,5 @@
-"""Kill -9 mid-run and rerun: the result equals an uninterrupted run (through the CLI)."""
+"""Kill -9 mid-run and rerun: the result equals an uninterrupted run; SIGTERM: a checkpoint at the
+stop step and exit code 75 (all through the CLI)."""
 
 from __future__ import annotations
 
@@ -44,11 +45,12 @@ def _steps(workdir: pathlib.Path) -> list[int]:
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
-    ref_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("ref", "killed", "resumed")}
+    ref_dir, killed_dir, term_dir = (tmp_path / n for n in ("uninterrupted", "killed", "term"))
+    logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("ref", "killed", "resumed", "term")}
     kw = dict(cwd=REPO, env=_env(tmp_path / "jax_cache"), stderr=subprocess.STDOUT)
     ref = subprocess.Popen(_cmd(ref_dir), stdout=logs["ref"], **kw)
     victim = subprocess.Popen(_cmd(killed_dir), stdout=logs["killed"], **kw)
+    term = subprocess.Popen(_cmd(term_dir), stdout=logs["term"], **kw)
     try:
         deadline = time.monotonic() + 120
         while not _steps(killed_dir):             # the first checkpoint (step 4) exists: kill
@@ -61,16 +63,28 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         at_kill = _steps(killed_dir)
         assert max(at_kill) < TOTAL_STEPS, f"the run ended before the kill: {at_kill}"
         resumed = subprocess.Popen(_cmd(killed_dir), stdout=logs["resumed"], **kw)
+        while not _steps(term_dir):
+            assert term.poll() is None, (tmp_path / "term.log").read_text()[-3000:]
+            assert time.monotonic() < deadline + 60, "no checkpoint after 180 s"
+            time.sleep(0.05)
+        term.send_signal(signal.SIGTERM)           # a scheduler's notice: checkpoint, then stop
+        assert term.wait(60) == 75, (tmp_path / "term.log").read_text()[-3000:]
         assert resumed.wait(180) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
         assert ref.wait(180) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     finally:
-        for p in (ref, victim, locals().get("resumed")):
+        for p in (ref, victim, term, locals().get("resumed")):
             if p is not None and p.poll() is None:
                 p.kill()
         for f in logs.values():
             f.close()
     assert f"resumed from {killed_dir}/checkpoints step {max(at_kill)}" in (
         tmp_path / "resumed.log").read_text()
+
+    term_log = (tmp_path / "term.log").read_text()
+    stop_step = max(_steps(term_dir))
+    assert 4 < stop_step < TOTAL_STEPS
+    assert f"stopped on SIGTERM at step {stop_step}" in term_log, term_log[-2000:]
+    assert int(train.load_checkpoint_state(str(term_dir))[1]["step"]) == stop_step
 
     step_a, a = train.load_checkpoint_state(str(ref_dir))
     step_b, b = train.load_checkpoint_state(str(killed_dir))

@@ -18,6 +18,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# Exit codes: 0 done, 2 bad command line, 3 non-finite loss, 75 (EX_TEMPFAIL) stopped by SIGTERM
+# after a checkpoint (requeue / rerun to resume).
+EXIT_PREEMPTED = 75
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file[:variant], e.g. configs/meld.py:tiny", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard events.")
@@ -47,11 +51,15 @@ def main(argv):
     logging.info("jax %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        out = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except train.NonFiniteLossError as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    if out["stopped"]:
+        print(f"stopped on SIGTERM at step {out['step']} (checkpoint saved); rerun the same "
+              "command to resume", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 def _one_line_flag_errors(argv: list[str]) -> list[str]:

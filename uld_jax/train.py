@@ -56,6 +56,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
@@ -69,6 +71,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
@@ -106,6 +109,32 @@ class Data:
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when a step's loss or gradient norm is NaN or Inf; nothing after it was saved."""
+
+
+class _StopRequest:
+    """SIGTERM (a scheduler's preemption or time-limit notice) -> checkpoint at the next step that
+    every process agrees on, then return. Installed only when running in the main thread."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.flag = True
+        logging.warning("signal %d: saving a checkpoint at the next step, then stopping", signum)
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (a collective in multi-process jobs)."""
+        if jax.process_count() == 1:
+            return self.flag
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.flag))))
+
+    def close(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -511,7 +540,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains (resuming from ``workdir`` when it has checkpoints) and evaluates periodically.
 
     ``task``/``data`` default to ``uld_jax.tasks.build_task/build_data(config)``. Returns a summary:
-    ``{"step", "train": last train metrics, "eval": last eval metrics, "state": final state}``.
+    ``{"step", "train": last train metrics, "eval": last eval metrics, "state": final state,
+    "stopped": True if a SIGTERM ended it early (after saving a checkpoint)}``.
     Raises :class:`NonFiniteLossError` on a NaN/Inf loss (checkpoints up to the last good one kept).
     """
     if task is None or data is None:
@@ -610,6 +640,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last_eval: dict[str, float] = {}
     t_interval, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
     sleep_s = float(config.debug.sleep_per_step_s)
+    stop = _StopRequest()
+    stopped = False
     try:
         while step < total:
             t0 = time.perf_counter()
@@ -645,13 +677,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     last_eval = evaluate(step)
             if step % ckpt_every == 0 or step % spe == 0 or step == total:
                 save(step)
+            # Multi-process jobs agree at log steps (a collective); one process checks every step.
+            if (pcount == 1 or step % log_every == 0) and step < total and stop.agreed():
+                if guard.last_saved != step:
+                    save(step)
+                logging.warning("stopped on SIGTERM at step %d; checkpoint saved in %s/checkpoints, "
+                                "rerun to resume", step, workdir)
+                stopped = True
+                break
         guard.check()
     finally:
+        stop.close()
         mngr.wait_until_finished()
         writer.flush()
     mngr.close()
     writer.close()
-    return {"step": step, "train": last_train, "eval": last_eval, "state": state}
+    return {"step": step, "train": last_train, "eval": last_eval, "state": state,
+            "stopped": stopped}
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

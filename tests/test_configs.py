@@ -107,3 +107,13 @@ def _flat(d, prefix=""):
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def test_cli_config_that_cannot_run_is_a_one_line_error(tmp_path):
+    # 8 forced host devices (conftest) cannot share a global batch of 6.
+    r = _run_cli("--config", "configs/meld.py:tiny", f"--workdir={tmp_path}",
+                 "--config.task.name=toy", "--config.data.name=toy", "--config.batch_size=6")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "batch_size=6" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

@@ -50,8 +50,13 @@ def main(argv):
 
     logging.info("jax %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
+    from uld_jax import tasks
+
     try:
         out = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (train.ConfigError, tasks.TaskUnavailableError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     except train.NonFiniteLossError as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

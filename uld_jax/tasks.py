@@ -36,7 +36,7 @@ import optax
 
 from uld_jax import core
 from uld_jax.core import Keys
-from uld_jax.train import Data, Task
+from uld_jax.train import ConfigError, Data, Task
 
 
 class TaskUnavailableError(ImportError):
@@ -65,7 +65,7 @@ def build_task(config: ml_collections.ConfigDict) -> Task:
         return toy_task(config)
     if name == "meld":
         return meld_task(config)
-    raise ValueError(f"task.name={name!r}: expected 'meld' or 'toy'")
+    raise ConfigError(f"task.name={name!r}: expected 'meld' or 'toy'")
 
 
 def build_data(config: ml_collections.ConfigDict) -> Data:
@@ -74,7 +74,7 @@ def build_data(config: ml_collections.ConfigDict) -> Data:
         return toy_data(config)
     if name == "pipeline":
         return pipeline_data(config)
-    raise ValueError(f"data.name={name!r}: expected 'pipeline' or 'toy'")
+    raise ConfigError(f"data.name={name!r}: expected 'pipeline' or 'toy'")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def pipeline_data(config: ml_collections.ConfigDict) -> Data:
     ip = _import("uld_jax.input_pipeline", ("make_dataset", "steps_per_epoch", "load_tables"),
                  "data.name='pipeline'")
     if not config.data.data_dir:
-        raise ValueError("data.data_dir is empty: pass --config.data.data_dir=<DATA_DIR of "
+        raise ConfigError("data.data_dir is empty: pass --config.data.data_dir=<DATA_DIR of "
                          "python -m data_prep.build>")
 
     def _cfg(**kw) -> ml_collections.ConfigDict:

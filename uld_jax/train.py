@@ -107,6 +107,11 @@ class Data:
     eval_iter: Optional[Callable[[int, int], Iterable[dict[str, np.ndarray]]]] = None
 
 
+class ConfigError(ValueError):
+    """A config that cannot run (the message says which key to change); the CLI prints it as one
+    line and exits with code 2."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised when a step's loss or gradient norm is NaN or Inf; nothing after it was saved."""
 
@@ -179,9 +184,9 @@ def make_mesh(num_data_devices: int = -1) -> Mesh:
     devices = jax.devices()
     n = len(devices) if num_data_devices in (-1, None) else int(num_data_devices)
     if not 1 <= n <= len(devices):
-        raise ValueError(f"mesh.data={num_data_devices}: this job has {len(devices)} devices")
+        raise ConfigError(f"mesh.data={num_data_devices}: this job has {len(devices)} devices")
     if n != len(devices) and jax.process_count() > 1:
-        raise ValueError("a partial mesh is only supported in a single-process job")
+        raise ConfigError("mesh.data: a partial mesh is only supported in a single-process job")
     # Auto axes: the step is written for GSPMD propagation (jax.make_mesh defaults to Explicit);
     # make_mesh orders the devices for the physical topology (ICI/NVLink first).
     return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
@@ -234,7 +239,7 @@ def make_optimizer(
     elif name == "sgd":
         parts.append(optax.sgd(sched, momentum=opt.momentum or None))
     else:
-        raise ValueError(f"optimizer.name={opt.name!r}: expected radam, adam or sgd")
+        raise ConfigError(f"optimizer.name={opt.name!r}: expected radam, adam or sgd")
     return optax.chain(*parts), sched
 
 
@@ -491,7 +496,7 @@ def _init_from(state: dict[str, Any], init: ml_collections.ConfigDict,
         want = jax.tree.structure(state[key])
         got = jax.tree.structure(jax.tree.map(np.asarray, src_state[key]))
         if want != got:
-            raise ValueError(f"init_from {init.workdir} step {step}: its {key} do not match this "
+            raise ConfigError(f"init_from {init.workdir} step {step}: its {key} do not match this "
                              f"model's\n  this: {want}\n  there: {got}")
         out[key] = jax.tree.map(
             lambda a, b: _put_replicated(np.asarray(b, dtype=a.dtype), repl), state[key],
@@ -553,7 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     resuming = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
     if (config.init_from.epoch > 0 or config.init_from.step >= 0) and not (
             config.init_from.workdir or resuming):
-        raise ValueError("this config starts from another run's checkpoint (init_from.epoch/step "
+        raise ConfigError("this config starts from another run's checkpoint (init_from.epoch/step "
                          "is set): pass --config.init_from.workdir=<that run's workdir>")
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -562,7 +567,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     repl, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
     gbs = int(config.batch_size)
     if gbs % mesh.size or gbs % pcount:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size={gbs} (global) must be divisible by the {mesh.size} devices of the mesh "
             f"and the {pcount} processes; set --config.batch_size to a multiple of {mesh.size}")
     spe = int(config.steps_per_epoch) if config.steps_per_epoch > 0 else int(data.steps_per_epoch)

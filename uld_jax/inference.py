@@ -331,11 +331,26 @@ def pad_batch(images: np.ndarray, image_valid: np.ndarray, batch_size: int):
     return images, image_valid, sv
 
 
-@functools.lru_cache(maxsize=4)
 def cached_model(workdir: str | None, checkpoint: str | None, step: int | None,
                  config: str | None) -> LoadedModel:
-    """:func:`load_model` memoised per process (a driver that calls detect on many scans, tests)."""
-    return load_model(workdir, checkpoint, step=step, config=config)
+    """:func:`load_model` memoised per process and checkpoint (a driver that calls detect on many
+    scans, tests): ``--workdir W`` and ``--checkpoint W/checkpoints/<latest>`` give the same object.
+    A checkpoint written after the first call is not seen by later calls with ``step=None``."""
+    wd, st = resolve_checkpoint(workdir, checkpoint, step)
+    if st is None:
+        ck = os.path.join(wd, "checkpoints")
+        try:   # finished saves only (orbax marks them on local file systems)
+            steps = [int(n) for n in os.listdir(ck)
+                     if n.isdigit() and os.path.isfile(os.path.join(ck, n, "commit_success.txt"))]
+        except OSError:
+            steps = []
+        st = max(steps) if steps else None     # None: load_model asks orbax for the latest
+    return _cached_model(os.path.abspath(wd), st, config)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(workdir: str, step: int | None, config: str | None) -> LoadedModel:
+    return load_model(workdir, None, step=step, config=config)
 
 
 @functools.lru_cache(maxsize=8)

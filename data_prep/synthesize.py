@@ -124,7 +124,9 @@ def _generate(preset: Preset, seed: int, tmp: pathlib.Path, tables_only: bool, w
             (tmp / "LUNA16" / f"subset{k}").mkdir(exist_ok=True)
     pool = None
     if workers > 1:
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init, initargs=(ctx,))
+        # spawn, not fork: callers (tests, the quick start) may have JAX's threads running, and a
+        # forked child of a multithreaded process can deadlock.
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init, initargs=(ctx,))
         imap = lambda tasks: pool.imap(_run, tasks, chunksize=1)  # noqa: E731
     else:
         _init(ctx)

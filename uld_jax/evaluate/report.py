@@ -21,13 +21,13 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from uld_jax.evaluate.boxes import EvaluationInputError, as_box_array
+from uld_jax.io.atomic import atomic_write
 from uld_jax.evaluate.froc import (
     KEYSLICE_FP_RATES,
     STRATA,
@@ -207,23 +207,6 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, np.integer):
         return int(o)
     return o
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary file in the same folder + rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _froc_table(title: str, r: FrocResult) -> Table:

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from uld_jax.io.atomic import atomic_write
 from uld_jax.mine import quality, run, store, table
 
 DEFAULT_THETAS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
@@ -199,10 +200,7 @@ def write_report(rep: Mapping[str, Any], prefix: str) -> tuple[str, str]:
     md, js = prefix + ".md", prefix + ".json"
     for path, text in ((md, format_markdown(rep)),
                        (js, json.dumps(_json_safe(rep), indent=1, sort_keys=True))):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write(path, text.encode())
     return md, js
 
 

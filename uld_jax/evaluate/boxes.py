@@ -21,14 +21,9 @@ class EvaluationInputError(ValueError):
     """A prediction or truth input is malformed; the message names the file, key and row."""
 
 
-def as_box_array(value: Any, ncols: int, *, source: str, key: str, what: str) -> np.ndarray:
-    """Validates one volume's box array and returns it as float64 ``[n, ncols]``.
-
-    Accepts an empty list / ``(0,)`` / ``(0, ncols)`` array for "no boxes". Rejects wrong column
-    counts, non-finite values and boxes whose size in the +1 convention is not positive
-    (``x2 - x1 + 1 <= 0``), naming ``source`` (file), ``key`` (sub-volume / image) and the row.
-    ``what`` describes the expected layout for the message, e.g. ``"n x 7 [x1,y1,z1,x2,y2,z2,score]"``.
-    """
+def box_rows(value: Any, ncols: int, *, source: str, key: str, what: str) -> np.ndarray:
+    """The shape / dtype half of :func:`as_box_array`: ``value`` as float64 ``[n, ncols]`` (one row
+    given flat is accepted, an empty value gives ``(0, ncols)``); values are not checked."""
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -38,9 +33,19 @@ def as_box_array(value: Any, ncols: int, *, source: str, key: str, what: str) ->
     if arr.ndim == 1 and arr.shape[0] == ncols:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != ncols:
-        raise EvaluationInputError(
-            f"{source}: key {key!r}: array of shape {arr.shape}, expected {what}"
-        )
+        raise EvaluationInputError(f"{source}: key {key!r}: array of shape {arr.shape}, expected {what}")
+    return arr
+
+
+def as_box_array(value: Any, ncols: int, *, source: str, key: str, what: str) -> np.ndarray:
+    """Validates one volume's box array and returns it as float64 ``[n, ncols]``.
+
+    Accepts an empty list / ``(0,)`` / ``(0, ncols)`` array for "no boxes". Rejects wrong column
+    counts, non-finite values and boxes whose size in the +1 convention is not positive
+    (``x2 - x1 + 1 <= 0``), naming ``source`` (file), ``key`` (sub-volume / image) and the row.
+    ``what`` describes the expected layout for the message, e.g. ``"n x 7 [x1,y1,z1,x2,y2,z2,score]"``.
+    """
+    arr = box_rows(value, ncols, source=source, key=key, what=what)
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])

@@ -267,10 +267,6 @@ def roi_targets(
     ))
 
 
-def _per_image_keys(key: Array, batch: int) -> Array:
-    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
-
-
 def _vmap_images(fn, positional: dict, optional: dict):
     """``jax.vmap`` of ``fn`` over the leading (image) axis: ``positional`` values are passed in
     order as positional arguments, the ``optional`` ones that are not None as keywords."""
@@ -301,7 +297,8 @@ def batch_rpn_targets(
     gt_boxes = jnp.asarray(gt_boxes)
     return _vmap_images(
         lambda *a, **kw: rpn_targets(anchors, *a, **kw, **kwargs),
-        {"gt_boxes": gt_boxes, "gt_valid": gt_valid, "key": _per_image_keys(key, gt_boxes.shape[0])},
+        {"gt_boxes": gt_boxes, "gt_valid": gt_valid,
+         "key": sampling.per_image_keys(key, gt_boxes.shape[0])},
         {"gt_no_box_regression": gt_no_box_regression, "ignore_boxes": ignore_boxes,
          "ignore_valid": ignore_valid, "anchor_valid": anchor_valid})
 
@@ -326,7 +323,7 @@ def batch_roi_targets(
     return _vmap_images(
         lambda *a, **kw: roi_targets(*a, **kw, **kwargs),
         {"proposals": proposals, "proposal_valid": proposal_valid, "gt_boxes": gt_boxes,
-         "gt_valid": gt_valid, "key": _per_image_keys(key, proposals.shape[0])},
+         "gt_valid": gt_valid, "key": sampling.per_image_keys(key, proposals.shape[0])},
         {"gt_masks": gt_masks, "gt_mask_valid": gt_mask_valid,
          "gt_no_box_regression": gt_no_box_regression, "ignore_boxes": ignore_boxes,
          "ignore_valid": ignore_valid})

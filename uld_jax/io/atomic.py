@@ -1,7 +1,7 @@
 """The one atomic file writer of the library.
 
-A temporary file in the destination folder is written completely, given the permissions a plain
-``open(path, "w")`` would give (``0o666 & ~umask``; ``mkstemp`` alone makes them 0600), then
+A temporary file in the destination folder, created with the permissions a plain ``open(path, "w")``
+gives (``0o666 & ~umask``; ``tempfile.mkstemp`` would give 0600), is written completely, then
 ``os.replace`` d onto the final name (atomic on POSIX). A writer killed at any point leaves the
 previous file intact (at worst a stray ``.<name>.*.tmp`` in the folder, never read by anyone).
 """
@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from typing import Any, BinaryIO, Callable
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+def _create_temp(folder: str, name: str) -> tuple[int, str]:
+    """A new, uniquely named temporary file next to ``name``, created like ``open(path, "w")``
+    would (mode ``0o666`` less the umask, applied by the kernel: no process-wide umask change)."""
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write(
@@ -38,7 +43,7 @@ def atomic_write(
     folder = os.path.dirname(os.path.abspath(path))
     if makedirs:
         os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(data):
@@ -48,7 +53,6 @@ def atomic_write(
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -67,6 +71,7 @@ def atomic_write(
             pass
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, fsync: bool = False, **dumps_kwargs) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, fsync: bool = False,
+                      **dumps_kwargs) -> None:
     """``json.dumps(obj, **dumps_kwargs)`` -> ``path`` via :func:`atomic_write`."""
     atomic_write(path, json.dumps(obj, **dumps_kwargs).encode(), fsync=fsync)

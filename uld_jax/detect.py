@@ -57,6 +57,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from uld_jax import core
+from uld_jax.io.atomic import atomic_write
 
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 LUNG_WINDOW = (-1350.0, 150.0)
@@ -320,13 +321,6 @@ def _csv_row(rec: dict[str, Any]) -> list[Any]:
 # ------------------------------------------------------------------------------------------------
 # Writers.
 # ------------------------------------------------------------------------------------------------
-def atomic_write(path: str, data: bytes) -> None:
-    """``data`` -> ``path`` through a temporary file in the same folder and a rename."""
-    from uld_jax.evaluate.report import atomic_write as _aw
-
-    _aw(path, data)
-
-
 def write_tables(out_dir: str, records: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     """``detections.csv`` and ``detections.json`` (atomic)."""
     buf = io.StringIO()

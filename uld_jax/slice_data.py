@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from uld_jax.core import DATASET_ID, DATASETS, Provenance
+from uld_jax.io import atomic
 
 FORMAT_VERSION = 1
 TFDS_VERSION = "1.0.0"
@@ -291,12 +292,7 @@ def read_table(tdir: str, split: str) -> list[dict]:
 
 def atomic_write_json(path: str, obj: Any) -> None:
     """Writes JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.atomic_write_json(path, obj, fsync=True, indent=1, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,14 +21,9 @@ class EvaluationInputError(ValueError):
     """A prediction or truth input is malformed; the message names the file, key and row."""
 
 
-def as_box_array(value: Any, ncols: int, *, source: str, key: str, what: str) -> np.ndarray:
-    """Validates one volume's box array and returns it as float64 ``[n, ncols]``.
-
-    Accepts an empty list / ``(0,)`` / ``(0, ncols)`` array for "no boxes". Rejects wrong column
-    counts, non-finite values and boxes whose size in the +1 convention is not positive
-    (``x2 - x1 + 1 <= 0``), naming ``source`` (file), ``key`` (sub-volume / image) and the row.
-    ``what`` describes the expected layout for the message, e.g. ``"n x 7 [x1,y1,z1,x2,y2,z2,score]"``.
-    """
+def box_rows(value: Any, ncols: int, *, source: str, key: str, what: str) -> np.ndarray:
+    """The shape / dtype half of :func:`as_box_array`: ``value`` as float64 ``[n, ncols]`` (one row
+    given flat is accepted, an empty value gives ``(0, ncols)``); values are not checked."""
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -38,9 +33,19 @@ def as_box_array(value: Any, ncols: int, *, source: str, key: str, what: str) ->
     if arr.ndim == 1 and arr.shape[0] == ncols:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != ncols:
-        raise EvaluationInputError(
-            f"{source}: key {key!r}: array of shape {arr.shape}, expected {what}"
-        )
+        raise EvaluationInputError(f"{source}: key {key!r}: array of shape {arr.shape}, expected {what}")
+    return arr
+
+
+def as_box_array(value: Any, ncols: int, *, source: str, key: str, what: str) -> np.ndarray:
+    """Validates one volume's box array and returns it as float64 ``[n, ncols]``.
+
+    Accepts an empty list / ``(0,)`` / ``(0, ncols)`` array for "no boxes". Rejects wrong column
+    counts, non-finite values and boxes whose size in the +1 convention is not positive
+    (``x2 - x1 + 1 <= 0``), naming ``source`` (file), ``key`` (sub-volume / image) and the row.
+    ``what`` describes the expected layout for the message, e.g. ``"n x 7 [x1,y1,z1,x2,y2,z2,score]"``.
+    """
+    arr = box_rows(value, ncols, source=source, key=key, what=what)
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -59,11 +64,13 @@ def as_box_array(value: Any, ncols: int, *, source: str, key: str, what: str) ->
     return arr
 
 
-def pair_overlap(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray, metric: str) -> np.ndarray:
+def pair_overlap(a: np.ndarray, b: np.ndarray, ia: np.ndarray | None, ib: np.ndarray | None,
+                 metric: str) -> np.ndarray:
     """Overlap of box pairs ``a[ia[k]]`` vs ``b[ib[k]]`` in the +1 pixel convention.
 
     ``a``: [Na, 2d(+...)] boxes (2D ``[x1,y1,x2,y2]`` or 3D ``[x1,y1,z1,x2,y2,z2]``; extra trailing
-    columns such as scores are ignored), ``b``: [Nb, 2d]; ``ia``, ``ib``: [K] int indices.
+    columns such as scores are ignored), ``b``: [Nb, 2d]; ``ia``, ``ib``: [K] int indices (``None``:
+    all rows in order, i.e. row k of ``a`` against row k of ``b``).
     ``metric``: ``"iou"`` (intersection over union), ``"iobb"`` (intersection over the volume of
     the ``a`` box, the detected box), ``"iogt"`` (over the ``b`` box) or ``"iobbgt"`` (max of the
     last two). Returns float64 [K]. The operation order mirrors the released code so that values are
@@ -75,8 +82,8 @@ def pair_overlap(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray, m
     bc = np.ascontiguousarray(b[:, :2 * d].T)
     inter = size_a = size_b = None
     for k in range(d):
-        a_lo, a_hi = ac[k][ia], ac[k + d][ia]
-        b_lo, b_hi = bc[k][ib], bc[k + d][ib]
+        a_lo, a_hi = (ac[k], ac[k + d]) if ia is None else (ac[k][ia], ac[k + d][ia])
+        b_lo, b_hi = (bc[k], bc[k + d]) if ib is None else (bc[k][ib], bc[k + d][ib])
         w = np.maximum(np.minimum(b_hi, a_hi) - np.maximum(b_lo, a_lo) + 1.0, 0.0)
         wa = a_hi - a_lo + 1.0
         wb = b_hi - b_lo + 1.0
@@ -93,6 +100,15 @@ def pair_overlap(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray, m
     if metric == "iobbgt":
         return np.maximum(inter / size_a, inter / size_b)
     raise ValueError(f"unknown overlap metric {metric!r} (iou, iobb, iogt, iobbgt)")
+
+
+def open_csv(path: str):
+    """``open(path, newline="")`` for reading; a file that cannot be opened raises
+    :class:`EvaluationInputError` naming it."""
+    try:
+        return open(path, newline="")
+    except OSError as e:
+        raise EvaluationInputError(f"{path}: cannot open ({e})") from e
 
 
 def group_pairs(a_group_sizes: np.ndarray, b_group_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from uld_jax.evaluate.boxes import EvaluationInputError, as_box_array, group_pairs, pair_overlap
+from uld_jax.evaluate.boxes import EvaluationInputError, as_box_array, box_rows, group_pairs, pair_overlap
 
 VOLUMETRIC_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 KEYSLICE_FP_RATES: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -218,17 +218,7 @@ def _as_rows(value: Any, ncols: int, source: str, key: str, what: str) -> np.nda
     """Shape / dtype check of one volume's array (values are checked on the concatenation)."""
     if isinstance(value, np.ndarray) and value.dtype == np.float64 and value.ndim == 2 and value.shape[1] == ncols:
         return value
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise EvaluationInputError(f"{source}: key {key!r}: not a numeric array ({e}); expected {what}") from e
-    if arr.size == 0:
-        return np.zeros((0, ncols))
-    if arr.ndim == 1 and arr.shape[0] == ncols:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] != ncols:
-        raise EvaluationInputError(f"{source}: key {key!r}: array of shape {arr.shape}, expected {what}")
-    return arr
+    return box_rows(value, ncols, source=source, key=key, what=what)
 
 
 def _hits_threshold(det, tru, ia, ib, metric, threshold, strict):

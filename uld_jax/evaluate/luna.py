@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from uld_jax.evaluate.boxes import EvaluationInputError, group_pairs
+from uld_jax.evaluate.boxes import EvaluationInputError, group_pairs, open_csv
 
 LUNA_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -70,11 +70,7 @@ def read_points_csv(path: str | os.PathLike, value_column: str) -> PointTable:
     """
     path = os.fspath(path)
     need = ("seriesuid", "coordX", "coordY", "coordZ", value_column)
-    try:
-        f = open(path, newline="")
-    except OSError as e:
-        raise EvaluationInputError(f"{path}: cannot open ({e})") from e
-    with f:
+    with open_csv(path) as f:
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader)]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from uld_jax.core import COARSE_TYPE_ORGAN
-from uld_jax.evaluate.boxes import EvaluationInputError
+from uld_jax.evaluate.boxes import EvaluationInputError, open_csv, pair_overlap
 
 
 def organ_labels_from_dl_info(
@@ -39,11 +39,7 @@ def organ_labels_from_dl_info(
     """Returns ``(labels {name: [label per truth row]}, stats)``; see the module docstring."""
     path = os.fspath(dl_info_csv)
     by_volume: dict[str, list[tuple[int, np.ndarray, int]]] = {}
-    try:
-        f = open(path, newline="")
-    except OSError as e:
-        raise EvaluationInputError(f"{path}: cannot open ({e})") from e
-    with f:
+    with open_csv(path) as f:
         reader = csv.DictReader(f)
         need = {"Nifti_ct_name", "Key_slice_index", "Bounding_boxes", "Coarse_lesion_type"}
         if not need <= set(reader.fieldnames or []):
@@ -75,11 +71,7 @@ def organ_labels_from_dl_info(
             if not len(t):
                 continue
             on = (t[:, 2] <= z) & (z <= t[:, 5])
-            iw = np.maximum(np.minimum(t[:, 3], b[2]) - np.maximum(t[:, 0], b[0]) + 1.0, 0.0)
-            ih = np.maximum(np.minimum(t[:, 4], b[3]) - np.maximum(t[:, 1], b[1]) + 1.0, 0.0)
-            inter = iw * ih
-            iou = inter / ((t[:, 3] - t[:, 0] + 1.0) * (t[:, 4] - t[:, 1] + 1.0)
-                           + (b[2] - b[0] + 1.0) * (b[3] - b[1] + 1.0) - inter)
+            iou = pair_overlap(t[:, [0, 1, 3, 4]], b[None], None, np.zeros(len(t), np.int64), "iou")
             for ti in np.flatnonzero(on & (iou >= min_iou)):
                 cands.append((-iou[ti], ri, int(ti)))
         cands.sort()

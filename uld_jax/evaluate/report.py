@@ -21,13 +21,14 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from uld_jax.evaluate.boxes import EvaluationInputError, as_box_array
+from uld_jax.io.atomic import atomic_write
+from uld_jax.io.json_safe import json_safe
 from uld_jax.evaluate.froc import (
     KEYSLICE_FP_RATES,
     STRATA,
@@ -168,7 +169,7 @@ class EvaluationReport:
         os.makedirs(out_dir, exist_ok=True)
         paths = []
         p = os.path.join(out_dir, "results.json")
-        atomic_write(p, (json.dumps(_jsonable(self.to_json_dict()), indent=2, allow_nan=True) + "\n").encode())
+        atomic_write(p, (json.dumps(json_safe(self.to_json_dict()), indent=2, allow_nan=True) + "\n").encode())
         paths.append(p)
         p = os.path.join(out_dir, "results.md")
         atomic_write(p, self.to_markdown().encode())
@@ -193,37 +194,6 @@ class EvaluationReport:
 
 def _fmt(x: float) -> str:
     return "nan" if x is None or not np.isfinite(x) else f"{x:.4f}"
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
-    if isinstance(o, (np.floating, float)):
-        return float(o) if np.isfinite(o) else None
-    if isinstance(o, np.integer):
-        return int(o)
-    return o
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary file in the same folder + rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _froc_table(title: str, r: FrocResult) -> Table:

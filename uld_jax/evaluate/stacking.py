@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from uld_jax.evaluate.boxes import EvaluationInputError, group_pairs
+from uld_jax.evaluate.boxes import EvaluationInputError, group_pairs, pair_overlap
 
 _CHUNK_PAIRS = 1 << 19  # K x K pairs per prefilter chunk (cache-sized float32 buffers)
 
@@ -127,17 +127,6 @@ def _prefilter(a: np.ndarray, c: np.ndarray, t: float, slack: float, bufs) -> np
     return m
 
 
-def _exact_iou(pa: np.ndarray, pc: np.ndarray) -> np.ndarray:
-    """IoU (+1 convention) of box pairs ``pa`` [P, 4] / ``pc`` [P, 4] with the operation order of
-    :func:`uld_jax.evaluate.boxes.pair_overlap` (bit-identical values)."""
-    iw = np.maximum(np.minimum(pc[:, 2], pa[:, 2]) - np.maximum(pc[:, 0], pa[:, 0]) + 1.0, 0.0)
-    ih = np.maximum(np.minimum(pc[:, 3], pa[:, 3]) - np.maximum(pc[:, 1], pa[:, 1]) + 1.0, 0.0)
-    inter = iw * ih
-    sa = (pa[:, 2] - pa[:, 0] + 1.0) * (pa[:, 3] - pa[:, 1] + 1.0)
-    sc = (pc[:, 2] - pc[:, 0] + 1.0) * (pc[:, 3] - pc[:, 1] + 1.0)
-    return inter / (sa + sc - inter)
-
-
 def _candidate_edges(z, b, v, order, iou_threshold):
     """(prev, cur, iou) of all pairs on consecutive slices of one volume with IoU > threshold.
 
@@ -181,7 +170,7 @@ def _candidate_edges(z, b, v, order, iou_threshold):
         flat = np.flatnonzero(m)  # 1D nonzero + divmod: far faster than 3D np.nonzero
         jj, rest = np.divmod(flat, k * k)
         ka, kc = np.divmod(rest, k)
-        iou = _exact_iou(padded[j[jj], ka], padded[j[jj] + 1, kc])
+        iou = pair_overlap(padded[j[jj], ka], padded[j[jj] + 1, kc], None, None, "iou")
         keep = iou > iou_threshold
         jj, ka, kc = jj[keep], ka[keep], kc[keep]
         out_p.append(det_at[j[jj], ka])
@@ -207,7 +196,7 @@ def _candidate_edges_sparse(b, order, starts, sizes, js, iou_threshold):
         grp = np.repeat(np.arange(len(j)), sizes[j] * sizes[j + 1])
         pa = order[starts[j][grp] + ia - a_first[grp]]
         pc = order[starts[j + 1][grp] + ic - c_first[grp]]
-        iou = _exact_iou(b[pa], b[pc])
+        iou = pair_overlap(b[pa], b[pc], None, None, "iou")
         keep = iou > iou_threshold
         out_p.append(pa[keep])
         out_c.append(pc[keep])

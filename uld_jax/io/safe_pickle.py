@@ -10,10 +10,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from uld_jax.io.atomic import atomic_write
 
 # (module, name) pairs that rebuild numpy arrays and dtypes, under numpy 1.x and 2.x module names.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
@@ -82,15 +83,4 @@ def safe_loads(data: bytes, source: str = "<bytes>") -> Any:
 
 def atomic_dump(obj: Any, path: str | os.PathLike) -> None:
     """Pickles ``obj`` (numpy arrays + plain containers) to ``path`` via a temporary file + rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pkl", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4), makedirs=True)

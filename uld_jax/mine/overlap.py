@@ -30,15 +30,20 @@ def box_area(boxes: np.ndarray) -> np.ndarray:
     return np.where(ok, np.where(ok, h, 0.0) * np.where(ok, w, 0.0), 0.0)
 
 
+def _paired_intersection(a: np.ndarray, b: np.ndarray, area_a: np.ndarray, area_b: np.ndarray) -> np.ndarray:
+    """Intersection areas of row-aligned [N, 4] float64 pairs; 0 where either box has no area."""
+    ih = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
+    iw = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
+    return np.where((ih > 0) & (iw > 0) & (area_a > 0) & (area_b > 0), ih * iw, 0.0)
+
+
 def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of row-aligned box pairs. ``a``, ``b``: [N, 4] -> [N] float64 in [0, 1]."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
     area_a = box_area(a)
     area_b = box_area(b)
-    ih = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
-    iw = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
-    inter = np.where((ih > 0) & (iw > 0) & (area_a > 0) & (area_b > 0), ih * iw, 0.0)
+    inter = _paired_intersection(a, b, area_a, area_b)
     union = area_a + area_b - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
@@ -50,9 +55,7 @@ def paired_iobb(det: np.ndarray, ref: np.ndarray) -> np.ndarray:
     det = np.asarray(det, dtype=np.float64).reshape(-1, 4)
     ref = np.asarray(ref, dtype=np.float64).reshape(-1, 4)
     area_d = box_area(det)
-    ih = np.minimum(det[:, 2], ref[:, 2]) - np.maximum(det[:, 0], ref[:, 0])
-    iw = np.minimum(det[:, 3], ref[:, 3]) - np.maximum(det[:, 1], ref[:, 1])
-    inter = np.where((ih > 0) & (iw > 0) & (area_d > 0) & (box_area(ref) > 0), ih * iw, 0.0)
+    inter = _paired_intersection(det, ref, area_d, box_area(ref))
     return np.where(area_d > 0, inter / np.where(area_d > 0, area_d, 1.0), 0.0)
 
 

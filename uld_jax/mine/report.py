@@ -30,6 +30,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from uld_jax.io.atomic import atomic_write
+from uld_jax.io.json_safe import json_safe
 from uld_jax.mine import quality, run, store, table
 
 DEFAULT_THETAS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
@@ -182,27 +184,12 @@ def format_markdown(rep: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    if isinstance(x, np.generic):
-        return _json_safe(x.item())
-    return x
-
-
 def write_report(rep: Mapping[str, Any], prefix: str) -> tuple[str, str]:
     """Writes ``prefix.md`` and ``prefix.json`` (NaN -> null); returns both paths."""
     md, js = prefix + ".md", prefix + ".json"
     for path, text in ((md, format_markdown(rep)),
-                       (js, json.dumps(_json_safe(rep), indent=1, sort_keys=True))):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+                       (js, json.dumps(json_safe(rep), indent=1, sort_keys=True))):
+        atomic_write(path, text.encode())
     return md, js
 
 

@@ -22,6 +22,7 @@ import zipfile
 
 import numpy as np
 
+from uld_jax.io.atomic import atomic_write_json
 from uld_jax.mine import run, table
 
 _CHUNK_RE = re.compile(r"^chunk_(\d{6})\.npz$")
@@ -51,12 +52,7 @@ class ChunkStore:
                 raise StoreError(f"{path}: this store was written by another run {old}; "
                                  f"refusing to resume with {self.meta} (use a new directory)")
         else:
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write_json(path, self.meta, fsync=True)
 
     def _path(self, chunk_id: int) -> str:
         return os.path.join(self.dir, f"chunk_{int(chunk_id):06d}.npz")

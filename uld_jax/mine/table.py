@@ -26,7 +26,6 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from typing import Any, Mapping
 
@@ -34,6 +33,7 @@ import numpy as np
 
 import uld_jax
 from uld_jax.core import DATASETS, Provenance
+from uld_jax.io.atomic import atomic_write
 
 KIND_MINED: int = int(Provenance.MINED)       # 1: classification-only positive
 KIND_IGNORE: int = int(Provenance.IGNORE)     # 2: excluded from positive and negative sampling
@@ -219,30 +219,7 @@ def _validate(source: str, arrays: dict[str, np.ndarray], meta: Mapping[str, Any
 def atomic_write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
     """Writes ``arrays`` as a compressed .npz atomically (temp file in the same folder, fsync,
     ``os.replace``, fsync of the folder). A writer killed at any point leaves the old file intact."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:                                          # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays), fsync=True, makedirs=True)
 
 
 def write_overlay(path: str | os.PathLike, overlay: Overlay) -> None:

@@ -30,6 +30,16 @@ from uld_jax.ops import boxes as box_ops
 Array = jnp.ndarray
 
 
+def pad_slots(idx: Array, ok: Array, size: int) -> tuple[Array, Array]:
+    """Pads ``(indices [k], valid [k])`` with invalid slots (index 0, False) to the static ``size``
+    (no-op when ``k == size``)."""
+    k = idx.shape[0]
+    if k < size:
+        idx = jnp.pad(idx, (0, size - k))
+        ok = jnp.pad(ok, (0, size - k))
+    return idx, ok
+
+
 def top_k_by_score(
     scores: Array, k: int, valid: Array | None = None
 ) -> tuple[Array, Array]:
@@ -55,10 +65,7 @@ def top_k_by_score(
     _, idx = lax.top_k(key, kk)
     sel_ok = ok[idx]
     idx = jnp.where(sel_ok, idx, 0).astype(jnp.int32)
-    if kk < k:
-        idx = jnp.pad(idx, (0, k - kk))
-        sel_ok = jnp.pad(sel_ok, (0, k - kk))
-    return idx, sel_ok
+    return pad_slots(idx, sel_ok, k)
 
 
 def _sort_candidates(scores: Array, ok: Array) -> Array:
@@ -146,10 +153,7 @@ def nms(
     _, pos = lax.top_k(rank_key, k)
     out_ok = keep[pos]
     out_idx = jnp.where(out_ok, jnp.pad(order, (0, padded - n))[pos], 0).astype(jnp.int32)
-    if k < max_output:
-        out_idx = jnp.pad(out_idx, (0, max_output - k))
-        out_ok = jnp.pad(out_ok, (0, max_output - k))
-    return out_idx, out_ok
+    return pad_slots(out_idx, out_ok, max_output)
 
 
 def batched_nms(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from uld_jax.ops.matching import NEGATIVE, POSITIVE
+from uld_jax.ops.nms import pad_slots
 
 Array = jnp.ndarray
 
@@ -56,10 +57,12 @@ def sample_balanced(
     top, idx = lax.top_k(priority, k)
     ok = top >= 1.0
     idx = jnp.where(ok, idx, 0).astype(jnp.int32)
-    if k < num_samples:
-        idx = jnp.pad(idx, (0, num_samples - k))
-        ok = jnp.pad(ok, (0, num_samples - k))
-    return idx, ok
+    return pad_slots(idx, ok, num_samples)
+
+
+def per_image_keys(key: Array, batch: int) -> Array:
+    """[batch] keys, image b's is ``jax.random.fold_in(key, b)`` (the batch wrappers' convention)."""
+    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
 
 
 def sample_balanced_batch(
@@ -70,5 +73,5 @@ def sample_balanced_batch(
     Each image gets ``jax.random.fold_in(key, b)``.
     """
     labels = jnp.asarray(labels)
-    keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(labels.shape[0]))
+    keys = per_image_keys(key, labels.shape[0])
     return jax.vmap(lambda l, k: sample_balanced(l, k, num_samples, positive_fraction))(labels, keys)

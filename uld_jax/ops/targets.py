@@ -97,6 +97,24 @@ def _regressable(gt_valid: Array, gt_no_box_regression: Array | None) -> Array:
     return gt_valid & ~jnp.asarray(gt_no_box_regression, bool)
 
 
+def _match_and_sample(boxes, box_valid, gt_boxes, gt_valid, key, *, gt_no_box_regression,
+                      ignore_boxes, ignore_valid, positive_iou, negative_iou,
+                      allow_low_quality_matches, num_samples, positive_fraction, ignore_iobb,
+                      ignore_overrides_positive):
+    """The step both target builders share: match ``boxes`` (anchors or ROIs) to the ground truth
+    (``gt_flags`` = regressable GT rows) and draw a balanced sample of the match labels.
+
+    Returns ``(match, idx [num_samples], ok [num_samples])``."""
+    m = matching.match_boxes(
+        boxes, gt_boxes, gt_valid, positive_iou=positive_iou, negative_iou=negative_iou,
+        allow_low_quality_matches=allow_low_quality_matches, box_valid=box_valid,
+        ignore_boxes=ignore_boxes, ignore_valid=ignore_valid, ignore_iobb=ignore_iobb,
+        ignore_overrides_positive=ignore_overrides_positive,
+        gt_flags=_regressable(gt_valid, gt_no_box_regression))
+    idx, ok = sampling.sample_balanced(m.labels, key, num_samples, positive_fraction)
+    return m, idx, ok
+
+
 def rpn_targets(
     anchors: Array,
     gt_boxes: Array,
@@ -138,13 +156,12 @@ def rpn_targets(
     anchors = jnp.asarray(anchors, jnp.float32)
     gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
     gt_valid = jnp.asarray(gt_valid, bool)
-    m = matching.match_boxes(
-        anchors, gt_boxes, gt_valid, positive_iou=positive_iou, negative_iou=negative_iou,
-        allow_low_quality_matches=True, box_valid=anchor_valid, ignore_boxes=ignore_boxes,
-        ignore_valid=ignore_valid, ignore_iobb=ignore_iobb,
-        ignore_overrides_positive=ignore_overrides_positive,
-        gt_flags=_regressable(gt_valid, gt_no_box_regression))
-    idx, ok = sampling.sample_balanced(m.labels, key, num_samples, positive_fraction)
+    m, idx, ok = _match_and_sample(
+        anchors, anchor_valid, gt_boxes, gt_valid, key, gt_no_box_regression=gt_no_box_regression,
+        ignore_boxes=ignore_boxes, ignore_valid=ignore_valid, positive_iou=positive_iou,
+        negative_iou=negative_iou, allow_low_quality_matches=True, num_samples=num_samples,
+        positive_fraction=positive_fraction, ignore_iobb=ignore_iobb,
+        ignore_overrides_positive=ignore_overrides_positive)
     n = anchors.shape[0]
     sampled = jnp.zeros((n,), jnp.int32).at[idx].max(ok.astype(jnp.int32)) > 0
     pos = m.labels == matching.POSITIVE
@@ -211,13 +228,12 @@ def roi_targets(
     rvalid = jnp.asarray(proposal_valid, bool)
     if append_gt:
         rois, rvalid = proposal_ops.append_gt_boxes(rois, rvalid, gt_boxes, gt_valid)
-    m = matching.match_boxes(
-        rois, gt_boxes, gt_valid, positive_iou=positive_iou, negative_iou=negative_iou,
-        allow_low_quality_matches=False, box_valid=rvalid, ignore_boxes=ignore_boxes,
-        ignore_valid=ignore_valid, ignore_iobb=ignore_iobb,
-        ignore_overrides_positive=ignore_overrides_positive,
-        gt_flags=_regressable(gt_valid, gt_no_box_regression))
-    idx, ok = sampling.sample_balanced(m.labels, key, num_samples, positive_fraction)
+    m, idx, ok = _match_and_sample(
+        rois, rvalid, gt_boxes, gt_valid, key, gt_no_box_regression=gt_no_box_regression,
+        ignore_boxes=ignore_boxes, ignore_valid=ignore_valid, positive_iou=positive_iou,
+        negative_iou=negative_iou, allow_low_quality_matches=False, num_samples=num_samples,
+        positive_fraction=positive_fraction, ignore_iobb=ignore_iobb,
+        ignore_overrides_positive=ignore_overrides_positive)
     s_rois = jnp.where(ok[:, None], rois[idx], 0.0)
     s_gt = jnp.where(ok, m.matched_gt[idx], 0)
     pos = ok & (m.labels[idx] == matching.POSITIVE)
@@ -251,8 +267,17 @@ def roi_targets(
     ))
 
 
-def _per_image_keys(key: Array, batch: int) -> Array:
-    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+def _vmap_images(fn, positional: dict, optional: dict):
+    """``jax.vmap`` of ``fn`` over the leading (image) axis: ``positional`` values are passed in
+    order as positional arguments, the ``optional`` ones that are not None as keywords."""
+    names = list(positional)
+    per = {**positional, **{k: v for k, v in optional.items() if v is not None}}
+
+    def one(d):
+        d = dict(d)
+        return fn(*[d.pop(k) for k in names], **d)
+
+    return jax.vmap(one)(per)
 
 
 def batch_rpn_targets(
@@ -270,16 +295,12 @@ def batch_rpn_targets(
     """:func:`rpn_targets` over a batch: anchors [N, 4] shared, per-image arrays with a leading B,
     ``anchor_valid`` [B, N]; image b uses ``jax.random.fold_in(key, b)``. Fields are [B, N, ...]."""
     gt_boxes = jnp.asarray(gt_boxes)
-    per = {"gt_boxes": gt_boxes, "gt_valid": gt_valid, "key": _per_image_keys(key, gt_boxes.shape[0])}
-    opt = {"gt_no_box_regression": gt_no_box_regression, "ignore_boxes": ignore_boxes,
-           "ignore_valid": ignore_valid, "anchor_valid": anchor_valid}
-    per.update({k: v for k, v in opt.items() if v is not None})
-
-    def one(d):
-        d = dict(d)
-        return rpn_targets(anchors, d.pop("gt_boxes"), d.pop("gt_valid"), d.pop("key"), **d, **kwargs)
-
-    return jax.vmap(one)(per)
+    return _vmap_images(
+        lambda *a, **kw: rpn_targets(anchors, *a, **kw, **kwargs),
+        {"gt_boxes": gt_boxes, "gt_valid": gt_valid,
+         "key": sampling.per_image_keys(key, gt_boxes.shape[0])},
+        {"gt_no_box_regression": gt_no_box_regression, "ignore_boxes": ignore_boxes,
+         "ignore_valid": ignore_valid, "anchor_valid": anchor_valid})
 
 
 def batch_roi_targets(
@@ -299,16 +320,10 @@ def batch_roi_targets(
     """:func:`roi_targets` over a batch (every array argument with a leading B); image b uses
     ``jax.random.fold_in(key, b)``. Fields are [B, S, ...]."""
     proposals = jnp.asarray(proposals)
-    per = {"proposals": proposals, "proposal_valid": proposal_valid, "gt_boxes": gt_boxes,
-           "gt_valid": gt_valid, "key": _per_image_keys(key, proposals.shape[0])}
-    opt = {"gt_masks": gt_masks, "gt_mask_valid": gt_mask_valid,
-           "gt_no_box_regression": gt_no_box_regression, "ignore_boxes": ignore_boxes,
-           "ignore_valid": ignore_valid}
-    per.update({k: v for k, v in opt.items() if v is not None})
-
-    def one(d):
-        d = dict(d)
-        return roi_targets(d.pop("proposals"), d.pop("proposal_valid"), d.pop("gt_boxes"),
-                           d.pop("gt_valid"), d.pop("key"), **d, **kwargs)
-
-    return jax.vmap(one)(per)
+    return _vmap_images(
+        lambda *a, **kw: roi_targets(*a, **kw, **kwargs),
+        {"proposals": proposals, "proposal_valid": proposal_valid, "gt_boxes": gt_boxes,
+         "gt_valid": gt_valid, "key": sampling.per_image_keys(key, proposals.shape[0])},
+        {"gt_masks": gt_masks, "gt_mask_valid": gt_mask_valid,
+         "gt_no_box_regression": gt_no_box_regression, "ignore_boxes": ignore_boxes,
+         "ignore_valid": ignore_valid})

@@ -217,3 +217,21 @@ def test_meld_tiny_training_logs_detection_metrics_per_dataset(tmp_path):
             v = tb[f"val/{ds}/{name}"][2]
             assert np.isfinite(v) and 0.0 <= v <= 1.0
             assert out["eval"][f"{ds}/{name}"] == pytest.approx(v, rel=1e-6)
+
+
+def test_replicated_and_host_variables_reach_the_predictor_alike():
+    """The state of an 8-device mesh and a restored (host) copy are passed on the same device and
+    sharding, so the compiled predict function is reused, not compiled again."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = train.make_mesh(-1)
+    assert mesh.size == 8                                     # conftest's forced host devices
+    host = np.arange(12, dtype=np.float32).reshape(3, 4)
+    repl = jax.device_put(host, NamedSharding(mesh, P()))
+    a, b = periodic._local_replica(repl), periodic._local_replica(host)
+    assert a.sharding == b.sharding and a.committed and b.committed
+    assert a.sharding.device_set == {jax.local_devices()[0]}
+    np.testing.assert_array_equal(np.asarray(a), host)
+    f = jax.jit(lambda x: x * 2)
+    f(a), f(b)
+    assert f._cache_size() == 1

@@ -15,6 +15,11 @@ loader's unaugmented placement), and calls the offline evaluation:
   centres in world mm from the source ``.mhd`` header, LUNA16 FROC / CPM over the split's scans.
 
 Each dataset is evaluated by its own expert when the model has it (``--expert`` overrides).
+
+The pieces (also used during training by ``uld_jax.evaluate.periodic`` on in-memory variables):
+``load_split`` (the split's table and slice store, once), ``keyslice_split`` (the rows the key-slice
+protocol evaluates, optionally capped), ``predict_split`` (one ``inference.Predictor`` over a loaded
+split) and ``keyslice_report``.
 """
 
 from __future__ import annotations

@@ -68,6 +68,8 @@ class DetectionEvaluator:
         de = config.detection_eval
         # The model and input configs exactly as the CLI rebuilds them from a checkpoint's config.
         mcfg, dcfg = inference.configs_from_saved(json.loads(config.to_json_best_effort()))
+        if int(mcfg.image_size) != int(dcfg.image_size[0]):    # as inference.load_model does
+            mcfg.image_size = int(dcfg.image_size[0])
         self.loaded = inference.LoadedModel(
             model=MELD(mcfg), variables=None, model_config=mcfg, data_config=dcfg, step=-1,
             source="the training run's variables")
@@ -99,7 +101,7 @@ class DetectionEvaluator:
                     logging.warning("detection metrics: %s/%s has no samples", ds, self.split)
                     continue
                 self._splits.append(si)
-                logging.info("detection metrics: %s/%s, %d key slices", ds, self.split,
+                logging.info("detection metrics: %s/%s, %d images (key slices)", ds, self.split,
                              len(si.table))
         return self._splits
 
@@ -141,7 +143,7 @@ class DetectionEvaluator:
         for rep in self.reports(step, variables):
             ds = rep.info["dataset"]
             out.update(scalars(rep, ds))
-            logging.info("step %d detection metrics %s: %d key slices, %d lesions, froc_mean %.4f",
+            logging.info("step %d detection metrics %s: %d images, %d lesions, froc_mean %.4f",
                          step, ds, rep.info["counts"]["images"], rep.info["counts"]["truths"],
                          out.get(f"{ds}/froc_mean", float("nan")))
         logging.info("step %d detection metrics took %.1f s", step, self.last_seconds)

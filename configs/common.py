@@ -93,6 +93,12 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
     # --- loop, logging, checkpoints, scale-out ---------------------------------------------------
     c.log_every_steps = 10 if tiny else 100
     c.eval_every_steps = -1                    # -1: every epoch
+    # Detection metrics at each evaluation (MELD on data.val_split; uld_jax/evaluate/periodic.py):
+    # key-slice FROC per dataset by its own expert, val/<dataset>/sens@{0.5,1,2,4}fp, froc_mean.
+    c.detection_eval = ml_collections.ConfigDict()
+    c.detection_eval.enabled = True
+    c.detection_eval.max_samples = 16 if tiny else 500   # key slices per dataset (-1: all)
+    c.detection_eval.batch_size = 4            # images per compiled batch (the CLI's --batch-size)
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = -1              # -1: every epoch (epoch ends are always saved)
     c.checkpoint.keep = 3

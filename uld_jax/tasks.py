@@ -168,7 +168,19 @@ def meld_task(config: ml_collections.ConfigDict) -> Task:
         loss, logs = losses.meld_loss(out, batch, mcfg)
         return dict(meld_metrics(out, logs, names, heads), loss=loss)
 
-    return Task(init=init, loss_fn=loss_fn, eval_fn=eval_fn)
+    return Task(init=init, loss_fn=loss_fn, eval_fn=eval_fn, extra_eval=meld_detection_eval(config))
+
+
+def meld_detection_eval(config: ml_collections.ConfigDict):
+    """The ``Task.extra_eval`` of MELD: key-slice FROC on ``data.val_split``
+    (``uld_jax.evaluate.periodic.DetectionEvaluator``), or None when ``detection_eval.enabled`` is
+    off or the data is not the built pipeline with a validation split."""
+    de = config.get("detection_eval")
+    if (de is None or not de.enabled or config.data.get("name", "pipeline") != "pipeline"
+            or not config.data.get("val_split") or not config.data.data_dir):
+        return None
+    periodic = _import("uld_jax.evaluate.periodic", ("DetectionEvaluator",), "detection_eval")
+    return periodic.DetectionEvaluator(config)
 
 
 def pipeline_data(config: ml_collections.ConfigDict) -> Data:

@@ -15,6 +15,11 @@ loader's unaugmented placement), and calls the offline evaluation:
   centres in world mm from the source ``.mhd`` header, LUNA16 FROC / CPM over the split's scans.
 
 Each dataset is evaluated by its own expert when the model has it (``--expert`` overrides).
+
+The pieces (also used during training by ``uld_jax.evaluate.periodic`` on in-memory variables):
+``load_split`` (the split's table and slice store, once), ``keyslice_split`` (the rows the key-slice
+protocol evaluates, optionally capped), ``predict_split`` (one ``inference.Predictor`` over a loaded
+split) and ``keyslice_report``.
 """
 
 from __future__ import annotations
@@ -42,10 +47,14 @@ class SplitDetections:
     scores: list
 
 
-def _eval_input_config(loaded, data_dir: str, dataset: str, split: str, batch_size: int):
+def _eval_input_config(data_config, data_dir: str, dataset: str, split: str, batch_size: int):
+    """The run's input-pipeline config (``data_config``, or a ``LoadedModel``) in evaluation mode
+    for ``dataset``/``split``: no mixing, shuffling or augmentation, one epoch, no worker processes,
+    no overlays, global batch ``batch_size``."""
     import ml_collections
 
-    c = ml_collections.ConfigDict(loaded.data_config.to_dict())
+    data_config = getattr(data_config, "data_config", data_config)
+    c = ml_collections.ConfigDict(data_config.to_dict())
     c.data_dir = os.fspath(data_dir)
     c.datasets = (dataset,)
     c.split = split
@@ -57,18 +66,27 @@ def _eval_input_config(loaded, data_dir: str, dataset: str, split: str, batch_si
     return c
 
 
-def infer_split(loaded, data_dir: str, dataset: str, split: str, *, expert: str | None = None,
-                batch_size: int = 4, score_threshold: float = 0.0, every_slice: bool = False,
-                progress: bool = True) -> SplitDetections:
-    """Detections on every sample of ``dataset``/``split`` (with ``every_slice``: on every stored
-    slice of its cases, through ``uld_jax.overlay.add_slices``)."""
-    from tqdm import tqdm
+@dataclasses.dataclass
+class SplitInput:
+    """One dataset's split loaded for inference: ``config`` (the input pipeline in evaluation mode,
+    :func:`_eval_input_config`), ``table`` (the sample table, possibly a subset of its rows, see
+    :func:`keyslice_split`) and ``store`` (its slice store). Load once, predict many times."""
 
+    dataset: str
+    split: str
+    config: Any
+    table: Any
+    store: Any
+
+
+def load_split(data_config, data_dir: str, dataset: str, split: str, batch_size: int, *,
+               every_slice: bool = False) -> SplitInput:
+    """The sample table and slice store of ``dataset``/``split`` (with ``every_slice``: plus every
+    stored slice of its cases, through ``uld_jax.overlay.add_slices``). ``data_config``: the run's
+    input-pipeline config (``LoadedModel.data_config``)."""
     from uld_jax import input_pipeline as ip
-    from uld_jax import inference
-    from uld_jax.core import Keys
 
-    cfg = _eval_input_config(loaded, data_dir, dataset, split, batch_size)
+    cfg = _eval_input_config(data_config, data_dir, dataset, split, batch_size)
     try:
         tables, stores = ip.load_tables(cfg)
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -81,15 +99,74 @@ def infer_split(loaded, data_dir: str, dataset: str, split: str, *, expert: str 
         table = add_slices(table, every_mm=mm)
     if len(table) == 0:
         raise EvaluationInputError(f"{data_dir}: {dataset} has no samples in split {split!r}")
-    if expert is None:
-        expert = dataset if dataset in loaded.expert_names else loaded.expert_names[0]
-    pred = inference.cached_predictor(loaded, int(batch_size), expert, False)
+    return SplitInput(dataset, split, cfg, table, stores[0])
+
+
+def keyslice_rows(table) -> np.ndarray:
+    """Rows the key-slice protocol evaluates: the key slices (every sample when there are none)."""
+    return np.flatnonzero(table.is_key_slice) if table.is_key_slice.any() else np.arange(len(table))
+
+
+def take_samples(table, rows: np.ndarray):
+    """The sample table restricted to ``rows`` (in that order; cases and lesions kept as they are).
+    Row ``i`` of the result is row ``rows[i]`` of ``table``."""
+    rows = np.asarray(rows, np.int64)
+    ptr = table.lesion_ptr
+    counts = ptr[rows + 1] - ptr[rows]
+    lesion_idx = (np.concatenate([np.arange(ptr[r], ptr[r + 1]) for r in rows]) if len(rows)
+                  else np.zeros(0, np.int64)).astype(np.int64)
+    fixed = {"dataset", "split", "all_case_ids", "lesion_ptr", "lesions", "masks"}
+    per_sample = {}
+    for f in dataclasses.fields(table):
+        if f.name in fixed or (f.name.startswith("case_") and f.name != "case_row"):
+            continue                                     # per-case columns (case_row is per sample)
+        col = getattr(table, f.name)
+        if len(col) != len(table):
+            raise ValueError(f"SampleTable.{f.name}: expected one value per sample")
+        per_sample[f.name] = col[rows]
+    return dataclasses.replace(
+        table, **per_sample, lesion_ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        lesions={k: v[lesion_idx] for k, v in table.lesions.items()}, masks=table.masks[lesion_idx])
+
+
+def keyslice_split(si: SplitInput, max_samples: int = -1) -> SplitInput:
+    """``si`` restricted to the rows the key-slice protocol evaluates (:func:`keyslice_rows`), at
+    most ``max_samples`` of them (evenly spaced over the table; < 0: all). Inference on the result
+    gives the key-slice report of the whole split without running the model on other samples."""
+    rows = keyslice_rows(si.table)
+    if 0 <= max_samples < len(rows):
+        rows = rows[np.unique(np.round(np.linspace(0, len(rows) - 1, max_samples)).astype(np.int64))]
+    return dataclasses.replace(si, table=take_samples(si.table, rows))
+
+
+def expert_for(loaded, dataset: str, expert: str | None = None) -> str:
+    """The expert that evaluates ``dataset``: ``expert`` if given, else the dataset's own expert
+    when the model has one, else the first (universal) expert."""
+    if expert is not None:
+        return expert
+    return dataset if dataset in loaded.expert_names else loaded.expert_names[0]
+
+
+def predict_split(pred, si: SplitInput, *, score_threshold: float = 0.0,
+                  progress: bool = True) -> SplitDetections:
+    """Runs ``pred`` (a :class:`uld_jax.inference.Predictor` compiled for
+    ``si.config.global_batch_size``) on every sample of ``si.table`` with the input pipeline in
+    evaluation mode, and maps the detections to the stored slices' pixels."""
+    from tqdm import tqdm
+
+    from uld_jax import input_pipeline as ip
+    from uld_jax.core import Keys
+
+    cfg, table = si.config, si.table
+    if pred.batch_size != int(cfg.global_batch_size):
+        raise ValueError(f"predictor compiled for batch {pred.batch_size}, split loaded for "
+                         f"{cfg.global_batch_size}")
     boxes: list = [np.zeros((0, 4), np.float32)] * len(table)
     scores: list = [np.zeros(0, np.float32)] * len(table)
-    ds = ip.make_dataset(cfg, tables=[table], stores=stores, process_index=0, process_count=1,
+    ds = ip.make_dataset(cfg, tables=[table], stores=[si.store], process_index=0, process_count=1,
                          pad_final_batch=True)
-    bar = tqdm(total=len(table), desc=f"evaluate {dataset}/{split}", unit="slice", file=sys.stderr,
-               disable=not progress)
+    bar = tqdm(total=len(table), desc=f"evaluate {si.dataset}/{si.split}", unit="slice",
+               file=sys.stderr, disable=not progress)
     for batch in ds:
         sid = np.asarray(batch[Keys.SAMPLE_ID])
         out = pred(np.asarray(batch[Keys.IMAGE]), np.asarray(batch[Keys.IMAGE_VALID]), sid >= 0)
@@ -103,7 +180,20 @@ def infer_split(loaded, data_dir: str, dataset: str, split: str, *, expert: str 
             scores[row] = out["scores"][b][keep].astype(np.float32)
         bar.update(int((sid >= 0).sum()))
     bar.close()
-    return SplitDetections(dataset, pred.expert_name, table, boxes, scores)
+    return SplitDetections(si.dataset, pred.expert_name, table, boxes, scores)
+
+
+def infer_split(loaded, data_dir: str, dataset: str, split: str, *, expert: str | None = None,
+                batch_size: int = 4, score_threshold: float = 0.0, every_slice: bool = False,
+                progress: bool = True) -> SplitDetections:
+    """Detections on every sample of ``dataset``/``split`` (with ``every_slice``: on every stored
+    slice of its cases, through ``uld_jax.overlay.add_slices``)."""
+    from uld_jax import inference
+
+    si = load_split(loaded.data_config, data_dir, dataset, split, batch_size, every_slice=every_slice)
+    pred = inference.cached_predictor(loaded, int(batch_size), expert_for(loaded, dataset, expert),
+                                      False)
+    return predict_split(pred, si, score_threshold=score_threshold, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,9 +203,8 @@ def keyslice_dicts(sd: SplitDetections) -> tuple[dict, dict]:
     """(truth {image: n x 4}, pred {image: n x 5}) in inclusive ``[x1, y1, x2, y2]`` pixels of the
     stored slices; images ``<case_id>:<slice>`` = key slices (every sample without key slices)."""
     t = sd.table
-    rows = np.flatnonzero(t.is_key_slice) if t.is_key_slice.any() else np.arange(len(t))
     truth, pred = {}, {}
-    for r in rows:
+    for r in keyslice_rows(t):
         name = f"{t.case_id[t.case_row[r]]}:{int(t.slice_index[r])}"
         les = t.sample_lesions(int(r))
         orig = les["provenance"] == int(core.Provenance.ORIGINAL)
@@ -123,6 +212,20 @@ def keyslice_dicts(sd: SplitDetections) -> tuple[dict, dict]:
         pred[name] = np.column_stack([core.internal_to_inclusive_xyxy(sd.boxes[r]).reshape(-1, 4),
                                       sd.scores[r].astype(np.float64)])
     return truth, pred
+
+
+def keyslice_report(sd: SplitDetections, model_source: str, truth_source: str,
+                    fp_rates: Sequence[float] | None = None):
+    """MULAN key-slice FROC report of one dataset's detections (``info['dataset']`` set)."""
+    from uld_jax.evaluate import report
+
+    tr, pr = keyslice_dicts(sd)
+    extra = {"fp_rates": tuple(fp_rates)} if fp_rates else {}
+    rep = report.evaluate_keyslice(tr, pr, missing_as_empty=True,
+                                   pred_source=f"{model_source} ({sd.expert} expert)",
+                                   truth_source=truth_source, **extra)
+    rep.info["dataset"] = sd.dataset
+    return rep
 
 
 def _case_records(data_dir: str, dataset: str) -> dict[str, dict]:
@@ -279,14 +382,12 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
     reports = []
     if protocol == "keyslice":
         for ds in datasets:
-            sd = infer_split(loaded, data_dir, ds, split, **kw)
-            tr, pr = keyslice_dicts(sd)
-            extra = {"fp_rates": tuple(fp_rates)} if fp_rates else {}
-            rep = report.evaluate_keyslice(tr, pr, missing_as_empty=True,
-                                           pred_source=f"{loaded.source} ({sd.expert} expert)",
-                                           truth_source=f"{data_dir}/{ds} {split} sample table", **extra)
-            rep.info["dataset"] = ds
-            reports.append(rep)
+            # only the evaluated rows (key slices) go through the model
+            si = keyslice_split(load_split(loaded.data_config, data_dir, ds, split, batch_size))
+            pred = inference.cached_predictor(loaded, int(batch_size), expert_for(loaded, ds, expert), False)
+            sd = predict_split(pred, si, progress=progress)
+            reports.append(keyslice_report(sd, loaded.source, f"{data_dir}/{ds} {split} sample table",
+                                           fp_rates))
         return reports
     if truth is None:
         raise EvaluationInputError(f"--protocol {protocol} needs --truth")

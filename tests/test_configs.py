@@ -117,3 +117,19 @@ def test_cli_config_that_cannot_run_is_a_one_line_error(tmp_path):
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "batch_size=6" in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_empty_epoch_is_a_config_error(tmp_path):
+    """Fewer samples than one global batch: a clear ConfigError, not a ZeroDivisionError."""
+    from configs import meld
+    from uld_jax import train
+
+    class _NoSteps:
+        steps_per_epoch = 0
+
+    config = meld.get_config("tiny")
+    with config.unlocked():
+        config.data.data_dir = str(tmp_path)
+        config.steps_per_epoch = 0
+    with pytest.raises(train.ConfigError, match="0 steps per epoch"):
+        train.train_and_evaluate(config, str(tmp_path / "wd"), task=object(), data=_NoSteps())

@@ -58,9 +58,9 @@ def test_write_overlay_validates_rows(data, tmp_path):
         (dict(_rows()[0], case_id="deeplesion_case0099"), "row 1 .*unknown case id 'deeplesion_case0099'"),
         (dict(_rows()[0], slice_index=8), "row 1 .*slice index 8 outside 0..7"),
         (dict(_rows()[0], box=[20, 25, 50, 33]), "outside the 40x40 slice"),
-        (dict(_rows()[0], box=[20, 25, 10, 33]), "y1 < y2"),
-        (dict(_rows()[0], kind=4), "kind 4"),
-        (dict(_rows()[0], dataset="mnist"), "unknown dataset 'mnist'"),
+        (dict(_rows()[0], box=[20, 25, 10, 33]), "field 'box': row 1: .* y2 > y1"),
+        (dict(_rows()[0], kind=4), "field 'kind': row 1: 4 is not"),
+        (dict(_rows()[0], dataset="mnist"), "field 'dataset': row 1: 'mnist' is not one of"),
     ]
     for row, msg in bad:
         with pytest.raises(ov.OverlayError, match=msg):

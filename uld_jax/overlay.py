@@ -1,7 +1,8 @@
 """Annotation overlays: mined rows added to a sample table without rebuilding the slice store.
 
 File format: docs/formats.md, "Annotation overlay" (``.npz``; columns ``dataset``, ``case_id``,
-``slice_index``, ``kind``, ``box``, ``score``, ``expert``, ``lesion_id``, ``meta``). Kinds:
+``slice_index``, ``kind``, ``box``, ``score``, ``expert``, ``lesion_id``, ``meta``), written, read
+and validated by :mod:`uld_jax.mine.table` (the one implementation, shared with mining). Kinds:
 
 * 1 (:data:`KIND_MINED`): a MAM positive, stored as a box with ``Provenance.MINED``;
 * 2 (:data:`KIND_IGNORE`): an NRM ignore region, ``Provenance.IGNORE`` (-> ``ignore_boxes``);
@@ -28,21 +29,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from uld_jax import slice_data as sd
-from uld_jax.core import DATASET_ID, DATASETS, Provenance
+from uld_jax.core import DATASETS, Provenance
+from uld_jax.mine import table as fmt
+from uld_jax.mine.table import KIND_IGNORE, KIND_MINED, OverlayError  # noqa: F401 (re-exported)
 
-KIND_MINED = 1
-KIND_IGNORE = 2
-KIND_ADDED = 3
+KIND_ADDED = fmt.KIND_UNLABELED
 _KIND_PROVENANCE = {KIND_MINED: int(Provenance.MINED), KIND_IGNORE: int(Provenance.IGNORE)}
-COLUMNS = ("dataset", "case_id", "slice_index", "kind", "box", "score", "expert", "lesion_id")
-
-
-class OverlayError(ValueError):
-    """An overlay file or row that cannot be used; the message names the file/row and the problem."""
+COLUMNS = tuple(fmt.FIELDS)
+_outside = fmt.box_outside
 
 
 def _columns(rows: Any) -> dict[str, np.ndarray]:
-    """Rows as a dict of columns (accepts a dict of columns or a list of row dicts)."""
+    """Rows as a dict of columns (accepts a dict of columns or a list of row dicts); ``score``,
+    ``expert``, ``lesion_id`` and ``box`` (of kind-3 rows) may be left out."""
     if isinstance(rows, Mapping):
         cols = dict(rows)
     else:
@@ -57,57 +56,17 @@ def _columns(rows: Any) -> dict[str, np.ndarray]:
         cols.setdefault(k, v)
     missing = [k for k in COLUMNS if k not in cols]
     if missing:
-        raise OverlayError(f"overlay rows: missing columns {missing}")
-    return {
-        "dataset": np.asarray(cols["dataset"], dtype=str).reshape(-1),
-        "case_id": np.asarray(cols["case_id"], dtype=str).reshape(-1),
-        "slice_index": np.asarray(cols["slice_index"], dtype=np.int32).reshape(-1),
-        "kind": np.asarray(cols["kind"], dtype=np.int8).reshape(-1),
-        "box": np.asarray(cols["box"], dtype=np.float32).reshape(-1, 4),
-        "score": np.asarray(cols["score"], dtype=np.float32).reshape(-1),
-        "expert": np.asarray(cols["expert"], dtype=np.int8).reshape(-1),
-        "lesion_id": np.asarray(cols["lesion_id"], dtype=np.int64).reshape(-1),
-    }
-
-
-def validate_rows(cols: Mapping[str, np.ndarray], where: str,
-                  cases: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """Structural checks, and with ``cases`` ({dataset: {case_id: (num_slices, height, width)}})
-    that every case id, slice index and box exists. Raises :class:`OverlayError` naming the row."""
-    n = len(cols["case_id"])
+        raise OverlayError("overlay rows", None, f"missing columns {missing}")
+    out = {}
     for k in COLUMNS:
-        if len(cols[k]) != n:
-            raise OverlayError(f"{where}: column {k!r} has {len(cols[k])} rows, expected {n}")
-    for i in range(n):
-        ds, cid = str(cols["dataset"][i]), str(cols["case_id"][i])
-        z, kind = int(cols["slice_index"][i]), int(cols["kind"][i])
-        w = f"{where} row {i} ({ds}/{cid} slice {z})"
-        if ds not in DATASET_ID:
-            raise OverlayError(f"{w}: unknown dataset {ds!r}; expected one of {DATASETS}")
-        if kind not in (KIND_MINED, KIND_IGNORE, KIND_ADDED):
-            raise OverlayError(f"{w}: kind {kind} is not 1 (mined), 2 (ignore) or 3 (added slice)")
-        if not -1 <= int(cols["expert"][i]) < len(DATASETS):
-            raise OverlayError(f"{w}: expert {int(cols['expert'][i])} is not a dataset id or -1")
-        box = cols["box"][i]
-        if kind != KIND_ADDED and (not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]):
-            raise OverlayError(
-                f"{w}: box {box.tolist()} is not a finite [y1, x1, y2, x2] with y1 < y2, x1 < x2")
-        if not np.isfinite(cols["score"][i]):
-            raise OverlayError(f"{w}: score is not finite")
-        if cases is not None:
-            known = cases.get(ds, {})
-            if cid not in known:
-                raise OverlayError(f"{w}: unknown case id {cid!r} in dataset {ds!r}")
-            zn, h, wd = known[cid]
-            if not 0 <= z < zn:
-                raise OverlayError(f"{w}: slice index {z} outside 0..{zn - 1} of case {cid!r}")
-            if kind != KIND_ADDED and _outside(box, h, wd):
-                raise OverlayError(f"{w}: box {box.tolist()} outside the {h}x{wd} slice")
-
-
-def _outside(box: np.ndarray, h: int, w: int, tol: float = 1e-3) -> bool:
-    """Whether internal box [y1, x1, y2, x2] leaves the h x w slice."""
-    return bool(box[0] < -tol or box[1] < -tol or box[2] > h + tol or box[3] > w + tol)
+        dtype, tail = fmt.FIELDS[k]
+        v = np.asarray(cols[k])
+        if dtype.kind == "U":
+            v = v.astype(str)
+        elif v.size == 0:
+            v = v.astype(dtype)
+        out[k] = v.reshape((-1,) + tail)
+    return out
 
 
 def _case_extents(data_dir: str, datasets: Sequence[str]) -> dict[str, dict[str, tuple[int, int, int]]]:
@@ -119,54 +78,46 @@ def _case_extents(data_dir: str, datasets: Sequence[str]) -> dict[str, dict[str,
 
 
 def write_overlay(path: str, rows: Any, meta: Mapping[str, Any], *, data_dir: str | None = None) -> str:
-    """Validates ``rows`` and writes them as an overlay ``.npz`` atomically (temporary name + rename).
+    """Validates ``rows`` (format and against the build) and writes them as an overlay ``.npz``
+    atomically, through :func:`uld_jax.mine.table.write_overlay` (the one writer of the format).
 
     Args:
       path: the ``.npz`` to write.
       rows: a dict of columns (``dataset``, ``case_id``, ``slice_index``, ``kind``, ``box`` [N, 4];
         optional ``score``, ``expert``, ``lesion_id``) or a list of row dicts with those keys.
-      meta: provenance (checkpoint step, config hash, theta, sigma, ...); ``created`` and
-        ``tool`` are added. Must be JSON-serialisable.
+      meta: provenance (checkpoint step, config hash, theta, sigma, ...); missing provenance keys get
+        "not from mining" values (``checkpoint_step`` -1, ``config_hash`` "", ``theta`` / ``sigma``
+        null); ``created`` and ``tool_version`` are added. Must be JSON-serialisable.
       data_dir: the build's DATA_DIR (default ``meta['data_dir']``): every case id, slice index and
         box is checked against its case tables.
     Returns: ``path``.
     """
     data_dir = data_dir or meta.get("data_dir")
     if not data_dir:
-        raise OverlayError(f"{path}: write_overlay needs data_dir (or meta['data_dir']) to validate rows")
+        raise OverlayError(path, None, "write_overlay needs data_dir (or meta['data_dir']) to "
+                           "validate rows")
+    meta = dict(meta)
+    prov = {k: meta.pop(k, d) for k, d in (("checkpoint_step", -1), ("config_hash", ""),
+                                           ("theta", None), ("sigma", None))}
+    meta.pop("created", None)
+    meta.pop("tool_version", None)
+    try:
+        full_meta = fmt.make_meta(**prov, **meta)
+    except (TypeError, ValueError) as e:
+        raise OverlayError(path, "meta", f"not usable provenance: {e}") from e
     cols = _columns(rows)
-    validate_rows(cols, path, None)
-    validate_rows(cols, path, _case_extents(data_dir, sorted(set(cols["dataset"].tolist()))))
-    meta = dict(meta, created=meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                tool=meta.get("tool") or "uld_jax.overlay")
-    meta_json = json.dumps(meta, sort_keys=True)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, meta=np.array(meta_json), **cols)
-    os.replace(tmp, path)
+    ov = fmt.build_overlay(**cols, meta=full_meta, source=path)        # format checks, rows in canonical order
+    fmt.check_against_cases(path, cols,    # errors name the caller's rows
+                            _case_extents(data_dir, sorted(set(ov.arrays["dataset"].tolist()))))
+    fmt.write_overlay(path, ov)
     return path
 
 
 def read_overlay(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """-> (columns, meta). Structural validation only (case ids are checked when applied)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            cols = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise OverlayError(f"{path}: not a readable overlay .npz ({e})") from e
-    if "meta" not in cols:
-        raise OverlayError(f"{path}: missing 'meta'")
-    try:
-        meta = json.loads(str(cols.pop("meta")))
-    except json.JSONDecodeError as e:
-        raise OverlayError(f"{path}: 'meta' is not JSON ({e})") from e
-    missing = [k for k in COLUMNS if k not in cols]
-    if missing:
-        raise OverlayError(f"{path}: missing columns {missing}")
-    cols = _columns(cols)
-    validate_rows(cols, path, None)
-    return cols, meta
+    """-> (columns, meta), validated by :func:`uld_jax.mine.table.read_overlay` (case ids are
+    checked when applied)."""
+    ov = fmt.read_overlay(path)
+    return ov.arrays, ov.meta
 
 
 def apply_overlays(table: sd.SampleTable, paths: Sequence[str]) -> sd.SampleTable:

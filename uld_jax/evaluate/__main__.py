@@ -19,6 +19,12 @@ LUNA16::
     (--excluded / --seriesuids default to the files of those names next to --truth; --truth may
     also be the folder holding the three files.)
 
+From a trained workdir on a built TFDS split (runs inference first; see from_workdir.py)::
+
+    python -m uld_jax.evaluate --workdir RUN --data DATA_DIR [--split test]
+        [--protocol keyslice|volumetric|luna16] [--truth TRUTH] [--dl-info DL_info.csv]
+        [--datasets deeplesion,...] [--expert NAME] [--batch-size 4]
+
 Writes results.json, results.md and froc_<protocol>.png to --out (atomically), prints the Markdown
 table, and with --tb DIR logs the scalars through clu metric_writers. Malformed inputs exit with
 status 2 and a message naming the file, key or row.
@@ -36,8 +42,14 @@ from uld_jax.evaluate.boxes import EvaluationInputError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m uld_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", required=True, help="prediction file (.pkl/.npz/.json, or candidates .csv for luna16)")
-    p.add_argument("--truth", required=True, help="truth file (1K-set structure), or LUNA16 annotations.csv / folder")
+    p.add_argument("--pred", default=None, help="prediction file (.pkl/.npz/.json, or candidates .csv for luna16)")
+    p.add_argument("--workdir", default=None, help="trained workdir: run inference on --data first (instead of --pred)")
+    p.add_argument("--checkpoint", default=None, help="one checkpoint WORKDIR/checkpoints/<step> (instead of --workdir)")
+    p.add_argument("--data", default=None, help="with --workdir: DATA_DIR of python -m data_prep.build")
+    p.add_argument("--datasets", default=None, help="with --workdir: comma-separated built datasets")
+    p.add_argument("--expert", default=None, help="with --workdir: dataset expert (default: each dataset's own)")
+    p.add_argument("--batch-size", type=int, default=4, help="with --workdir: images per compiled batch")
+    p.add_argument("--truth", default=None, help="truth file (1K-set structure), or LUNA16 annotations.csv / folder")
     p.add_argument("--protocol", choices=("volumetric", "keyslice", "luna16"), default=None,
                    help="default: luna16 when --pred is a .csv, else volumetric")
     p.add_argument("--out", default=None, help="output folder for results.json / results.md / froc_*.png")
@@ -64,8 +76,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_workdir(args: argparse.Namespace):
+    from uld_jax.evaluate.from_workdir import evaluate_workdir
+
+    if not args.data:
+        raise EvaluationInputError("--workdir needs --data DATA_DIR")
+    rates = tuple(float(x) for x in args.fp_rates.split(",")) if args.fp_rates else None
+    reps = evaluate_workdir(args.workdir, args.data, checkpoint=args.checkpoint, split=args.split or "test",
+                            protocol=args.protocol, truth=args.truth,
+                            datasets=args.datasets.split(",") if args.datasets else None, expert=args.expert,
+                            batch_size=args.batch_size, dl_info=args.dl_info, stack_iou=args.stack_iou,
+                            fp_rates=rates, max_marks=args.max_marks)
+    return reps
+
+
 def _run(args: argparse.Namespace):
     from uld_jax.evaluate import inputs, report
+
+    if args.pred is None or args.truth is None:
+        raise EvaluationInputError("give --pred and --truth, or --workdir and --data")
 
     protocol = args.protocol or ("luna16" if args.pred.lower().endswith(".csv") else "volumetric")
     if protocol == "luna16":
@@ -120,17 +149,21 @@ def _run(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        rep = _run(args)
+        reps = _run_workdir(args) if (args.workdir or args.checkpoint) else [_run(args)]
     except EvaluationInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(rep.to_markdown())
-    if args.out:
-        for p in rep.write(args.out, plot=not args.no_plot):
-            print(f"wrote {p}")
-    if args.tb:
-        rep.log_to_clu(args.tb, step=args.step)
-        print(f"logged {len(rep.scalars())} scalars to {args.tb}")
+    for rep in reps:
+        out = args.out
+        if out and len(reps) > 1:
+            out = os.path.join(out, rep.info.get("dataset", rep.protocol))
+        print(rep.to_markdown())
+        if out:
+            for p in rep.write(out, plot=not args.no_plot):
+                print(f"wrote {p}")
+        if args.tb:
+            rep.log_to_clu(args.tb, step=args.step)
+            print(f"logged {len(rep.scalars())} scalars to {args.tb}")
     return 0
 
 

@@ -1,9 +1,13 @@
-"""The mined-annotation table: an annotation overlay ``.npz`` (docs/formats.md, "Annotation overlay").
+"""The annotation overlay ``.npz`` (docs/formats.md, "Annotation overlay"): the one writer, reader and
+validator of the format, used by mining (the mined-annotation table) and by the data pipeline
+(:mod:`uld_jax.overlay` builds its rows here and checks them against a build with
+:func:`check_against_cases`). This module imports numpy only.
 
 One row per mined positive (kind 1), ignore region (kind 2) or added unlabeled slice (kind 3), with
 the fields the data pipeline merges into its sample table, and a 0-d ``meta`` string holding JSON
 provenance: checkpoint step, config hash, theta, sigma, creation time, tool version (plus whatever
-the mining run adds: options, counts).
+the mining run adds: options, counts). An overlay not made by MAM/NRM (written by hand through
+:func:`uld_jax.overlay.write_overlay`) has ``theta`` / ``sigma`` null and ``checkpoint_step`` -1.
 
 * :func:`build_overlay` checks the arrays and puts the rows in a canonical order (dataset, case,
   slice, kind, box, ...), so the same mining result always gives the same arrays (a resumed run can
@@ -54,9 +58,9 @@ REQUIRED_META: tuple[str, ...] = (
 class OverlayError(ValueError):
     """A mined-annotation table that cannot be used; the message names the file and the field."""
 
-    def __init__(self, source: str, field: str | None, problem: str):
+    def __init__(self, source: str, field: str | None = None, problem: str | None = None):
         where = f"{source}: field '{field}'" if field else source
-        super().__init__(f"{where}: {problem}")
+        super().__init__(where if problem is None else f"{where}: {problem}")
         self.source = source
         self.field = field
         self.problem = problem
@@ -91,14 +95,15 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make_meta(*, checkpoint_step: int, config_hash: str, theta: float, sigma: float,
+def make_meta(*, checkpoint_step: int, config_hash: str, theta: float | None, sigma: float | None,
               **extra: Any) -> dict[str, Any]:
-    """Provenance for a table: the required keys, creation time (UTC, ISO 8601), tool version."""
+    """Provenance for a table: the required keys, creation time (UTC, ISO 8601), tool version.
+    ``theta`` / ``sigma`` None: the rows do not come from MAM / NRM."""
     meta = {
         "checkpoint_step": int(checkpoint_step),
         "config_hash": str(config_hash),
-        "theta": float(theta),
-        "sigma": float(sigma),
+        "theta": None if theta is None else float(theta),
+        "sigma": None if sigma is None else float(sigma),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tool_version": f"uld_jax {uld_jax.__version__}",
     }
@@ -118,17 +123,19 @@ def build_overlay(
     expert: np.ndarray,
     lesion_id: np.ndarray,
     meta: Mapping[str, Any],
+    source: str = "<build>",
 ) -> Overlay:
     """Checks and canonically orders the rows; ``meta`` gets the per-kind counts added.
 
     Args are the FIELDS (length N each, ``box`` [N, 4] internal ``[y1, x1, y2, x2]`` pixels of the
-    preprocessed slice). Raises :class:`OverlayError` (source ``<build>``) on bad values.
+    preprocessed slice). Raises :class:`OverlayError` naming ``source`` (e.g. the file to be
+    written) and the row (in the order given) on bad values.
     """
     raw = dict(dataset=dataset, case_id=case_id, slice_index=slice_index, kind=kind, box=box,
                score=score, expert=expert, lesion_id=lesion_id)
-    arrays = {f: _coerce("<build>", f, np.asarray(v)) for f, v in raw.items()}
+    arrays = {f: _coerce(source, f, np.asarray(v)) for f, v in raw.items()}
     meta = dict(meta)
-    _validate("<build>", arrays, meta)
+    _validate(source, arrays, meta)
     order = np.lexsort((
         arrays["lesion_id"], arrays["expert"], arrays["score"],
         arrays["box"][:, 3], arrays["box"][:, 2], arrays["box"][:, 1], arrays["box"][:, 0],
@@ -167,7 +174,7 @@ def _validate(source: str, arrays: dict[str, np.ndarray], meta: Mapping[str, Any
     bad = ~np.isin(arrays["dataset"], DATASETS)
     if bad.any():
         raise OverlayError(source, "dataset", f"row {int(np.argmax(bad))}: "
-                           f"{arrays['dataset'][bad][0]!r} is not one of {DATASETS}")
+                           f"{str(arrays['dataset'][bad][0])!r} is not one of {DATASETS}")
     bad = np.char.str_len(arrays["case_id"]) == 0 if n else np.zeros(0, bool)
     if bad.any():
         raise OverlayError(source, "case_id", f"row {int(np.argmax(bad))}: empty")
@@ -200,8 +207,10 @@ def _validate(source: str, arrays: dict[str, np.ndarray], meta: Mapping[str, Any
     if missing:
         raise OverlayError(source, "meta", f"missing provenance keys {missing}")
     for k in ("theta", "sigma"):
-        if not isinstance(meta[k], (int, float)) or not np.isfinite(meta[k]):
-            raise OverlayError(source, "meta", f"{k} must be a finite number, got {meta[k]!r}")
+        if meta[k] is None:                      # not from MAM / NRM
+            continue
+        if isinstance(meta[k], bool) or not isinstance(meta[k], (int, float)) or not np.isfinite(meta[k]):
+            raise OverlayError(source, "meta", f"{k} must be a finite number or null, got {meta[k]!r}")
     if not isinstance(meta["checkpoint_step"], int):
         raise OverlayError(source, "meta", f"checkpoint_step must be an integer, "
                            f"got {meta['checkpoint_step']!r}")
@@ -263,9 +272,9 @@ def read_overlay(path: str | os.PathLike) -> Overlay:
     except OverlayError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
-        raise OverlayError(path, None, f"not a readable .npz (truncated or corrupt?): {e}") from e
+        raise OverlayError(path, None, f"not a readable overlay .npz (truncated or corrupt?): {e}") from e
     except ValueError as e:                          # e.g. an object array (pickle refused)
-        raise OverlayError(path, None, f"unreadable array: {e}") from e
+        raise OverlayError(path, None, f"not a readable overlay .npz (unreadable array: {e})") from e
     arrays = {}
     for f, v in loaded.items():
         dtype, _ = FIELDS[f]
@@ -282,3 +291,33 @@ def read_overlay(path: str | os.PathLike) -> Overlay:
         raise OverlayError(path, "meta", "JSON is not an object")
     _validate(path, arrays, meta)
     return Overlay(arrays, meta)
+
+
+def check_against_cases(source: str, arrays: Mapping[str, np.ndarray],
+                        cases: Mapping[str, Mapping[str, tuple[int, int, int]]],
+                        tol: float = 1e-3) -> None:
+    """Checks rows against a build: every case id exists, every slice index is inside its case,
+    every box (kinds 1, 2) inside its ``height x width`` slice (``tol`` pixels of slack).
+
+    ``cases``: {dataset: {case_id: (num_slices, height, width)}}. Raises :class:`OverlayError`
+    naming the row.
+    """
+    for i in range(int(arrays["kind"].shape[0])):
+        ds, cid = str(arrays["dataset"][i]), str(arrays["case_id"][i])
+        z, kind = int(arrays["slice_index"][i]), int(arrays["kind"][i])
+        where = f"row {i} ({ds}/{cid} slice {z})"
+        known = cases.get(ds, {})
+        if cid not in known:
+            raise OverlayError(source, "case_id", f"{where}: unknown case id {cid!r} in dataset {ds!r}")
+        zn, h, w = known[cid]
+        if not 0 <= z < zn:
+            raise OverlayError(source, "slice_index", f"{where}: slice index {z} outside 0..{zn - 1} "
+                               f"of case {cid!r}")
+        b = arrays["box"][i]
+        if kind != KIND_UNLABELED and box_outside(b, h, w, tol):
+            raise OverlayError(source, "box", f"{where}: box {b.tolist()} outside the {h}x{w} slice")
+
+
+def box_outside(box: np.ndarray, h: int, w: int, tol: float = 1e-3) -> bool:
+    """Whether internal box ``[y1, x1, y2, x2]`` leaves the ``h x w`` slice (by more than ``tol``)."""
+    return bool(box[0] < -tol or box[1] < -tol or box[2] > h + tol or box[3] > w + tol)

@@ -1,0 +1,320 @@
+"""Evaluation of a trained workdir on a built TFDS split (``python -m uld_jax.evaluate --workdir``).
+
+Runs the run's MELD (``uld_jax.inference``) over every sample of the split with the input pipeline in
+evaluation mode (no mixing, no shuffling, no augmentation, one epoch, the last batch padded and
+masked), maps the detections back to the stored slices' pixels (``image_boxes_to_slice`` with the
+loader's unaugmented placement), and calls the offline evaluation:
+
+* ``keyslice`` (default without ``--truth``): MULAN key-slice FROC per dataset against the sample
+  table's original boxes, on the key slices (datasets without key slices: every sample slice);
+* ``volumetric`` (``--truth`` a 1K-set structured file): 2D detections on every stored slice of each
+  case, mapped to the case's original voxel grid (the case's source scan header, or for DeepLesion
+  PNG folders the ``--dl-info`` rows), z numbered as the release does for ``PPPPPP_SS_RR_AAA-BBB``
+  names (``AAA + k``), then ``evaluate_predictions`` (stacking, both hit rules);
+* ``luna16`` (``--truth`` annotations.csv or its folder): 2D detections stacked per scan, 3D box
+  centres in world mm from the source ``.mhd`` header, LUNA16 FROC / CPM over the split's scans.
+
+Each dataset is evaluated by its own expert when the model has it (``--expert`` overrides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from uld_jax import core
+from uld_jax.evaluate.boxes import EvaluationInputError
+
+
+@dataclasses.dataclass
+class SplitDetections:
+    """Per-sample detections of one dataset's split: ``table`` (the sample table), ``boxes`` /
+    ``scores`` lists over its rows ([n, 4] internal stored-slice pixels, [n])."""
+
+    dataset: str
+    expert: str
+    table: Any
+    boxes: list
+    scores: list
+
+
+def _eval_input_config(loaded, data_dir: str, dataset: str, split: str, batch_size: int):
+    import ml_collections
+
+    c = ml_collections.ConfigDict(loaded.data_config.to_dict())
+    c.data_dir = os.fspath(data_dir)
+    c.datasets = (dataset,)
+    c.split = split
+    c.mix, c.shuffle, c.augment = False, False, False
+    c.num_epochs = 1
+    c.global_batch_size = int(batch_size)
+    c.num_workers = 0
+    c.overlays = ()
+    return c
+
+
+def infer_split(loaded, data_dir: str, dataset: str, split: str, *, expert: str | None = None,
+                batch_size: int = 4, score_threshold: float = 0.0, every_slice: bool = False,
+                progress: bool = True) -> SplitDetections:
+    """Detections on every sample of ``dataset``/``split`` (with ``every_slice``: on every stored
+    slice of its cases, through ``uld_jax.overlay.add_slices``)."""
+    from tqdm import tqdm
+
+    from uld_jax import input_pipeline as ip
+    from uld_jax import inference
+    from uld_jax.core import Keys
+
+    cfg = _eval_input_config(loaded, data_dir, dataset, split, batch_size)
+    try:
+        tables, stores = ip.load_tables(cfg)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise EvaluationInputError(f"{data_dir}: {e}") from None
+    table = tables[0]
+    if every_slice:
+        from uld_jax.overlay import add_slices
+
+        mm = float(np.min(table.case_slice_mm)) if len(table.case_slice_mm) else 2.0
+        table = add_slices(table, every_mm=mm)
+    if len(table) == 0:
+        raise EvaluationInputError(f"{data_dir}: {dataset} has no samples in split {split!r}")
+    if expert is None:
+        expert = dataset if dataset in loaded.expert_names else loaded.expert_names[0]
+    pred = inference.cached_predictor(loaded, int(batch_size), expert, False)
+    boxes: list = [np.zeros((0, 4), np.float32)] * len(table)
+    scores: list = [np.zeros(0, np.float32)] * len(table)
+    ds = ip.make_dataset(cfg, tables=[table], stores=stores, process_index=0, process_count=1,
+                         pad_final_batch=True)
+    bar = tqdm(total=len(table), desc=f"evaluate {dataset}/{split}", unit="slice", file=sys.stderr,
+               disable=not progress)
+    for batch in ds:
+        sid = np.asarray(batch[Keys.SAMPLE_ID])
+        out = pred(np.asarray(batch[Keys.IMAGE]), np.asarray(batch[Keys.IMAGE_VALID]), sid >= 0)
+        for b in np.flatnonzero(sid >= 0):
+            row = int(sid[b])
+            keep = out["valid"][b] & (out["scores"][b] >= score_threshold)
+            p = ip.unaugmented_placement(table, row, cfg)
+            h, w = (int(v) for v in table.case_hw[table.case_row[row]])
+            sb = ip.image_boxes_to_slice(out["boxes"][b][keep], p)
+            boxes[row] = np.clip(sb, 0.0, [h, w, h, w]).astype(np.float32)
+            scores[row] = out["scores"][b][keep].astype(np.float32)
+        bar.update(int((sid >= 0).sum()))
+    bar.close()
+    return SplitDetections(dataset, pred.expert_name, table, boxes, scores)
+
+
+# ------------------------------------------------------------------------------------------------
+# Protocols.
+# ------------------------------------------------------------------------------------------------
+def keyslice_dicts(sd: SplitDetections) -> tuple[dict, dict]:
+    """(truth {image: n x 4}, pred {image: n x 5}) in inclusive ``[x1, y1, x2, y2]`` pixels of the
+    stored slices; images ``<case_id>:<slice>`` = key slices (every sample without key slices)."""
+    t = sd.table
+    rows = np.flatnonzero(t.is_key_slice) if t.is_key_slice.any() else np.arange(len(t))
+    truth, pred = {}, {}
+    for r in rows:
+        name = f"{t.case_id[t.case_row[r]]}:{int(t.slice_index[r])}"
+        les = t.sample_lesions(int(r))
+        orig = les["provenance"] == int(core.Provenance.ORIGINAL)
+        truth[name] = core.internal_to_inclusive_xyxy(les["boxes"][orig]).reshape(-1, 4)
+        pred[name] = np.column_stack([core.internal_to_inclusive_xyxy(sd.boxes[r]).reshape(-1, 4),
+                                      sd.scores[r].astype(np.float64)])
+    return truth, pred
+
+
+def _case_records(data_dir: str, dataset: str) -> dict[str, dict]:
+    from uld_jax import slice_data
+
+    return {slice_data._text(c["case_id"]): c for c in slice_data.load_cases(data_dir, dataset)}
+
+
+def case_mapping(rec: dict, dl_rows: dict | None = None):
+    """``ScanMapping`` of a built case from its source scan's header, or for DeepLesion from its
+    DL_info row (``dl_rows``: case_id -> DLRow)."""
+    import SimpleITK as sitk
+
+    from uld_jax import slice_data
+    from uld_jax.inference import ScanMapping
+
+    cid = slice_data._text(rec["case_id"])
+    kw = dict(crop_yx=tuple(int(v) for v in rec["source_crop_yx"]), pixel_mm=float(rec["pixel_mm"]),
+              z_mm=np.asarray(rec["z_mm"], np.float64), slice_mm=float(rec["slice_mm"]))
+    if dl_rows is not None and cid in dl_rows:
+        r = dl_rows[cid]
+        sx, sy, dz = r.spacing_mm
+        a, b = r.slice_range
+        w, h = r.image_size
+        return ScanMapping.from_header((b - a + 1, h, w), (dz, sy, sx), (0.0, 0.0, (a - 1.0) * dz),
+                                       np.eye(3), **kw)
+    src = slice_data._text(rec["source"])
+    try:
+        if os.path.isdir(src):
+            rd = sitk.ImageSeriesReader()
+            rd.SetFileNames(rd.GetGDCMSeriesFileNames(src))
+            img = rd.Execute()
+            size, sp, org, d = img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+        else:
+            info = sitk.ImageFileReader()
+            info.SetFileName(src)
+            info.ReadImageInformation()
+            size, sp, org, d = info.GetSize(), info.GetSpacing(), info.GetOrigin(), info.GetDirection()
+    except RuntimeError as e:
+        raise EvaluationInputError(
+            f"case {cid}: its source scan {src!r} cannot be read for the geometry "
+            f"({' '.join(str(e).split())[:200]}); for DeepLesion pass --dl-info") from None
+    return ScanMapping.from_header(tuple(size[::-1]), tuple(sp[::-1]), org,
+                                   np.asarray(d).reshape(3, 3), **kw)
+
+
+def _stack_case(sd: SplitDetections, rows: np.ndarray, iou: float):
+    """2D detections of one case's rows -> (z_first, z_last, boxes [T, 4] stored px, scores [T])."""
+    from uld_jax.evaluate.stacking import stack_slices
+
+    t = sd.table
+    z = np.concatenate([np.full(len(sd.scores[r]), int(t.slice_index[r])) for r in rows] + [np.zeros(0, int)])
+    b = np.concatenate([sd.boxes[r] for r in rows] + [np.zeros((0, 4), np.float32)])
+    s = np.concatenate([sd.scores[r] for r in rows] + [np.zeros(0, np.float32)])
+    if len(s) == 0:
+        e = np.zeros(0, np.int64)
+        return e, e, np.zeros((0, 4)), np.zeros(0)
+    st = stack_slices(z, core.internal_to_inclusive_xyxy(b), s, iou_threshold=iou)
+    n = len(st.scores)
+    lo_y = np.full(n, np.inf); lo_x = np.full(n, np.inf)
+    hi_y = np.full(n, -np.inf); hi_x = np.full(n, -np.inf)
+    np.minimum.at(lo_y, st.track, b[:, 0]); np.minimum.at(lo_x, st.track, b[:, 1])
+    np.maximum.at(hi_y, st.track, b[:, 2]); np.maximum.at(hi_x, st.track, b[:, 3])
+    zf = np.full(n, np.iinfo(np.int64).max); zl = np.full(n, -1)
+    np.minimum.at(zf, st.track, z); np.maximum.at(zl, st.track, z)
+    return zf, zl, np.stack([lo_y, lo_x, hi_y, hi_x], 1), st.scores
+
+
+def volumetric_pred(sd: SplitDetections, data_dir: str, dl_rows: dict | None,
+                    stack_iou: float = 0.5) -> dict[str, np.ndarray]:
+    """{case_id: n x 6 per-slice 2D detections ``[z, x1, y1, x2, y2, score]``} on the case's original
+    voxel grid (z: the release's slice number for sub-volume names, else the 0-based slice index),
+    one row per (detection, original slice whose centre lies in the stored slice's 2 mm slab)."""
+    from uld_jax.evaluate.inputs import parse_subvolume_name
+
+    recs = _case_records(data_dir, sd.dataset)
+    t = sd.table
+    out: dict[str, np.ndarray] = {}
+    for c, cid in enumerate(t.case_id):
+        rows = np.flatnonzero(t.case_row == c)
+        m = case_mapping(recs[str(cid)], dl_rows)
+        parts = []
+        for r in rows:
+            n = len(sd.scores[r])
+            if n == 0:
+                continue
+            k = np.full(n, int(t.slice_index[r]))
+            s = m.boxes_to_scan(k, k, sd.boxes[r])
+            for i in range(n):
+                lo, hi = s["voxel_min"][i], s["voxel_max"][i]
+                # the original slices whose centres lie in this stored slice's slab (slabs tile z:
+                # each original slice is reported from one stored slice, none when it has none)
+                k0 = int(np.ceil(s["index_lo"][i][2] - 1e-9))
+                k1 = int(np.ceil(s["index_hi"][i][2] - 1e-9)) - 1
+                for zz in range(max(k0, 0), min(k1, m.shape_zyx[0] - 1) + 1):
+                    parts.append([zz, lo[0], lo[1], hi[0], hi[1], float(sd.scores[r][i])])
+        a = np.asarray(parts, np.float64).reshape(-1, 6)
+        sub = parse_subvolume_name(str(cid))
+        if sub is not None and len(a):
+            a[:, 0] += sub[1]
+        out[str(cid)] = a
+    return out
+
+
+def luna_candidates(sd: SplitDetections, data_dir: str, stack_iou: float = 0.5):
+    """LUNA16 candidates (``PointTable``: seriesuid, world centre mm, score) of 3D-stacked
+    detections, and the split's scan ids."""
+    from uld_jax.evaluate.luna import PointTable
+
+    recs = _case_records(data_dir, sd.dataset)
+    t = sd.table
+    uids, xyz, p = [], [], []
+    for c, cid in enumerate(t.case_id):
+        zf, zl, b, s = _stack_case(sd, np.flatnonzero(t.case_row == c), stack_iou)
+        if len(s) == 0:
+            continue
+        w = case_mapping(recs[str(cid)]).boxes_to_scan(zf, zl, b)["center_world"]
+        uids += [str(cid)] * len(s)
+        xyz.append(w)
+        p.append(s)
+    cand = PointTable.from_rows(uids, np.concatenate(xyz) if xyz else np.zeros((0, 3)),
+                                np.concatenate(p) if p else np.zeros(0))
+    return cand, [str(c) for c in t.case_id]
+
+
+def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | None = None,
+                     split: str = "test", protocol: str | None = None, truth: str | None = None,
+                     datasets: Sequence[str] | None = None, expert: str | None = None,
+                     batch_size: int = 4, dl_info: str | None = None, stack_iou: float = 0.5,
+                     step: int | None = None, progress: bool = True,
+                     fp_rates: Sequence[float] | None = None, max_marks: int = 100) -> list:
+    """Runs inference and the protocol; returns a list of ``EvaluationReport`` (one per dataset for
+    key slices, one otherwise)."""
+    from uld_jax import inference, slice_data
+    from uld_jax.evaluate import inputs, report
+
+    try:
+        loaded = inference.cached_model(os.path.abspath(workdir) if workdir else None,
+                                        os.path.abspath(checkpoint) if checkpoint else None, step, None)
+    except inference.ModelLoadError as e:
+        raise EvaluationInputError(str(e)) from None
+    protocol = protocol or ("volumetric" if truth else "keyslice")
+    if datasets is None:
+        datasets = [d for d in loaded.data_config.datasets
+                    if os.path.isfile(os.path.join(data_dir, d, slice_data.BUILD_INFO))]
+        if protocol == "luna16":
+            datasets = ["luna16"]
+        elif protocol == "volumetric":
+            datasets = ["deeplesion"] if "deeplesion" in datasets else datasets[:1]
+    if not datasets:
+        raise EvaluationInputError(f"{data_dir}: none of the run's datasets "
+                                   f"{tuple(loaded.data_config.datasets)} is built there")
+    kw = dict(expert=expert, batch_size=batch_size, progress=progress)
+    reports = []
+    if protocol == "keyslice":
+        for ds in datasets:
+            sd = infer_split(loaded, data_dir, ds, split, **kw)
+            tr, pr = keyslice_dicts(sd)
+            extra = {"fp_rates": tuple(fp_rates)} if fp_rates else {}
+            rep = report.evaluate_keyslice(tr, pr, missing_as_empty=True,
+                                           pred_source=f"{loaded.source} ({sd.expert} expert)",
+                                           truth_source=f"{data_dir}/{ds} {split} sample table", **extra)
+            rep.info["dataset"] = ds
+            reports.append(rep)
+        return reports
+    if truth is None:
+        raise EvaluationInputError(f"--protocol {protocol} needs --truth")
+    if protocol == "volumetric":
+        dl_rows = None
+        if dl_info:
+            from data_prep.readers.deeplesion import parse_dl_info
+
+            dl_rows = {r.case_id: r for r in parse_dl_info(dl_info)}
+        tr = inputs.load_volume_dict(truth, split=None if split not in ("val", "test") else split)
+        sd = infer_split(loaded, data_dir, datasets[0], split, every_slice=True, **kw)
+        per_slice = volumetric_pred(sd, data_dir, dl_rows, stack_iou)
+        extra = {"fp_rates": tuple(fp_rates)} if fp_rates else {}
+        rep = report.evaluate_predictions(tr, slice_detections=per_slice, stack_iou=stack_iou,
+                                          pred_source=f"{loaded.source} ({sd.expert} expert)",
+                                          truth_source=truth, **extra)
+        return [rep]
+    if protocol == "luna16":
+        from uld_jax.evaluate.luna import PointTable, luna16_froc, read_points_csv
+
+        folder = truth if os.path.isdir(truth) else os.path.dirname(os.path.abspath(truth))
+        ann = os.path.join(truth, "annotations.csv") if os.path.isdir(truth) else truth
+        exc = os.path.join(folder, "annotations_excluded.csv")
+        sd = infer_split(loaded, data_dir, "luna16", split, every_slice=True, **kw)
+        cand, scans = luna_candidates(sd, data_dir, stack_iou)
+        excluded = (read_points_csv(exc, "diameter_mm") if os.path.isfile(exc)
+                    else PointTable.from_rows([], np.zeros((0, 3)), []))
+        r = luna16_froc(cand, read_points_csv(ann, "diameter_mm"), excluded, scans, max_marks=max_marks)
+        return [report.evaluate_luna16(r, sources={"model": loaded.source, "annotations": ann,
+                                                   "scans": f"{len(scans)} scans of {split}"})]
+    raise EvaluationInputError(f"unknown protocol {protocol!r}")

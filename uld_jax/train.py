@@ -571,6 +571,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f"batch_size={gbs} (global) must be divisible by the {mesh.size} devices of the mesh "
             f"and the {pcount} processes; set --config.batch_size to a multiple of {mesh.size}")
     spe = int(config.steps_per_epoch) if config.steps_per_epoch > 0 else int(data.steps_per_epoch)
+    if spe < 1:
+        raise ConfigError(f"an epoch of the training data holds no full batch of {gbs} (fewer "
+                          "samples than batch_size): set --config.steps_per_epoch or a smaller "
+                          "--config.batch_size")
     total = int(config.total_steps) if config.total_steps > 0 else int(config.num_epochs) * spe
     log_every = max(1, int(config.log_every_steps))
     ckpt_every = int(config.checkpoint.every_steps) if config.checkpoint.every_steps > 0 else spe

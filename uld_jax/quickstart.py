@@ -78,15 +78,21 @@ ROW_NAMES = {"baseline": "Baseline (DeepLesion only, MULAN-like)", "meld": "MELD
 
 
 class Quickstart:
-    def __init__(self, out: str, recipe: Recipe, seed: int = 0, quiet: bool = False):
+    def __init__(self, out: str, recipe: Recipe, seed: int = 0, quiet: bool = False,
+                 data_from: str | None = None):
+        """``seed``: the world's and the training runs' seed; ``data_from``: another quick start's
+        folder whose world and build are reused (its world / check / build steps must be done;
+        then ``seed`` only seeds training: the spread across training seeds on one world)."""
         self.out = os.path.abspath(out)
         self.r = recipe
         self.seed = int(seed)
         self.quiet = quiet
         for d in ("state", "logs", "runs", "eval"):
             os.makedirs(os.path.join(self.out, d), exist_ok=True)
-        self.world = os.path.join(self.out, "world")
-        self.data = os.path.join(self.out, "data")
+        self.data_from = os.path.abspath(data_from) if data_from else None
+        base = self.data_from or self.out
+        self.world = os.path.join(base, "world")
+        self.data = os.path.join(base, "data")
         self.t0 = time.time()
 
     # -- bookkeeping --------------------------------------------------------------------------------
@@ -137,6 +143,11 @@ class Quickstart:
 
     # -- the steps ----------------------------------------------------------------------------------
     def do_world(self) -> None:
+        if self.data_from:
+            for s in ("world", "check", "build"):
+                if not os.path.isfile(os.path.join(self.data_from, "state", f"{s}.json")):
+                    raise SystemExit(f"[quickstart] {self.data_from}: step {s} is not done")
+            return
         if not self.done("world") and os.path.exists(self.world):
             shutil.rmtree(self.world)           # an interrupted synthesis: start it anew
         self.step("world", [[sys.executable, "-m", "data_prep.synthesize", "--preset", self.r.preset,
@@ -144,6 +155,8 @@ class Quickstart:
                              *self.r.world_args]])
 
     def do_check_build(self) -> None:
+        if self.data_from:
+            return
         self.step("check", [[sys.executable, "-m", "data_prep.check", "--raw", self.world,
                              "--no-progress"]])
         self.step("build", [[sys.executable, "-m", "data_prep.build", "--raw", self.world, "--out",

@@ -283,6 +283,31 @@ def _steps_header() -> list[str]:
             "table", "overlays"]
 
 
+def config_table() -> str:
+    """Markdown table of every config key: tiny and paper values of configs/meld.py, and where
+    configs/baseline.py (tiny) or configs/finetune.py (tiny / paper) differ (docs/configuration.md)."""
+    from configs import baseline, finetune, meld
+
+    def flat(d, p=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, p + k + ".") if hasattr(v, "items") else {p + k: v})
+        return out
+
+    t, pp = flat(meld.get_config("tiny").to_dict()), flat(meld.get_config("paper").to_dict())
+    b = flat(baseline.get_config("tiny").to_dict())
+    f, fp = flat(finetune.get_config("tiny").to_dict()), flat(finetune.get_config("paper").to_dict())
+    lines = ["| key | tiny | paper | baseline.py / finetune.py differ |", "|---|---|---|---|"]
+    for k in t:
+        diff = []
+        if b.get(k) != t[k]:
+            diff.append(f"baseline: `{b[k]}`")
+        if f.get(k) != t[k] or fp.get(k) != pp[k]:
+            diff.append(f"finetune: `{f[k]}` / `{fp[k]}`")
+        lines.append(f"| `{k}` | `{t[k]}` | `{pp[k]}` | {'; '.join(diff)} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m uld_jax.reproduce", description=__doc__,
@@ -294,7 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--thetas", default="", help="comma-separated thetas for the Fig. 5 sweep")
     p.add_argument("--results", default="docs/results.md", help="page to write ('' = none)")
     p.add_argument("--results-only", action="store_true", help="only rewrite the page")
+    p.add_argument("--config-table", action="store_true",
+                   help="print docs/configuration.md's key table and exit")
     a = p.parse_args(argv)
+    if a.config_table:
+        print(config_table())
+        return 0
     out = os.path.abspath(a.out)
     r = qs.RECIPES[a.recipe]
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]

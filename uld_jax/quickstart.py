@@ -277,12 +277,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="quick")
     p.add_argument("--seed", type=int, default=0, help="world and training seed")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="override the recipe's")
+    p.add_argument("--data-from", default=None,
+                   help="another quick start's OUT whose world and build to reuse (training seeds)")
     a = p.parse_args(argv)
     r = RECIPES[a.recipe]
     if a.steps_per_epoch:
         r = dataclasses.replace(r, steps_per_epoch=int(a.steps_per_epoch))
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # configs/ are relative
-    Quickstart(a.out if os.path.isabs(a.out) else os.path.join(_CALLER_CWD, a.out), r, a.seed).run()
+    absp = lambda x: x if os.path.isabs(x) else os.path.join(_CALLER_CWD, x)  # noqa: E731
+    Quickstart(absp(a.out), r, a.seed, data_from=absp(a.data_from) if a.data_from else None).run()
     return 0
 
 

@@ -209,15 +209,37 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
           f"`{os.path.join(_seed_dir(out, seeds[0]), 'runs', 'meld', 'mining_report.md')}`.", ""]
     m0 = _load(os.path.join(_seed_dir(out, seeds[0]), "runs", "meld", "mining_report.json"))
     if m0:
-        for key, title in (("theta_sweep", "theta (MAM)"), ("sigma_sweep", "sigma (NRM)")):
+        for key, title, ks in (
+                ("theta_sweep", "theta (MAM)", ["theta", "n_mined", "precision", "n_mined_on_unmarked",
+                                                "n_unmarked_found", "recall_unmarked"]),
+                ("sigma_sweep", "sigma (NRM)", ["sigma", "n_suspicious", "suspicious_true_fraction",
+                                                "n_suspicious_on_unmarked"])):
             rows = m0.get(key) or []
             if rows and isinstance(rows, list) and isinstance(rows[0], dict):
-                ks = list(rows[0])
+                ks = [k for k in ks if k in rows[0]]
                 L += [f"Seed {seeds[0]}, {title}:", "", "| " + " | ".join(ks) + " |",
                       "|" + "---:|" * len(ks)]
-                L += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in
-                                        (r[k] for k in ks)) + " |" for r in rows]
+                L += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else
+                                        ("n/a" if v is None else str(v)) for v in
+                                        (r.get(k) for k in ks)) + " |" for r in rows]
                 L.append("")
+    # ---- observations computed from the mining reports
+    obs = []
+    for s in seeds:
+        m = _load(os.path.join(_seed_dir(out, s), "runs", "meld", "mining_report.json"))
+        if not m:
+            continue
+        q, prov = m["quality"], m.get("provenance", {})
+        obs.append(f"- seed {s}: MAM mined {q['n_mined']} positives at theta {prov.get('theta')} "
+                   f"from MELD step {prov.get('checkpoint_step')}, {_pct(q['precision'])}% of them on "
+                   f"a real lesion ({q['n_mined_on_unmarked']} on unmarked lesions); "
+                   + (f"NRM found no suspicious region at sigma {prov.get('sigma')}, so MELD + NRM "
+                      "differs from MELD only by the finetuning itself (fresh optimizer, added "
+                      "unlabeled slices as negatives)." if q["n_suspicious"] == 0 else
+                      f"NRM marked {q['n_suspicious']} suspicious regions, "
+                      f"{_pct(q['suspicious_true_fraction'])}% of them real lesions."))
+    if obs:
+        L += ["### Observations (from the mining reports)", ""] + obs + [""]
     # ---- key-slice
     ks = {s: {r: _load(os.path.join(_seed_dir(out, s), "eval_keyslice", r, "results.json"))
               for r in qs.RUNS} for s in seeds}

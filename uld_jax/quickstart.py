@@ -22,7 +22,7 @@ Steps (each one a subprocess of the project's own CLIs; logs in ``OUT/logs/<step
 10. ``table``     ``OUT/table1.md`` (+ ``.json``): Table-1-style sensitivities at 0.125 ... 8 FPs per
                   sub-volume, printed; FROC PNGs in ``OUT/eval/<run>/``; ``OUT/froc_table1.png``
 11. ``overlays``  ``OUT/overlays/*.png``: test key slices with the truth (green) and the final
-                  model's detections (red, score >= 0.5)
+                  model's detections (red, score >= 0.5; the top 3 when none reaches it)
 
 Resume: a finished step writes ``OUT/state/<step>.json`` (its command and wall time) and is skipped
 when run again; an interrupted step is started again and resumes where its tool does (training

@@ -95,9 +95,10 @@ def _draw(hu: np.ndarray, truth: np.ndarray, dets: np.ndarray, scores: np.ndarra
 
 def overlay_pngs(workdir: str, data_dir: str, out_dir: str, *, dataset: str = "deeplesion",
                  split: str = "test", max_images: int = 8, min_score: float = 0.5,
-                 batch_size: int = 4) -> list[str]:
-    """The run's detections (red, score >= ``min_score``) and the truth (green) on the first
-    ``max_images`` samples of ``dataset``/``split``; returns the PNG paths."""
+                 batch_size: int = 4, top_k_fallback: int = 3) -> list[str]:
+    """The run's detections (red, score >= ``min_score``, or the ``top_k_fallback`` best when none
+    reaches it) and the truth (green) on the first ``max_images`` samples of ``dataset``/``split``;
+    returns the PNG paths."""
     from uld_jax import inference, slice_data
     from uld_jax.evaluate.from_workdir import infer_split
 
@@ -114,8 +115,12 @@ def overlay_pngs(workdir: str, data_dir: str, out_dir: str, *, dataset: str = "d
                         slice_indices=[z])[0]
         truth = np.asarray(t.sample_lesions(s)["boxes"], np.float32).reshape(-1, 4)
         keep = sd.scores[s] >= min_score
-        cap = (f"{t.case_id[c]} slice {z}: truth green, detections red (score >= {min_score:g}), "
-               f"step {loaded.step}")
+        what = f"score >= {min_score:g}"
+        if not keep.any() and len(sd.scores[s]):          # an undertrained model: show its top 3
+            keep = np.zeros(len(sd.scores[s]), bool)
+            keep[np.argsort(-sd.scores[s])[:top_k_fallback]] = True
+            what = f"none >= {min_score:g}; top {int(keep.sum())}"
+        cap = f"{t.case_id[c]} slice {z}: truth green, detections red ({what}), step {loaded.step}"
         path = os.path.join(out_dir, f"{split}_{s:03d}.png")
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:

@@ -20,7 +20,7 @@ Steps (each one a subprocess of the project's own CLIs; logs in ``OUT/logs/<step
  9. ``eval_<run>`` python -m uld_jax.evaluate --workdir on the DeepLesion test split, volumetric
                   protocol (both hit rules) against the world's volumetric truth
 10. ``table``     ``OUT/table1.md`` (+ ``.json``): Table-1-style sensitivities at 0.125 ... 8 FPs per
-                  sub-volume, printed; FROC PNGs in ``OUT/eval/<run>/``; ``OUT/froc_table1.png``
+                  sub-volume, printed; FROC PNGs in ``OUT/eval/<run>/froc_volumetric.png``
 11. ``overlays``  ``OUT/overlays/*.png``: test key slices with the truth (green) and the final
                   model's detections (red, score >= 0.5; the top 3 when none reaches it)
 

@@ -174,7 +174,12 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
         if counts:
             break
     if counts:
-        L += ["Test split: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", ""]
+        L += ["Test split: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."]
+        nt = counts.get("truths")
+        if isinstance(nt, int) and nt > 0:
+            L.append(f"Resolution: one test lesion found or missed moves a sensitivity by "
+                     f"{100 / nt:.1f} points; differences of that size are not evidence.")
+        L.append("")
     # ---- ordering
     L += ["### The paper's ordering", "",
           "Difference of the mean sensitivity (points), per seed; 'holds' when every seed's "

@@ -194,7 +194,8 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
             holds = bool((d > 0).all() and (len(d) == 1 or d.mean() > sd))
             L.append(f"| {name} | {rule} | " + ", ".join(f"{100 * x:+.1f}" for x in d)
                      + f" | {100 * d.mean():+.1f}" + (f" ± {100 * sd:.1f}" if len(d) > 1 else "")
-                     + f" | {'yes' if holds else 'no'}{' (one seed)' if len(d) == 1 else ''} |")
+                     + " | " + (("undecided (one seed: no spread)" if holds else "no (one seed)")
+                                if len(d) == 1 else ("yes" if holds else "no")) + " |")
     L.append("")
     # ---- mining quality
     L += ["## Mining quality (MELD's mined table against the world's full truth)", "",

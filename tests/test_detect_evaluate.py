@@ -176,3 +176,16 @@ def test_luna16_from_workdir_cli(workdir, built_luna, tmp_path, capsys):
     res = json.load(open(tmp_path / "ev" / "results.json"))
     assert res["protocol"] == "luna16" and res["info"]["counts"]["nodules"] == 1
     assert 0.0 <= res["tables"]["linear"]["mean"] <= 1.0
+
+
+def test_volumetric_from_workdir_cli(workdir, built_luna, tmp_path, capsys):
+    data, uid, _, _ = built_luna
+    (i0, j0, k0), (i1, j1, k1) = CUBE_LO, CUBE_HI
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps({uid: [[i0, j0, k0, i1 - 1, j1 - 1, k1 - 1]]}))
+    rc = ev_main.main(["--workdir", workdir, "--data", data, "--protocol", "volumetric", "--truth",
+                       str(truth), "--datasets", "luna16", "--out", str(tmp_path / "ev"), "--no-plot"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.load(open(tmp_path / "ev" / "results.json"))
+    assert res["protocol"] == "volumetric" and set(res["tables"]) == {"released", "paper"}
+    assert res["info"]["counts"]["truths"] == 1 and res["info"]["counts"]["volumes"] == 1

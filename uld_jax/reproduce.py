@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from typing import Sequence

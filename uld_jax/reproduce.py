@@ -244,8 +244,16 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
                       "unlabeled slices as negatives)." if q["n_suspicious"] == 0 else
                       f"NRM marked {q['n_suspicious']} suspicious regions, "
                       f"{_pct(q['suspicious_true_fraction'])}% of them real lesions."))
+    for s in seeds:
+        curve = _scalar_curve(os.path.join(_seed_dir(out, s), "runs", "meld"),
+                              ("train/loss/embedding", "val/loss/embedding"))
+        if curve.get("val/loss/embedding"):
+            tr = curve.get("train/loss/embedding", [])
+            obs.append(f"- seed {s}: MELD's embedding loss (the metric MAM matches with), by step: "
+                       "validation " + ", ".join(f"{st}: {v:.2f}" for st, v in curve["val/loss/embedding"])
+                       + "; training " + ", ".join(f"{st}: {v:.2f}" for st, v in tr[-3:]) + ".")
     if obs:
-        L += ["### Observations (from the mining reports)", ""] + obs + [""]
+        L += ["### Observations (from the mining reports and MELD's logged losses)", ""] + obs + [""]
     # ---- key-slice
     ks = {s: {r: _load(os.path.join(_seed_dir(out, s), "eval_keyslice", r, "results.json"))
               for r in qs.RUNS} for s in seeds}
@@ -303,6 +311,25 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
             f.write(text)
         os.replace(tmp, path)
     return text
+
+
+def _scalar_curve(workdir: str, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} from a run's TensorBoard event files (empty when unreadable)."""
+    import glob
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    try:
+        import tensorflow as tf
+
+        for f in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+            for e in tf.compat.v1.train.summary_iterator(f):
+                for v in e.summary.value:
+                    if v.tag in tags:
+                        val = tf.make_ndarray(v.tensor) if v.HasField("tensor") else v.simple_value
+                        out.setdefault(v.tag, []).append((int(e.step), float(val)))
+    except Exception:  # noqa: BLE001 - a missing or partial log only drops the observation
+        return out
+    return out
 
 
 def _steps_header() -> list[str]:

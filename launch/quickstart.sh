@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
-# The quick start on the embedded default, the synthetic CT world, on this machine's CPU.
-# Usage: bash launch/quickstart.sh [OUT_DIR]    (default: ./quickstart)
-# Re-running resumes: finished steps are skipped.
+# The quick start: the whole method on the synthetic CT world, on this machine's CPU.
+#   synthesize the world -> check -> build -> train the baseline and MELD -> mine (MAM + NRM)
+#   -> finetune (MAM, NRM, both) -> evaluate (volumetric, both hit rules) -> Table 1, FROC plots,
+#   overlay PNGs.  See uld_jax/quickstart.py for the steps and the recipe.
+# Usage: bash launch/quickstart.sh [OUT_DIR] [--recipe quick|smoke] [--seed N]   (default: ./quickstart)
+# Re-running resumes: finished steps are skipped, an interrupted one continues.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 OUT="${1:-quickstart}"
+shift || true
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-mkdir -p "$OUT"
-
-# 1. The synthetic world (small preset), its statistics beside the real files', and previews.
-if [ ! -d "$OUT/world" ]; then
-  python3 -m data_prep.synthesize --preset small --seed 0 --out "$OUT/world" --stats --preview
-else
-  echo "[quickstart] $OUT/world exists; skipping synthesis"
-fi
-echo "[quickstart] done: world in $OUT/world (previews in $OUT/world/preview)"
+exec python3 -m uld_jax.quickstart --out "$OUT" "$@"

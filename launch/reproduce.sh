@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The paper's experiments on the synthetic world (Table 1 over seeds, mining quality, key-slice
+# Table 3 analog, Fig. 5 theta sweep) and docs/results.md written from their outputs.
+# Usage: bash launch/reproduce.sh [OUT_DIR] [python -m uld_jax.reproduce options]
+#   e.g. bash launch/reproduce.sh runs/reproduce --seeds 0,1,2 --keyslice --thetas 0.05,0.1,0.2,0.3
+# Resumable: re-run the same command to continue.
+set -euo pipefail
+OUT="${1:-runs/reproduce}"
+shift || true
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+RESULTS="$(cd "$(dirname "$0")/.." && pwd)/docs/results.md"
+cd "$(dirname "$0")/.."
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+exec python3 -m uld_jax.reproduce --out "$OUT" --results "$RESULTS" "$@"

@@ -1,0 +1,51 @@
+"""The quick start's Table 1 and docs/results.md are written from the evaluation reports (fast)."""
+
+import json
+import os
+
+from uld_jax import quickstart as qs
+from uld_jax import reproduce
+from uld_jax.quickstart_table import table1
+
+RATES = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+
+
+def _write_eval(root, run, level):
+    d = root / "eval" / run
+    d.mkdir(parents=True)
+    tables = {rule: {"title": rule, "fp_rates": RATES, "sensitivity": [level + k * 0.01 for k in range(7)],
+                     "mean": level + 0.03, "extra": {}} for rule in ("released", "paper")}
+    (d / "results.json").write_text(json.dumps({"protocol": "volumetric", "fp_unit": "sub-volume",
+                                                "tables": tables, "strata": {},
+                                                "info": {"counts": {"volumes": 3, "truths": 7}}}))
+
+
+def _fake_seed(root, levels):
+    for run, lv in zip(qs.RUNS, levels):
+        _write_eval(root, run, lv)
+    st = root / "state"
+    st.mkdir()
+    (st / "world.json").write_text(json.dumps({"wall_s": 12.5}))
+
+
+def test_table1_reads_the_reports(tmp_path):
+    _fake_seed(tmp_path, [0.1, 0.2, 0.3, 0.25, 0.4])
+    md, js = table1(str(tmp_path), qs.RUNS, qs.ROW_NAMES, {"name": "x", "step_wall_s": {"world": 12.5}})
+    assert abs(js["rules"]["released"]["ft_both"]["mean"] - 0.43) < 1e-9
+    assert "| MELD + MAM + NRM | 40.0 | 41.0 |" in md and "**43.0**" in md
+    assert "volumes 3, truths 7" in md and "world 12.5" in md
+
+
+def test_results_page_mean_spread_and_ordering(tmp_path):
+    _fake_seed(tmp_path / "seed_0", [0.1, 0.2, 0.3, 0.25, 0.4])
+    _fake_seed(tmp_path / "seed_1", [0.1, 0.3, 0.2, 0.35, 0.5])
+    page = tmp_path / "results.md"
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], str(page), ["--x"])
+    assert page.read_text() == text
+    # MELD: 23 and 33 -> 28.0 ± 7.1
+    assert "| MELD | " in text and "**28.0 ± 7.1**" in text
+    # MELD > baseline in both seeds (+10, +20): holds; MAM > MELD (+10, -10): does not
+    assert "| MELD > baseline | released | +10.0, +20.0 | +15.0 ± 7.1 | yes |" in text
+    assert "| MAM > MELD | released | +10.0, -10.0 |" in text and text.count("| no |") >= 1
+    assert "not run" in text  # mining reports absent
+    assert os.path.basename(str(page)) == "results.md"

@@ -1,0 +1,295 @@
+"""The quick start: the whole method on the synthetic CT world, on this machine's CPU.
+
+    python -m uld_jax.quickstart --out quickstart              # the README's main command runs this
+    python -m uld_jax.quickstart --out /tmp/qs --recipe smoke  # the tiny world, a few steps a stage
+
+Steps (each one a subprocess of the project's own CLIs; logs in ``OUT/logs/<step>.log``):
+
+ 1. ``world``     python -m data_prep.synthesize (the recipe's preset + count overrides)
+ 2. ``check``     python -m data_prep.check
+ 3. ``build``     python -m data_prep.build --pixel-mm (the tiny model's coarse pixels)
+ 4. ``baseline``  python -m uld_jax.main --config configs/baseline.py:tiny  (DeepLesion only)
+ 5. ``meld``      python -m uld_jax.main --config configs/meld.py:tiny      (4 datasets)
+ 6. ``mine``      python -m uld_jax.mine at the MELD checkpoint of epoch ``mine_epoch`` (MAM + NRM),
+                  then ``mined_mam.npz`` / ``mined_nrm.npz``: the same table with only the MAM
+                  positives / only the NRM ignore regions (both keep the added unlabeled slices)
+ 7. ``report``    python -m uld_jax.mine.report (mining precision against the world's truth)
+ 8. ``ft_mam``, ``ft_nrm``, ``ft_both``  python -m uld_jax.main --config configs/finetune.py:tiny
+                  from the same MELD epoch, for the remaining epochs (the paper's protocol: MELD 8
+                  epochs versus MELD 4 + finetuning 4)
+ 9. ``eval_<run>`` python -m uld_jax.evaluate --workdir on the DeepLesion test split, volumetric
+                  protocol (both hit rules) against the world's volumetric truth
+10. ``table``     ``OUT/table1.md`` (+ ``.json``): Table-1-style sensitivities at 0.125 ... 8 FPs per
+                  sub-volume, printed; FROC PNGs in ``OUT/eval/<run>/froc_volumetric.png``
+11. ``overlays``  ``OUT/overlays/*.png``: test key slices with the truth (green) and the final
+                  model's detections (red, score >= 0.5; the top 3 when none reaches it)
+
+Resume: a finished step writes ``OUT/state/<step>.json`` (its command and wall time) and is skipped
+when run again; an interrupted step is started again and resumes where its tool does (training
+from its last checkpoint, building and mining by chunks; an incomplete world is synthesized anew).
+Nothing here tunes on the test split: the recipe is fixed before evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    preset: str
+    world_args: tuple[str, ...]
+    pixel_mm: float
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int            # baseline and MELD
+    mine_epoch: int        # MELD checkpoint mined and finetuned from
+    eval_batch: int = 4
+    mine_every_mm: float = 5.0
+
+
+RECIPES = {
+    # The README's quick start: the `small` world with fewer DeepLesion patients and single-type
+    # scans (same presets otherwise: 512 px matrices, 5/2/1 mm DeepLesion series, partial labels),
+    # the tiny model at 2 mm pixels on a 160 px canvas.
+    "quick": Recipe(name="quick", preset="small",
+                    world_args=("--dl-patients", "36", "--luna", "8", "--lits", "4", "--nihln", "4"),
+                    pixel_mm=2.0, batch_size=4, steps_per_epoch=60, epochs=4, mine_epoch=2),
+    # The smoke test: the `tiny` world, a few steps per stage.
+    "smoke": Recipe(name="smoke", preset="tiny", world_args=(), pixel_mm=2.0, batch_size=2,
+                    steps_per_epoch=2, epochs=2, mine_epoch=1, eval_batch=2),
+}
+
+FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+RUNS = ("baseline", "meld", "ft_mam", "ft_nrm", "ft_both")
+ROW_NAMES = {"baseline": "Baseline (DeepLesion only, MULAN-like)", "meld": "MELD",
+             "ft_mam": "MELD + MAM", "ft_nrm": "MELD + NRM", "ft_both": "MELD + MAM + NRM"}
+
+
+class Quickstart:
+    def __init__(self, out: str, recipe: Recipe, seed: int = 0, quiet: bool = False,
+                 data_from: str | None = None):
+        """``seed``: the world's and the training runs' seed; ``data_from``: another quick start's
+        folder whose world and build are reused (its world / check / build steps must be done;
+        then ``seed`` only seeds training: the spread across training seeds on one world)."""
+        self.out = os.path.abspath(out)
+        self.r = recipe
+        self.seed = int(seed)
+        self.quiet = quiet
+        for d in ("state", "logs", "runs", "eval"):
+            os.makedirs(os.path.join(self.out, d), exist_ok=True)
+        self.data_from = os.path.abspath(data_from) if data_from else None
+        base = self.data_from or self.out
+        self.world = os.path.join(base, "world")
+        self.data = os.path.join(base, "data")
+        self.t0 = time.time()
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[quickstart {time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def _state(self, step: str) -> str:
+        return os.path.join(self.out, "state", f"{step}.json")
+
+    def done(self, step: str) -> bool:
+        return os.path.isfile(self._state(step))
+
+    def mark(self, step: str, info: dict) -> None:
+        tmp = self._state(step) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=1)
+        os.replace(tmp, self._state(step))
+
+    def run_dir(self, name: str) -> str:
+        return os.path.join(self.out, "runs", name)
+
+    def step(self, name: str, cmds: Sequence[Sequence[str]] = (), fn=None) -> None:
+        """Runs ``cmds`` (then ``fn``) unless ``name`` is finished; records the wall time."""
+        if self.done(name):
+            self.say(f"{name}: done before, skipped")
+            return
+        self.say(f"{name}: running (log {self._log(name)})")
+        t = time.time()
+        with open(self._log(name), "a") as log:
+            for cmd in cmds:
+                log.write(f"\n$ {' '.join(cmd)}\n")
+                log.flush()
+                env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+                rc = subprocess.call(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
+                if rc != 0:
+                    raise SystemExit(f"[quickstart] {name} failed (exit {rc}): {' '.join(cmd)}\n"
+                                     f"  see {self._log(name)} (re-run the quick start to resume)")
+        if fn is not None:
+            fn()
+        wall = time.time() - t
+        self.mark(name, {"commands": [list(c) for c in cmds], "wall_s": round(wall, 1),
+                         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self.say(f"{name}: finished in {wall:.0f}s")
+
+    def _log(self, name: str) -> str:
+        return os.path.join(self.out, "logs", f"{name}.log")
+
+    # -- the steps ----------------------------------------------------------------------------------
+    def do_world(self) -> None:
+        if self.data_from:
+            for s in ("world", "check", "build"):
+                if not os.path.isfile(os.path.join(self.data_from, "state", f"{s}.json")):
+                    raise SystemExit(f"[quickstart] {self.data_from}: step {s} is not done")
+            return
+        if not self.done("world") and os.path.exists(self.world):
+            shutil.rmtree(self.world)           # an interrupted synthesis: start it anew
+        self.step("world", [[sys.executable, "-m", "data_prep.synthesize", "--preset", self.r.preset,
+                             "--seed", str(self.seed), "--out", self.world, "--stats",
+                             *self.r.world_args]])
+
+    def do_check_build(self) -> None:
+        if self.data_from:
+            return
+        self.step("check", [[sys.executable, "-m", "data_prep.check", "--raw", self.world,
+                             "--no-progress"]])
+        self.step("build", [[sys.executable, "-m", "data_prep.build", "--raw", self.world, "--out",
+                             self.data, "--pixel-mm", str(self.r.pixel_mm), "--no-progress"]])
+
+    def _train_cmd(self, config: str, run: str, *extra: str) -> list[str]:
+        r = self.r
+        return [sys.executable, "-m", "uld_jax.main", "--config", f"configs/{config}.py:tiny",
+                "--workdir", self.run_dir(run), f"--config.data.data_dir={self.data}",
+                f"--config.seed={self.seed}", f"--config.batch_size={r.batch_size}",
+                f"--config.steps_per_epoch={r.steps_per_epoch}",
+                f"--config.log_every_steps={max(1, r.steps_per_epoch // 2)}", *extra]
+
+    def do_train(self) -> None:
+        r = self.r
+        decay = f"--config.optimizer.decay_epochs=({r.mine_epoch},{r.epochs - 1 if r.epochs - 1 > r.mine_epoch else r.epochs})"
+        self.step("baseline", [self._train_cmd("baseline", "baseline", f"--config.num_epochs={r.epochs}",
+                                               decay)])
+        self.step("meld", [self._train_cmd("meld", "meld", f"--config.num_epochs={r.epochs}", decay)])
+
+    def _split_overlay(self) -> None:
+        from uld_jax.overlay import read_overlay, write_overlay
+
+        src = os.path.join(self.run_dir("meld"), "mined.npz")
+        cols, meta = read_overlay(src)
+        kind = np.asarray(cols["kind"])
+        for name, keep_kinds in (("mam", (1, 3)), ("nrm", (2, 3))):
+            sel = np.isin(kind, keep_kinds)
+            rows = {k: np.asarray(v)[sel] for k, v in cols.items()}
+            m = {k: v for k, v in meta.items() if k not in ("created", "tool_version")}
+            m["quickstart_subset"] = f"kinds {list(keep_kinds)} of {src}"
+            write_overlay(os.path.join(self.run_dir("meld"), f"mined_{name}.npz"), rows, m,
+                          data_dir=self.data)
+        counts = {int(k): int((kind == k).sum()) for k in (1, 2, 3)}
+        self.say(f"mine: {counts[1]} MAM positives, {counts[2]} NRM ignore regions, "
+                 f"{counts[3]} added unlabeled slices")
+
+    def do_mine(self) -> None:
+        r = self.r
+        self.step("mine", [[sys.executable, "-m", "uld_jax.mine", "--workdir", self.run_dir("meld"),
+                            "--epoch", str(r.mine_epoch), "--every_mm", str(r.mine_every_mm),
+                            "--batch_per_device", str(r.eval_batch), "--progress", "off"]],
+                  fn=self._split_overlay)
+        self.step("report", [[sys.executable, "-m", "uld_jax.mine.report", "--workdir",
+                              self.run_dir("meld"), "--truth", os.path.join(self.world, "truth")]])
+
+    def do_finetune(self) -> None:
+        r = self.r
+        for run, ov in (("ft_mam", "mined_mam.npz"), ("ft_nrm", "mined_nrm.npz"),
+                        ("ft_both", "mined.npz")):
+            path = os.path.join(self.run_dir("meld"), ov)
+            self.step(run, [self._train_cmd(
+                "finetune", run, f"--config.num_epochs={r.epochs - r.mine_epoch}",
+                f"--config.init_from.workdir={self.run_dir('meld')}",
+                f"--config.init_from.epoch={r.mine_epoch}",
+                f"--config.optimizer.decay_epochs=({max(1, (r.epochs - r.mine_epoch) // 2)},)",
+                f"--config.data.overlays=('{path}',)")])
+
+    def do_evaluate(self) -> None:
+        truth = os.path.join(self.world, "truth", "deeplesion_volumetric_truth.pkl")
+        dl_info = os.path.join(self.world, "DeepLesion", "DL_info.csv")
+        for run in RUNS:
+            self.step(f"eval_{run}", [[
+                sys.executable, "-m", "uld_jax.evaluate", "--workdir", self.run_dir(run),
+                "--data", self.data, "--datasets", "deeplesion", "--split", "test",
+                "--protocol", "volumetric", "--truth", truth, "--dl-info", dl_info,
+                "--rule", "both", "--batch-size", str(self.r.eval_batch),
+                "--out", os.path.join(self.out, "eval", run)]])
+
+    # -- the table ----------------------------------------------------------------------------------
+    def do_table(self) -> None:
+        self.step("table", fn=self._table)
+        with open(os.path.join(self.out, "table1.md")) as f:
+            print(f.read(), flush=True)
+
+    def _table(self) -> None:
+        from uld_jax.quickstart_table import table1
+
+        md, js = table1(self.out, RUNS, ROW_NAMES, self.recipe_summary())
+        with open(os.path.join(self.out, "table1.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(self.out, "table1.json"), "w") as f:
+            json.dump(js, f, indent=1)
+
+    def recipe_summary(self) -> dict:
+        return {**dataclasses.asdict(self.r), "seed": self.seed,
+                "step_wall_s": {n[:-5]: json.load(open(os.path.join(self.out, "state", n)))["wall_s"]
+                                for n in sorted(os.listdir(os.path.join(self.out, "state")))
+                                if n.endswith(".json")}}
+
+    def do_overlays(self) -> None:
+        self.step("overlays", fn=self._overlays)
+
+    def _overlays(self, max_images: int = 8) -> None:
+        from uld_jax.quickstart_table import overlay_pngs
+
+        paths = overlay_pngs(self.run_dir("ft_both"), self.data, os.path.join(self.out, "overlays"),
+                             max_images=max_images, batch_size=self.r.eval_batch)
+        self.say(f"overlays: {len(paths)} PNGs in {os.path.join(self.out, 'overlays')}")
+
+    def run(self) -> None:
+        self.do_world()
+        self.do_check_build()
+        self.do_train()
+        self.do_mine()
+        self.do_finetune()
+        self.do_evaluate()
+        self.do_table()
+        self.do_overlays()
+        self.say(f"all done: {self.out}/table1.md, {self.out}/eval/*/froc_volumetric.png, "
+                 f"{self.out}/overlays/")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m uld_jax.quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="quickstart", help="output folder (re-run to resume)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="quick")
+    p.add_argument("--seed", type=int, default=0, help="world and training seed")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="override the recipe's")
+    p.add_argument("--data-from", default=None,
+                   help="another quick start's OUT whose world and build to reuse (training seeds)")
+    a = p.parse_args(argv)
+    r = RECIPES[a.recipe]
+    if a.steps_per_epoch:
+        r = dataclasses.replace(r, steps_per_epoch=int(a.steps_per_epoch))
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # configs/ are relative
+    absp = lambda x: x if os.path.isabs(x) else os.path.join(_CALLER_CWD, x)  # noqa: E731
+    Quickstart(absp(a.out), r, a.seed, data_from=absp(a.data_from) if a.data_from else None).run()
+    return 0
+
+
+_CALLER_CWD = os.getcwd()
+
+if __name__ == "__main__":
+    sys.exit(main())

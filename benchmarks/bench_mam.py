@@ -45,7 +45,7 @@ DIM = 256
 def _rss_peak_mb() -> float:
     """Peak resident set size of this process so far (MiB)."""
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024.0
@@ -57,7 +57,7 @@ def _rss_peak_mb() -> float:
 def _reset_rss_peak() -> bool:
     """Resets the kernel's peak-RSS counter (Linux ``clear_refs`` 5); False where not allowed."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")
         return True
     except OSError:
@@ -65,7 +65,7 @@ def _reset_rss_peak() -> bool:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
+    with open("/proc/self/statm", encoding="utf-8") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 

@@ -162,7 +162,7 @@ def main(argv=None):
             print(_fmt(r))
         peak = peak2
     if a.json:
-        with open(a.json, "w") as f:
+        with open(a.json, "w", encoding="utf-8") as f:
             json.dump({"matmul_peak_gflops": peak / 1e9, "rows": rows}, f, indent=1)
 
 

@@ -216,7 +216,7 @@ class _DatasetWriter:
         self.progress_path = os.path.join(tmp, "progress.json")
         self.chunks: list[dict] = []
         if os.path.isfile(self.progress_path):
-            with open(self.progress_path) as f:
+            with open(self.progress_path, encoding="utf-8") as f:
                 prog = json.load(f)
             if prog.get("params") == params:
                 self.chunks = prog["chunks"]
@@ -236,7 +236,7 @@ class _DatasetWriter:
 
     def chunk_cases(self, chunk: dict) -> list[dict]:
         """Case metadata of a finished chunk (kept in its own file: progress.json stays small)."""
-        with open(os.path.join(self.tmp, "chunks", chunk["cases_file"])) as f:
+        with open(os.path.join(self.tmp, "chunks", chunk["cases_file"]), encoding="utf-8") as f:
             return json.load(f)
 
     def _reset_buffer(self):
@@ -373,7 +373,7 @@ def _flush_on_bad_item(cases, writer):
 
 
 def _write_skipped(path: str, items: Sequence[BadItem]) -> None:
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write("where\tproblem\n")
         for b in items:
             f.write(f"{b.where}\t{b.problem}\n".replace("\r", " "))
@@ -395,7 +395,7 @@ def build_dataset(raw: str, out: str, dataset: str, *, skip_bad: bool = False, p
         raise BuildError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     final = os.path.join(out, dataset)
     if os.path.isfile(os.path.join(final, sd.BUILD_INFO)):
-        with open(os.path.join(final, sd.BUILD_INFO)) as f:
+        with open(os.path.join(final, sd.BUILD_INFO), encoding="utf-8") as f:
             info = json.load(f)
         print(f"[build] {dataset}: complete in {final}; skipped (delete it to rebuild)", file=sys.stderr)
         return dict(info, status="already_built")
@@ -462,7 +462,7 @@ def build_dataset(raw: str, out: str, dataset: str, *, skip_bad: bool = False, p
     if dropped_annotations:
         print(f"[build] {dataset}: warning: {dropped_annotations} annotations lie on slices that are "
               f"not samples and were not stored", file=sys.stderr)
-    with open(os.path.join(final, sd.BUILD_INFO)) as f:
+    with open(os.path.join(final, sd.BUILD_INFO), encoding="utf-8") as f:
         info = json.load(f)
     info["status"] = "built"
     info["skipped"] = [{"where": b.where, "problem": b.problem} for b in skipped]
@@ -485,7 +485,7 @@ def build(raw: str, out: str, datasets: Iterable[str] = DATASETS, skip_bad: bool
     report_path = os.path.join(out, "build_report.json")
     report = {}
     if os.path.isfile(report_path):       # keep the entries of datasets built by earlier runs
-        with open(report_path) as f:
+        with open(report_path, encoding="utf-8") as f:
             report = json.load(f)
     for d in datasets:
         report[d] = build_dataset(raw, out, d, skip_bad=skip_bad, pixel_mm=pixel_mm,

@@ -108,7 +108,7 @@ def _run(task):
 
 
 def _csv_writer(path):
-    f = open(path, "w", newline="")
+    f = open(path, "w", newline="", encoding="utf-8")
     return f, csv.writer(f, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
 
 
@@ -235,7 +235,7 @@ def synthesize(preset: str = "tiny", seed: int = 0, out: str | os.PathLike = "wo
                         "dl_subvolumes": len(summary["subvolumes"]), "luna16_scans": p.luna_scans,
                         "lits_volumes": p.lits_volumes, "nihln_patients": p.nihln_med + p.nihln_abd},
                     "preset_values": {k: v for k, v in dataclasses.asdict(p).items()}}
-        with open(tmp / "world.json", "w") as f:
+        with open(tmp / "world.json", "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.write("\n")
         if preview and not tables_only:

@@ -600,5 +600,5 @@ def save_iterator_state(iterator, path: str) -> None:
 
 def restore_iterator_state(iterator, path: str) -> None:
     """Inverse of :func:`save_iterator_state`."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         iterator.set_state(json.load(f))

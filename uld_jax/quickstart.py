@@ -108,7 +108,7 @@ class Quickstart:
 
     def mark(self, step: str, info: dict) -> None:
         tmp = self._state(step) + ".tmp"
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
         os.replace(tmp, self._state(step))
 
@@ -122,7 +122,7 @@ class Quickstart:
             return
         self.say(f"{name}: running (log {self._log(name)})")
         t = time.time()
-        with open(self._log(name), "a") as log:
+        with open(self._log(name), "a", encoding="utf-8") as log:
             for cmd in cmds:
                 log.write(f"\n$ {' '.join(cmd)}\n")
                 log.flush()
@@ -229,21 +229,21 @@ class Quickstart:
     # -- the table ----------------------------------------------------------------------------------
     def do_table(self) -> None:
         self.step("table", fn=self._table)
-        with open(os.path.join(self.out, "table1.md")) as f:
+        with open(os.path.join(self.out, "table1.md"), encoding="utf-8") as f:
             print(f.read(), flush=True)
 
     def _table(self) -> None:
         from uld_jax.quickstart_table import table1
 
         md, js = table1(self.out, RUNS, ROW_NAMES, self.recipe_summary())
-        with open(os.path.join(self.out, "table1.md"), "w") as f:
+        with open(os.path.join(self.out, "table1.md"), "w", encoding="utf-8") as f:
             f.write(md)
-        with open(os.path.join(self.out, "table1.json"), "w") as f:
+        with open(os.path.join(self.out, "table1.json"), "w", encoding="utf-8") as f:
             json.dump(js, f, indent=1)
 
     def recipe_summary(self) -> dict:
         return {**dataclasses.asdict(self.r), "seed": self.seed,
-                "step_wall_s": {n[:-5]: json.load(open(os.path.join(self.out, "state", n)))["wall_s"]
+                "step_wall_s": {n[:-5]: json.load(open(os.path.join(self.out, "state", n), encoding="utf-8"))["wall_s"]
                                 for n in sorted(os.listdir(os.path.join(self.out, "state")))
                                 if n.endswith(".json")}}
 

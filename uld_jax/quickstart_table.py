@@ -26,7 +26,7 @@ def _fmt(v) -> str:
 def table1(out: str, runs: Sequence[str], names: Mapping[str, str], recipe: Mapping) -> tuple[str, dict]:
     res = {}
     for run in runs:
-        with open(os.path.join(out, "eval", run, "results.json")) as f:
+        with open(os.path.join(out, "eval", run, "results.json"), encoding="utf-8") as f:
             res[run] = json.load(f)
     first = res[runs[0]]
     counts = first.get("info", {}).get("counts", {})

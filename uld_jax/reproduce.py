@@ -103,7 +103,7 @@ def run_thetas(out: str, recipe: qs.Recipe, seed: int, thetas: Sequence[float]) 
 # --------------------------------------------------------------------------------------------------
 def _load(path: str):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
@@ -307,7 +307,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     return text

@@ -542,7 +542,7 @@ def dataset_dir_for(data_dir: str | os.PathLike, dataset: str) -> str:
 
 
 def read_build_info(data_dir: str | os.PathLike, dataset: str) -> dict:
-    with open(os.path.join(dataset_dir_for(data_dir, dataset), BUILD_INFO)) as f:
+    with open(os.path.join(dataset_dir_for(data_dir, dataset), BUILD_INFO), encoding="utf-8") as f:
         return json.load(f)
 
 

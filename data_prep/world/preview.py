@@ -70,7 +70,7 @@ def _ellipse_px(les: L.Lesion, k: int, d: float, x0: float, y0: float, px: float
 
 
 def deeplesion_tiles(world: pathlib.Path, seed: int, preset: Preset, max_tiles: int = 16):
-    rows = list(csv.DictReader(open(world / "DeepLesion" / "DL_info.csv", newline="")))
+    rows = list(csv.DictReader(open(world / "DeepLesion" / "DL_info.csv", newline="", encoding="utf-8")))
     plan = C.plan_deeplesion(seed, preset)
     tiles = []
     seen = set()

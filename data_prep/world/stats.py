@@ -27,7 +27,7 @@ def _floats(s: str) -> list[float]:
 
 def dl_info_stats(path) -> dict:
     """Distributions of a DL_info.csv (real or synthetic). Keys hold arrays or dict shares."""
-    rows = list(csv.DictReader(open(path, newline="")))
+    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
     if not rows:
         return {}
     sp = np.array([_floats(r["Spacing_mm_px_"]) for r in rows])
@@ -56,7 +56,7 @@ def dl_info_stats(path) -> dict:
 
 
 def luna_stats(path) -> dict:
-    rows = list(csv.DictReader(open(path, newline="")))
+    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
     d = np.array([float(r["diameter_mm"]) for r in rows]) if rows else np.zeros(0)
     per_scan = collections.Counter(r["seriesuid"] for r in rows)
     return {"diameter_mm": d, "nodules": len(rows), "scans_with_nodules": len(per_scan)}
@@ -69,7 +69,7 @@ def volumetric_stats(truth_pkl, lesions_csv=None) -> dict:
     n = [len(v) for split in t.values() for v in split.values()]
     out = {"subvolumes": len(n), "lesions_per_subvolume": float(np.mean(n)) if n else 0.0}
     if lesions_csv is not None and os.path.exists(lesions_csv):
-        rows = list(csv.DictReader(open(lesions_csv, newline="")))
+        rows = list(csv.DictReader(open(lesions_csv, newline="", encoding="utf-8")))
         if rows:
             out["marked_fraction"] = float(np.mean([r["marked"] == "1" for r in rows]))
     return out
@@ -134,7 +134,7 @@ def format_stats(world: pathlib.Path) -> str:
     row("LUNA16 diameter min/max",
         f"{lw['diameter_mm'].min():.3g}/{lw['diameter_mm'].max():.3g}" if lw["nodules"] else na,
         f"{lr['diameter_mm'].min():.3g}/{lr['diameter_mm'].max():.3g}" if lr else na)
-    n_scans = sum(1 for _ in open(world / "LUNA16" / "seriesuids.csv"))
+    n_scans = sum(1 for _ in open(world / "LUNA16" / "seriesuids.csv", encoding="utf-8"))
     row("LUNA16 nodules / scans with nodules / scans", f"{lw['nodules']}/{lw['scans_with_nodules']}/{n_scans}",
         f"{lr['nodules']}/{lr['scans_with_nodules']}/888" if lr else na)
     return "\n".join(lines)

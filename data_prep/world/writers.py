@@ -187,7 +187,7 @@ def write_mhd(path_mhd: str, vol_zyx: np.ndarray, spacing_xyz, offset_xyz) -> No
         "Offset = " + " ".join(_g(v) for v in offset_xyz), "CenterOfRotation = 0 0 0",
         "AnatomicalOrientation = RAI", "ElementSpacing = " + " ".join(_g(v) for v in spacing_xyz),
         f"DimSize = {nx} {ny} {nz}", "ElementType = MET_SHORT", f"ElementDataFile = {raw_name}", ""])
-    with open(path_mhd, "w", newline="\n") as f:
+    with open(path_mhd, "w", newline="\n", encoding="utf-8") as f:
         f.write(header)
     _to_int16(vol_zyx).astype("<i2").tofile(os.path.join(os.path.dirname(path_mhd), raw_name))
 
@@ -335,7 +335,7 @@ def nihln_unit(seed: int, preset: Preset, i: int, out: str | None, tables_only: 
                 sub = mask[sl]
                 sub[inside & (sub == 0)] = n
         for suffix, lines in (("indices", idx_lines), ("physicalPoints", phys_lines), ("sizes", size_lines)):
-            with open(os.path.join(ann, f"{ident}_lymphnodes_{suffix}.txt"), "w", newline="\n") as f:
+            with open(os.path.join(ann, f"{ident}_lymphnodes_{suffix}.txt"), "w", newline="\n", encoding="utf-8") as f:
                 f.write("".join(line + "\n" for line in lines))
         mdir = os.path.join(out, "NIH-LN", "MED_ABD_LYMPH_MASKS", ident)
         os.makedirs(mdir, exist_ok=True)

@@ -106,7 +106,7 @@ def open_csv(path: str):
     """``open(path, newline="")`` for reading; a file that cannot be opened raises
     :class:`EvaluationInputError` naming it."""
     try:
-        return open(path, newline="")
+        return open(path, newline="", encoding="utf-8")
     except OSError as e:
         raise EvaluationInputError(f"{path}: cannot open ({e})") from e
 

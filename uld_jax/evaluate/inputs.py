@@ -52,7 +52,7 @@ def _read_any(path: str) -> Any:
         return flat
     if ext == ".json":
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 return json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise EvaluationInputError(f"{path}: not readable JSON ({e})") from e

@@ -105,7 +105,7 @@ def read_seriesuids(path: str | os.PathLike) -> list[str]:
     """Reads seriesuids.csv (one uid per line, no header; first column)."""
     path = os.fspath(path)
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             out = [row[0].strip() for row in csv.reader(f) if row and row[0].strip()]
     except OSError as e:
         raise EvaluationInputError(f"{path}: cannot open ({e})") from e

@@ -55,7 +55,7 @@ def load_truth_csv(path: str, split: str = "train") -> dict[str, dict[str, np.nd
     Raises ValueError naming the file and line for a missing column or a bad number."""
     need = ("subvolume", "x1", "y1", "z1", "x2", "y2", "z2", "lesion_id", "split", "marked")
     out: dict[str, dict[str, list]] = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         r = csv.DictReader(f)
         missing = [c for c in need if c not in (r.fieldnames or [])]
         if missing:
@@ -200,7 +200,7 @@ def load_run_outputs(overlay_path: str, store_dir: str | None = None):
     if not sdir or not os.path.isdir(sdir):
         raise FileNotFoundError(f"{overlay_path}: its chunk store {sdir!r} is not there "
                                 "(pass --store_dir)")
-    with open(os.path.join(sdir, "store.json")) as f:
+    with open(os.path.join(sdir, "store.json"), encoding="utf-8") as f:
         m = json.load(f)
     st = store.ChunkStore(sdir, checkpoint_step=m["checkpoint_step"], config_hash=m["config_hash"],
                           embedding_dim=m["embedding_dim"])

@@ -43,7 +43,7 @@ class ChunkStore:
                      "embedding_dim": int(embedding_dim)}
         path = os.path.join(self.dir, "store.json")
         if os.path.exists(path):
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 try:
                     old = json.load(f)
                 except json.JSONDecodeError as e:

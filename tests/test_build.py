@@ -142,11 +142,11 @@ def test_killed_build_resumes_without_rewriting_chunks(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete build"):
         sd.load_sample_table(tmp_path, "luna16", "train")
     tmp = tmp_path / ".incomplete-luna16"
-    prog = json.loads((tmp / "progress.json").read_text())
+    prog = json.loads((tmp / "progress.json").read_text(encoding="utf-8"))
     assert len(prog["chunks"]) == 1
     chunk0 = tmp / "chunks" / "chunk-00000.slices"
     ino = os.stat(chunk0).st_ino
-    done = {c["case_id"] for c in json.loads((tmp / "chunks" / prog["chunks"][0]["cases_file"]).read_text())}
+    done = {c["case_id"] for c in json.loads((tmp / "chunks" / prog["chunks"][0]["cases_file"]).read_text(encoding="utf-8"))}
     info = _build(tmp_path, cases)["luna16"]
     assert info["resumed_chunks"] == 1
     expect_new = sum(c.slices.shape[0] for c in cases if c.case_id not in done)
@@ -221,14 +221,14 @@ def test_bad_item_stops_build_with_its_message(tmp_path, monkeypatch, capsys):
 def test_skip_bad_lists_every_skipped_item(tmp_path):
     info = _build(tmp_path, _bad_cases(), skip_bad=True)["luna16"]
     assert info["num_cases"] == 3 and info["num_skipped"] == 6
-    lines = (tmp_path / "luna16" / "skipped_items.tsv").read_text().strip().splitlines()
+    lines = (tmp_path / "luna16" / "skipped_items.tsv").read_text(encoding="utf-8").strip().splitlines()
     assert lines[0] == "where\tproblem" and len(lines) == 7
     text = "\n".join(lines)
     for needle in ("truncated .raw file", "int16", "outside the 48x40 slice", "not strictly increasing",
                    "duplicate case_id", "inconsistent spacing"):
         assert needle in text, needle
     assert "luna16_case0011" in text and "synthetic://luna16/11" in text
-    report = json.loads((tmp_path / "build_report.json").read_text())
+    report = json.loads((tmp_path / "build_report.json").read_text(encoding="utf-8"))
     assert len(report["luna16"]["skipped"]) == 6
 
 
@@ -263,7 +263,7 @@ def test_sigkilled_build_resumes(tmp_path):
     prog = tmp_path / ".incomplete-luna16" / "progress.json"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        if prog.exists() and len(json.loads(prog.read_text())["chunks"]) >= 2:
+        if prog.exists() and len(json.loads(prog.read_text(encoding="utf-8"))["chunks"]) >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -271,7 +271,7 @@ def test_sigkilled_build_resumes(tmp_path):
     proc.wait()
     proc.stderr.close()
     assert not (tmp_path / "luna16").exists()
-    done = len(json.loads(prog.read_text())["chunks"])
+    done = len(json.loads(prog.read_text(encoding="utf-8"))["chunks"])
     cases = [cf.make_case("luna16", k, num_slices=6 + k % 3, split="train") for k in range(12)]
     info = _build(tmp_path, cases, chunk_slices=14)["luna16"]
     assert info["resumed_chunks"] == done == 2

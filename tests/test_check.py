@@ -31,7 +31,7 @@ def _deeplesion(root: Path):
            "Normalized_lesion_location": "0.5, 0.5, 0.5", "Coarse_lesion_type": "-1", "Possibly_noisy": "0",
            "Slice_range": "1, 5", "Spacing_mm_px_": "0.8, 0.8, 2", "Image_size": "32, 32",
            "DICOM_windows": "-175, 275", "Patient_gender": "F", "Patient_age": "50", "Train_Val_Test": "1"}
-    with open(d / dl.INFO_CSV, "w", newline="") as f:
+    with open(d / dl.INFO_CSV, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(dl.COLUMNS))
         w.writeheader()
         w.writerow(row)

@@ -36,8 +36,8 @@ def _run(workdir, scan, out, *extra):
     rc = detect.main(["--workdir", workdir, "--input", str(scan), "--out", str(out), "--batch-size",
                       str(BATCH), "--no-progress", *extra])
     assert rc == 0
-    doc = json.load(open(os.path.join(out, "detections.json")))
-    with open(os.path.join(out, "detections.csv")) as f:
+    doc = json.load(open(os.path.join(out, "detections.json"), encoding="utf-8"))
+    with open(os.path.join(out, "detections.csv"), encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(doc["detections"]) == doc["num_detections"]
     assert list(rows[0].keys()) == list(detect.CSV_COLUMNS) if rows else True
@@ -185,7 +185,7 @@ def test_detect_synthetic_formats(workdir, loaded, tmp_path, fmt):
                           "--batch-size", str(BATCH), "--no-progress", "--score-threshold", "0"])
         assert rc == 0
         doc, rows = _run(workdir, path, tmp_path / "out2", "--score-threshold", "0")
-        assert json.load(open(tmp_path / "out" / "detections.json"))["detections"] == doc["detections"]
+        assert json.load(open(tmp_path / "out" / "detections.json", encoding="utf-8"))["detections"] == doc["detections"]
     else:
         doc, rows = _run(workdir, path, tmp_path / "out", "--score-threshold", "0")
     assert doc["num_detections"] > 0 and doc["step"] == 7

@@ -38,7 +38,7 @@ def test_keyslice_from_workdir_cli(workdir, built, tmp_path, capsys):
     rc = ev_main.main(["--workdir", workdir, "--data", data, "--split", "test", "--out",
                        str(tmp_path / "ev"), "--batch-size", "4", "--no-plot"])
     assert rc == 0, capsys.readouterr().err
-    res = json.load(open(tmp_path / "ev" / "results.json"))
+    res = json.load(open(tmp_path / "ev" / "results.json", encoding="utf-8"))
     assert res["protocol"] == "keyslice"
     n_keys = sum(len(c.key_slices) for c in cases)
     assert res["info"]["counts"]["images"] == n_keys
@@ -173,7 +173,7 @@ def test_luna16_from_workdir_cli(workdir, built_luna, tmp_path, capsys):
     rc = ev_main.main(["--workdir", workdir, "--data", data, "--protocol", "luna16", "--truth", ann,
                        "--out", str(tmp_path / "ev"), "--no-plot"])
     assert rc == 0, capsys.readouterr().err
-    res = json.load(open(tmp_path / "ev" / "results.json"))
+    res = json.load(open(tmp_path / "ev" / "results.json", encoding="utf-8"))
     assert res["protocol"] == "luna16" and res["info"]["counts"]["nodules"] == 1
     assert 0.0 <= res["tables"]["linear"]["mean"] <= 1.0
 
@@ -186,6 +186,6 @@ def test_volumetric_from_workdir_cli(workdir, built_luna, tmp_path, capsys):
     rc = ev_main.main(["--workdir", workdir, "--data", data, "--protocol", "volumetric", "--truth",
                        str(truth), "--datasets", "luna16", "--out", str(tmp_path / "ev"), "--no-plot"])
     assert rc == 0, capsys.readouterr().err
-    res = json.load(open(tmp_path / "ev" / "results.json"))
+    res = json.load(open(tmp_path / "ev" / "results.json", encoding="utf-8"))
     assert res["protocol"] == "volumetric" and set(res["tables"]) == {"released", "paper"}
     assert res["info"]["counts"]["truths"] == 1 and res["info"]["counts"]["volumes"] == 1

@@ -35,12 +35,12 @@ def test_cli_pkl_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["--pred", str(tmp_path / "pred.pkl"), "--truth", str(tmp_path / "truth.pkl"), "--out", str(out)])
     assert rc == 0
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     # ranking .9 TP, .8 FP, .7 TP, .6 FP; 3 volumes, 3 truths: curve fps 0 1/3 1/3 2/3, found 1 1 2 2
     sens = res["tables"]["released"]["sensitivity"]
     np.testing.assert_allclose(sens, [1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3])
     assert res["tables"]["paper"]["sensitivity"] == sens
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     assert "| released protocol (3D IoBB >= 0.3, +1 px) | 0.3333 | 0.3333 | 0.6667" in md
     assert (out / "froc_volumetric.png").read_bytes()[:4] == b"\x89PNG"
     assert "0.6667" in capsys.readouterr().out
@@ -60,7 +60,7 @@ def test_cli_json_npz_2d_and_labels(tmp_path):
     rc = main(["--pred", str(tmp_path / "pred2d.npz"), "--pred-2d", "--truth", str(tmp_path / "truth.json"),
                "--labels", str(tmp_path / "labels.json"), "--out", str(out), "--no-plot"])
     assert rc == 0
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     # two 3D boxes: the lesion (score .9) and the FP (.3); 1 of 3 truths found, then an FP at 1/3
     np.testing.assert_allclose(res["tables"]["released"]["sensitivity"], [1 / 3] * 7)
     assert res["strata"]["liver"]["released"] == 1.0 and res["strata"]["lung"]["released"] == 0.0
@@ -85,7 +85,7 @@ def test_cli_errors_name_file_and_key(tmp_path, capsys):
 
 def test_cli_luna16_subprocess_with_clu(tmp_path, real_data):
     d = real_data / "luna16"
-    lines = (d / "annotations.csv").read_text().splitlines()[1:]
+    lines = (d / "annotations.csv").read_text(encoding="utf-8").splitlines()[1:]
     cands = ["seriesuid,coordX,coordY,coordZ,probability"] + [",".join(l.split(",")[:4]) + ",0.9" for l in lines]
     (tmp_path / "cands.csv").write_text("\n".join(cands) + "\n")
     out, tb = tmp_path / "out", tmp_path / "tb"
@@ -94,7 +94,7 @@ def test_cli_luna16_subprocess_with_clu(tmp_path, real_data):
                           capture_output=True, text=True, timeout=120,
                           cwd=pathlib.Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert res["tables"]["linear"]["mean"] == 1.0 and res["protocol"] == "luna16"
     assert any(p.name.startswith("events.out.tfevents") for p in tb.iterdir())
 
@@ -118,7 +118,7 @@ def test_cli_keyslice_and_z_range_warning(tmp_path, capsys):
     (tmp_path / "p.json").write_text(json.dumps(pred))
     assert main(["--protocol", "keyslice", "--pred", str(tmp_path / "p.json"), "--truth", str(tmp_path / "t.json"),
                  "--out", str(tmp_path / "o")]) == 0
-    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    res = json.loads((tmp_path / "o" / "results.json").read_text(encoding="utf-8"))
     # ranking .8 FP, .7 TP (IoU exactly 0.5): curve fps .5 .5, sens 0 .5
     np.testing.assert_allclose(res["tables"]["keyslice"]["sensitivity"], [0.5] * 6)
     # 0-based z instead of the release's slice numbers: flagged in the notes

@@ -166,7 +166,7 @@ def test_interrupted_run_resumes_to_the_same_table(world):
 def _plant(src: str, dst: str) -> dict:
     """Copies a chunk store and plants known embeddings and scores (see the test below)."""
     shutil.copytree(src, dst)
-    st_meta = json.load(open(os.path.join(dst, "store.json")))
+    st_meta = json.load(open(os.path.join(dst, "store.json"), encoding="utf-8"))
     d = st_meta["embedding_dim"]
     e1, e2 = np.eye(d, dtype=np.float32)[0], np.eye(d, dtype=np.float32)[1]
     planted = {}
@@ -338,9 +338,9 @@ def test_quality_report_on_planted_truth(world, tmp_path):
     assert sg[0.8]["n_suspicious"] == 0 and sg[0.5]["n_suspicious"] == 1
     assert sg[0.1]["n_suspicious"] > 1 and sg[0.1]["suspicious_true_fraction"] < 1.0
     md, js = report.write_report(rep, str(tmp_path / "rep"))
-    text = open(md).read()
+    text = open(md, encoding="utf-8").read()
     assert "| mined positives | 1 |" in text and "theta sweep" in text and "sigma sweep" in text
-    back = json.load(open(js))
+    back = json.load(open(js, encoding="utf-8"))
     assert back["theta_sweep"][0]["precision"] is None            # nan (nothing mined) -> null
     assert back["quality"]["n_mined"] == 1
 
@@ -409,7 +409,7 @@ def test_one_device_and_eight_devices_mine_the_same(world):
     assert s["out"] == out
 
     def load(d):
-        m = json.load(open(os.path.join(d, "store.json")))
+        m = json.load(open(os.path.join(d, "store.json"), encoding="utf-8"))
         return store.ChunkStore(d, **m).load()
 
     s1, a1, p1 = load(sdir)

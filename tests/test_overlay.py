@@ -117,7 +117,7 @@ def test_merge_overlays_is_versioned_and_atomic(data, tmp_path):
     before = _store_stat(out)
     p = ov.write_overlay(str(tmp_path / "a.npz"), _rows(), {"theta": 0.15}, data_dir=str(out))
     path = ov.merge_overlays(str(out), "deeplesion", [p], "round1")
-    info = json.loads(open(os.path.join(path, "overlay_info.json")).read())
+    info = json.loads(open(os.path.join(path, "overlay_info.json"), encoding="utf-8").read())
     assert info["overlays"][0]["meta"]["theta"] == 0.15 and len(info["overlays"][0]["sha256"]) == 64
     assert info["counts"]["train"] == {"samples": 5, "added_samples": 2, "rows": 2}
     merged = sd.load_sample_table(out, "deeplesion", "train", version="round1")

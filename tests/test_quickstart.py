@@ -26,17 +26,17 @@ def test_quickstart_smoke_chain_and_resume(tmp_path):
              "ft_both", "eval_baseline", "eval_meld", "eval_ft_mam", "eval_ft_nrm", "eval_ft_both",
              "table", "overlays"]
     for s in steps:
-        info = json.loads((out / "state" / f"{s}.json").read_text())
+        info = json.loads((out / "state" / f"{s}.json").read_text(encoding="utf-8"))
         assert info["wall_s"] >= 0
     # the table has both hit rules and the five rows, read from the evaluation reports
-    t = json.loads((out / "table1.json").read_text())
+    t = json.loads((out / "table1.json").read_text(encoding="utf-8"))
     assert set(t["rules"]) == {"released", "paper"}
     for rule, rows in t["rules"].items():
         assert list(rows) == ["baseline", "meld", "ft_mam", "ft_nrm", "ft_both"]
         for run, row in rows.items():
-            ev = json.loads((out / "eval" / run / "results.json").read_text())
+            ev = json.loads((out / "eval" / run / "results.json").read_text(encoding="utf-8"))
             assert row["mean"] == ev["tables"][rule]["mean"] or (row["mean"] != row["mean"])
-    md = (out / "table1.md").read_text()
+    md = (out / "table1.md").read_text(encoding="utf-8")
     assert "MELD + MAM + NRM" in md and "| method |" in md
     assert "Table 1" in p.stdout
     for run in t["rules"]["released"]:

@@ -70,7 +70,7 @@ def _row(fname, key, recist, box, srange, spacing="0.8, 0.8, 2", size="64, 64", 
 
 
 def _write_csv(path, rows, header=HEADER):
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=header)
         w.writeheader()
         for r in rows:
@@ -267,7 +267,7 @@ def test_skip_bad_collects_and_continues(dl_root):
     root, _, _ = dl_root
     (_folder(root) / "012.png").unlink()
     d = root / "DeepLesion"
-    rows = list(csv.DictReader(open(d / dl.INFO_CSV)))
+    rows = list(csv.DictReader(open(d / dl.INFO_CSV, encoding="utf-8")))
     rows.append(_row("000009_01_01_003.png", 3, RECIST, BOX, (1, 5), spacing="x"))
     _write_csv(d / dl.INFO_CSV, rows)
     bad: list[BadItem] = []

@@ -181,7 +181,7 @@ def test_skip_bad_and_check(tmp_path):
 def test_element_data_file_escaping_folder(tmp_path):
     d = _write(tmp_path, _scan(np.eye(3)))
     mhd = d / "subset0" / f"{UID}.mhd"
-    text = mhd.read_text().replace(f"ElementDataFile = {UID}.raw", "ElementDataFile = ../../secret.raw")
+    text = mhd.read_text(encoding="utf-8").replace(f"ElementDataFile = {UID}.raw", "ElementDataFile = ../../secret.raw")
     assert "secret" in text
     mhd.write_text(text)
     with pytest.raises(BadItem, match=r"ElementDataFile '../../secret.raw' would escape the scan's folder"):

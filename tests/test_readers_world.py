@@ -43,7 +43,7 @@ def test_world_checks_clean(world):
 
 
 def _truth(world, name):
-    with open(world / "truth" / name) as f:
+    with open(world / "truth" / name, encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 

@@ -41,7 +41,7 @@ def test_results_page_mean_spread_and_ordering(tmp_path):
     _fake_seed(tmp_path / "seed_1", [0.1, 0.3, 0.2, 0.35, 0.5])
     page = tmp_path / "results.md"
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], str(page), ["--x"])
-    assert page.read_text() == text
+    assert page.read_text(encoding="utf-8") == text
     # MELD: 23 and 33 -> 28.0 ± 7.1
     assert "| MELD | " in text and "**28.0 ± 7.1**" in text
     # MELD > baseline in both seeds (+10, +20): holds; MAM > MELD (+10, -10): does not

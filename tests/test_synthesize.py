@@ -53,7 +53,7 @@ DL_LINE = re.compile(
 def parse_dl_info(path):
     """Rows of a DL_info.csv as dicts of numbers (the 18 real columns)."""
     out = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
             def fl(k):
                 return [float(v) for v in r[k].split(",")]
@@ -158,7 +158,7 @@ def test_truth_pickle_matches_marks(tiny_world):
             assert np.all(boxes[:, 2] >= k0) and np.all(boxes[:, 5] <= k1), name
             assert np.all(boxes[:, :3] <= boxes[:, 3:])
     split_name = {1: "train", 2: "val", 3: "test"}
-    lesion_rows = list(csv.DictReader(open(tiny_world / "truth" / "deeplesion_lesions.csv", newline="")))
+    lesion_rows = list(csv.DictReader(open(tiny_world / "truth" / "deeplesion_lesions.csv", newline="", encoding="utf-8")))
     rows = parse_dl_info(tiny_world / "DeepLesion" / "DL_info.csv")
     assert sum(r["marked"] == "1" for r in lesion_rows) == len(rows)
     for i, r in enumerate(rows):
@@ -175,7 +175,7 @@ def test_truth_pickle_matches_marks(tiny_world):
 
 def test_organ_scores_side_file(tiny_world):
     rows = parse_dl_info(tiny_world / "DeepLesion" / "DL_info.csv")
-    sc = list(csv.DictReader(open(tiny_world / "DeepLesion" / "lesion_organ_scores.csv", newline="")))
+    sc = list(csv.DictReader(open(tiny_world / "DeepLesion" / "lesion_organ_scores.csv", newline="", encoding="utf-8")))
     assert list(sc[0]) == ["row", "File_name", "lung", "liver", "lymph_node"]
     assert len(sc) == len(rows)
     for i, (s, r) in enumerate(zip(sc, rows)):
@@ -185,19 +185,19 @@ def test_organ_scores_side_file(tiny_world):
 
 def test_luna16_world_coordinates_land_on_nodules(tiny_world):
     root = tiny_world / "LUNA16"
-    uids = [ln.strip() for ln in open(root / "seriesuids.csv")]
+    uids = [ln.strip() for ln in open(root / "seriesuids.csv", encoding="utf-8")]
     assert len(uids) == TINY.luna_scans and len(set(uids)) == len(uids)
-    ann = list(csv.DictReader(open(root / "annotations.csv", newline="")))
+    ann = list(csv.DictReader(open(root / "annotations.csv", newline="", encoding="utf-8")))
     assert ann, "tiny world should have at least one LUNA16 nodule"
     fields = ["ObjectType", "NDims", "BinaryData", "BinaryDataByteOrderMSB", "CompressedData",
               "TransformMatrix", "Offset", "CenterOfRotation", "AnatomicalOrientation", "ElementSpacing",
               "DimSize", "ElementType", "ElementDataFile"]
     for i, uid in enumerate(uids):
         mhd = root / f"subset{i % 10}" / f"{uid}.mhd"
-        keys = [ln.split(" = ")[0] for ln in mhd.read_text().splitlines()]
+        keys = [ln.split(" = ")[0] for ln in mhd.read_text(encoding="utf-8").splitlines()]
         assert keys == fields, mhd
         assert (mhd.parent / f"{uid}.raw").stat().st_size == 2 * np.prod(
-            [int(v) for v in mhd.read_text().split("DimSize = ")[1].split("\n")[0].split()])
+            [int(v) for v in mhd.read_text(encoding="utf-8").split("DimSize = ")[1].split("\n")[0].split()])
     scans = {SG.make_luna(0, TINY, i).name: SG.make_luna(0, TINY, i) for i in range(TINY.luna_scans)}
     for a in ann:
         assert a["seriesuid"] in uids
@@ -293,9 +293,9 @@ def test_nihln_dicom_annotations_and_masks(tiny_world):
         np.testing.assert_allclose(mask.GetSpacing(), img.GetSpacing(), atol=1e-4)
         m = sitk.GetArrayFromImage(mask)
         ann = root / "MED_ABD_LYMPH_ANNOTATIONS" / ident
-        idx = [list(map(int, ln.split())) for ln in open(ann / f"{ident}_lymphnodes_indices.txt")]
-        phys = [list(map(float, ln.split())) for ln in open(ann / f"{ident}_lymphnodes_physicalPoints.txt")]
-        sizes = [list(map(float, ln.split())) for ln in open(ann / f"{ident}_lymphnodes_sizes.txt")]
+        idx = [list(map(int, ln.split())) for ln in open(ann / f"{ident}_lymphnodes_indices.txt", encoding="utf-8")]
+        phys = [list(map(float, ln.split())) for ln in open(ann / f"{ident}_lymphnodes_physicalPoints.txt", encoding="utf-8")]
+        sizes = [list(map(float, ln.split())) for ln in open(ann / f"{ident}_lymphnodes_sizes.txt", encoding="utf-8")]
         assert len(idx) == len(phys) == len(sizes) >= 1
         assert set(np.unique(m)) == set(range(len(idx) + 1))
         scan = SG.make_nihln(0, TINY, i)
@@ -397,7 +397,7 @@ def test_tables_only_statistics_match_targets(tmp_path):
     assert 3.5 <= p5 <= 9.0 and 14.0 <= p50 <= 25.0 and 42.0 <= p95 <= 90.0, (p5, p50, p95)
     assert 0.6 <= np.median(s["pixel_mm"]) <= 0.95
     assert s["marks_per_key_slice"][1] > 0.9 and max(s["marks_per_key_slice"]) <= 3
-    rows = list(csv.DictReader(open(out / "truth" / "deeplesion_lesions.csv", newline="")))
+    rows = list(csv.DictReader(open(out / "truth" / "deeplesion_lesions.csv", newline="", encoding="utf-8")))
     coarse = np.array([int(r["coarse_type"]) for r in rows if r["marked"] == "1"])
     shares = np.bincount(coarse, minlength=9)[1:] / len(coarse)
     assert np.all(shares > 0) and shares.max() < 0.4, shares

@@ -131,7 +131,7 @@ def test_training_logs_keyslice_froc_equal_to_the_cli(tmp_path):
                        "--split", "val", "--protocol", "keyslice", "--batch-size", "4",
                        "--out", str(ev_dir), "--no-plot"])
     assert rc == 0
-    res = json.load(open(ev_dir / "results.json"))
+    res = json.load(open(ev_dir / "results.json", encoding="utf-8"))
     t = res["tables"]["keyslice"]
     cli = dict(zip(t["fp_rates"], t["sensitivity"]))
     for r, name in zip((0.5, 1.0, 2.0, 4.0), RATE_TAGS):

@@ -36,12 +36,12 @@ def test_two_processes_equal_one_process(tmp_path):
         [sys.executable, "-m", "uld_jax.main", *ARGS, f"--workdir={multi}"], cwd=REPO,
         env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                  JAX_PROCESS_ID=str(i)),
-        stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT) for i in range(2)]
+        stdout=open(tmp_path / f"p{i}.log", "w", encoding="utf-8"), stderr=subprocess.STDOUT) for i in range(2)]
     one = subprocess.run([sys.executable, "-m", "uld_jax.main", *ARGS, f"--workdir={single}"],
                          cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=300)
     try:
         for i, p in enumerate(procs):
-            assert p.wait(300) == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
+            assert p.wait(300) == 0, (tmp_path / f"p{i}.log").read_text(encoding="utf-8")[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:

@@ -46,7 +46,7 @@ def _steps(workdir: pathlib.Path) -> list[int]:
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     ref_dir, killed_dir, term_dir = (tmp_path / n for n in ("uninterrupted", "killed", "term"))
-    logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("ref", "killed", "resumed", "term")}
+    logs = {n: open(tmp_path / f"{n}.log", "w", encoding="utf-8") for n in ("ref", "killed", "resumed", "term")}
     kw = dict(cwd=REPO, env=_env(tmp_path / "jax_cache"), stderr=subprocess.STDOUT)
     ref = subprocess.Popen(_cmd(ref_dir), stdout=logs["ref"], **kw)
     victim = subprocess.Popen(_cmd(killed_dir), stdout=logs["killed"], **kw)
@@ -55,7 +55,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         deadline = time.monotonic() + 120
         while not _steps(killed_dir):             # the first checkpoint (step 4) exists: kill
 
-            assert victim.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert victim.poll() is None, (tmp_path / "killed.log").read_text(encoding="utf-8")[-3000:]
             assert time.monotonic() < deadline, "no checkpoint after 120 s"
             time.sleep(0.05)
         victim.send_signal(signal.SIGKILL)
@@ -64,13 +64,13 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         assert max(at_kill) < TOTAL_STEPS, f"the run ended before the kill: {at_kill}"
         resumed = subprocess.Popen(_cmd(killed_dir), stdout=logs["resumed"], **kw)
         while not _steps(term_dir):
-            assert term.poll() is None, (tmp_path / "term.log").read_text()[-3000:]
+            assert term.poll() is None, (tmp_path / "term.log").read_text(encoding="utf-8")[-3000:]
             assert time.monotonic() < deadline + 60, "no checkpoint after 180 s"
             time.sleep(0.05)
         term.send_signal(signal.SIGTERM)           # a scheduler's notice: checkpoint, then stop
-        assert term.wait(60) == 75, (tmp_path / "term.log").read_text()[-3000:]
-        assert resumed.wait(180) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
-        assert ref.wait(180) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+        assert term.wait(60) == 75, (tmp_path / "term.log").read_text(encoding="utf-8")[-3000:]
+        assert resumed.wait(180) == 0, (tmp_path / "resumed.log").read_text(encoding="utf-8")[-3000:]
+        assert ref.wait(180) == 0, (tmp_path / "ref.log").read_text(encoding="utf-8")[-3000:]
     finally:
         for p in (ref, victim, term, locals().get("resumed")):
             if p is not None and p.poll() is None:
@@ -78,9 +78,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         for f in logs.values():
             f.close()
     assert f"resumed from {killed_dir}/checkpoints step {max(at_kill)}" in (
-        tmp_path / "resumed.log").read_text()
+        tmp_path / "resumed.log").read_text(encoding="utf-8")
 
-    term_log = (tmp_path / "term.log").read_text()
+    term_log = (tmp_path / "term.log").read_text(encoding="utf-8")
     stop_step = max(_steps(term_dir))
     assert 4 < stop_step < TOTAL_STEPS
     assert f"stopped on SIGTERM at step {stop_step}" in term_log, term_log[-2000:]

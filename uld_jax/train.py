@@ -407,7 +407,7 @@ class IteratorStateHandler(ocp.CheckpointHandler):
             raise FileNotFoundError(
                 f"{path} is missing: the checkpoint was written by a job with a different number "
                 "of processes; resume with the same process count")
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
 
     def structure(self, directory):  # required by the interface
         return None

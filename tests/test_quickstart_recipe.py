@@ -1,0 +1,67 @@
+"""The quick start's recipes: their config overrides exist, apply, and build a model."""
+
+import ast
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uld_jax import quickstart as qs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name: str, args):
+    """``configs/<name>.py:tiny`` locked, with ``--config.KEY=VALUE`` overrides applied the way the
+    training CLI's config flag does (an unknown key or a wrong type raises)."""
+    c = importlib.import_module(f"configs.{name}").get_config("tiny")
+    c.lock()
+    for a in args:
+        assert a.startswith("--config."), a
+        key, val = a[len("--config."):].split("=", 1)
+        *path, leaf = key.split(".")
+        node = c
+        for k in path:
+            node = node[k]
+        node[leaf] = ast.literal_eval(val)
+    return c
+
+
+@pytest.mark.parametrize("recipe", sorted(qs.RECIPES))
+@pytest.mark.parametrize("name", ["baseline", "meld", "finetune"])
+def test_recipe_overrides_apply_to_every_training_config(recipe, name):
+    r = qs.RECIPES[recipe]
+    c = _config(name, r.train_args)
+    for a in r.train_args:
+        key, val = a[len("--config."):].split("=", 1)
+        got = c
+        for k in key.split("."):
+            got = got[k]
+        want = ast.literal_eval(val)
+        assert tuple(np.atleast_1d(got)) == tuple(np.atleast_1d(want)), (recipe, name, key)
+
+
+def test_quick_recipe_model_builds_and_keeps_anchors_in_mm():
+    r = qs.RECIPES["quick"]
+    assert r.mine_epoch < r.epochs and r.epochs - r.mine_epoch >= 1
+    c = _config("meld", r.train_args)
+    # The paper's anchors at its 0.8 mm pixels, rescaled to the recipe's pixels, within 25%.
+    paper_mm = np.array([16, 24, 32, 48, 96]) * 0.8
+    quick_mm = np.array(c.model.anchors.sizes) * r.pixel_mm
+    assert np.all(np.abs(quick_mm / paper_mm - 1) <= 0.25)
+
+    from uld_jax.models.meld import MELD
+
+    size = int(c.data.image_size[0])
+    model = MELD(c.model)
+    images = jnp.zeros((1, size, size, 9), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0, impl="rbg")}, images,
+                                               method=MELD.init_all))
+    # the widened DenseNet: 3 / 4 / 6 layers of growth 16 after a 32-channel stem
+    bb = shapes["params"]["backbone"]
+    n_layers = sum(1 for k in jax.tree_util.tree_flatten_with_path(bb)[0]
+                   if "conv2" in jax.tree_util.keystr(k[0]) and "kernel" in jax.tree_util.keystr(k[0]))
+    assert n_layers == 3 + 4 + 6, jax.tree_util.tree_structure(bb)

@@ -343,6 +343,14 @@ def test_quality_report_on_planted_truth(world, tmp_path):
     back = json.load(open(js, encoding="utf-8"))
     assert back["theta_sweep"][0]["precision"] is None            # nan (nothing mined) -> null
     assert back["quality"]["n_mined"] == 1
+    # the figure (Fig. 5 analog): a real PNG, NaN precisions (nothing mined) drawn as gaps
+    from PIL import Image
+
+    png = report.plot_sweeps(rep, str(tmp_path / "rep.png"))
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 200
+        assert len(set(im.convert("L").getdata())) > 10     # something is drawn
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
 def test_truth_csv_reader(tmp_path):

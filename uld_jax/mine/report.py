@@ -193,6 +193,57 @@ def write_report(rep: Mapping[str, Any], prefix: str) -> tuple[str, str]:
     return md, js
 
 
+def plot_sweeps(rep: Mapping[str, Any], path: str) -> str:
+    """The mining-quality figure (the paper's Fig. 5 analog) as a PNG at ``path``: left, MAM's
+    precision and recall of unmarked lesions against theta, with the number mined; right, NRM's
+    suspicious regions and the fraction of them on real lesions against sigma. Written to a
+    temporary name, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def col(rows, key):
+        return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows], np.float64)
+
+    th, sg = rep["theta_sweep"], rep["sigma_sweep"]
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    try:
+        p = rep["provenance"]
+        x = col(th, "theta")
+        a0.plot(x, col(th, "precision"), "o-", label="precision (on a real lesion)")
+        a0.plot(x, col(th, "recall_unmarked"), "s-", label="recall of unmarked lesions")
+        a0.axvline(float(p["theta"]), color="gray", ls=":", lw=1)
+        a0.set(xlabel="theta (embedding distance)", ylabel="fraction", ylim=(0, 1),
+               title="MAM: mined positives vs theta")
+        b0 = a0.twinx()
+        b0.plot(x, col(th, "n_mined"), "^--", color="tab:green", alpha=0.6, label="mined")
+        b0.set_ylabel("mined positives")
+        h0, l0 = a0.get_legend_handles_labels()
+        h1, l1 = b0.get_legend_handles_labels()
+        a0.legend(h0 + h1, l0 + l1, loc="upper left", fontsize=8)
+        x = col(sg, "sigma")
+        a1.plot(x, col(sg, "suspicious_true_fraction"), "o-", label="on a real lesion")
+        a1.axvline(float(p["sigma"]), color="gray", ls=":", lw=1)
+        a1.set(xlabel="sigma (single-type expert score)", ylabel="fraction", ylim=(0, 1),
+               title="NRM: suspicious regions vs sigma")
+        b1 = a1.twinx()
+        b1.plot(x, col(sg, "n_suspicious"), "^--", color="tab:green", alpha=0.6, label="regions")
+        b1.set_ylabel("suspicious regions")
+        h0, l0 = a1.get_legend_handles_labels()
+        h1, l1 = b1.get_legend_handles_labels()
+        a1.legend(h0 + h1, l0 + l1, loc="upper right", fontsize=8)
+        fig.suptitle(f"Mining quality against the world's truth (checkpoint step "
+                     f"{p['checkpoint_step']})", fontsize=10)
+        fig.tight_layout()
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def load_run_outputs(overlay_path: str, store_dir: str | None = None):
     """(overlay, slices, annotations, proposals) of a finished mining run."""
     ov = table.read_overlay(overlay_path)
@@ -236,9 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, store.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    md, js = write_report(rep, a.out or os.path.join(a.workdir, "mining_report"))
+    prefix = a.out or os.path.join(a.workdir, "mining_report")
+    md, js = write_report(rep, prefix)
+    png = plot_sweeps(rep, prefix + ".png")
     print(format_markdown(rep))
-    print(f"written: {md}, {js}")
+    print(f"written: {md}, {js}, {png}")
     return 0
 
 

@@ -96,6 +96,23 @@ def test_inference_outputs_static_and_consistent(setup):
                                rtol=1e-4)
 
 
+def test_selected_experts_equal_the_full_forward(setup):
+    """``experts=(e, ...)`` computes only those experts, with the same detections as the full
+    forward's columns (the inference predictor runs one expert this way)."""
+    cfg, model, variables, _, infer, _ = setup
+    batch = _batch(seed=3)
+    full = jax.tree.map(np.asarray, infer(variables, batch))
+    for sel in ((0,), (2,), (3, 1)):
+        part = jax.tree.map(np.asarray, model.apply(variables, batch, train=False, experts=sel))
+        assert part["boxes"].shape[1] == len(sel)
+        for key in ("boxes", "scores", "valid", "head_scores", "organ_weights", "masks",
+                    "embeddings", "proposals", "proposal_valid"):
+            np.testing.assert_allclose(part[key], full[key][:, list(sel)], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{key} of experts {sel}")
+    with pytest.raises(ValueError, match="experts"):
+        model.apply(variables, batch, train=False, experts=(cfg.num_datasets,))
+
+
 def _zero_rows(tree, path, index):
     a = tree
     for k in path:

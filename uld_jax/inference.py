@@ -220,12 +220,6 @@ def _rescore(module, feat, boxes):
     return jnp.sum(w[..., None] * head, axis=-2) / jnp.sum(w, axis=-1)[..., None]
 
 
-def _masks(module, feat, boxes):
-    """Mask probabilities of given boxes: feat [B, h, w, C], boxes [B, K, 4] -> [B, K, 28, 28]."""
-    cfg = module.cfg
-    return jax.nn.sigmoid(module.mask_head(module._roi_align(feat, boxes, cfg.mask.pool_size)))
-
-
 class Predictor:
     """One compiled inference function for a fixed batch: ``[B, H, W, 9]`` images -> the selected
     dataset expert's ``K = roi.detections_per_image`` detections per image.
@@ -265,25 +259,24 @@ class Predictor:
         self.num_traces += 1
         model, e = self.loaded.model, self.expert
         batch = {Keys.IMAGE: images, Keys.IMAGE_VALID: image_valid}
+        # only the selected expert's proposals, NMS, ROI heads, masks and embeddings are computed
         out, inter = model.apply(
-            variables, batch, train=False, mutable=["intermediates"],
+            variables, batch, train=False, experts=(e,), mutable=["intermediates"],
             capture_intermediates=lambda m, name: isinstance(m, DenseNetFPN) and name == "__call__")
         feat = inter["intermediates"]["backbone"]["__call__"][0]
-        boxes = out["boxes"][:, e]                                      # [B, K, 4]
+        boxes = out["boxes"][:, 0]                                      # [B, K, 4]
         res = {
             "boxes": boxes,
-            "scores": out["scores"][:, e],
-            "valid": out["valid"][:, e] & sample_valid[:, None],
-            "organ_weights": out["organ_weights"][:, e],
-            "head_scores": out["head_scores"][:, e],
+            "scores": out["scores"][:, 0],
+            "valid": out["valid"][:, 0] & sample_valid[:, None],
+            "organ_weights": out["organ_weights"][:, 0],
+            "head_scores": out["head_scores"][:, 0],
             "expert_scores": model.apply(variables, feat, boxes, method=_rescore),
         }
         if self.with_masks:
-            # the selected expert's boxes only (out["masks"] covers all D experts: left unused,
-            # XLA drops that computation)
-            res["masks"] = model.apply(variables, feat, boxes, method=_masks)
+            res["masks"] = out["masks"][:, 0]
         if self.with_embeddings:
-            res["embeddings"] = out["embeddings"][:, e]
+            res["embeddings"] = out["embeddings"][:, 0]
         return res
 
     def device_call(self, images: np.ndarray, image_valid: np.ndarray, sample_valid: np.ndarray):

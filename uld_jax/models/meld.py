@@ -79,10 +79,11 @@ class MELD(nn.Module):
                                             cfg.embedding.num_types, cfg.embedding.temperature, dt)
 
     # ----------------------------------------------------------------------------------------------
-    def __call__(self, batch: dict, train: bool = False) -> dict:
+    def __call__(self, batch: dict, train: bool = False,
+                 experts: tuple[int, ...] | None = None) -> dict:
         if train:
             return self.train_outputs(batch)
-        return self.inference_outputs(batch)
+        return self.inference_outputs(batch, experts)
 
     def init_all(self, image: jax.Array) -> jax.Array:
         """Creates every parameter from an image batch [B, H, W, S] without the proposal/NMS/matching
@@ -249,8 +250,10 @@ class MELD(nn.Module):
         return jnp.broadcast_to(ok, (b, a.shape[0]))
 
     # ----------------------------------------------------------------------------------------------
-    def inference_outputs(self, batch: dict) -> dict:
-        """Detections of every dataset expert (D experts, K = roi.detections_per_image, H heads):
+    def inference_outputs(self, batch: dict, experts: tuple[int, ...] | None = None) -> dict:
+        """Detections of every dataset expert, or of ``experts`` only (a static tuple of dataset
+        indices: the other experts' proposals, NMS and ROI heads are not computed; D below is then
+        ``len(experts)``, in that order). K = roi.detections_per_image, H heads:
 
         * ``boxes`` [B, D, K, 4] (input pixels, internal format), ``scores`` [B, D, K] (eq. 1 fused,
           in [0, 1]; 0 on padding), ``head_scores`` [B, D, K, H], ``organ_weights`` [B, D, K, H]
@@ -266,12 +269,18 @@ class MELD(nn.Module):
         cfg, rc, oc = self.cfg, self.cfg.rpn, self.cfg.roi
         image = batch[Keys.IMAGE]
         b, img_h, img_w, _ = image.shape
-        d = cfg.num_datasets
+        sel = tuple(range(cfg.num_datasets)) if experts is None else tuple(int(e) for e in experts)
+        if not sel or any(not 0 <= e < cfg.num_datasets for e in sel):
+            raise ValueError(f"experts {experts}: this model has {cfg.num_datasets} dataset experts")
+        d = len(sel)
         size = jnp.asarray([img_h, img_w], jnp.float32)
         feat = self.backbone(image, train=False)
         anchors = self._anchors(*feat.shape[1:3])
         anchor_ok = self._anchor_valid(anchors, batch, b, img_h, img_w)
-        logits_all, deltas_all = self.rpn(feat)                     # [B, D, N], [B, D, N, 4]
+        logits_all, deltas_all = self.rpn(feat)                     # [B, D_all, N], [B, D_all, N, 4]
+        if experts is not None:
+            idx = jnp.asarray(sel)
+            logits_all, deltas_all = logits_all[:, idx], deltas_all[:, idx]
         prop_fn = lambda l, dl, av: proposal_ops.generate_proposals(  # noqa: E731
             l, dl, anchors, size, pre_nms_top_n=rc.pre_nms_test, post_nms_top_n=rc.post_nms_test,
             nms_threshold=rc.nms_iou, min_size=rc.min_size, weights=rc.box_weights,
@@ -281,8 +290,8 @@ class MELD(nn.Module):
         n_p = pboxes.shape[2]
         roi_feats = self._roi_align(feat, pboxes.reshape(b, d * n_p, 4), oc.pool_size)
         roi_feats = roi_feats.reshape(b, d, n_p, *roi_feats.shape[2:])
-        box_feat, box_deltas_all = self.box_head(roi_feats)          # [B, D, P, F], [B, D, P, D, 4]
-        eye = jnp.eye(d, dtype=jnp.float32)
+        box_feat, box_deltas_all = self.box_head(roi_feats)          # [B, D, P, F], [B, D, P, D_all, 4]
+        eye = jnp.eye(cfg.num_datasets, dtype=jnp.float32)[jnp.asarray(sel)]   # [D, D_all]
         box_deltas = jnp.einsum("bepdk,ed->bepk", box_deltas_all, eye)
         cls_all = self.cls_heads(roi_feats)                          # [B, D, P, H, D]
         head_scores = jax.nn.sigmoid(jnp.einsum("bephd,ed->beph", cls_all, eye))

@@ -32,8 +32,8 @@ mining again repeats no inference), each step of the same resumable kind:
   (``data.positive_only``), multi-task (an expert per dataset, no organ heads or gate); and NRM's
   suspicious regions as positives (``--nrm_as_positive``) against ignored (Table 1's MELD + NRM).
 * ``--unlabeled R1,R2,...``: Fig. 5's number of added unlabeled slices: MELD + MAM + NRM finetuned
-  with ``data.added_ratio = R`` (Table 1's run at the config's default), with the slices drawn per
-  epoch (``runs/<run>/epoch_mix.json``).
+  with ``data.added_ratio = R`` (Table 1's run at the config's default, always in the sweep), with
+  the slices drawn per epoch (``runs/<run>/epoch_mix.json``).
 
 The page is generated: every number comes from the runs' ``results.json`` / ``mining_report.json``
 / ``epoch_mix.json`` / step records; nothing is typed by hand. A row without its results reads
@@ -174,7 +174,7 @@ def unlabeled_run(ratio: float) -> str:
 def run_unlabeled(out: str, recipe: qs.Recipe, seeds: Sequence[int], ratios: Sequence[float]) -> None:
     q = _first_seed(out, recipe, seeds)
     mined = os.path.join(q.run_dir("meld"), "mined.npz")
-    for ratio in ratios:
+    for ratio in sorted(set(ratios) | {default_added_ratio()}):     # Table 1's run: the reference
         run = unlabeled_run(ratio)
         if run != "ft_both":
             _finetune_eval(q, run, mined, f"--config.data.added_ratio={ratio}")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The paper's experiments on the synthetic world (Table 1 over seeds, mining quality, key-slice
-# Table 3 analog, Fig. 5 theta sweep) and docs/results.md written from their outputs.
+# Table 3 analog, Tables 2 and 4 analogs, Fig. 5 theta and added-slices sweeps) and docs/results.md
+# written from their outputs.
 # Usage: bash launch/reproduce.sh [OUT_DIR] [python -m uld_jax.reproduce options]
-#   e.g. bash launch/reproduce.sh runs/reproduce --seeds 0,1,2 --keyslice --thetas 0.05,0.1,0.2,0.3
+#   e.g. bash launch/reproduce.sh runs/reproduce --seeds 0,1,2 --keyslice --thetas 0.05,0.1,0.2,0.3 \
+#        --table2 --table4 --unlabeled 0,0.25,1,2
 # Resumable: re-run the same command to continue.
 set -euo pipefail
 OUT="${1:-runs/reproduce}"

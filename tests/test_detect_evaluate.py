@@ -183,9 +183,20 @@ def test_volumetric_from_workdir_cli(workdir, built_luna, tmp_path, capsys):
     (i0, j0, k0), (i1, j1, k1) = CUBE_LO, CUBE_HI
     truth = tmp_path / "truth.json"
     truth.write_text(json.dumps({uid: [[i0, j0, k0, i1 - 1, j1 - 1, k1 - 1]]}))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({uid: ["lung"]}))
     rc = ev_main.main(["--workdir", workdir, "--data", data, "--protocol", "volumetric", "--truth",
-                       str(truth), "--datasets", "luna16", "--out", str(tmp_path / "ev"), "--no-plot"])
+                       str(truth), "--datasets", "luna16", "--labels", str(labels),
+                       "--out", str(tmp_path / "ev"), "--no-plot"])
     assert rc == 0, capsys.readouterr().err
     res = json.load(open(tmp_path / "ev" / "results.json", encoding="utf-8"))
     assert res["protocol"] == "volumetric" and set(res["tables"]) == {"released", "paper"}
     assert res["info"]["counts"]["truths"] == 1 and res["info"]["counts"]["volumes"] == 1
+    # organ strata from --labels: the one lesion is the lung stratum and the overall one
+    assert res["strata"]["lung"]["num_truths"] == 1 and res["strata"]["liver"]["num_truths"] == 0
+    for rule in ("released", "paper"):
+        assert res["strata"]["lung"][rule] == res["strata"]["overall"][rule] == res["tables"][rule]["mean"]
+    assert res["info"]["sources"]["labels"] == str(labels)
+    # --labels is for the volumetric protocol only
+    rc = ev_main.main(["--workdir", workdir, "--data", data, "--labels", str(labels), "--no-plot"])
+    assert rc == 2 and "applies to the volumetric protocol" in capsys.readouterr().err

@@ -242,6 +242,19 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     assert "single-type" in capsys.readouterr().err
 
 
+def test_one_expert_model_has_no_nrm_experts(world, tmp_path, capsys):
+    """A model trained with data.merge_datasets (one expert) cannot run NRM's single-type experts:
+    the driver says so before mining anything."""
+    c = tiny_config(world["data"])
+    c.model.num_datasets, c.model.num_organ_heads, c.model.use_gate = 1, 1, False
+    c.data.merge_datasets = True
+    save_checkpoints(str(tmp_path / "run"), c, steps=(4,))
+    assert driver.main(["--workdir", str(tmp_path / "run"), "--progress", "off"]) == 1
+    err = capsys.readouterr().err
+    assert "no NRM expert ['luna16', 'lits', 'nihln']" in err and "('deeplesion',)" in err
+    assert not (tmp_path / "run" / "mining").exists()
+
+
 def _finetune_config(world):
     from configs import finetune
     c = finetune.get_config("tiny")

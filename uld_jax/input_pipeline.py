@@ -24,7 +24,8 @@ image              [B,H,W,9] f32    9 slices 2 mm apart (channel 4 = the sample 
                                     HU clipped to -1024..3071, scaled to [0, 255], minus 50;
                                     padding = -50 (air)
 image_valid        [B,H,W] bool     False on padding
-dataset_id         [B] int32        index into DATASETS
+dataset_id         [B] int32        index into DATASETS (0 for every sample with
+                                    ``merge_datasets``)
 boxes              [B,G,4] f32      [y1, x1, y2, x2] pixels of ``image``; original (rows first)
                                     and mined positives; 0 where invalid
 box_valid          [B,G] bool
@@ -36,7 +37,9 @@ lesion_id          [B,G] int64      (-1 unknown / padding)
 organ_target       [B,G,3] f32      lung, liver, lymph node targets in [0, 1]
 organ_valid        [B,G,3] bool
 ignore_boxes       [B,R,4] f32      NRM ignore regions (Provenance.IGNORE rows), after any
-                                    positives beyond G (logged), so that none becomes background
+                                    positives beyond G (logged), so that none becomes background;
+                                    for a ``positive_only`` dataset first one region over the
+                                    whole canvas (see below)
 ignore_valid       [B,R] bool
 sample_id          [B] int64        row of the dataset's sample table (-1: padding element
                                     of a final evaluation batch); unique with dataset_id
@@ -49,6 +52,21 @@ original box) all appear once per epoch; ``negative_ratio`` x as many lesion-fre
 ``added_ratio`` x as many overlay-added slices (mining's unlabeled slices) are drawn anew each
 epoch without replacement. The epoch is shuffled; process p of P takes positions p, p + P, ... of it
 (the same count on every process), so the processes partition each epoch.
+
+Dataset variants (the paper's Table 4):
+
+* ``merge_datasets``: every sample's ``dataset_id`` is 0, so a one-expert model
+  (``model.num_datasets = 1``) learns all selected datasets as one ("dataset concatenation").
+* ``positive_only``: datasets whose lesions are the only thing learnt from their slices. Each of
+  their samples gets, ahead of its other ignore regions, one ignore region covering the canvas and
+  a margin of one canvas on every side, so that no anchor or ROI of the slice can be a negative (the
+  model excludes from negative sampling every anchor / ROI whose IoBB with an ignore region exceeds
+  ``roi.ignore_iobb``, and keeps the positives of real boxes unless
+  ``roi.ignore_overrides_positive``); and their lesion-free and overlay-added slices are not drawn
+  in training mixing (nothing could be learnt from them). For single-type datasets, whose other
+  regions may hold unmarked lesions of other types.
+
+:func:`check_config` validates both against the dataset list and the model's expert count.
 """
 
 from __future__ import annotations
@@ -94,6 +112,9 @@ def default_input_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.augment = True
     c.scale_range = (0.8, 1.2)
     c.shift_px = 8.0
+    c.merge_datasets = False             # True: every sample's dataset_id is 0 (one-expert model)
+    c.positive_only = ()                 # datasets that teach positives only (whole-canvas ignore
+                                         # region, lesion-free slices not drawn)
     if variant == "tiny":
         c.pixel_mm = 2.0
         c.image_size = (160, 160)
@@ -118,6 +139,34 @@ def default_input_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     return c
 
 
+def check_config(config: ml_collections.ConfigDict, num_datasets: int | None = None) -> None:
+    """Raises ValueError, naming the keys, when ``datasets`` / ``positive_only`` name unknown
+    datasets or (``num_datasets``: the model's expert count) the dataset ids the pipeline
+    emits have no expert in the model."""
+    names = tuple(config.datasets)
+    unknown = [d for d in names if d not in DATASET_ID]
+    if unknown:
+        raise ValueError(f"config.datasets: unknown dataset(s) {unknown}; expected some of {DATASETS}")
+    stray = [d for d in config.get("positive_only", ()) if d not in DATASET_ID]
+    if stray:
+        raise ValueError(f"config.positive_only: unknown dataset(s) {stray}; expected some of "
+                         f"{DATASETS} (those not in config.datasets have no effect)")
+    if num_datasets is None or not names:
+        return
+    n = int(num_datasets)
+    if config.get("merge_datasets", False):
+        if n != 1:
+            raise ValueError(f"data.merge_datasets=True gives every sample dataset id 0 (one expert), "
+                             f"but model.num_datasets={n}; set model.num_datasets=1")
+        return
+    top = max(DATASET_ID[d] for d in names)
+    if top >= n:
+        raise ValueError(
+            f"data.datasets {names} give dataset ids up to {top} ({DATASETS[top]}), but the model "
+            f"has model.num_datasets={n} experts ({', '.join(DATASETS[:n])}); raise "
+            "model.num_datasets, or set data.merge_datasets=True for one expert over all datasets")
+
+
 # --------------------------------------------------------------------------------------------------
 # Epoch mixing.
 # --------------------------------------------------------------------------------------------------
@@ -128,11 +177,14 @@ class _Pools:
     added: np.ndarray      # overlay-added samples, drawn per epoch
 
 
-def _pools(table: sd.SampleTable, mix: bool) -> _Pools:
+def _pools(table: sd.SampleTable, mix: bool, positive_only: bool = False) -> _Pools:
+    """``positive_only``: no lesion-free or added samples (see the module docstring)."""
     rows = np.arange(len(table))
     if not mix:
         return _Pools(rows, rows[:0], rows[:0])
     base_pos = (table.is_key_slice | table.has_original()) & ~table.added
+    if positive_only:
+        return _Pools(rows[base_pos], rows[:0], rows[:0])
     return _Pools(rows[base_pos], rows[~base_pos & ~table.added], rows[table.added])
 
 
@@ -144,6 +196,7 @@ class EpochMixDataset(grain.MapDataset):
     Args:
       tables: the sample tables to mix (one per dataset).
       seed, shuffle, mix, negative_ratio, added_ratio: see the module docstring.
+      positive_only: names of datasets whose lesion-free and added samples are not drawn.
       num_epochs: None for endless (length ``sys.maxsize``).
       process_index, process_count: this process's share of every epoch.
       pad_to: pad each epoch's per-process length up to a multiple of this (evaluation; otherwise
@@ -152,12 +205,12 @@ class EpochMixDataset(grain.MapDataset):
 
     def __init__(self, tables: Sequence[sd.SampleTable], *, seed: int, shuffle: bool = True,
                  mix: bool = True, negative_ratio: float = 1.0, added_ratio: float = 0.5,
-                 num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                 pad_to: int | None = None):
+                 positive_only: Sequence[str] = (), num_epochs: int | None = None,
+                 process_index: int = 0, process_count: int = 1, pad_to: int | None = None):
         super().__init__()
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self._pools = [_pools(t, mix) for t in tables]
+        self._pools = [_pools(t, mix, t.dataset in tuple(positive_only)) for t in tables]
         self._seed = int(seed)
         self._shuffle = shuffle
         self._neg = [min(len(p.negative), int(round(negative_ratio * len(p.positive))))
@@ -214,6 +267,12 @@ class EpochMixDataset(grain.MapDataset):
             return np.array([-1, -1, -1], np.int64)
         t, row = self.epoch_elements(epoch)[pos]
         return np.array([t, row, epoch * self.epoch_length + pos], np.int64)
+
+    def composition(self) -> list[dict[str, int]]:
+        """Per table: samples of each pool in one epoch (``positive``, ``negative``, ``added``) and
+        the size of the added pool they are drawn from (``added_pool``)."""
+        return [{"positive": len(p.positive), "negative": n, "added": a, "added_pool": len(p.added)}
+                for p, n, a in zip(self._pools, self._neg, self._add)]
 
     def __str__(self) -> str:
         return f"EpochMixDataset(epoch_length={self.epoch_length}, per_process={self.per_process})"
@@ -413,6 +472,14 @@ class SampleLoader(grain.transforms.Map):
         self.scale_range = tuple(float(v) for v in config.scale_range)
         self.shift_px = float(config.shift_px)
         self.seed = int(config.seed)
+        self.merge_datasets = bool(config.get("merge_datasets", False))
+        self.positive_only = frozenset(config.get("positive_only", ()))
+
+    def whole_canvas_region(self) -> np.ndarray:
+        """[4] the ignore region of a ``positive_only`` sample: the canvas and a margin of one
+        canvas on every side (border-straddling anchors lie inside it too)."""
+        H, W = self.image_size
+        return np.array([-H, -W, 2 * H, 2 * W], np.float32)
 
     def empty_example(self, image: bool = True) -> dict[str, np.ndarray]:
         """An all-invalid example (padding of a final evaluation batch); ``image=False`` leaves the
@@ -464,7 +531,7 @@ class SampleLoader(grain.transforms.Map):
         ex = self.empty_example(image=False)
         ex[Keys.IMAGE] = image
         ex[Keys.IMAGE_VALID] = valid
-        ex[Keys.DATASET_ID] = np.int32(table.dataset_id)
+        ex[Keys.DATASET_ID] = np.int32(0 if self.merge_datasets else table.dataset_id)
         ex[Keys.SAMPLE_ID] = np.int64(row)
         ex[Keys.IS_KEY_SLICE] = np.bool_(table.is_key_slice[row])
         ex[Keys.PIXEL_MM] = np.float32(table.case_pixel_mm[c] / p.scale)
@@ -489,10 +556,15 @@ class SampleLoader(grain.transforms.Map):
                                               sd.decode_mask(les["mask_rect"][i], les["mask"][i]),
                                               p, self.image_size)
         ign_all = overflow + [int(i) for i in np.flatnonzero((prov == int(Provenance.IGNORE)) & keep)]
-        ign = np.asarray(ign_all[: self.R], np.int64)
-        ex[Keys.IGNORE_BOXES][: len(ign)] = boxes[ign]
-        ex[Keys.IGNORE_VALID][: len(ign)] = True
-        if overflow or len(ign_all) > self.R:
+        first = 0
+        if table.dataset in self.positive_only:
+            ex[Keys.IGNORE_BOXES][0] = self.whole_canvas_region()
+            ex[Keys.IGNORE_VALID][0] = True
+            first = 1
+        ign = np.asarray(ign_all[: self.R - first], np.int64)
+        ex[Keys.IGNORE_BOXES][first:first + len(ign)] = boxes[ign]
+        ex[Keys.IGNORE_VALID][first:first + len(ign)] = True
+        if overflow or len(ign_all) > self.R - first:
             self._warn_overflow(table, row, len(pos_all), len(ign_all) - len(overflow))
         return ex
 
@@ -512,10 +584,9 @@ class SampleLoader(grain.transforms.Map):
 # --------------------------------------------------------------------------------------------------
 def load_tables(config: ml_collections.ConfigDict) -> tuple[list[sd.SampleTable], list[sd.SliceStore]]:
     """The sample tables (``config.split``, version, overlays) and slice stores of ``config.datasets``."""
+    check_config(config)
     tables, stores = [], []
     for name in config.datasets:
-        if name not in DATASET_ID:
-            raise ValueError(f"config.datasets: unknown dataset {name!r}; expected some of {DATASETS}")
         tables.append(sd.load_sample_table(config.data_dir, name, config.split,
                                            version=config.samples_version or None,
                                            overlays=tuple(config.overlays)))
@@ -530,6 +601,13 @@ def _process_index_count(process_index, process_count):
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     return int(process_index), int(process_count)
+
+
+def _epoch_mix(config: ml_collections.ConfigDict, tables, **kw) -> EpochMixDataset:
+    """The :class:`EpochMixDataset` of ``config``'s mixing keys over ``tables``."""
+    return EpochMixDataset(tables, seed=config.seed, shuffle=config.shuffle, mix=config.mix,
+                           negative_ratio=config.negative_ratio, added_ratio=config.added_ratio,
+                           positive_only=tuple(config.get("positive_only", ())), **kw)
 
 
 def make_dataset(config: ml_collections.ConfigDict, *, tables=None, stores=None,
@@ -552,10 +630,8 @@ def make_dataset(config: ml_collections.ConfigDict, *, tables=None, stores=None,
         tables, stores = load_tables(config)
     pad = (not config.mix) if pad_final_batch is None else pad_final_batch
     num_epochs = None if config.num_epochs is None or config.num_epochs < 0 else int(config.num_epochs)
-    ds = EpochMixDataset(tables, seed=config.seed, shuffle=config.shuffle, mix=config.mix,
-                         negative_ratio=config.negative_ratio, added_ratio=config.added_ratio,
-                         num_epochs=num_epochs, process_index=pi, process_count=pc,
-                         pad_to=batch if pad else None)
+    ds = _epoch_mix(config, tables, num_epochs=num_epochs, process_index=pi, process_count=pc,
+                    pad_to=batch if pad else None)
     ds = ds.map(SampleLoader(tables, stores, config))
     ds = ds.batch(batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(config.read_threads),
@@ -577,9 +653,16 @@ def steps_per_epoch(config: ml_collections.ConfigDict, tables=None,
     if tables is None:
         tables, _ = load_tables(config)
     _, pc = _process_index_count(0, process_count)
-    ds = EpochMixDataset(tables, seed=config.seed, mix=config.mix, negative_ratio=config.negative_ratio,
-                         added_ratio=config.added_ratio, process_count=pc)
+    ds = _epoch_mix(config, tables, process_count=pc)
     return ds.per_process // (config.global_batch_size // pc)
+
+
+def epoch_composition(config: ml_collections.ConfigDict, tables=None) -> dict[str, dict[str, int]]:
+    """``{dataset: EpochMixDataset.composition() row}``: what one epoch of ``config``'s mixing draws
+    from each dataset (all processes together)."""
+    if tables is None:
+        tables, _ = load_tables(config)
+    return {t.dataset: c for t, c in zip(tables, _epoch_mix(config, tables).composition())}
 
 
 def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:

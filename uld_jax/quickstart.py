@@ -12,14 +12,17 @@ Steps (each one a subprocess of the project's own CLIs; logs in ``OUT/logs/<step
  5. ``meld``      python -m uld_jax.main --config configs/meld.py:tiny      (4 datasets)
  6. ``mine``      python -m uld_jax.mine at the MELD checkpoint of epoch ``mine_epoch`` (MAM + NRM),
                   then ``mined_mam.npz`` / ``mined_nrm.npz``: the same table with only the MAM
-                  positives / only the NRM ignore regions (both keep the added unlabeled slices)
+                  positives / only the NRM rows (both keep the added unlabeled slices;
+                  :func:`split_mined`)
  7. ``report``    python -m uld_jax.mine.report (mining precision against the world's truth)
  8. ``ft_mam``, ``ft_nrm``, ``ft_both``  python -m uld_jax.main --config configs/finetune.py:tiny
                   from the same MELD epoch, for the remaining epochs (the paper's protocol: MELD 8
                   epochs versus MELD 4 + finetuning 4, mining where the first lr phase ends; the
                   quick recipe's first phase is 6 of 8 epochs, since its model learns from scratch)
  9. ``eval_<run>`` python -m uld_jax.evaluate --workdir on the DeepLesion test split, volumetric
-                  protocol (both hit rules) against the world's volumetric truth
+                  protocol (both hit rules) against the world's volumetric truth, organ strata
+                  (lung, liver, lymph node) from the world's organ of every test lesion
+                  (``OUT/organ_labels_test.json``)
 10. ``table``     ``OUT/table1.md`` (+ ``.json``): Table-1-style sensitivities at 0.125 ... 8 FPs per
                   sub-volume, printed; FROC PNGs in ``OUT/eval/<run>/froc_volumetric.png``
 11. ``overlays``  ``OUT/overlays/*.png``: test key slices with the truth (green) and the final
@@ -97,6 +100,32 @@ FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 RUNS = ("baseline", "meld", "ft_mam", "ft_nrm", "ft_both")
 ROW_NAMES = {"baseline": "Baseline (DeepLesion only, MULAN-like)", "meld": "MELD",
              "ft_mam": "MELD + MAM", "ft_nrm": "MELD + NRM", "ft_both": "MELD + MAM + NRM"}
+LABELS_FILE = "organ_labels_test.json"
+
+
+def split_mined(src: str, part: str, dst: str, data_dir: str) -> dict[str, int]:
+    """Writes the ``part`` of mined table ``src`` to ``dst``: ``'mam'`` its MAM positives (kind-1
+    rows of the universal expert), ``'nrm'`` its NRM rows (rows of single-type experts: ignore
+    regions, or positives when mined with ``--nrm_as_positive``); both with every added unlabeled
+    slice (kind 3). Returns the rows written per kind."""
+    from uld_jax.mine.run import UNIVERSAL_EXPERT
+    from uld_jax.overlay import KIND_ADDED, KIND_IGNORE, KIND_MINED, read_overlay, write_overlay
+
+    cols, meta = read_overlay(src)
+    kind, expert = np.asarray(cols["kind"]), np.asarray(cols["expert"])
+    if part == "mam":
+        sel = (kind == KIND_MINED) & (expert == UNIVERSAL_EXPERT)
+    elif part == "nrm":
+        sel = np.isin(kind, (KIND_MINED, KIND_IGNORE)) & (expert != UNIVERSAL_EXPERT)
+    else:
+        raise ValueError(f"part {part!r}: expected 'mam' or 'nrm'")
+    sel |= kind == KIND_ADDED
+    m = {k: v for k, v in meta.items() if k not in ("created", "tool_version")}
+    m["quickstart_subset"] = f"{part} rows and added slices of {src}"
+    write_overlay(dst, {k: np.asarray(v)[sel] for k, v in cols.items()}, m, data_dir=data_dir)
+    return {"mined": int((sel & (kind == KIND_MINED)).sum()),
+            "ignore": int((sel & (kind == KIND_IGNORE)).sum()),
+            "added": int((sel & (kind == KIND_ADDED)).sum())}
 
 
 class Quickstart:
@@ -136,6 +165,21 @@ class Quickstart:
 
     def run_dir(self, name: str) -> str:
         return os.path.join(self.out, "runs", name)
+
+    def eval_dir(self, run: str, protocol: str = "volumetric") -> str:
+        return os.path.join(self.out, "eval" if protocol == "volumetric" else f"eval_{protocol}", run)
+
+    @property
+    def truth(self) -> str:
+        return os.path.join(self.world, "truth", "deeplesion_volumetric_truth.pkl")
+
+    @property
+    def dl_info(self) -> str:
+        return os.path.join(self.world, "DeepLesion", "DL_info.csv")
+
+    @property
+    def labels(self) -> str:
+        return os.path.join(self.out, LABELS_FILE)
 
     def step(self, name: str, cmds: Sequence[Sequence[str]] = (), fn=None) -> None:
         """Runs ``cmds`` (then ``fn``) unless ``name`` is finished; records the wall time."""
@@ -192,61 +236,92 @@ class Quickstart:
                 f"--config.steps_per_epoch={r.steps_per_epoch}",
                 f"--config.log_every_steps={max(1, r.steps_per_epoch // 2)}", *r.train_args, *extra]
 
-    def do_train(self) -> None:
+    def scratch_cmd(self, config: str, run: str, *extra: str) -> list[str]:
+        """Training from scratch for the recipe's epochs (baseline, MELD and Table 4's variants)."""
         r = self.r
-        decay = f"--config.optimizer.decay_epochs=({r.mine_epoch},{r.epochs - 1 if r.epochs - 1 > r.mine_epoch else r.epochs})"
-        self.step("baseline", [self._train_cmd("baseline", "baseline", f"--config.num_epochs={r.epochs}",
-                                               decay)])
-        self.step("meld", [self._train_cmd("meld", "meld", f"--config.num_epochs={r.epochs}", decay)])
+        second = r.epochs - 1 if r.epochs - 1 > r.mine_epoch else r.epochs
+        return self._train_cmd(config, run, f"--config.num_epochs={r.epochs}",
+                               f"--config.optimizer.decay_epochs=({r.mine_epoch},{second})", *extra)
+
+    def finetune_cmd(self, run: str, overlay: str, *extra: str) -> list[str]:
+        """Finetuning from MELD's epoch ``mine_epoch`` for the remaining epochs on ``overlay``."""
+        r = self.r
+        return self._train_cmd(
+            "finetune", run, f"--config.num_epochs={r.epochs - r.mine_epoch}",
+            f"--config.init_from.workdir={self.run_dir('meld')}",
+            f"--config.init_from.epoch={r.mine_epoch}",
+            f"--config.optimizer.decay_epochs=({max(1, (r.epochs - r.mine_epoch) // 2)},)",
+            f"--config.data.overlays=('{overlay}',)", *extra)
+
+    def mine_cmd(self, *extra: str) -> list[str]:
+        """Mining MELD's epoch-``mine_epoch`` checkpoint (its chunk store is shared by every call)."""
+        r = self.r
+        return [sys.executable, "-m", "uld_jax.mine", "--workdir", self.run_dir("meld"),
+                "--epoch", str(r.mine_epoch), "--every_mm", str(r.mine_every_mm),
+                "--batch_per_device", str(r.eval_batch), "--progress", "off", *extra]
+
+    def eval_cmd(self, run: str, protocol: str = "volumetric") -> list[str]:
+        """``run`` on the DeepLesion test split: volumetric (both hit rules, organ strata) or key
+        slices."""
+        cmd = [sys.executable, "-m", "uld_jax.evaluate", "--workdir", self.run_dir(run),
+               "--data", self.data, "--datasets", "deeplesion", "--split", "test",
+               "--protocol", protocol, "--batch-size", str(self.r.eval_batch),
+               "--out", self.eval_dir(run, protocol)]
+        if protocol == "volumetric":
+            cmd += ["--truth", self.truth, "--dl-info", self.dl_info, "--labels", self.labels,
+                    "--rule", "both"]
+        return cmd
+
+    def eval_step(self, run: str) -> None:
+        """The volumetric evaluation of ``run`` (step ``eval_<run>``); one finished before organ
+        strata were reported is run again."""
+        name = f"eval_{run}"
+        res = os.path.join(self.eval_dir(run), "results.json")
+        if self.done(name) and not _has_strata(res):
+            self.say(f"{name}: its results.json has no organ strata; evaluating again")
+            os.remove(self._state(name))
+        self.write_labels()
+        self.step(name, [self.eval_cmd(run)])
+
+    def write_labels(self) -> None:
+        """``OUT/organ_labels_test.json``: the world's organ of every test truth box (lung, liver,
+        lymph_node or other), for the evaluations' organ strata."""
+        if os.path.isfile(self.labels):
+            return
+        from uld_jax.evaluate.inputs import load_volume_dict
+        from uld_jax.evaluate.organs import organ_labels_from_world_truth
+
+        lab = organ_labels_from_world_truth(load_volume_dict(self.truth, split="test"),
+                                            os.path.join(self.world, "truth", "deeplesion_lesions.csv"))
+        tmp = self.labels + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(lab, f, indent=0)
+        os.replace(tmp, self.labels)
+
+    def do_train(self) -> None:
+        self.step("baseline", [self.scratch_cmd("baseline", "baseline")])
+        self.step("meld", [self.scratch_cmd("meld", "meld")])
 
     def _split_overlay(self) -> None:
-        from uld_jax.overlay import read_overlay, write_overlay
-
         src = os.path.join(self.run_dir("meld"), "mined.npz")
-        cols, meta = read_overlay(src)
-        kind = np.asarray(cols["kind"])
-        for name, keep_kinds in (("mam", (1, 3)), ("nrm", (2, 3))):
-            sel = np.isin(kind, keep_kinds)
-            rows = {k: np.asarray(v)[sel] for k, v in cols.items()}
-            m = {k: v for k, v in meta.items() if k not in ("created", "tool_version")}
-            m["quickstart_subset"] = f"kinds {list(keep_kinds)} of {src}"
-            write_overlay(os.path.join(self.run_dir("meld"), f"mined_{name}.npz"), rows, m,
-                          data_dir=self.data)
-        counts = {int(k): int((kind == k).sum()) for k in (1, 2, 3)}
-        self.say(f"mine: {counts[1]} MAM positives, {counts[2]} NRM ignore regions, "
-                 f"{counts[3]} added unlabeled slices")
+        mam = split_mined(src, "mam", os.path.join(self.run_dir("meld"), "mined_mam.npz"), self.data)
+        nrm = split_mined(src, "nrm", os.path.join(self.run_dir("meld"), "mined_nrm.npz"), self.data)
+        self.say(f"mine: {mam['mined']} MAM positives, {nrm['ignore']} NRM ignore regions, "
+                 f"{mam['added']} added unlabeled slices")
 
     def do_mine(self) -> None:
-        r = self.r
-        self.step("mine", [[sys.executable, "-m", "uld_jax.mine", "--workdir", self.run_dir("meld"),
-                            "--epoch", str(r.mine_epoch), "--every_mm", str(r.mine_every_mm),
-                            "--batch_per_device", str(r.eval_batch), "--progress", "off"]],
-                  fn=self._split_overlay)
+        self.step("mine", [self.mine_cmd()], fn=self._split_overlay)
         self.step("report", [[sys.executable, "-m", "uld_jax.mine.report", "--workdir",
                               self.run_dir("meld"), "--truth", os.path.join(self.world, "truth")]])
 
     def do_finetune(self) -> None:
-        r = self.r
         for run, ov in (("ft_mam", "mined_mam.npz"), ("ft_nrm", "mined_nrm.npz"),
                         ("ft_both", "mined.npz")):
-            path = os.path.join(self.run_dir("meld"), ov)
-            self.step(run, [self._train_cmd(
-                "finetune", run, f"--config.num_epochs={r.epochs - r.mine_epoch}",
-                f"--config.init_from.workdir={self.run_dir('meld')}",
-                f"--config.init_from.epoch={r.mine_epoch}",
-                f"--config.optimizer.decay_epochs=({max(1, (r.epochs - r.mine_epoch) // 2)},)",
-                f"--config.data.overlays=('{path}',)")])
+            self.step(run, [self.finetune_cmd(run, os.path.join(self.run_dir("meld"), ov))])
 
     def do_evaluate(self) -> None:
-        truth = os.path.join(self.world, "truth", "deeplesion_volumetric_truth.pkl")
-        dl_info = os.path.join(self.world, "DeepLesion", "DL_info.csv")
         for run in RUNS:
-            self.step(f"eval_{run}", [[
-                sys.executable, "-m", "uld_jax.evaluate", "--workdir", self.run_dir(run),
-                "--data", self.data, "--datasets", "deeplesion", "--split", "test",
-                "--protocol", "volumetric", "--truth", truth, "--dl-info", dl_info,
-                "--rule", "both", "--batch-size", str(self.r.eval_batch),
-                "--out", os.path.join(self.out, "eval", run)]])
+            self.eval_step(run)
 
     # -- the table ----------------------------------------------------------------------------------
     def do_table(self) -> None:
@@ -290,6 +365,14 @@ class Quickstart:
         self.do_overlays()
         self.say(f"all done: {self.out}/table1.md, {self.out}/eval/*/froc_volumetric.png, "
                  f"{self.out}/overlays/")
+
+
+def _has_strata(results_json: str) -> bool:
+    try:
+        with open(results_json, encoding="utf-8") as f:
+            return bool(json.load(f).get("strata"))
+    except (OSError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

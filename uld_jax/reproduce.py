@@ -1,27 +1,43 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--keyslice] \
-        [--thetas 0.05,0.1,0.2,0.3] [--results docs/results.md]
+        [--thetas 0.05,0.1,0.2,0.3] [--table2] [--table4] [--unlabeled 0,0.25,1,2] \
+        [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
 What runs (each piece resumable: finished steps are skipped when run again):
 
 * Table 1: the quick start's chain (``uld_jax.quickstart``) for each training seed, on one world
   (``OUT/seed_<first>`` synthesizes and builds it, the other seeds reuse it): baseline, MELD,
-  MELD + MAM, MELD + NRM, MELD + MAM + NRM, volumetric protocol with both hit rules; the mean and
-  the spread (sample standard deviation) across seeds, and whether the paper's ordering holds.
+  MELD + MAM, MELD + NRM, MELD + MAM + NRM, volumetric protocol with both hit rules and organ strata
+  (the world's organ of every test lesion); the mean and the spread (sample standard deviation)
+  across seeds, and whether the paper's ordering holds.
 * mining quality: ``python -m uld_jax.mine.report`` of each seed's MELD (precision of the MAM
   positives, the unmarked lesions they find, the NRM regions that are real lesions, theta / sigma
   sweeps: the mining side of Fig. 5).
 * ``--keyslice``: the Table 3 analog (MULAN key-slice protocol, FPs per key slice) for every run.
-* ``--thetas``: Fig. 5's theta effect on detection: the first seed's MELD mined again at each theta
-  (the chunk store's inference is reused), finetuned (MAM + NRM) and evaluated.
 
-Not implemented here (named on the page as missing): Table 2's NRM with each single-type dataset,
-Table 4's training variants, Fig. 5's number of added unlabeled slices.
+On the first seed only (its world, build and MELD run; the chunk store of MELD's mining is reused, so
+mining again repeats no inference), each step of the same resumable kind:
+
+* ``--thetas``: Fig. 5's theta effect on detection: MELD mined again at each theta, finetuned
+  (MAM + NRM) and evaluated.
+* ``--table2``: the Table 2 analog: organ-stratified sensitivities (lung, liver, lymph node,
+  overall) of MELD, of MELD + NRM with each single-type expert alone (``--nrm_experts luna16`` /
+  ``lits`` / ``nihln``: mined again, the NRM rows and added slices kept, finetuned as MELD + NRM)
+  and with all three (Table 1's MELD + NRM).
+* ``--table4``: the Table 4 analog: training variants from scratch for the recipe's epochs, as
+  MELD: dataset concatenation (the baseline's one-expert model on the four datasets merged,
+  ``data.merge_datasets``), concatenation with positive-only single-type datasets
+  (``data.positive_only``), multi-task (an expert per dataset, no organ heads or gate); and NRM's
+  suspicious regions as positives (``--nrm_as_positive``) against ignored (Table 1's MELD + NRM).
+* ``--unlabeled R1,R2,...``: Fig. 5's number of added unlabeled slices: MELD + MAM + NRM finetuned
+  with ``data.added_ratio = R`` (Table 1's run at the config's default, always in the sweep), with
+  the slices drawn per epoch (``runs/<run>/epoch_mix.json``).
 
 The page is generated: every number comes from the runs' ``results.json`` / ``mining_report.json``
-/ step records; nothing is typed by hand.
+/ ``epoch_mix.json`` / step records; nothing is typed by hand. A row without its results reads
+"not run".
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ from typing import Sequence
 import numpy as np
 
 from uld_jax import quickstart as qs
+from uld_jax.core import SINGLE_TYPE_DATASETS
 from uld_jax.quickstart_table import RULE_TITLES, RULES
 
 ORDER_CHECKS = (("MELD > baseline", "meld", "baseline"), ("MAM > MELD", "ft_mam", "meld"),
@@ -56,46 +73,137 @@ def run_seeds(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
         q.run()
 
 
+def _first_seed(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> qs.Quickstart:
+    """The first seed's quick start (its world, build and MELD run carry the extra experiments)."""
+    return qs.Quickstart(_seed_dir(out, seeds[0]), recipe, seed=seeds[0])
+
+
 def run_keyslice(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     for s in seeds:
         q = qs.Quickstart(_seed_dir(out, s), recipe, seed=s,
                           data_from=None if s == seeds[0] else _seed_dir(out, seeds[0]))
         for run in qs.RUNS:
-            q.step(f"keyslice_{run}", [[
-                sys.executable, "-m", "uld_jax.evaluate", "--workdir", q.run_dir(run), "--data", q.data,
-                "--datasets", "deeplesion", "--split", "test", "--protocol", "keyslice",
-                "--batch-size", str(recipe.eval_batch),
-                "--out", os.path.join(q.out, "eval_keyslice", run)]])
+            q.step(f"keyslice_{run}", [q.eval_cmd(run, protocol="keyslice")])
 
 
-def _theta_tag(t: float) -> str:
-    return f"{t:g}".replace(".", "p")
+def _tag(v: float) -> str:
+    return f"{v:g}".replace(".", "p")
+
+
+def _mine_part(q: qs.Quickstart, tag: str, part: str, *mine_args: str) -> str:
+    """MELD mined again with ``mine_args`` (the chunk store's inference is reused) into
+    ``mined_<tag>_all.npz``, and its ``part`` (:func:`uld_jax.quickstart.split_mined`) in
+    ``mined_<tag>.npz``, whose path is returned (step ``mine_<tag>``)."""
+    full = os.path.join(q.run_dir("meld"), f"mined_{tag}_all.npz")
+    dst = os.path.join(q.run_dir("meld"), f"mined_{tag}.npz")
+    q.step(f"mine_{tag}", [q.mine_cmd(*mine_args, "--out", full)],
+           fn=lambda: qs.split_mined(full, part, dst, q.data))
+    return dst
+
+
+def _finetune_eval(q: qs.Quickstart, run: str, overlay: str, *extra: str) -> None:
+    q.step(run, [q.finetune_cmd(run, overlay, *extra)])
+    q.eval_step(run)
 
 
 def run_thetas(out: str, recipe: qs.Recipe, seed: int, thetas: Sequence[float]) -> None:
     q = qs.Quickstart(_seed_dir(out, seed), recipe, seed=seed)
-    meld = q.run_dir("meld")
-    truth = os.path.join(q.world, "truth", "deeplesion_volumetric_truth.pkl")
-    dl_info = os.path.join(q.world, "DeepLesion", "DL_info.csv")
     for t in thetas:
-        tag = _theta_tag(t)
-        mined = os.path.join(meld, f"mined_theta{tag}.npz")
-        q.step(f"mine_theta{tag}", [[sys.executable, "-m", "uld_jax.mine", "--workdir", meld,
-                                     "--epoch", str(recipe.mine_epoch), "--every_mm",
-                                     str(recipe.mine_every_mm), "--batch_per_device",
-                                     str(recipe.eval_batch), "--progress", "off", "--theta", str(t),
-                                     "--out", mined]])
-        run = f"ft_both_theta{tag}"
-        q.step(run, [q._train_cmd(
-            "finetune", run, f"--config.num_epochs={recipe.epochs - recipe.mine_epoch}",
-            f"--config.init_from.workdir={meld}", f"--config.init_from.epoch={recipe.mine_epoch}",
-            f"--config.optimizer.decay_epochs=({max(1, (recipe.epochs - recipe.mine_epoch) // 2)},)",
-            f"--config.mine.theta={t}", f"--config.data.overlays=('{mined}',)")])
-        q.step(f"eval_{run}", [[
-            sys.executable, "-m", "uld_jax.evaluate", "--workdir", q.run_dir(run), "--data", q.data,
-            "--datasets", "deeplesion", "--split", "test", "--protocol", "volumetric", "--truth", truth,
-            "--dl-info", dl_info, "--rule", "both", "--batch-size", str(recipe.eval_batch),
-            "--out", os.path.join(q.out, "eval", run)]])
+        tag = _tag(t)
+        mined = os.path.join(q.run_dir("meld"), f"mined_theta{tag}.npz")
+        q.step(f"mine_theta{tag}", [q.mine_cmd("--theta", str(t), "--out", mined)])
+        _finetune_eval(q, f"ft_both_theta{tag}", mined, f"--config.mine.theta={t}")
+
+
+# Table 2: NRM with each single-type dataset's expert alone (and all three: the quick start's ft_nrm).
+TABLE2_ROWS = (("meld", "MELD"),
+               ("ft_nrm_luna16", "MELD + NRM, LUNA16 expert only"),
+               ("ft_nrm_lits", "MELD + NRM, LiTS expert only"),
+               ("ft_nrm_nihln", "MELD + NRM, NIH-LN expert only"),
+               ("ft_nrm", "MELD + NRM, all three experts"))
+STRATA = (("lung", "lung"), ("liver", "liver"), ("lymph_node", "lymph node"), ("overall", "overall"))
+
+
+def run_table2(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    q = _first_seed(out, recipe, seeds)
+    for run in ("meld", "ft_nrm"):
+        q.eval_step(run)            # done by Table 1; again only when it has no organ strata
+    for expert in SINGLE_TYPE_DATASETS:
+        overlay = _mine_part(q, f"nrm_{expert}", "nrm", "--nrm_experts", expert)
+        _finetune_eval(q, f"ft_nrm_{expert}", overlay)
+
+
+# Table 4: training variants. The one-expert model of configs/baseline.py on MELD's four datasets.
+_ONE_EXPERT = ("--config.model.num_datasets=1", "--config.model.num_organ_heads=1",
+               "--config.model.use_gate=False", "--config.data.merge_datasets=True")
+TABLE4_TRAINING = {
+    "concat": _ONE_EXPERT,
+    "concat_pos": _ONE_EXPERT + (f"--config.data.positive_only={SINGLE_TYPE_DATASETS!r}",),
+    "multitask": ("--config.model.num_organ_heads=1", "--config.model.use_gate=False"),
+}
+TABLE4_ROWS = (("baseline", "Baseline (DeepLesion only)"),
+               ("concat", "Dataset concatenation (one expert, four datasets)"),
+               ("concat_pos", "Concatenation, single-type datasets positive-only"),
+               ("multitask", "Multi-task (an expert per dataset, no organ heads or gate)"),
+               ("meld", "MELD"),
+               ("ft_nrm", "MELD + NRM, suspicious regions ignored"),
+               ("ft_nrm_pos", "MELD + NRM, suspicious regions as positives"))
+
+
+def run_table4(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    q = _first_seed(out, recipe, seeds)
+    for run, extra in TABLE4_TRAINING.items():
+        q.step(run, [q.scratch_cmd("meld", run, *extra)])
+        q.eval_step(run)
+    overlay = _mine_part(q, "nrm_pos", "nrm", "--nrm_as_positive")
+    _finetune_eval(q, "ft_nrm_pos", overlay)
+
+
+# Fig. 5: the number of added unlabeled slices (data.added_ratio of the MAM + NRM finetuning).
+def default_added_ratio() -> float:
+    from configs import finetune
+
+    return float(finetune.get_config("tiny").data.added_ratio)
+
+
+def unlabeled_run(ratio: float) -> str:
+    """The finetuning run of ``ratio``: the quick start's ft_both at the config's default."""
+    return "ft_both" if ratio == default_added_ratio() else f"ft_both_added{_tag(ratio)}"
+
+
+def run_unlabeled(out: str, recipe: qs.Recipe, seeds: Sequence[int], ratios: Sequence[float]) -> None:
+    q = _first_seed(out, recipe, seeds)
+    mined = os.path.join(q.run_dir("meld"), "mined.npz")
+    for ratio in sorted(set(ratios) | {default_added_ratio()}):     # Table 1's run: the reference
+        run = unlabeled_run(ratio)
+        if run != "ft_both":
+            _finetune_eval(q, run, mined, f"--config.data.added_ratio={ratio}")
+        q.step(f"mix_{run}", fn=lambda run=run, ratio=ratio: write_epoch_mix(q, run, mined, ratio))
+
+
+def write_epoch_mix(q: qs.Quickstart, run: str, overlay: str, ratio: float) -> dict:
+    """``runs/<run>/epoch_mix.json``: the finetuning's samples per mixing epoch and dataset
+    (``input_pipeline.epoch_composition`` of configs/finetune.py with the run's overlay and
+    ``added_ratio``), and the added slices expected among the samples the recipe trains on."""
+    from configs import finetune
+    from uld_jax import input_pipeline as ip
+
+    c = finetune.get_config("tiny").data
+    c.data_dir, c.overlays, c.added_ratio, c.seed = q.data, (overlay,), float(ratio), q.seed
+    comp = ip.epoch_composition(c)
+    length = sum(sum(v for k, v in d.items() if k != "added_pool") for d in comp.values())
+    added = sum(d["added"] for d in comp.values())
+    trained = q.r.steps_per_epoch * q.r.batch_size * (q.r.epochs - q.r.mine_epoch)
+    info = {"run": run, "added_ratio": float(ratio), "composition": comp, "epoch_length": length,
+            "added_per_epoch": added, "added_pool": sum(d["added_pool"] for d in comp.values()),
+            "training_samples": trained,
+            "expected_added_trained": round(trained * added / length, 1) if length else 0.0}
+    path = os.path.join(q.run_dir(run), "epoch_mix.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,8 +230,120 @@ def _mean_sd(vals: list[float]) -> str:
     return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f}"
 
 
+def _result(out: str, seed: int, run: str, sub: str = "eval"):
+    return _load(os.path.join(_seed_dir(out, seed), sub, run, "results.json"))
+
+
+def _froc_tables(out: str, seeds: Sequence[int], rows: Sequence[tuple[str, str]],
+                 seeds_column: bool = False) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+    """Per hit rule, a table of ``rows`` ((run, name)): sensitivity at each FP rate and the mean,
+    mean ± sd over the seeds with a result ('not run' without one). Returns (lines, {rule: {run:
+    [mean per seed]}})."""
+    res = {(s, r): _result(out, s, r) for s in seeds for r, _ in rows}
+    L: list[str] = []
+    verdict: dict[str, dict[str, list[float]]] = {}
+    for rule in RULES:
+        found = [v["tables"][rule] for v in res.values() if v and rule in v.get("tables", {})]
+        rates = found[-1]["fp_rates"] if found else list(qs.FP_RATES)
+        L += [f"### {RULE_TITLES[rule]}", "",
+              "| method |" + (" seeds |" if seeds_column else "") + " "
+              + " | ".join(f"{x:g}" for x in rates) + " | mean |",
+              "|---|" + ("---:|" if seeds_column else "") + "---:|" * (len(rates) + 1)]
+        means: dict[str, list[float]] = {}
+        for r, name in rows:
+            ts = [res[s, r]["tables"][rule] for s in seeds
+                  if res[s, r] and rule in res[s, r].get("tables", {})]
+            lead = f"| {name} |" + (f" {len(ts)} |" if seeds_column else "")
+            if not ts:
+                L.append(lead + " " + " | ".join("not run" for _ in rates) + " | not run |")
+                continue
+            cols = [_mean_sd([t["sensitivity"][i] for t in ts]) for i in range(len(rates))]
+            means[r] = [t["mean"] for t in ts]
+            L.append(lead + " " + " | ".join(cols) + f" | **{_mean_sd(means[r])}** |")
+        L.append("")
+        verdict[rule] = means
+    return L, verdict
+
+
+def _section_table2(out: str, seeds: Sequence[int]) -> list[str]:
+    res = {(s, r): _result(out, s, r) for s in seeds for r, _ in TABLE2_ROWS}
+    L = ["## Table 2 analog: organ-stratified sensitivity, NRM with each single-type expert", "",
+         "Average sensitivity (%, mean over 0.125 ... 8 FPs per sub-volume) of the DeepLesion test "
+         "lesions of each organ, the world's organ of every lesion (`organ_labels_test.json` from "
+         "`truth/deeplesion_lesions.csv`); 'overall' counts every lesion, other organs included. A "
+         "stratum's FROC has only that organ's lesions as truths (detections of other lesions count "
+         "as FPs, the released recipe). MELD + NRM with one single-type expert (`python -m "
+         f"uld_jax.mine --nrm_experts NAME`, then finetuned as MELD + NRM) runs on seed {seeds[0]} "
+         "only; MELD and MELD + NRM with all three experts over every seed with results "
+         "(mean ± sd; `seeds` = how many).", ""]
+    for rule in RULES:
+        L += [f"### {RULE_TITLES[rule]}", "",
+              "| method | seeds | " + " | ".join(n for _, n in STRATA) + " |",
+              "|---|---:|" + "---:|" * len(STRATA)]
+        for r, name in TABLE2_ROWS:
+            st = [res[s, r]["strata"] for s in seeds if res[s, r] and res[s, r].get("strata")]
+            if not st:
+                L.append(f"| {name} | 0 | " + " | ".join("not run" for _ in STRATA) + " |")
+                continue
+            L.append(f"| {name} | {len(st)} | " + " | ".join(
+                _mean_sd([x.get(k, {}).get(rule) for x in st]) for k, _ in STRATA) + " |")
+        L.append("")
+    st = next((v["strata"] for v in res.values() if v and v.get("strata")), None)
+    if st:
+        L += ["Test lesions per stratum: " + ", ".join(
+            f"{n} {st.get(k, {}).get('num_truths', 'n/a')}" for k, n in STRATA) + ".", ""]
+    return L
+
+
+def _section_table4(out: str, seeds: Sequence[int]) -> list[str]:
+    L = ["## Table 4 analog: training variants (volumetric protocol)", "",
+         "Sensitivity (%) at FPs per sub-volume on the DeepLesion test split. Every variant trains "
+         "from scratch for the recipe's epochs as MELD does: `concat` is the baseline's one-expert "
+         "model (one RPN / box / classification output, no organ heads or gate) on all four "
+         "datasets as one (`data.merge_datasets`); `concat, positive-only` also makes LUNA16, LiTS "
+         "and NIH-LN teach only their lesions (`data.positive_only`: nothing else on their slices "
+         "is a negative, their lesion-free slices are not drawn); `multi-task` has an expert per "
+         "dataset but no organ heads or gate. The NRM pair finetunes from MELD with the suspicious "
+         "regions ignored (MELD + NRM of Table 1) or as positives (`--nrm_as_positive`). The "
+         f"variants run on seed {seeds[0]} only; rows also in Table 1 are over every seed with "
+         "results (mean ± sd; `seeds` = how many).", ""]
+    lines, _ = _froc_tables(out, seeds, TABLE4_ROWS, seeds_column=True)
+    return L + lines
+
+
+def _section_unlabeled(out: str, seeds: Sequence[int], ratios: Sequence[float]) -> list[str]:
+    sd0 = _seed_dir(out, seeds[0])
+    runs_dir = os.path.join(sd0, "runs")
+    found = {}
+    for name in (sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []):
+        mix = _load(os.path.join(runs_dir, name, "epoch_mix.json"))
+        if mix:
+            found[float(mix["added_ratio"])] = mix
+    ratios = sorted(set(found) | {float(r) for r in ratios})
+    L = ["## Fig. 5 analog: number of added unlabeled slices (MELD + MAM + NRM finetuning)", "",
+         f"Seed {seeds[0]} only. `added_ratio` R: unlabeled slices (from mining) drawn per mixing "
+         "epoch = R x the positive slices, fresh each epoch (configs/finetune.py's default, "
+         f"{default_added_ratio():g}, is Table 1's MELD + MAM + NRM). Mean sensitivity (%) over "
+         "0.125 ... 8 FPs per sub-volume. The finetuning trains on a fixed number of samples (the "
+         "recipe's steps x batch), so the last column is how many of them are expected to be added "
+         "slices.", ""]
+    if not ratios:
+        return L + ["Not run (`--unlabeled R1,R2,...`).", ""]
+    L += ["| added_ratio | added slices per epoch (pool) | epoch length | " + " | ".join(RULES)
+          + " | added slices expected in training |", "|---:|---:|---:|" + "---:|" * (len(RULES) + 1)]
+    for ratio in ratios:
+        mix, res = found.get(ratio), _result(out, seeds[0], unlabeled_run(ratio))
+        sens = [_pct(res["tables"][r]["mean"]) if res and r in res.get("tables", {}) else "not run"
+                for r in RULES]
+        mix_cols = ([f"{mix['added_per_epoch']} ({mix['added_pool']})", str(mix["epoch_length"])]
+                    if mix else ["not run", "not run"])
+        L.append(f"| {ratio:g} | " + " | ".join(mix_cols + sens)
+                 + f" | {mix['expected_added_trained'] if mix else 'not run'} |")
+    return L + [""]
+
+
 def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, argv: Sequence[str],
-                  notes: Sequence[str] = ()) -> str:
+                  notes: Sequence[str] = (), unlabeled: Sequence[float] = ()) -> str:
     L: list[str] = ["# Results on the synthetic world", "",
                     "Generated by `python -m uld_jax.reproduce` from the runs' own outputs "
                     "(`results.json`, `mining_report.json`, step records); do not edit by hand.", ""]
@@ -135,44 +355,14 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
           f"- seeds: {', '.join(map(str, seeds))} (the first seed's world and build are shared; the "
           "seed changes training)"] + [f"- note: {n}" for n in notes] + [""]
     # ---- Table 1
-    per = {s: {r: _load(os.path.join(_seed_dir(out, s), "eval", r, "results.json")) for r in qs.RUNS}
-           for s in seeds}
+    per = {s: {r: _result(out, s, r) for r in qs.RUNS} for s in seeds}
     L += ["## Table 1: volumetric protocol, DeepLesion test split", "",
           "Sensitivity (%) at FPs per sub-volume; mean over 0.125 ... 8. With several seeds: mean ± "
           "sample standard deviation across seeds.", ""]
-    verdict = {}
-    for rule in RULES:
-        rates = None
-        for s in seeds:
-            for r in qs.RUNS:
-                t = (per[s][r] or {}).get("tables", {}).get(rule)
-                if t:
-                    rates = t["fp_rates"]
-        if rates is None:
-            continue
-        L += [f"### {RULE_TITLES[rule]}", "",
-              "| method | " + " | ".join(f"{x:g}" for x in rates) + " | mean |",
-              "|---|" + "---:|" * (len(rates) + 1)]
-        means = {}
-        for r in qs.RUNS:
-            ts = [(per[s][r] or {}).get("tables", {}).get(rule) for s in seeds]
-            ts = [t for t in ts if t]
-            if not ts:
-                L.append(f"| {qs.ROW_NAMES[r]} | " + " | ".join("not run" for _ in rates) + " | not run |")
-                continue
-            cols = [_mean_sd([t["sensitivity"][i] for t in ts]) for i in range(len(rates))]
-            means[r] = [t["mean"] for t in ts]
-            L.append(f"| {qs.ROW_NAMES[r]} | " + " | ".join(cols) + f" | **{_mean_sd(means[r])}** |")
-        L.append("")
-        verdict[rule] = means
-    counts = None
-    for s in seeds:
-        for r in qs.RUNS:
-            if per[s][r]:
-                counts = per[s][r].get("info", {}).get("counts")
-                break
-        if counts:
-            break
+    lines, verdict = _froc_tables(out, seeds, [(r, qs.ROW_NAMES[r]) for r in qs.RUNS])
+    L += lines
+    counts = next((per[s][r].get("info", {}).get("counts") for s in seeds for r in qs.RUNS
+                   if per[s][r] and per[s][r].get("info", {}).get("counts")), None)
     if counts:
         L += ["Test split: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."]
         nt = counts.get("truths")
@@ -288,21 +478,30 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
                 L.append(f"| {f[len('ft_both_theta'):].replace('p', '.')} | " + " | ".join(
                     _pct(j["tables"].get(r, {}).get("mean")) for r in RULES) + " |")
         L.append("")
+    L += _section_table2(out, seeds)
+    L += _section_table4(out, seeds)
+    L += _section_unlabeled(out, seeds, unlabeled)
     # ---- times
     L += ["## Wall time per step (s)", "", "| seed | " + " | ".join(_steps_header()) + " | total |",
           "|---|" + "---:|" * (len(_steps_header()) + 1)]
+    extra: dict[str, float] = {}
     for s in seeds:
         st = os.path.join(_seed_dir(out, s), "state")
         w = {n[:-5]: (_load(os.path.join(st, n)) or {}).get("wall_s", float("nan"))
-             for n in (os.listdir(st) if os.path.isdir(st) else []) if n.endswith(".json")}
+             for n in (sorted(os.listdir(st)) if os.path.isdir(st) else []) if n.endswith(".json")}
         L.append(f"| {s} | " + " | ".join(f"{w[k]:g}" if k in w else "-" for k in _steps_header())
                  + f" | {sum(v for v in w.values() if np.isfinite(v)):.0f} |")
-    L += ["", "## Missing", "",
-          "- Table 2 (organ strata; NRM with each single-type dataset), Table 4 (training variants) "
-          "and Fig. 5's number of added unlabeled slices are not run by this script yet.",
+        if s == seeds[0]:
+            extra = {k: v for k, v in w.items() if k not in _steps_header()}
+    if extra:
+        L += ["", f"Seed {seeds[0]}'s other steps (Tables 2-4, Fig. 5): " + ", ".join(
+            f"{k} {v:g}" for k, v in extra.items()) + "."]
+    L += ["", "## Caveats", "",
           "- The recipe is the quick start's (minutes of CPU training of the `tiny` model on a "
           "reduced `small` world): far from the paper's scale, so differences of a few points are "
-          "within the noise of one run; read the spread across seeds.", ""]
+          "within the noise of one run; read the spread across seeds.",
+          "- Tables 2 and 4 and the Fig. 5 sweeps run on the first seed only (one training run per "
+          "row): a single run's differences are not evidence.", ""]
     text = "\n".join(L)
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -318,10 +517,13 @@ def _scalar_curve(workdir: str, tags: Sequence[str]) -> dict[str, list[tuple[int
     import glob
 
     out: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
+    if not files:
+        return out
     try:
         import tensorflow as tf
 
-        for f in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+        for f in files:
             for e in tf.compat.v1.train.summary_iterator(f):
                 for v in e.summary.value:
                     if v.tag in tags:
@@ -363,6 +565,24 @@ def config_table() -> str:
     return "\n".join(lines)
 
 
+def _number_list(flag: str, low: float, strict: bool = False):
+    """argparse type: comma-separated numbers, each >= ``low`` (> with ``strict``), distinct."""
+    def parse(text: str) -> list[float]:
+        try:
+            vals = [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
+        bad = [v for v in vals if not np.isfinite(v) or (v <= low if strict else v < low)]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: every value must be {'>' if strict else '>='} {low:g} (got {bad[0]:g})")
+        if len(set(vals)) != len(vals):
+            raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
+        return vals
+    parse.__name__ = flag
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m uld_jax.reproduce", description=__doc__,
@@ -371,7 +591,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="quick")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--keyslice", action="store_true", help="Table 3 analog for every run")
-    p.add_argument("--thetas", default="", help="comma-separated thetas for the Fig. 5 sweep")
+    p.add_argument("--thetas", default="", type=_number_list("--thetas", 0.0, strict=True),
+                   help="comma-separated thetas for the Fig. 5 sweep")
+    p.add_argument("--table2", action="store_true", help="Table 2 analog (first seed)")
+    p.add_argument("--table4", action="store_true", help="Table 4 analog (first seed)")
+    p.add_argument("--unlabeled", default="", type=_number_list("--unlabeled", 0.0),
+                   help="comma-separated data.added_ratio values for Fig. 5's added unlabeled "
+                   "slices (first seed)")
     p.add_argument("--results", default="docs/results.md", help="page to write ('' = none)")
     p.add_argument("--results-only", action="store_true", help="only rewrite the page")
     p.add_argument("--note", action="append", default=[], help="a line added under the header "
@@ -384,7 +610,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     out = os.path.abspath(a.out)
     r = qs.RECIPES[a.recipe]
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds: {a.seeds!r} is not a comma-separated list of integers")
+    if not seeds or len(set(seeds)) != len(seeds):
+        p.error(f"--seeds: {a.seeds!r}: give one or more distinct seeds")
     results = os.path.abspath(a.results) if a.results else ""
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not a.results_only:
@@ -392,8 +623,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.keyslice:
             run_keyslice(out, r, seeds)
         if a.thetas:
-            run_thetas(out, r, seeds[0], [float(t) for t in a.thetas.split(",") if t.strip()])
-    text = write_results(out, r, seeds, results, argv, notes=a.note)
+            run_thetas(out, r, seeds[0], a.thetas)
+        if a.table2:
+            run_table2(out, r, seeds)
+        if a.table4:
+            run_table4(out, r, seeds)
+        if a.unlabeled:
+            run_unlabeled(out, r, seeds, a.unlabeled)
+    text = write_results(out, r, seeds, results, argv, notes=a.note, unlabeled=a.unlabeled or ())
     print(text)
     return 0
 

@@ -81,9 +81,25 @@ def build_data(config: ml_collections.ConfigDict) -> Data:
 # MELD and the grain pipeline.
 # ------------------------------------------------------------------------------------------------
 def _dataset_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Names of the model's dataset columns in the logged metrics ('merged' for the one expert of
+    ``data.merge_datasets``)."""
     d = int(config.model.num_datasets)
+    if config.data.get("merge_datasets", False) and d == 1:
+        return ("merged",)
     names = tuple(config.data.datasets)
     return names if len(names) == d else tuple(core.DATASETS[:d])
+
+
+def check_model_data(config: ml_collections.ConfigDict) -> None:
+    """ConfigError when the input pipeline's dataset ids have no expert in the model
+    (``uld_jax.input_pipeline.check_config``), e.g. ``data.merge_datasets`` with several experts."""
+    if config.data.get("name", "pipeline") != "pipeline":
+        return
+    ip = _import("uld_jax.input_pipeline", ("check_config",), "data.name='pipeline'")
+    try:
+        ip.check_config(config.data, int(config.model.num_datasets))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def meld_metrics(out: dict, logs: dict, names: tuple[str, ...], num_heads: int) -> dict[str, Any]:
@@ -137,6 +153,7 @@ def meld_task(config: ml_collections.ConfigDict) -> Task:
     """
     meld = _import("uld_jax.models.meld", ("MELD",), "task.name='meld'")
     losses = _import("uld_jax.losses", ("meld_loss",), "task.name='meld'")
+    check_model_data(config)
     mcfg = config.model
     model = meld.MELD(mcfg)
     names = _dataset_names(config)

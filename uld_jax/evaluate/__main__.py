@@ -23,7 +23,10 @@ From a trained workdir on a built TFDS split (runs inference first; see from_wor
 
     python -m uld_jax.evaluate --workdir RUN --data DATA_DIR [--split test]
         [--protocol keyslice|volumetric|luna16] [--truth TRUTH] [--dl-info DL_info.csv]
-        [--datasets deeplesion,...] [--expert NAME] [--batch-size 4]
+        [--labels LABELS.json] [--datasets deeplesion,...] [--expert NAME] [--batch-size 4]
+
+    (volumetric: --dl-info gives DeepLesion's geometry and, without --labels, organ strata of the
+    marked lesions; --labels gives a label per truth box, e.g. the synthetic world's full truth.)
 
 Writes results.json, results.md and froc_<protocol>.png to --out (atomically), prints the Markdown
 table, and with --tb DIR logs the scalars through clu metric_writers. Malformed inputs exit with
@@ -86,7 +89,7 @@ def _run_workdir(args: argparse.Namespace):
                             protocol=args.protocol, truth=args.truth,
                             datasets=args.datasets.split(",") if args.datasets else None, expert=args.expert,
                             batch_size=args.batch_size, dl_info=args.dl_info, stack_iou=args.stack_iou,
-                            fp_rates=rates, max_marks=args.max_marks)
+                            fp_rates=rates, max_marks=args.max_marks, labels=args.labels)
     return reps
 
 

@@ -10,11 +10,15 @@ loader's unaugmented placement), and calls the offline evaluation:
 * ``volumetric`` (``--truth`` a 1K-set structured file): 2D detections on every stored slice of each
   case, mapped to the case's original voxel grid (the case's source scan header, or for DeepLesion
   PNG folders the ``--dl-info`` rows), z numbered as the release does for ``PPPPPP_SS_RR_AAA-BBB``
-  names (``AAA + k``), then ``evaluate_predictions`` (stacking, both hit rules);
+  names (``AAA + k``), then ``evaluate_predictions`` (stacking, both hit rules); organ strata
+  from ``--labels`` (a label per truth box) or, without it, from the ``--dl-info`` rows of the
+  marked lesions (``uld_jax.evaluate.organs``);
 * ``luna16`` (``--truth`` annotations.csv or its folder): 2D detections stacked per scan, 3D box
   centres in world mm from the source ``.mhd`` header, LUNA16 FROC / CPM over the split's scans.
 
-Each dataset is evaluated by its own expert when the model has it (``--expert`` overrides).
+Each dataset is evaluated by its own expert when the model has it (``--expert`` overrides), else by
+the first expert (a one-expert model, including one trained with ``data.merge_datasets``,
+evaluates every dataset with it).
 
 The pieces (also used during training by ``uld_jax.evaluate.periodic`` on in-memory variables):
 ``load_split`` (the split's table and slice store, once), ``keyslice_split`` (the rows the key-slice
@@ -356,9 +360,12 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
                      datasets: Sequence[str] | None = None, expert: str | None = None,
                      batch_size: int = 4, dl_info: str | None = None, stack_iou: float = 0.5,
                      step: int | None = None, progress: bool = True,
-                     fp_rates: Sequence[float] | None = None, max_marks: int = 100) -> list:
+                     fp_rates: Sequence[float] | None = None, max_marks: int = 100,
+                     labels: str | None = None) -> list:
     """Runs inference and the protocol; returns a list of ``EvaluationReport`` (one per dataset for
-    key slices, one otherwise)."""
+    key slices, one otherwise). ``labels``: volumetric only, a file of organ labels per truth box
+    ``{name: [label, ...]}`` for the organ strata (default: from ``dl_info``'s marked lesions when
+    given)."""
     from uld_jax import inference, slice_data
     from uld_jax.evaluate import inputs, report
 
@@ -378,6 +385,9 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
     if not datasets:
         raise EvaluationInputError(f"{data_dir}: none of the run's datasets "
                                    f"{tuple(loaded.data_config.datasets)} is built there")
+    if labels is not None and protocol != "volumetric":
+        raise EvaluationInputError("--labels (organ strata per truth box) applies to the volumetric "
+                                   f"protocol, not {protocol}")
     kw = dict(expert=expert, batch_size=batch_size, progress=progress)
     reports = []
     if protocol == "keyslice":
@@ -397,13 +407,24 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
             from data_prep.readers.deeplesion import parse_dl_info
 
             dl_rows = {r.case_id: r for r in parse_dl_info(dl_info)}
-        tr = inputs.load_volume_dict(truth, split=None if split not in ("val", "test") else split)
+        tr_split = None if split not in ("val", "test") else split
+        tr = inputs.load_volume_dict(truth, split=tr_split)
+        truth_labels = None
+        if labels is not None:
+            truth_labels = inputs.load_labels(labels, split=tr_split)
+        elif dl_info:
+            from uld_jax.evaluate.organs import organ_labels_from_dl_info
+
+            truth_labels, _ = organ_labels_from_dl_info(tr, dl_info)
         sd = infer_split(loaded, data_dir, datasets[0], split, every_slice=True, **kw)
         per_slice = volumetric_pred(sd, data_dir, dl_rows, stack_iou)
         extra = {"fp_rates": tuple(fp_rates)} if fp_rates else {}
         rep = report.evaluate_predictions(tr, slice_detections=per_slice, stack_iou=stack_iou,
                                           pred_source=f"{loaded.source} ({sd.expert} expert)",
-                                          truth_source=truth, **extra)
+                                          truth_source=truth, truth_labels=truth_labels, **extra)
+        if truth_labels is not None:
+            rep.info["sources"]["labels"] = (os.fspath(labels) if labels is not None
+                                             else f"{dl_info} (marked lesions)")
         return [rep]
     if protocol == "luna16":
         from uld_jax.evaluate.luna import PointTable, luna16_froc, read_points_csv

@@ -18,6 +18,11 @@ that were *marked* (measured on a key slice). This module transfers those types 
 Strata built this way cover only the marked lesions; a stratum's sensitivity is the FROC of those
 truths (see :func:`uld_jax.evaluate.froc.stratified_froc`). This is this project's construction,
 not a released protocol.
+
+The synthetic world knows the organ of every lesion: :func:`organ_labels_from_world_truth` reads
+``WORLD/truth/deeplesion_lesions.csv`` (one row per lesion of each sub-volume, written in the order
+of the boxes of ``deeplesion_volumetric_truth.pkl``; the rows are checked against the boxes) and
+labels every truth ``lung`` / ``liver`` / ``lymph_node`` or ``other``.
 """
 
 from __future__ import annotations
@@ -85,3 +90,43 @@ def organ_labels_from_dl_info(
             stats["matched"] += 1
         labels[name] = lab
     return labels, stats
+
+
+WORLD_STRATA: tuple[str, ...] = ("lung", "liver", "lymph_node")   # other world organs -> "other"
+
+
+def organ_labels_from_world_truth(truth: Mapping[str, Any], lesions_csv: str | os.PathLike
+                                  ) -> dict[str, list[str]]:
+    """``{name: [label per truth row]}`` for every volume of ``truth`` from the synthetic world's
+    ``deeplesion_lesions.csv`` (columns ``subvolume``, ``x1 .. z2``, ``organ``): the rows of a
+    sub-volume are its truth boxes in order. Raises :class:`EvaluationInputError` when a volume's
+    rows do not match its boxes (count or coordinates)."""
+    path = os.fspath(lesions_csv)
+    keys = ("x1", "y1", "z1", "x2", "y2", "z2")
+    rows: dict[str, list[tuple[np.ndarray, str]]] = {}
+    with open_csv(path) as f:
+        reader = csv.DictReader(f)
+        need = {"subvolume", "organ", *keys}
+        if not need <= set(reader.fieldnames or []):
+            raise EvaluationInputError(f"{path}: header lacks {sorted(need - set(reader.fieldnames or []))}")
+        for line, row in enumerate(reader, start=2):
+            name = row["subvolume"].strip()
+            if name not in truth:
+                continue
+            try:
+                box = np.array([float(row[k]) for k in keys], np.float64)
+            except ValueError as e:
+                raise EvaluationInputError(f"{path}: line {line}: unreadable box ({e})") from None
+            organ = row["organ"].strip()
+            rows.setdefault(name, []).append((box, organ if organ in WORLD_STRATA else "other"))
+    labels: dict[str, list[str]] = {}
+    for name, t in truth.items():
+        t = np.asarray(t, np.float64).reshape(-1, 6) if np.asarray(t).size else np.zeros((0, 6))
+        mine = rows.get(name, [])
+        boxes = np.asarray([b for b, _ in mine], np.float64).reshape(-1, 6)
+        if len(boxes) != len(t) or not np.allclose(boxes, t, atol=1e-6):
+            raise EvaluationInputError(
+                f"{path}: the rows of {name!r} ({len(boxes)}) do not match its {len(t)} truth "
+                "box(es) in order; is it the same world's truth?")
+        labels[name] = [o for _, o in mine]
+    return labels

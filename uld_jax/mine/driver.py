@@ -429,6 +429,15 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
     if not loaded.model_config.use_embedding:
         raise ValueError(f"{loaded.source}: the model has no embedding head (model.use_embedding "
                          "is False); MAM needs lesion embeddings")
+    lacking = [e for e in options.mining.nrm_experts if e not in loaded.expert_names]
+    if lacking:
+        raise ValueError(f"{loaded.source}: the model's dataset experts are {loaded.expert_names}, "
+                         f"so it has no NRM expert {lacking}; pass --nrm_experts with a subset of "
+                         "the model's single-type experts ('' for MAM only)")
+    if loaded.data_config.get("merge_datasets", False):
+        log.warning("%s was trained with data.merge_datasets: its one expert learnt every dataset "
+                    "as one, and MAM uses it in place of the universal (DeepLesion) expert",
+                    loaded.source)
     ext, rows = mining_table(data_dir, options.every_mm)
     miner = ChunkMiner(loaded.model, loaded.variables, icfg, ext, rows,
                        chunk_slices=options.chunk_slices,

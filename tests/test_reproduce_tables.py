@@ -1,0 +1,184 @@
+"""docs/results.md's Tables 2 and 4 and Fig. 5's added-slices sweep (``python -m uld_jax.reproduce
+--table2 --table4 --unlabeled``): the page from fabricated run outputs, the organ labels from the
+world's truth, the mined-table split, the commands and the argument checks (fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from uld_jax import quickstart as qs
+from uld_jax import reproduce
+from uld_jax.evaluate.boxes import EvaluationInputError
+
+RATES = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+
+
+def _eval(seed_dir, run, level, strata=True):
+    d = seed_dir / "eval" / run
+    d.mkdir(parents=True, exist_ok=True)
+    tables = {rule: {"title": rule, "fp_rates": RATES, "sensitivity": [level] * 7, "mean": level,
+                     "extra": {}} for rule in ("released", "paper")}
+    st = {}
+    if strata:
+        for k, (s, n) in {"lung": (level + 0.1, 4), "liver": (float("nan"), 0),
+                          "lymph_node": (level - 0.1, 3), "overall": (level, 12)}.items():
+            st[k] = {"released": s, "paper": s, "num_truths": n}
+    (d / "results.json").write_text(json.dumps({"protocol": "volumetric", "tables": tables,
+                                                "strata": st, "info": {"counts": {"truths": 12}}}))
+
+
+def test_page_has_tables_2_and_4_and_the_added_slices_sweep(tmp_path):
+    s0, s1 = tmp_path / "seed_0", tmp_path / "seed_1"
+    for sd, shift in ((s0, 0.0), (s1, 0.1)):
+        for run, lv in zip(qs.RUNS, (0.1, 0.2, 0.3, 0.25, 0.4)):
+            _eval(sd, run, lv + shift)
+    _eval(s0, "ft_nrm_luna16", 0.5)
+    _eval(s0, "concat", 0.15)
+    _eval(s0, "ft_both_added2", 0.45)
+    mix = s0 / "runs" / "ft_both_added2"
+    mix.mkdir(parents=True)
+    (mix / "epoch_mix.json").write_text(json.dumps({
+        "added_ratio": 2.0, "added_per_epoch": 12, "added_pool": 30, "epoch_length": 40,
+        "expected_added_trained": 4.8}))
+    (s0 / "state").mkdir()
+    for name, wall in (("meld", 60.0), ("concat", 50.0), ("mine_nrm_luna16", 3.0)):
+        (s0 / "state" / f"{name}.json").write_text(json.dumps({"wall_s": wall}))
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["--x"],
+                                   unlabeled=[0.0, 2.0])
+    t2 = text[text.index("## Table 2"):text.index("## Table 4")]
+    # MELD over both seeds: lung 30 and 40 -> 35.0 ± 7.1; a stratum without truths -> n/a
+    assert "| MELD | 2 | 35.0 ± 7.1 | n/a | 15.0 ± 7.1 | 25.0 ± 7.1 |" in t2
+    assert "| MELD + NRM, LUNA16 expert only | 1 | 60.0 | n/a | 40.0 | 50.0 |" in t2
+    assert "| MELD + NRM, LiTS expert only | 0 | not run | not run | not run | not run |" in t2
+    assert "seed 0 only" in t2 and "lung 4, liver 0, lymph node 3, overall 12" in t2
+    t4 = text[text.index("## Table 4"):text.index("## Fig. 5 analog")]
+    assert "| Dataset concatenation (one expert, four datasets) | 1 | 15.0 |" in t4
+    assert "| Multi-task (an expert per dataset, no organ heads or gate) | 0 | not run |" in t4
+    assert "| MELD | 2 | 25.0 ± 7.1 |" in t4 and "**25.0 ± 7.1**" in t4
+    assert "| MELD + NRM, suspicious regions as positives | 0 | not run |" in t4
+    f5 = text[text.index("## Fig. 5 analog"):text.index("## Wall time")]
+    assert "| 2 | 12 (30) | 40 | 45.0 | 45.0 | 4.8 |" in f5
+    assert "| 0 | not run | not run | not run | not run | not run |" in f5
+    assert "concat 50, mine_nrm_luna16 3" in text and "## Missing" not in text
+
+
+def test_page_without_the_extra_runs_says_not_run(tmp_path):
+    for run, lv in zip(qs.RUNS, (0.1, 0.2, 0.3, 0.25, 0.4)):
+        _eval(tmp_path / "seed_0", run, lv, strata=False)
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", [])
+    assert "| MELD + NRM, NIH-LN expert only | 0 | not run |" in text
+    assert "| MELD | 0 | not run | not run | not run | not run |" in text   # no strata yet
+    assert "| Concatenation, single-type datasets positive-only | 0 | not run |" in text
+    assert "Not run (`--unlabeled R1,R2,...`)." in text
+
+
+def test_labels_from_the_world_truth(tiny_world, tmp_path):
+    from uld_jax.evaluate.inputs import load_volume_dict
+    from uld_jax.evaluate.organs import organ_labels_from_world_truth
+
+    truth = load_volume_dict(str(tiny_world / "truth" / "deeplesion_volumetric_truth.pkl"), split="test")
+    csv_path = tiny_world / "truth" / "deeplesion_lesions.csv"
+    lab = organ_labels_from_world_truth(truth, csv_path)
+    assert set(lab) == set(truth)
+    assert all(len(lab[k]) == len(np.asarray(truth[k]).reshape(-1, 6)) for k in truth)
+    assert {x for v in lab.values() for x in v} <= {"lung", "liver", "lymph_node", "other"}
+    # the labels are the csv's organs (other organs -> 'other')
+    import csv
+    with open(csv_path, encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["subvolume"] in truth]
+    want = [r["organ"] if r["organ"] in ("lung", "liver", "lymph_node") else "other" for r in rows]
+    assert sorted(want) == sorted(x for v in lab.values() for x in v)
+    # the quick start writes them once, as the evaluation's --labels file
+    q = qs.Quickstart(str(tmp_path / "qs"), qs.RECIPES["smoke"], quiet=True)
+    q.world = str(tiny_world)
+    q.write_labels()
+    with open(q.labels, encoding="utf-8") as f:
+        assert json.load(f) == lab
+    cmd = q.eval_cmd("meld")
+    assert cmd[cmd.index("--labels") + 1] == q.labels
+    # a truth that is not this world's is refused
+    name = next(k for k in truth if len(np.asarray(truth[k]).reshape(-1, 6)))
+    bad = dict(truth, **{name: np.asarray(truth[name], float).reshape(-1, 6) + 1})
+    with pytest.raises(EvaluationInputError, match="do not match"):
+        organ_labels_from_world_truth(bad, csv_path)
+
+
+def test_split_mined_keeps_mam_or_nrm_rows_and_the_added_slices(tmp_path):
+    from data_prep import build as build_lib
+    from data_prep import case_factory as cf
+    from uld_jax.overlay import read_overlay, write_overlay
+
+    cases = [cf.make_case("deeplesion", k, num_slices=6, lesion_slices=(2,), negatives=())
+             for k in range(2)]
+    build_lib.build("/raw", str(tmp_path), ["deeplesion"],
+                    reader_lookup=lambda n: cf.ListReader(cases), progress=False)
+    cid = [c.case_id for c in cases]
+    box = [2.0, 2.0, 10.0, 10.0]
+    # MAM positive (universal expert), NRM as positive (luna16), NRM ignore (lits), added slice
+    rows = {"dataset": ["deeplesion"] * 4, "case_id": [cid[0], cid[0], cid[1], cid[1]],
+            "slice_index": [1, 3, 1, 4], "kind": [1, 1, 2, 3], "box": [box, box, box, [0] * 4],
+            "expert": [0, 1, 2, -1]}
+    src = str(tmp_path / "mined.npz")
+    write_overlay(src, rows, {}, data_dir=str(tmp_path))
+    got = {}
+    for part in ("mam", "nrm"):
+        counts = qs.split_mined(src, part, str(tmp_path / f"{part}.npz"), str(tmp_path))
+        cols, _ = read_overlay(str(tmp_path / f"{part}.npz"))
+        got[part] = sorted(zip(cols["kind"].tolist(), cols["expert"].tolist()))
+        assert counts["added"] == 1
+    assert got["mam"] == [(1, 0), (3, -1)]
+    assert got["nrm"] == [(1, 1), (2, 2), (3, -1)]
+    with pytest.raises(ValueError, match="expected 'mam' or 'nrm'"):
+        qs.split_mined(src, "both", str(tmp_path / "x.npz"), str(tmp_path))
+
+
+def test_commands_of_the_variants(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
+                        calls.append((name, [list(c) for c in cmds])))
+    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
+    r = qs.RECIPES["smoke"]
+    reproduce.run_table2(str(tmp_path), r, [3, 4])
+    reproduce.run_table4(str(tmp_path), r, [3, 4])
+    reproduce.run_unlabeled(str(tmp_path), r, [3, 4], [2.0])
+    steps = dict(calls)
+    meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
+    for e in ("luna16", "lits", "nihln"):
+        (mine,) = steps[f"mine_nrm_{e}"]
+        assert mine[mine.index("--nrm_experts") + 1] == e and mine[mine.index("--workdir") + 1] == meld
+        (ft,) = steps[f"ft_nrm_{e}"]
+        assert f"--config.data.overlays=('{meld}/mined_nrm_{e}.npz',)" in ft
+        assert f"--config.init_from.workdir={meld}" in ft and "configs/finetune.py:tiny" in ft
+        assert f"eval_ft_nrm_{e}" in steps
+    (concat,) = steps["concat"]
+    assert "--config.data.merge_datasets=True" in concat and "--config.model.num_datasets=1" in concat
+    assert f"--config.num_epochs={r.epochs}" in concat and "configs/meld.py:tiny" in concat
+    (pos,) = steps["concat_pos"]
+    assert "--config.data.positive_only=('luna16', 'lits', 'nihln')" in pos
+    (mt,) = steps["multitask"]
+    assert "--config.model.use_gate=False" in mt and not any("num_datasets" in a for a in mt)
+    (mine,) = steps["mine_nrm_pos"]
+    assert "--nrm_as_positive" in mine
+    # the default ratio (always in the sweep) reuses Table 1's MELD + MAM + NRM; another one
+    # finetunes anew
+    assert "ft_both" not in steps and "mix_ft_both" in steps
+    (ft,) = steps["ft_both_added2"]
+    assert "--config.data.added_ratio=2.0" in ft and f"--config.data.overlays=('{meld}/mined.npz',)" in ft
+    assert not any("seed_4" in a for _, cmds in calls for c in cmds for a in c)   # first seed only
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--unlabeled", "0,x"], "not a comma-separated list"),
+    (["--unlabeled", "-1"], "must be >= 0"),
+    (["--unlabeled", "1,1"], "repeats"),
+    (["--thetas", "0"], "must be > 0"),
+    (["--seeds", "0,0"], "distinct"),
+])
+def test_bad_arguments_are_one_line_errors(args, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--results-only", "--results", "", *args])
+    assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -49,3 +49,20 @@ def test_results_page_mean_spread_and_ordering(tmp_path):
     assert "| MAM > MELD | released | +10.0, -10.0 |" in text and text.count("| no |") >= 1
     assert "not run" in text  # mining reports absent
     assert os.path.basename(str(page)) == "results.md"
+
+
+def test_learning_check_section_reads_the_fit_and_test_key_slice_reports(tmp_path):
+    _fake_seed(tmp_path / "seed_0", [0.1, 0.2, 0.3, 0.25, 0.4])
+    for sub, run, mean in (("eval_keyslice_train", "baseline", 0.61), ("eval_keyslice", "baseline", 0.12),
+                           ("eval_keyslice", "meld", 0.2)):
+        d = tmp_path / "seed_0" / sub / run
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"protocol": "keyslice", "tables": {
+            "key slices": {"fp_rates": [0.5, 1, 2, 4], "sensitivity": [mean] * 4, "mean": mean}}}))
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", ["--seeds", "0"])
+    assert "## Learning check" in text
+    assert "| 0 | Baseline (DeepLesion only, MULAN-like) | not logged | 61.0 | 12.0 |" in text
+    assert "| 0 | MELD | not logged | not run | 20.0 |" in text
+    # nothing at all for a seed without any of the three: no section
+    empty = reproduce.write_results(str(tmp_path / "none"), qs.RECIPES["smoke"], [0], "", ["x"])
+    assert "## Learning check" not in empty

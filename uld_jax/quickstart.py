@@ -260,13 +260,15 @@ class Quickstart:
                 "--epoch", str(r.mine_epoch), "--every_mm", str(r.mine_every_mm),
                 "--batch_per_device", str(r.eval_batch), "--progress", "off", *extra]
 
-    def eval_cmd(self, run: str, protocol: str = "volumetric") -> list[str]:
-        """``run`` on the DeepLesion test split: volumetric (both hit rules, organ strata) or key
-        slices."""
+    def eval_cmd(self, run: str, protocol: str = "volumetric", split: str = "test") -> list[str]:
+        """``run`` on a DeepLesion split (the test split unless asked): volumetric (both hit rules,
+        organ strata) or key slices. Another split's results go to ``eval_<protocol>_<split>``."""
+        out = self.eval_dir(run, protocol)
+        if split != "test":
+            out = os.path.join(self.out, f"eval_{protocol}_{split}", run)
         cmd = [sys.executable, "-m", "uld_jax.evaluate", "--workdir", self.run_dir(run),
-               "--data", self.data, "--datasets", "deeplesion", "--split", "test",
-               "--protocol", protocol, "--batch-size", str(self.r.eval_batch),
-               "--out", self.eval_dir(run, protocol)]
+               "--data", self.data, "--datasets", "deeplesion", "--split", split,
+               "--protocol", protocol, "--batch-size", str(self.r.eval_batch), "--out", out]
         if protocol == "volumetric":
             cmd += ["--truth", self.truth, "--dl-info", self.dl_info, "--labels", self.labels,
                     "--rule", "both"]

@@ -11,7 +11,8 @@ from data_prep import case_factory as cf
 from uld_jax import input_pipeline as ip
 from uld_jax.core import DATASET_ID, Keys
 
-H = W = 64
+from test_input_pipeline import H, W, _config as _pipeline_config  # noqa: E402
+
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +29,8 @@ def data(tmp_path_factory):
 
 
 def _config(out, **kw):
-    c = ip.default_input_config("tiny")
-    c.data_dir = str(out)
-    c.datasets = ("deeplesion", "luna16")
-    c.image_size = (H, W)
-    c.pixel_mm = 0.8
-    c.global_batch_size = 2
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
+    """The pipeline tests' input config (two datasets, 64 px canvas) with a batch of 2."""
+    return _pipeline_config(out, **{"global_batch_size": 2, **kw})
 
 
 def _examples(c, tables, stores):

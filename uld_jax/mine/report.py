@@ -206,33 +206,31 @@ def plot_sweeps(rep: Mapping[str, Any], path: str) -> str:
     def col(rows, key):
         return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows], np.float64)
 
-    th, sg = rep["theta_sweep"], rep["sigma_sweep"]
+    def panel(ax, rows, x_key, x_at, fractions, count_key, count_label, xlabel, title, where):
+        x = col(rows, x_key)
+        for (key, label), marker in zip(fractions, ("o-", "s-")):
+            ax.plot(x, col(rows, key), marker, label=label)
+        ax.axvline(x_at, color="gray", ls=":", lw=1)
+        ax.set(xlabel=xlabel, ylabel="fraction", ylim=(0, 1), title=title)
+        twin = ax.twinx()
+        twin.plot(x, col(rows, count_key), "^--", color="tab:green", alpha=0.6, label=count_label)
+        twin.set_ylabel(count_label)
+        h0, l0 = ax.get_legend_handles_labels()
+        h1, l1 = twin.get_legend_handles_labels()
+        ax.legend(h0 + h1, l0 + l1, loc=where, fontsize=8)
+
+    p = rep["provenance"]
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     try:
-        p = rep["provenance"]
-        x = col(th, "theta")
-        a0.plot(x, col(th, "precision"), "o-", label="precision (on a real lesion)")
-        a0.plot(x, col(th, "recall_unmarked"), "s-", label="recall of unmarked lesions")
-        a0.axvline(float(p["theta"]), color="gray", ls=":", lw=1)
-        a0.set(xlabel="theta (embedding distance)", ylabel="fraction", ylim=(0, 1),
-               title="MAM: mined positives vs theta")
-        b0 = a0.twinx()
-        b0.plot(x, col(th, "n_mined"), "^--", color="tab:green", alpha=0.6, label="mined")
-        b0.set_ylabel("mined positives")
-        h0, l0 = a0.get_legend_handles_labels()
-        h1, l1 = b0.get_legend_handles_labels()
-        a0.legend(h0 + h1, l0 + l1, loc="upper left", fontsize=8)
-        x = col(sg, "sigma")
-        a1.plot(x, col(sg, "suspicious_true_fraction"), "o-", label="on a real lesion")
-        a1.axvline(float(p["sigma"]), color="gray", ls=":", lw=1)
-        a1.set(xlabel="sigma (single-type expert score)", ylabel="fraction", ylim=(0, 1),
-               title="NRM: suspicious regions vs sigma")
-        b1 = a1.twinx()
-        b1.plot(x, col(sg, "n_suspicious"), "^--", color="tab:green", alpha=0.6, label="regions")
-        b1.set_ylabel("suspicious regions")
-        h0, l0 = a1.get_legend_handles_labels()
-        h1, l1 = b1.get_legend_handles_labels()
-        a1.legend(h0 + h1, l0 + l1, loc="upper right", fontsize=8)
+        panel(a0, rep["theta_sweep"], "theta", float(p["theta"]),
+              (("precision", "precision (on a real lesion)"),
+               ("recall_unmarked", "recall of unmarked lesions")),
+              "n_mined", "mined positives", "theta (embedding distance)",
+              "MAM: mined positives vs theta", "upper left")
+        panel(a1, rep["sigma_sweep"], "sigma", float(p["sigma"]),
+              (("suspicious_true_fraction", "on a real lesion"),),
+              "n_suspicious", "suspicious regions", "sigma (single-type expert score)",
+              "NRM: suspicious regions vs sigma", "upper right")
         fig.suptitle(f"Mining quality against the world's truth (checkpoint step "
                      f"{p['checkpoint_step']})", fontsize=10)
         fig.tight_layout()

@@ -274,6 +274,34 @@ def test_resumed_chunked_run_gives_the_same_table(tmp_path):
     assert resumed.equal_rows(whole) and len(resumed) > 0
 
 
+def test_store_keeps_only_the_universal_experts_embeddings_on_disk(tmp_path):
+    from uld_jax.mine import run, store
+
+    rng = np.random.default_rng(3)
+    slices, ann, props = _mining_inputs(rng, n_patients=2, slices_per_patient=3)
+    expert = np.asarray(props.expert).copy()
+    expert[::3] = 2                                   # some single-type (NRM) proposals
+    emb = rng.normal(size=(len(expert), 8)).astype(np.float32)
+    props = run.Proposals(props.slice, props.box, props.score, expert, emb)
+    uni = expert == run.UNIVERSAL_EXPERT
+    assert uni.any() and (~uni).any()
+    st = store.ChunkStore(tmp_path / "r", checkpoint_step=1, config_hash="c", embedding_dim=8)
+    st.save(0, slices, ann, props)
+    with np.load(tmp_path / "r" / "chunk_000000.npz") as z:
+        assert "p_embedding" not in z.files
+        np.testing.assert_array_equal(z["p_embedding_universal"], emb[uni])
+    _, _, back = st.load()
+    np.testing.assert_array_equal(back.embedding[uni], emb[uni])
+    assert not back.embedding[~uni].any()
+    # a chunk whose embeddings do not match its universal rows is refused, naming the file
+    with np.load(tmp_path / "r" / "chunk_000000.npz") as z:
+        arrs = {k: z[k] for k in z.files}
+    arrs["p_embedding_universal"] = arrs["p_embedding_universal"][1:]
+    np.savez(tmp_path / "r" / "chunk_000000.npz", **arrs)
+    with pytest.raises(store.StoreError, match="chunk_000000.npz: .* universal embeddings"):
+        st.load()
+
+
 def test_store_and_driver_errors(tmp_path):
     from uld_jax.mine import run, store
 

@@ -70,9 +70,15 @@ class ChunkStore:
             keys = np.asarray(keys)
             if keys.size and (keys.min() < 0 or keys.max() >= n):
                 raise ValueError(f"chunk {chunk_id}: {name}.slice outside 0..{n - 1}")
+        p_expert = np.asarray(proposals.expert, np.int8)
+        # Only the universal expert's proposals are embedded (MAM's input); the single-type experts'
+        # rows (NRM's input) carry no embedding on disk and are zero again when loaded.
+        uni = p_expert == run.UNIVERSAL_EXPERT
         p_emb = proposals.embedding
         if p_emb is None:
-            p_emb = np.zeros((len(np.asarray(proposals.slice)), d), np.float32)
+            p_emb = np.zeros((int(uni.sum()), d), np.float32)
+        else:
+            p_emb = np.asarray(p_emb, np.float32).reshape(-1, d)[uni]
         arrays = {
             "s_dataset": np.asarray(slices.dataset).astype(str),
             "s_case_id": np.asarray(slices.case_id).astype(str),
@@ -85,8 +91,8 @@ class ChunkStore:
             "p_slice": np.asarray(proposals.slice, np.int64),
             "p_box": np.asarray(proposals.box, np.float32).reshape(-1, 4),
             "p_score": np.asarray(proposals.score, np.float32),
-            "p_expert": np.asarray(proposals.expert, np.int8),
-            "p_embedding": np.asarray(p_emb, np.float32).reshape(-1, d),
+            "p_expert": p_expert,
+            "p_embedding_universal": p_emb,
         }
         table.atomic_write_npz(self._path(chunk_id), arrays)
 
@@ -112,6 +118,16 @@ class ChunkStore:
                     arrs = {k: z[k] for k in z.files}
             except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
                 raise StoreError(f"{path}: unreadable chunk ({e}); delete it to mine it again") from e
+            if "p_embedding_universal" in arrs:       # the universal rows' embeddings only
+                d = self.meta["embedding_dim"]
+                uni = arrs["p_expert"] == run.UNIVERSAL_EXPERT
+                emb = arrs.pop("p_embedding_universal")
+                if emb.shape != (int(uni.sum()), d):
+                    raise StoreError(f"{path}: {emb.shape[0]} universal embeddings for "
+                                     f"{int(uni.sum())} universal proposals; delete it to mine it again")
+                full = np.zeros((uni.shape[0], d), np.float32)
+                full[uni] = emb
+                arrs["p_embedding"] = full
             arrs["a_slice"] = arrs["a_slice"] + offset
             arrs["p_slice"] = arrs["p_slice"] + offset
             offset += arrs["s_case_id"].shape[0]

@@ -66,3 +66,22 @@ def test_learning_check_section_reads_the_fit_and_test_key_slice_reports(tmp_pat
     # nothing at all for a seed without any of the three: no section
     empty = reproduce.write_results(str(tmp_path / "none"), qs.RECIPES["smoke"], [0], "", ["x"])
     assert "## Learning check" not in empty
+
+
+def test_page_figures_are_written_beside_the_page(tmp_path):
+    from PIL import Image
+
+    for s, lv in ((0, 0.1), (1, 0.2)):
+        _fake_seed(tmp_path / f"seed_{s}", [lv, lv + 0.1, lv + 0.2, lv + 0.15, lv + 0.3])
+    src = tmp_path / "seed_0" / "runs" / "meld"
+    src.mkdir(parents=True)
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(src / "mining_report.png")
+    page = tmp_path / "docs" / "results.md"
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], str(page), ["x"])
+    assert "![Table 1 FROC curves](figures/table1_froc.png)" in text
+    assert "(figures/mining_quality_seed0.png)" in text
+    with Image.open(page.parent / "figures" / "table1_froc.png") as im:
+        assert im.format == "PNG" and im.size[0] > 600
+    with Image.open(page.parent / "figures" / "mining_quality_seed0.png") as im:
+        assert im.size == (40, 20)
+    assert not [f for f in os.listdir(page.parent / "figures") if ".tmp" in f]

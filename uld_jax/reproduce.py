@@ -92,6 +92,65 @@ def run_keyslice(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 FIT_RUNS = ("baseline", "meld")
 
 
+def _copy_figure(src: str, page: str, name: str) -> str | None:
+    """Copies a run's PNG into ``figures/`` beside the page (atomically) and returns its link
+    relative to the page; None without a page or a source."""
+    if not page or not os.path.isfile(src):
+        return None
+    import shutil
+
+    d = os.path.join(os.path.dirname(os.path.abspath(page)), "figures")
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, os.path.join(d, name))
+    return f"figures/{name}"
+
+
+def plot_froc_over_seeds(out: str, seeds: Sequence[int], rows: Sequence[tuple[str, str]],
+                         path: str) -> str | None:
+    """Table 1 as FROC curves (one panel per hit rule): each row's sensitivity at the FP rates,
+    mean over the seeds with a result, and a band of +- one standard deviation where there are
+    several. Written to ``path`` (temporary name, then renamed); None when nothing was evaluated."""
+    res = {(s, r): _result(out, s, r) for s in seeds for r, _ in rows}
+    if not any(res.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(RULES), figsize=(5.5 * len(RULES), 4.2), dpi=110)
+    try:
+        for ax, rule in zip(np.atleast_1d(axes), RULES):
+            for r, name in rows:
+                ts = [res[s, r]["tables"][rule] for s in seeds
+                      if res[s, r] and rule in res[s, r].get("tables", {})]
+                if not ts:
+                    continue
+                x = np.asarray(ts[0]["fp_rates"], np.float64)
+                y = 100 * np.asarray([t["sensitivity"] for t in ts], np.float64)
+                m = y.mean(0)
+                ax.plot(x, m, "o-", ms=3, label=f"{name} ({m.mean():.1f})")
+                if len(ts) > 1:
+                    sd = y.std(0, ddof=1)
+                    ax.fill_between(x, m - sd, m + sd, alpha=0.12)
+            ax.set_xscale("log", base=2)
+            ax.set(xlabel="FPs per sub-volume", ylabel="sensitivity (%)", title=RULE_TITLES[rule])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left")
+        fig.suptitle(f"Table 1 on the synthetic world: mean over seeds {', '.join(map(str, seeds))}"
+                     " (band: +- 1 sd)", fontsize=10)
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def _section_learning(out: str, seeds: Sequence[int]) -> list[str]:
     """Does the detector learn? Per seed: the validation key-slice FROC (sens@0.5-4 FPs, mean)
     logged at each epoch end of the baseline and MELD runs, and (with ``--keyslice``) the final
@@ -396,6 +455,10 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
           "sample standard deviation across seeds.", ""]
     lines, verdict = _froc_tables(out, seeds, [(r, qs.ROW_NAMES[r]) for r in qs.RUNS])
     L += lines
+    if path and plot_froc_over_seeds(out, seeds, [(r, qs.ROW_NAMES[r]) for r in qs.RUNS],
+                                     os.path.join(os.path.dirname(os.path.abspath(path)), "figures",
+                                                  "table1_froc.png")):
+        L += ["![Table 1 FROC curves](figures/table1_froc.png)", ""]
     counts = next((per[s][r].get("info", {}).get("counts") for s in seeds for r in qs.RUNS
                    if per[s][r] and per[s][r].get("info", {}).get("counts")), None)
     if counts:
@@ -438,6 +501,10 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
                  f"{_pct(q['suspicious_true_fraction'])} | {m['counts'].get('unlabeled_slices', 'n/a')} |")
     L += ["", f"Sweeps of theta and sigma (re-thresholds of the same mining): "
           f"`{os.path.join(_seed_dir(out, seeds[0]), 'runs', 'meld', 'mining_report.md')}`.", ""]
+    fig = _copy_figure(os.path.join(_seed_dir(out, seeds[0]), "runs", "meld", "mining_report.png"),
+                       path, f"mining_quality_seed{seeds[0]}.png")
+    if fig:
+        L += [f"![Mining quality, seed {seeds[0]}]({fig})", ""]
     m0 = _load(os.path.join(_seed_dir(out, seeds[0]), "runs", "meld", "mining_report.json"))
     if m0:
         for key, title, ks in (

@@ -178,7 +178,8 @@ def _plant(src: str, dst: str) -> dict:
             arr = {k: z[k] for k in z.files}
         arr["a_embedding"][:] = e1
         uni = arr["p_expert"] == DATASET_ID["deeplesion"]
-        arr["p_embedding"][uni] = e2                           # sqrt(2) from every annotation
+        emb = np.zeros((len(uni), d), np.float32)              # the store keeps universal rows only
+        emb[uni] = e2                                          # sqrt(2) from every annotation
         arr["p_score"][~uni] = 0.2                             # below every sigma tried
         if name == "chunk_000000.npz":
             ann_slices = set(arr["a_slice"].tolist())
@@ -187,7 +188,7 @@ def _plant(src: str, dst: str) -> dict:
             cand = np.flatnonzero(uni & ~np.isin(arr["p_slice"], list(ann_slices))
                                   & (pat[arr["p_slice"]] == pat[arr["a_slice"][a0]]))
             j = int(cand[0])
-            arr["p_embedding"][j] = e1 + np.float32(0.1) * e2  # 0.1 from annotation 0
+            emb[j] = e1 + np.float32(0.1) * e2                 # 0.1 from annotation 0
             s_j = int(arr["p_slice"][j])
             single = np.flatnonzero(~uni & ~np.isin(arr["p_slice"], list(ann_slices) + [s_j]))
             k = int(single[0])
@@ -199,6 +200,7 @@ def _plant(src: str, dst: str) -> dict:
                        "ignore_box": arr["p_box"][k], "ignore_expert": int(arr["p_expert"][k]),
                        "ignore_slice": int(arr["s_slice_index"][s_k]),
                        "ignore_case": str(arr["s_case_id"][s_k])}
+        arr["p_embedding_universal"] = emb[uni]
         table.atomic_write_npz(path, arr)
     return planted
 

@@ -54,6 +54,7 @@ from typing import Sequence
 import numpy as np
 
 from uld_jax import quickstart as qs
+from uld_jax.io.atomic import atomic_write_figure
 from uld_jax.core import SINGLE_TYPE_DATASETS
 from uld_jax.quickstart_table import RULE_TITLES, RULES
 
@@ -141,14 +142,9 @@ def plot_froc_over_seeds(out: str, seeds: Sequence[int], rows: Sequence[tuple[st
             ax.legend(fontsize=7, loc="upper left")
         fig.suptitle(f"Table 1 on the synthetic world: mean over seeds {', '.join(map(str, seeds))}"
                      " (band: +- 1 sd)", fontsize=10)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        return atomic_write_figure(path, fig)
     finally:
         plt.close(fig)
-    return path
 
 
 def _section_learning(out: str, seeds: Sequence[int]) -> list[str]:

@@ -75,3 +75,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, fsync: bool = False,
                       **dumps_kwargs) -> None:
     """``json.dumps(obj, **dumps_kwargs)`` -> ``path`` via :func:`atomic_write`."""
     atomic_write(path, json.dumps(obj, **dumps_kwargs).encode(), fsync=fsync)
+
+
+def atomic_write_figure(path: str | os.PathLike, fig: Any) -> str:
+    """Lays out a matplotlib ``fig`` and writes it as a PNG at ``path`` through a temporary file and
+    a rename (the folder is created); returns ``path``. The caller closes the figure."""
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), makedirs=True)
+    return os.fspath(path)

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from uld_jax.io.atomic import atomic_write
+from uld_jax.io.atomic import atomic_write, atomic_write_figure
 from uld_jax.io.json_safe import json_safe
 from uld_jax.mine import quality, run, store, table
 
@@ -233,13 +233,9 @@ def plot_sweeps(rep: Mapping[str, Any], path: str) -> str:
               "NRM: suspicious regions vs sigma", "upper right")
         fig.suptitle(f"Mining quality against the world's truth (checkpoint step "
                      f"{p['checkpoint_step']})", fontsize=10)
-        fig.tight_layout()
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        return atomic_write_figure(path, fig)
     finally:
         plt.close(fig)
-    return path
 
 
 def load_run_outputs(overlay_path: str, store_dir: str | None = None):

@@ -63,6 +63,7 @@ def test_learning_check_section_reads_the_fit_and_test_key_slice_reports(tmp_pat
     assert "## Learning check" in text
     assert "| 0 | Baseline (DeepLesion only, MULAN-like) | not logged | 61.0 | 12.0 |" in text
     assert "| 0 | MELD | not logged | not run | 20.0 |" in text
+    assert "do not fit" not in text                 # MELD's fit was not measured: no verdict
     # nothing at all for a seed without any of the three: no section
     empty = reproduce.write_results(str(tmp_path / "none"), qs.RECIPES["smoke"], [0], "", ["x"])
     assert "## Learning check" not in empty
@@ -85,3 +86,15 @@ def test_page_figures_are_written_beside_the_page(tmp_path):
     with Image.open(page.parent / "figures" / "mining_quality_seed0.png") as im:
         assert im.size == (40, 20)
     assert not [f for f in os.listdir(page.parent / "figures") if ".tmp" in f]
+
+
+def test_learning_check_verdict_from_the_fit(tmp_path):
+    _fake_seed(tmp_path / "seed_0", [0.1, 0.2, 0.3, 0.25, 0.4])
+    for run, mean in (("baseline", 0.06), ("meld", 0.08)):
+        d = tmp_path / "seed_0" / "eval_keyslice_train" / run
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"protocol": "keyslice", "tables": {
+            "key slices": {"fp_rates": [0.5, 1, 2, 4], "sensitivity": [mean] * 4, "mean": mean}}}))
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", ["x"])
+    assert "key-slice FROC mean of 6.0% (Baseline" in text and "8.0% (MELD)" in text
+    assert "they do not fit the lesions they were trained on" in text

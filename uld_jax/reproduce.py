@@ -173,6 +173,14 @@ def _section_learning(out: str, seeds: Sequence[int]) -> list[str]:
         return []
     L += ["| seed | run | validation, by epoch | train key slices | test key slices |",
           "|---|---|---|---:|---:|"] + rows + [""]
+    fits = {run: [next(iter(j["tables"].values()))["mean"] for s in seeds
+                  if (j := _result(out, s, run, "eval_keyslice_train"))] for run in FIT_RUNS}
+    if all(fits.values()):
+        L += ["On their own training key slices the final models reach a key-slice FROC mean of "
+              + " and ".join(f"{_mean_sd(v)}% ({qs.ROW_NAMES[r]})" for r, v in fits.items())
+              + ": " + ("they do not fit the lesions they were trained on, so the comparisons above "
+                        "measure an under-trained detector" if max(max(v) for v in fits.values()) < 0.5
+                        else "they fit their training lesions") + ".", ""]
     return L
 
 

@@ -54,7 +54,7 @@ from typing import Sequence
 import numpy as np
 
 from uld_jax import quickstart as qs
-from uld_jax.io.atomic import atomic_write_figure
+from uld_jax.io.atomic import atomic_write, atomic_write_figure
 from uld_jax.core import SINGLE_TYPE_DATASETS
 from uld_jax.quickstart_table import RULE_TITLES, RULES
 
@@ -98,13 +98,9 @@ def _copy_figure(src: str, page: str, name: str) -> str | None:
     relative to the page; None without a page or a source."""
     if not page or not os.path.isfile(src):
         return None
-    import shutil
-
-    d = os.path.join(os.path.dirname(os.path.abspath(page)), "figures")
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, os.path.join(d, name))
+    with open(src, "rb") as f:
+        atomic_write(os.path.join(os.path.dirname(os.path.abspath(page)), "figures", name), f.read(),
+                     makedirs=True)
     return f"figures/{name}"
 
 
@@ -156,31 +152,35 @@ def _section_learning(out: str, seeds: Sequence[int]) -> list[str]:
          "expert: on the validation split at every epoch end (logged by training, "
          "`val/deeplesion/froc_mean`), and the final model's on its own training key slices and "
          "on the test key slices (mean over 0.5 ... 16 FPs).", ""]
-    rows = []
+    def key_mean(j):
+        return next(iter(j["tables"].values()))["mean"]
+
+    rows, fits = [], {run: [] for run in FIT_RUNS}
     for s in seeds:
         for run in FIT_RUNS:
             curve = _scalar_curve(os.path.join(_seed_dir(out, s), "runs", run),
                                   ("val/deeplesion/froc_mean",)).get("val/deeplesion/froc_mean", [])
             fit = _result(out, s, run, "eval_keyslice_train")
             test = _result(out, s, run, "eval_keyslice")
-            mean = lambda j: _pct(next(iter(j["tables"].values()))["mean"]) if j else "not run"  # noqa: E731
+            if fit:
+                fits[run].append(key_mean(fit))
             if not curve and not fit and not test:
                 continue
             rows.append(f"| {s} | {qs.ROW_NAMES[run]} | "
                         + (", ".join(_pct(v) for _, v in curve) if curve else "not logged")
-                        + f" | {mean(fit)} | {mean(test)} |")
+                        + " | " + " | ".join(_pct(key_mean(j)) if j else "not run" for j in (fit, test))
+                        + " |")
     if not rows:
         return []
     L += ["| seed | run | validation, by epoch | train key slices | test key slices |",
           "|---|---|---|---:|---:|"] + rows + [""]
-    fits = {run: [next(iter(j["tables"].values()))["mean"] for s in seeds
-                  if (j := _result(out, s, run, "eval_keyslice_train"))] for run in FIT_RUNS}
     if all(fits.values()):
+        fitted = max(max(v) for v in fits.values()) >= 0.5
         L += ["On their own training key slices the final models reach a key-slice FROC mean of "
               + " and ".join(f"{_mean_sd(v)}% ({qs.ROW_NAMES[r]})" for r, v in fits.items())
-              + ": " + ("they do not fit the lesions they were trained on, so the comparisons above "
-                        "measure an under-trained detector" if max(max(v) for v in fits.values()) < 0.5
-                        else "they fit their training lesions") + ".", ""]
+              + ": " + ("they fit their training lesions" if fitted else
+                        "they do not fit the lesions they were trained on, so the comparisons above "
+                        "measure an under-trained detector") + ".", ""]
     return L
 
 

@@ -86,6 +86,15 @@ def test_page_figures_are_written_beside_the_page(tmp_path):
     with Image.open(page.parent / "figures" / "mining_quality_seed0.png") as im:
         assert im.size == (40, 20)
     assert not [f for f in os.listdir(page.parent / "figures") if ".tmp" in f]
+    # a second page beside it (another recipe's runs) writes its own figures, leaving these alone
+    before = (page.parent / "figures" / "table1_froc.png").read_bytes()
+    other = page.parent / "results_long.md"
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["long"], [0], str(other), ["x"])
+    assert "(figures/results_long_table1_froc.png)" in text
+    assert "(figures/results_long_mining_quality_seed0.png)" in text
+    assert "recipe `long` trains the `tiny` model for 32 epochs" in text
+    assert (page.parent / "figures" / "results_long_table1_froc.png").is_file()
+    assert (page.parent / "figures" / "table1_froc.png").read_bytes() == before
 
 
 def test_learning_check_verdict_from_the_fit(tmp_path):

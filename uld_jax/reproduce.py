@@ -93,11 +93,19 @@ def run_keyslice(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 FIT_RUNS = ("baseline", "meld")
 
 
+def figure_name(page: str, name: str) -> str:
+    """The page's figure ``name`` in ``figures/``: the page ``results.md`` keeps plain names, any
+    other page prefixes its stem, so that pages beside each other keep their own figures."""
+    stem = os.path.splitext(os.path.basename(page))[0]
+    return name if stem == "results" else f"{stem}_{name}"
+
+
 def _copy_figure(src: str, page: str, name: str) -> str | None:
     """Copies a run's PNG into ``figures/`` beside the page (atomically) and returns its link
     relative to the page; None without a page or a source."""
     if not page or not os.path.isfile(src):
         return None
+    name = figure_name(page, name)
     with open(src, "rb") as f:
         atomic_write(os.path.join(os.path.dirname(os.path.abspath(page)), "figures", name), f.read(),
                      makedirs=True)
@@ -461,8 +469,8 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     L += lines
     if path and plot_froc_over_seeds(out, seeds, [(r, qs.ROW_NAMES[r]) for r in qs.RUNS],
                                      os.path.join(os.path.dirname(os.path.abspath(path)), "figures",
-                                                  "table1_froc.png")):
-        L += ["![Table 1 FROC curves](figures/table1_froc.png)", ""]
+                                                  figure_name(path, "table1_froc.png"))):
+        L += [f"![Table 1 FROC curves](figures/{figure_name(path, 'table1_froc.png')})", ""]
     counts = next((per[s][r].get("info", {}).get("counts") for s in seeds for r in qs.RUNS
                    if per[s][r] and per[s][r].get("info", {}).get("counts")), None)
     if counts:
@@ -604,8 +612,9 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
         L += ["", f"Seed {seeds[0]}'s other steps (Tables 2-4, Fig. 5): " + ", ".join(
             f"{k} {v:g}" for k, v in extra.items()) + "."]
     L += ["", "## Caveats", "",
-          "- The recipe is the quick start's (minutes of CPU training of the `tiny` model on a "
-          "reduced `small` world): far from the paper's scale, so differences of a few points are "
+          f"- The recipe `{recipe.name}` trains the `tiny` model for {recipe.epochs} epochs of "
+          f"{recipe.steps_per_epoch} steps of {recipe.batch_size} samples on the CPU, on a "
+          "reduced `small` world: far from the paper's scale, so differences of a few points are "
           "within the noise of one run; read the spread across seeds.",
           "- Tables 2 and 4 and the Fig. 5 sweeps run on the first seed only (one training run per "
           "row): a single run's differences are not evidence.", ""]

@@ -53,7 +53,7 @@ from uld_jax import input_pipeline as ip
 from uld_jax import overlay as overlay_lib
 from uld_jax import slice_data as sd
 from uld_jax.core import DATASET_ID, SINGLE_TYPE_DATASETS, Keys, Provenance
-from uld_jax.mine import mam, nrm, run, store, table
+from uld_jax.mine import calibrate, mam, nrm, run, store, table
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,11 @@ class DriverOptions:
       progress: show a progress bar (default: when stderr is a terminal).
       num_devices: use the first N local devices (None: all of them).
       mining: MAM / NRM options (theta, sigma, NRM experts, ...).
+      sigma_from: ``'score'`` (the paper): NRM's sigma is a score threshold of every expert;
+        ``'precision'``: sigma is a precision level, and each NRM expert gets the score threshold
+        above which its detections on its own dataset's ``calibration_split`` are right at least
+        that often (:mod:`uld_jax.mine.calibrate`).
+      calibration_split: the single-type datasets' split used by ``sigma_from='precision'``.
     """
 
     step: int | None = None
@@ -102,6 +107,8 @@ class DriverOptions:
     num_devices: int | None = None
     debug_sleep_per_chunk_s: float = 0.0   # tests: slow the run down to kill it mid-way
     mining: run.MiningOptions = dataclasses.field(default_factory=run.MiningOptions)
+    sigma_from: str = "score"
+    calibration_split: str = "train"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,6 +427,11 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
     """
     workdir = os.fspath(workdir)
     t_start = time.perf_counter()
+    if options.sigma_from not in ("score", "precision"):
+        raise ValueError(f"sigma_from {options.sigma_from!r}: expected 'score' or 'precision'")
+    if options.sigma_from == "precision" and not 0.0 < options.mining.sigma <= 1.0:
+        raise ValueError(f"sigma {options.mining.sigma}: with sigma_from='precision' it is a "
+                         "precision level in (0, 1]")
     step = choose_step(workdir, options.step, options.epoch)
     loaded, model_hash = load_run(workdir, step, options.config)
     data_dir = options.data_dir or str(loaded.data_config.data_dir)
@@ -498,7 +510,20 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
              "store": os.path.abspath(store_dir), "workdir": os.path.abspath(workdir),
              "annotation_id_base": ANNOTATION_ID_BASE,
              "num_annotations": int(len(ann.slice)), "num_proposals": int(len(props.slice))}
-    outcome = run.mine_overlay(slices, ann, props, options=options.mining, checkpoint_step=step,
+    mining = options.mining
+    if options.sigma_from == "precision" and mining.nrm_experts:
+        cal = calibrate.expert_sigmas(loaded, data_dir, mining.nrm_experts, mining.sigma,
+                                      split=options.calibration_split, min_score=options.min_score,
+                                      progress=sys.stderr.isatty() if options.progress is None
+                                      else options.progress)
+        for e, c in cal.items():
+            log.info("NRM sigma of %s: %.4g (precision >= %g on %d of its %d %s detections, %d "
+                     "right; max score %s)", e, c["sigma"], mining.sigma, c["kept"],
+                     c["detections"], options.calibration_split, c["right"], c["max_score"])
+        mining = dataclasses.replace(mining, sigma_by_expert={e: c["sigma"] for e, c in cal.items()})
+        extra["sigma_calibration"] = {
+            e: dict(c, sigma=c["sigma"] if np.isfinite(c["sigma"]) else None) for e, c in cal.items()}
+    outcome = run.mine_overlay(slices, ann, props, options=mining, checkpoint_step=step,
                                config_hash=model_hash, devices=jax.local_devices(),
                                extra_meta=extra)
     out = options.out or os.path.join(workdir, "mined.npz")
@@ -540,6 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sigma", type=float, default=nrm.DEFAULT_SIGMA)
     p.add_argument("--nrm_experts", default=",".join(SINGLE_TYPE_DATASETS),
                    help="comma-separated single-type experts for NRM")
+    p.add_argument("--sigma_from", choices=("score", "precision"), default="score",
+                   help="score: sigma is every NRM expert's score threshold (the paper); precision: "
+                   "sigma is a precision level, each expert's threshold taken from its detections "
+                   "on its own dataset's --calibration_split")
+    p.add_argument("--calibration_split", default="train")
     p.add_argument("--nrm_as_positive", action="store_true",
                    help="suspicious regions become positives instead of ignore regions")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
@@ -554,7 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress={"auto": None, "on": True, "off": False}[a.progress],
         debug_sleep_per_chunk_s=a.debug_sleep_per_chunk_s,
         mining=run.MiningOptions(theta=a.theta, sigma=a.sigma, nrm_experts=experts,
-                                 nrm_as_positive=a.nrm_as_positive))
+                                 nrm_as_positive=a.nrm_as_positive),
+        sigma_from=a.sigma_from, calibration_split=a.calibration_split)
     from uld_jax import train  # pylint: disable=g-import-not-at-top
     train.maybe_initialize_distributed()
     try:

@@ -23,7 +23,7 @@ Rules (decided once, tested in tests/test_nrm.py):
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -56,6 +56,23 @@ def expert_ids(experts: Sequence[str]) -> np.ndarray:
     return np.asarray(sorted({DATASET_ID[e] for e in experts}), dtype=np.int64)
 
 
+def expert_thresholds(sigma: float | Mapping[str, float], experts: Sequence[str],
+                      prop_expert: np.ndarray) -> np.ndarray | float:
+    """``sigma`` itself, or with one threshold per expert name the [N] threshold of each row
+    (inf for rows of experts not in ``experts``; a threshold None is inf). Raises ValueError naming a missing expert."""
+    if not isinstance(sigma, Mapping):
+        return float(sigma)
+    missing = [e for e in experts if e not in sigma]
+    if missing:
+        raise ValueError(f"NRM sigma per expert has no threshold for {missing} (has "
+                         f"{sorted(sigma)})")
+    th = np.full(np.shape(prop_expert), np.inf)
+    for e in experts:
+        v = sigma[e]
+        th[np.asarray(prop_expert) == DATASET_ID[e]] = np.inf if v is None else float(v)
+    return th
+
+
 def nrm(
     prop_slice: np.ndarray,
     prop_box: np.ndarray,
@@ -66,7 +83,7 @@ def nrm(
     existing_box: np.ndarray,
     mined_slice: np.ndarray | None = None,
     mined_box: np.ndarray | None = None,
-    sigma: float = DEFAULT_SIGMA,
+    sigma: float | Mapping[str, float] = DEFAULT_SIGMA,
     experts: Sequence[str] = SINGLE_TYPE_DATASETS,
     as_positive: bool = False,
     overlap_iou: float = 0.0,
@@ -82,7 +99,8 @@ def nrm(
         of the universal expert (DeepLesion) or of experts not in ``experts`` are never suspicious.
       existing_slice, existing_box: [A], [A, 4] the original annotations on those slices.
       mined_slice, mined_box: [M], [M, 4] the MAM-mined positives (optional).
-      sigma: score threshold (strict).
+      sigma: score threshold (strict); or one per expert name (every expert in ``experts`` must
+        have one; ``inf`` marks nothing), e.g. from :mod:`uld_jax.mine.calibrate`.
       experts: names of the single-type experts used (a subset of ``SINGLE_TYPE_DATASETS``).
       as_positive: the regions become mined positives instead of ignore regions.
       overlap_iou: IoU above which a proposal is explained by an annotation or mined positive.
@@ -103,7 +121,7 @@ def nrm(
     if np.any(~np.isfinite(prop_score)):
         raise ValueError("NRM proposal scores contain NaN or inf")
     ids = expert_ids(experts)
-    cand = np.isin(prop_expert, ids) & (prop_score > sigma)
+    cand = np.isin(prop_expert, ids) & (prop_score > expert_thresholds(sigma, experts, prop_expert))
     ref_slice = [np.asarray(existing_slice).reshape(-1)]
     ref_box = [np.asarray(existing_box, dtype=np.float64).reshape(-1, 4)]
     if mined_slice is not None:

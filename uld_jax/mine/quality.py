@@ -346,7 +346,8 @@ def sweep_sigma(
     min_iobb: float = DEFAULT_MIN_IOBB,
     devices=None,
 ) -> list[dict[str, Any]]:
-    """Suspicious-region quality for each sigma (paper Fig. 5, right), MAM fixed at ``options``."""
+    """Suspicious-region quality for each sigma (paper Fig. 5, right), MAM fixed at ``options``
+    (one threshold for every expert, also when ``options`` was mined with per-expert ones)."""
     outcome = run.mine_overlay(slices, annotations, proposals, options=options,
                                checkpoint_step=-1, config_hash="sweep", devices=devices)
     mined_rows = outcome.universal_rows[outcome.mined]

@@ -133,7 +133,8 @@ def quality_report(truth: quality.LesionTruth, overlay: table.Overlay, slices: r
                                seen_slice_index=np.asarray(slices.slice_index), min_iobb=min_iobb)
     return {
         "provenance": {k: overlay.meta.get(k) for k in
-                       ("checkpoint_step", "config_hash", "theta", "sigma", "created")},
+                       ("checkpoint_step", "config_hash", "theta", "sigma", "created",
+                        "sigma_calibration") if k in overlay.meta or k != "sigma_calibration"},
         "counts": overlay.counts(),
         "truth": {"lesions": len(truth), "marked": int(np.sum(truth.marked)),
                   "cases": int(np.unique(np.asarray(truth.case_id)).size)},
@@ -164,7 +165,17 @@ def format_markdown(rep: Mapping[str, Any]) -> str:
         "# Mining quality against the synthetic world's truth", "",
         f"Checkpoint step {p['checkpoint_step']}, config {p['config_hash']}, theta {p['theta']}, "
         f"sigma {p['sigma']}; {rep['slices_mined']} slices mined; truth: {t['lesions']} lesions "
-        f"({t['marked']} marked) in {t['cases']} sub-volumes; hit: IoBB >= {rep['min_iobb']}.", "",
+        f"({t['marked']} marked) in {t['cases']} sub-volumes; hit: IoBB >= {rep['min_iobb']}.",
+    ]
+    cal = p.get("sigma_calibration")
+    if cal:
+        out += ["", f"NRM sigma {p['sigma']} is a precision level: each expert's score threshold is "
+                "the one above which its detections on its own dataset are right that often: " +
+                "; ".join(f"{e} {_cell(c['sigma']) if c['sigma'] is not None else 'none reaches it'}"
+                          f" ({c['kept']} of {c['detections']} {c['split']} detections kept)"
+                          for e, c in cal.items()) + "."]
+    out += [
+        "",
         "| quantity | value |", "|---|---|",
         f"| mined positives | {q['n_mined']} |",
         f"| precision (on a real lesion) | {_cell(q['precision'])} ({q['n_mined_true']}) |",

@@ -111,6 +111,9 @@ class MiningOptions:
 
     theta: float = mam.DEFAULT_THETA
     sigma: float = nrm.DEFAULT_SIGMA
+    # one threshold per NRM expert instead of ``sigma`` (None or inf: that expert marks nothing),
+    # e.g. from uld_jax.mine.calibrate; ``sigma`` is then the precision level they were chosen for
+    sigma_by_expert: dict[str, float | None] | None = None
     nrm_experts: Sequence[str] = SINGLE_TYPE_DATASETS
     nrm_as_positive: bool = False
     overlap_iou: float = 0.0          # same-slice overlap rule for MAM and NRM (IoU > this)
@@ -184,7 +187,7 @@ def mine_overlay(
     nres = nrm.nrm(p_slice[single], p_box[single], p_score[single], expert[single],
                    existing_slice=a_slice, existing_box=a_box,
                    mined_slice=p_slice[mined_rows], mined_box=p_box[mined_rows],
-                   sigma=options.sigma, experts=options.nrm_experts,
+                   sigma=options.sigma_by_expert or options.sigma, experts=options.nrm_experts,
                    as_positive=options.nrm_as_positive, overlap_iou=options.overlap_iou,
                    dedupe_iou=options.nrm_dedupe_iou)
     sus_rows = single[nres.suspicious]
@@ -204,6 +207,9 @@ def mine_overlay(
     lesion_col = np.concatenate([lesion_ids[res.lesion[mined]], np.full(n_s + n_u, -1, np.int64)])
     opts = dataclasses.asdict(options)
     opts["nrm_experts"] = list(options.nrm_experts)
+    if options.sigma_by_expert:
+        opts["sigma_by_expert"] = {e: (float(v) if v is not None and np.isfinite(v) else None)
+                                   for e, v in options.sigma_by_expert.items()}
     meta = table.make_meta(checkpoint_step=checkpoint_step, config_hash=config_hash,
                            theta=options.theta, sigma=options.sigma, options=opts,
                            slices_mined=int(n_slices), **(extra_meta or {}))

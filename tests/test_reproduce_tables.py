@@ -182,3 +182,49 @@ def test_bad_arguments_are_one_line_errors(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main(["--results-only", "--results", "", *args])
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_calibrated_nrm_commands_and_page(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
+                        calls.append((str(self.out), name, [list(c) for c in cmds])))
+    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
+    reproduce.run_calibrated(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
+    for s in (3, 4):                                   # every seed, each on its own MELD
+        steps = {n: c for o, n, c in calls if o.endswith(f"seed_{s}")}
+        meld = os.path.join(str(tmp_path), f"seed_{s}", "runs", "meld")
+        (mine,) = steps["mine_cal"]
+        assert mine[mine.index("--sigma_from") + 1] == "precision"
+        assert mine[mine.index("--workdir") + 1] == meld
+        assert mine[mine.index("--out") + 1] == f"{meld}/mined_cal.npz"
+        (rep,) = steps["report_cal"]
+        assert rep[rep.index("--overlay") + 1] == f"{meld}/mined_cal.npz"
+        (ft,) = steps["ft_nrm_cal"]
+        assert f"--config.data.overlays=('{meld}/mined_nrm_cal.npz',)" in ft
+        (ft,) = steps["ft_both_cal"]
+        assert f"--config.data.overlays=('{meld}/mined_cal.npz',)" in ft
+        assert "eval_ft_nrm_cal" in steps and "eval_ft_both_cal" in steps
+
+    # the page: the section appears once a calibrated run has results, with its ordering checks
+    # and the thresholds of each seed's mining report
+    assert "## NRM with sigma as a precision level" not in reproduce.write_results(
+        str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    for s, shift in ((0, 0.0), (1, 0.05)):
+        sd = tmp_path / f"seed_{s}"
+        for run, lv in (("meld", 0.2), ("ft_mam", 0.3), ("ft_nrm", 0.2), ("ft_both", 0.3),
+                        ("ft_nrm_cal", 0.25), ("ft_both_cal", 0.35)):
+            _eval(sd, run, lv + shift * (run == "ft_both_cal"))
+    rep = tmp_path / "seed_0" / "runs" / "meld"
+    rep.mkdir(parents=True)
+    (rep / "mining_report_cal.json").write_text(json.dumps({
+        "provenance": {"sigma_calibration": {
+            "luna16": {"sigma": 0.123, "kept": 5, "detections": 40},
+            "lits": {"sigma": None, "kept": 0, "detections": 7}}},
+        "quality": {"n_suspicious": 9, "suspicious_true_fraction": 0.5}}))
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    sec = text[text.index("## NRM with sigma as a precision level"):]
+    row = next(ln for ln in sec.splitlines() if ln.startswith("| MELD + NRM (sigma: precision 0.5) |"))
+    assert row.endswith("| **25.0 ± 0.0** |")
+    assert "| NRM (precision) > MELD | released | +5.0, +5.0 | +5.0 ± 0.0 | yes |" in sec
+    assert "| MAM+NRM (precision) > MAM | released | +5.0, +10.0 | +7.5 ± 3.5 | yes |" in sec
+    assert "| 0 | luna16: 0.123 (5 of 40); lits: none (0 of 7) | 9 | 50.0 |" in sec

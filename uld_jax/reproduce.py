@@ -1,8 +1,8 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
-    python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--keyslice] \
-        [--thetas 0.05,0.1,0.2,0.3] [--table2] [--table4] [--unlabeled 0,0.25,1,2] \
-        [--results docs/results.md]
+    python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long] \
+        [--keyslice] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] [--table4] \
+        [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
 What runs (each piece resumable: finished steps are skipped when run again):
@@ -16,6 +16,12 @@ What runs (each piece resumable: finished steps are skipped when run again):
   positives, the unmarked lesions they find, the NRM regions that are real lesions, theta / sigma
   sweeps: the mining side of Fig. 5).
 * ``--keyslice``: the Table 3 analog (MULAN key-slice protocol, FPs per key slice) for every run.
+* ``--calibrated-nrm``: NRM with sigma read as a precision level (``python -m uld_jax.mine
+  --sigma_from precision``: each single-type expert's threshold from its own dataset's training
+  split), finetuned as MELD + NRM and MELD + MAM + NRM, for every seed, beside Table 1's rows.
+* ``--recipe long``: the quick recipe's world and model trained 4x as long (32 epochs, mining at
+  24), where the detector fits its training lesions; write its page with ``--results
+  docs/results_long.md``.
 
 On the first seed only (its world, build and MELD run; the chunk store of MELD's mining is reused, so
 mining again repeats no inference), each step of the same resumable kind:
@@ -221,6 +227,34 @@ def run_thetas(out: str, recipe: qs.Recipe, seed: int, thetas: Sequence[float]) 
         _finetune_eval(q, f"ft_both_theta{tag}", mined, f"--config.mine.theta={t}")
 
 
+# NRM's sigma as a precision level (uld_jax.mine.calibrate): MELD mined again with
+# --sigma_from precision, finetuned as MELD + NRM and MELD + MAM + NRM, on every seed.
+CALIBRATED_ROWS = (("meld", "MELD"), ("ft_mam", "MELD + MAM"),
+                   ("ft_nrm", "MELD + NRM (sigma: score 0.5)"),
+                   ("ft_nrm_cal", "MELD + NRM (sigma: precision 0.5)"),
+                   ("ft_both", "MELD + MAM + NRM (sigma: score 0.5)"),
+                   ("ft_both_cal", "MELD + MAM + NRM (sigma: precision 0.5)"))
+CALIBRATED_CHECKS = (("NRM (precision) > MELD", "ft_nrm_cal", "meld"),
+                     ("MAM+NRM (precision) > MAM", "ft_both_cal", "ft_mam"),
+                     ("MAM+NRM (precision) > NRM (precision)", "ft_both_cal", "ft_nrm_cal"))
+
+
+def run_calibrated(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    for s in seeds:
+        q = qs.Quickstart(_seed_dir(out, s), recipe, seed=s,
+                          data_from=None if s == seeds[0] else _seed_dir(out, seeds[0]))
+        full = os.path.join(q.run_dir("meld"), "mined_cal.npz")
+        part = os.path.join(q.run_dir("meld"), "mined_nrm_cal.npz")
+        q.step("mine_cal", [q.mine_cmd("--sigma_from", "precision", "--out", full)],
+               fn=lambda q=q, full=full, part=part: qs.split_mined(full, "nrm", part, q.data))
+        q.step("report_cal", [[sys.executable, "-m", "uld_jax.mine.report", "--workdir",
+                               q.run_dir("meld"), "--truth", os.path.join(q.world, "truth"),
+                               "--overlay", full,
+                               "--out", os.path.join(q.run_dir("meld"), "mining_report_cal")]])
+        _finetune_eval(q, "ft_nrm_cal", part)
+        _finetune_eval(q, "ft_both_cal", full)
+
+
 # Table 2: NRM with each single-type dataset's expert alone (and all three: the quick start's ft_nrm).
 TABLE2_ROWS = (("meld", "MELD"),
                ("ft_nrm_luna16", "MELD + NRM, LUNA16 expert only"),
@@ -371,6 +405,56 @@ def _froc_tables(out: str, seeds: Sequence[int], rows: Sequence[tuple[str, str]]
     return L, verdict
 
 
+def _order_lines(verdict: dict[str, dict[str, list[float]]],
+                 checks: Sequence[tuple[str, str, str]]) -> list[str]:
+    """The ordering checks' table: per check and hit rule, the per-seed differences of the mean
+    sensitivity, their mean ± sd, and whether the check holds."""
+    L = ["Difference of the mean sensitivity (points), per seed; 'holds' when every seed's "
+         "difference is positive and the mean difference exceeds the seeds' spread of it.", "",
+         "| check | rule | per-seed differences | mean ± sd | holds |", "|---|---|---|---:|---|"]
+    for name, a, b in checks:
+        for rule, means in verdict.items():
+            if a not in means or b not in means or len(means[a]) != len(means[b]):
+                continue
+            d = np.asarray(means[a]) - np.asarray(means[b])
+            sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+            holds = bool((d > 0).all() and (len(d) == 1 or d.mean() > sd))
+            L.append(f"| {name} | {rule} | " + ", ".join(f"{100 * x:+.1f}" for x in d)
+                     + f" | {100 * d.mean():+.1f}" + (f" ± {100 * sd:.1f}" if len(d) > 1 else "")
+                     + " | " + (("undecided (one seed: no spread)" if holds else "no (one seed)")
+                                if len(d) == 1 else ("yes" if holds else "no")) + " |")
+    return L + [""]
+
+
+def _section_calibrated(out: str, seeds: Sequence[int]) -> list[str]:
+    runs = [r for r, _ in CALIBRATED_ROWS if r.endswith("_cal")]
+    if not any(_result(out, s, r) for s in seeds for r in runs):
+        return []
+    L = ["## NRM with sigma as a precision level (`python -m uld_jax.reproduce --calibrated-nrm`)",
+         "", "MELD mined again with `python -m uld_jax.mine --sigma_from precision` (each single-type "
+         "expert's score threshold is the one above which its detections on its own dataset's "
+         "training split are right at least half of the time, `uld_jax.mine.calibrate`), then "
+         "finetuned as MELD + NRM and MELD + MAM + NRM; the rows with the paper's rule (score > 0.5) "
+         "are Table 1's. Same seeds, same test split.", ""]
+    lines, verdict = _froc_tables(out, seeds, CALIBRATED_ROWS)
+    L += lines + ["### Ordering with the precision-level sigma", ""]
+    L += _order_lines(verdict, CALIBRATED_CHECKS)
+    L += ["| seed | expert: threshold (detections kept of those on its own training split) | NRM "
+          "regions | on real lesions |", "|---|---|---:|---:|"]
+    for s in seeds:
+        m = _load(os.path.join(_seed_dir(out, s), "runs", "meld", "mining_report_cal.json"))
+        if not m:
+            continue
+        cal = (m.get("provenance") or {}).get("sigma_calibration") or {}
+        def threshold(c):
+            return "none" if c.get("sigma") is None else f"{c['sigma']:.3f}"
+        L.append(f"| {s} | " + "; ".join(
+            f"{e}: {threshold(c)} ({c.get('kept')} of {c.get('detections')})"
+            for e, c in cal.items())
+            + f" | {m['quality']['n_suspicious']} | {_pct(m['quality']['suspicious_true_fraction'])} |")
+    return L + [""]
+
+
 def _section_table2(out: str, seeds: Sequence[int]) -> list[str]:
     res = {(s, r): _result(out, s, r) for s in seeds for r, _ in TABLE2_ROWS}
     L = ["## Table 2 analog: organ-stratified sensitivity, NRM with each single-type expert", "",
@@ -481,22 +565,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
                      f"{100 / nt:.1f} points; differences of that size are not evidence.")
         L.append("")
     # ---- ordering
-    L += ["### The paper's ordering", "",
-          "Difference of the mean sensitivity (points), per seed; 'holds' when every seed's "
-          "difference is positive and the mean difference exceeds the seeds' spread of it.", "",
-          "| check | rule | per-seed differences | mean ± sd | holds |", "|---|---|---|---:|---|"]
-    for name, a, b in ORDER_CHECKS:
-        for rule, means in verdict.items():
-            if a not in means or b not in means or len(means[a]) != len(means[b]):
-                continue
-            d = np.asarray(means[a]) - np.asarray(means[b])
-            sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
-            holds = bool((d > 0).all() and (len(d) == 1 or d.mean() > sd))
-            L.append(f"| {name} | {rule} | " + ", ".join(f"{100 * x:+.1f}" for x in d)
-                     + f" | {100 * d.mean():+.1f}" + (f" ± {100 * sd:.1f}" if len(d) > 1 else "")
-                     + " | " + (("undecided (one seed: no spread)" if holds else "no (one seed)")
-                                if len(d) == 1 else ("yes" if holds else "no")) + " |")
-    L.append("")
+    L += ["### The paper's ordering", ""] + _order_lines(verdict, ORDER_CHECKS)
     # ---- mining quality
     L += ["## Mining quality (MELD's mined table against the world's full truth)", "",
           "| seed | mined positives | precision | on unmarked lesions | recall of unmarked (visible) "
@@ -593,6 +662,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
                     _pct(j["tables"].get(r, {}).get("mean")) for r in RULES) + " |")
         L.append("")
     L += _section_learning(out, seeds)
+    L += _section_calibrated(out, seeds)
     L += _section_table2(out, seeds)
     L += _section_table4(out, seeds)
     L += _section_unlabeled(out, seeds, unlabeled)
@@ -709,6 +779,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keyslice", action="store_true", help="Table 3 analog for every run")
     p.add_argument("--thetas", default="", type=_number_list("--thetas", 0.0, strict=True),
                    help="comma-separated thetas for the Fig. 5 sweep")
+    p.add_argument("--calibrated-nrm", action="store_true",
+                   help="every seed: NRM with sigma as a precision level (mine --sigma_from "
+                   "precision), finetuned as MELD + NRM and MELD + MAM + NRM")
     p.add_argument("--table2", action="store_true", help="Table 2 analog (first seed)")
     p.add_argument("--table4", action="store_true", help="Table 4 analog (first seed)")
     p.add_argument("--unlabeled", default="", type=_number_list("--unlabeled", 0.0),
@@ -738,6 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_seeds(out, r, seeds)
         if a.keyslice:
             run_keyslice(out, r, seeds)
+        if a.calibrated_nrm:
+            run_calibrated(out, r, seeds)
         if a.thetas:
             run_thetas(out, r, seeds[0], a.thetas)
         if a.table2:

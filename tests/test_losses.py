@@ -152,6 +152,31 @@ def test_embedding_pairs_same_lesion():
     assert losses.embedding_loss(dict(tight, embeddings=e2), cfg)[0] > np.log(2.0) + 0.5
 
 
+def test_embedding_background_rows_are_negatives_only():
+    cfg = model_config("tiny")
+    o = _outputs()
+    e = np.zeros_like(o["embeddings"])
+    e[..., 0] = 1.0                                   # every row, the background one too, equal
+    base = dict(o, embeddings=e, type_logits=np.zeros_like(o["type_logits"]),
+                emb_type=-np.ones((2, 3), np.int32))
+    # the worked case above: three lesion rows, each with log 2
+    np.testing.assert_allclose(losses.embedding_loss(base, cfg), [np.log(2.0)] * 2, rtol=1e-5)
+    # row (0, 2), a sampled background ROI with the same gt index as (0, 0) and the same lesion id
+    # (the matcher's filler values): one more row in every denominator (log 3), never a positive
+    bg = np.zeros((2, 3), bool)
+    bg[0, 2] = True
+    gt, lid = o["emb_gt_index"].copy(), o["emb_lesion_id"].copy()
+    gt[0, 2], lid[0, 2] = gt[0, 0], lid[0, 0]
+    with_bg = dict(base, emb_background=bg, emb_gt_index=gt, emb_lesion_id=lid)
+    np.testing.assert_allclose(losses.embedding_loss(with_bg, cfg), [np.log(3.0)] * 2, rtol=1e-5)
+    # moving the background away from the lesions lowers the loss back to log 2 (up to e^-10 terms)
+    far = e.copy()
+    far[0, 2] = 0.0
+    far[0, 2, 1] = 1.0
+    np.testing.assert_allclose(losses.embedding_loss(dict(with_bg, embeddings=far), cfg),
+                               [np.log(2.0)] * 2, rtol=1e-3)
+
+
 def test_total_finite_when_nothing_is_positive():
     cfg = model_config("tiny")
     o = _outputs()

@@ -66,6 +66,11 @@ def test_train_outputs_and_no_recompile(setup):
     assert out["cls_logits_all"].shape == (B, s, cfg.num_organ_heads, cfg.num_datasets)
     assert out["mask_logits"].shape == (B, p, 28, 28)
     assert out["embeddings"].shape == (B, p, cfg.embedding.dim)
+    # the embedded slots: positives first (emb_valid), then sampled background ROIs (negatives of
+    # the contrastive loss), the rest neither
+    np.testing.assert_array_equal(out["emb_valid"], out["roi_labels"][:, :p] == 1)
+    np.testing.assert_array_equal(out["emb_background"], out["roi_labels"][:, :p] == 0)
+    assert cfg.embedding.background_negatives and np.any(out["emb_background"])
     np.testing.assert_allclose(out["organ_weights"][..., 0], 1.0)  # w0 = 1
 
 

@@ -20,7 +20,9 @@ per-dataset values are means over that dataset's samples. Terms and their choice
   the whole batch: two embeddings are a positive pair when they come from the same lesion (same box
   of the same slice -- different ROIs of one lesion, and two augmented views of one slice (batch
   rows with the same ``sample_id``) -- or the same known ``lesion_id`` across samples/studies); plus a cross-entropy type probe on the coarse lesion type
-  where known. Rows without a positive partner contribute nothing.
+  where known. Rows without a positive partner contribute nothing. Sampled background ROIs
+  (``emb_background``, model.embedding.background_negatives) join every lesion row's denominator as
+  negatives, never as anchors or positives: lesions are pushed away from non-lesion regions.
 
 Every normaliser is ``max(count, 1)``, so slices without lesions give finite (negative-only) losses.
 """
@@ -107,8 +109,10 @@ def embedding_loss(out: dict, cfg: Any) -> jax.Array:
     same = ((sample[:, None] == sample[None, :]) & (gt[:, None] == gt[None, :])) | (
         (lid[:, None] == lid[None, :]) & (lid[:, None] >= 0))
     eye = jnp.eye(b * p, dtype=bool)
-    pair_ok = v[:, None] & v[None, :] & ~eye
-    pos = same & pair_ok
+    bg = out.get("emb_background")
+    member = v if bg is None else v | bg.reshape(-1)
+    pair_ok = member[:, None] & member[None, :] & ~eye
+    pos = same & v[:, None] & v[None, :] & ~eye
     sim = (z @ z.T) / cfg.embedding.temperature
     sim = jnp.where(pair_ok, sim, -1e9)
     log_prob = sim - jax.nn.logsumexp(sim, axis=1, keepdims=True)

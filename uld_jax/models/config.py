@@ -110,6 +110,10 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     e.dim = 256 if paper else 16
     e.hidden = 1024 if paper else 64
     e.temperature = 0.1                            # supervised-contrastive temperature
+    # sampled background ROIs join the contrastive denominators (never anchors or positives), so that
+    # lesion embeddings are pushed away from non-lesion regions; MAM compares proposals, most of
+    # which are not lesions, with annotated lesions (losses.embedding_loss)
+    e.background_negatives = True
     e.num_types = max(core.COARSE_LESION_TYPES) + 1  # type-probe classes (0 unused)
 
     w = c.loss_weights = ml_collections.ConfigDict()

@@ -129,7 +129,8 @@ class MELD(nn.Module):
         * mask head (first P slots, i.e. positives first): ``mask_logits`` / ``mask_targets``
           [B, P, 28, 28], ``mask_valid`` [B, P] (positives of original boxes with a mask);
         * embedding head (same P slots): ``embeddings`` [B, P, E], ``type_logits`` [B, P, T],
-          ``emb_valid`` [B, P], ``emb_lesion_id`` [B, P] (-1 unknown), ``emb_gt_index``,
+          ``emb_valid`` [B, P], ``emb_background`` [B, P] (sampled background ROIs, with
+          ``embedding.background_negatives``), ``emb_lesion_id`` [B, P] (-1 unknown), ``emb_gt_index``,
           ``emb_type`` [B, P];
         * ``proposals`` [B, post_nms_train, 4], ``proposal_valid``; ``dataset_id`` [B];
           ``sample_id`` [B] (batch rows sharing it are augmented views of one slice).
@@ -225,6 +226,7 @@ class MELD(nn.Module):
             emb, probe = self.embed_head(box_feat[:, :p])
             out["embeddings"], out["type_logits"] = emb, probe
             out["emb_valid"] = ppos
+            out["emb_background"] = (slab[:, :p] == 0) & bool(cfg.embedding.get("background_negatives", False))
             lid = batch.get(Keys.LESION_ID, -jnp.ones((b, g), jnp.int32))
             lt = batch.get(Keys.LESION_TYPE, -jnp.ones((b, g), jnp.int32))
             out["emb_lesion_id"] = _take(lid, pgt)

@@ -69,9 +69,21 @@ def test_train_outputs_and_no_recompile(setup):
     # the embedded slots: positives first (emb_valid), then sampled background ROIs (negatives of
     # the contrastive loss), the rest neither
     np.testing.assert_array_equal(out["emb_valid"], out["roi_labels"][:, :p] == 1)
-    np.testing.assert_array_equal(out["emb_background"], out["roi_labels"][:, :p] == 0)
-    assert cfg.embedding.background_negatives and np.any(out["emb_background"])
+    assert not cfg.embedding.background_negatives and not np.any(out["emb_background"])
     np.testing.assert_allclose(out["organ_weights"][..., 0], 1.0)  # w0 = 1
+
+
+def test_embedding_background_slots_behind_the_switch(setup):
+    cfg, _, variables, _, _, _ = setup
+    on = cfg.copy_and_resolve_references()
+    on.embedding.background_negatives = True
+    out = jax.jit(lambda v, b, k: MELD(on).apply(v, b, train=True, rngs={"sample": k},
+                                                 mutable=["batch_stats"])[0])(
+        variables, _batch(boxes_per_image=[1, 2, 3, 4], seed=5), jax.random.PRNGKey(5))
+    p = on.mask.max_per_image
+    np.testing.assert_array_equal(out["emb_valid"], out["roi_labels"][:, :p] == 1)
+    np.testing.assert_array_equal(out["emb_background"], out["roi_labels"][:, :p] == 0)
+    assert np.any(out["emb_background"])
 
 
 def test_inference_outputs_static_and_consistent(setup):

@@ -212,3 +212,43 @@ def test_load_volumetric_truth_and_format(tmp_path):
     lines = text.splitlines()
     assert lines[0].split() == ["theta", "n_mined", "precision"]
     assert lines[2].split() == ["0.200", "5", "nan"]
+
+
+def test_probability_less_against_pairs():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = np.round(rng.uniform(0, 1, rng.integers(1, 12)), 1)
+        b = np.round(rng.uniform(0, 1, rng.integers(1, 12)), 1)
+        ref = np.mean((a[:, None] < b[None, :]) + 0.5 * (a[:, None] == b[None, :]))
+        assert quality.probability_less(a, b) == pytest.approx(ref)
+    assert np.isnan(quality.probability_less([], [1.0]))
+
+
+def test_mining_inputs_check_hand_worked():
+    # one patient, case "c": lesion 0 (annotated on slice 0) and lesion 1 (unmarked), slices 0-2
+    truth = quality.LesionTruth(np.asarray(["c", "c"]),
+                                np.asarray([[0, 10, 10, 2, 20, 20], [0, 30, 30, 2, 40, 40]], float),
+                                np.asarray([7, 8]), np.asarray([True, False]))
+    slices = run.SliceTable(np.asarray(["deeplesion"] * 2), np.asarray(["c", "c"]),
+                            np.asarray([0, 1]), np.asarray([5, 5]))
+    ann = run.Annotations(np.asarray([0]), np.asarray([[10, 10, 20, 20]], float), np.asarray([7]),
+                          np.asarray([[1.0, 0.0]], np.float32))
+    boxes = np.asarray([[10, 10, 20, 20], [30, 30, 40, 40], [50, 50, 60, 60], [60, 60, 70, 70],
+                        [10, 10, 20, 20]], float)
+    props = run.Proposals(
+        slice=np.asarray([1, 1, 1, 0, 1]), box=boxes, score=np.asarray([0.9, 0.6, 0.2, 0.05, 0.99]),
+        expert=np.asarray([0, 0, 0, 0, 1]),              # the last: a single-type expert, not MAM's
+        embedding=np.asarray([[1, 0], [0, 1], [0, 1], [0.6, 0.8], [0, 1]], np.float32))
+    c = quality.mining_inputs_check(truth, slices, ann, props, score_levels=(0.05, 0.5, 0.95))
+    assert c["n_universal"] == 4 and c["n_on_lesion"] == 2
+    assert c["n_annotations"] == 1 and c["n_annotations_on_truth"] == 1
+    assert [(r["n"], r["on_lesion_fraction"]) for r in c["by_score"]][:2] == [(4, 0.5), (2, 1.0)]
+    assert c["by_score"][2]["n"] == 0 and np.isnan(c["by_score"][2]["on_lesion_fraction"])
+    # proposal 0 is on lesion 0 at distance 0 from its annotation; the background proposals (2, 3)
+    # are sqrt(2) and 0.894 from it; proposal 1 (lesion 1, unannotated) is neither
+    assert c["n_on_annotated_lesion"] == 1 and c["own_distance_p10_50_90"] == [0.0] * 3
+    assert c["background_nearest_p10_50_90"][1] == pytest.approx((np.sqrt(2) + np.sqrt(0.8)) / 2)
+    assert c["p_own_closer_than_background"] == 1.0
+    from uld_jax.mine import report
+    text = "\n".join(report.inputs_check_lines(c))
+    assert "P(own < background) = 1.000" in text and "| 0.500 | 2 | 1.000 |" in text

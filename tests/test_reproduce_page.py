@@ -107,3 +107,20 @@ def test_learning_check_verdict_from_the_fit(tmp_path):
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", ["x"])
     assert "key-slice FROC mean of 6.0% (Baseline" in text and "8.0% (MELD)" in text
     assert "they do not fit the lesions they were trained on" in text
+
+
+def test_page_shows_mams_inputs_from_the_mining_reports(tmp_path):
+    _fake_seed(tmp_path / "seed_0", [0.1, 0.2, 0.3, 0.25, 0.4])
+    meld = tmp_path / "seed_0" / "runs" / "meld"
+    meld.mkdir(parents=True)
+    q = {k: 0 for k in ("n_mined", "n_mined_on_unmarked", "n_unmarked_visible", "n_suspicious")}
+    q.update(precision=0.2, recall_unmarked=0.1, suspicious_true_fraction=None)
+    (meld / "mining_report.json").write_text(json.dumps({
+        "quality": q, "counts": {"unlabeled_slices": 3}, "provenance": {"theta": 0.15},
+        "inputs_check": {"n_universal": 100, "n_on_lesion": 14, "n_on_annotated_lesion": 9,
+                         "p_own_closer_than_background": 0.51,
+                         "by_score": [{"score": 0.1, "n": 80, "on_lesion_fraction": 0.125},
+                                      {"score": 0.5, "n": 10, "on_lesion_fraction": 0.1}]}}))
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", ["x"])
+    assert "### MAM's inputs against the truth" in text
+    assert "| 0 | 100 | 14 | 12.5 (80) | n/a | 10.0 (10) | n/a | 9 | 0.51 |" in text

@@ -97,6 +97,7 @@ def run_keyslice(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 
 
 FIT_RUNS = ("baseline", "meld")
+INPUT_SCORES = (0.1, 0.3, 0.5, 0.7)   # score levels of the page's MAM-inputs table
 
 
 def figure_name(page: str, name: str) -> str:
@@ -602,6 +603,29 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
                                         ("n/a" if v is None else str(v)) for v in
                                         (r.get(k) for k in ks)) + " |" for r in rows]
                 L.append("")
+    # ---- MAM's inputs (detector and embedding) against the truth
+    rows = []
+    for s in seeds:
+        m = _load(os.path.join(_seed_dir(out, s), "runs", "meld", "mining_report.json"))
+        c = (m or {}).get("inputs_check")
+        if not c:
+            continue
+        frac = {r["score"]: r for r in c["by_score"]}
+        rows.append(f"| {s} | {c['n_universal']} | {c['n_on_lesion']} | " + " | ".join(
+            f"{_pct(frac[t]['on_lesion_fraction'])} ({frac[t]['n']})" if t in frac else "n/a"
+            for t in INPUT_SCORES) + f" | {c.get('n_on_annotated_lesion', 'n/a')} | "
+            + (f"{c['p_own_closer_than_background']:.2f}"
+               if c.get("p_own_closer_than_background") is not None else "n/a") + " |")
+    if rows:
+        L += ["### MAM's inputs against the truth (`inputs_check` of the mining reports)", "",
+              "The universal expert's proposals on the mined slices: how many lie on a real lesion, "
+              "overall and at or above each score (%, count in brackets); and the embedding: for "
+              "the proposals on an annotated lesion, P(their distance to that lesion's annotation "
+              "< a background proposal's distance to the nearest annotation of its patient), where "
+              "0.5 means the embedding carries no information MAM could use.", "",
+              "| seed | proposals | on a lesion | " + " | ".join(f"score >= {t:g}" for t in INPUT_SCORES)
+              + " | on an annotated lesion | P(own < background) |",
+              "|---|---:|---:|" + "---:|" * len(INPUT_SCORES) + "---:|---:|"] + rows + [""]
     # ---- observations computed from the mining reports
     obs = []
     for s in seeds:

@@ -299,6 +299,90 @@ def mining_quality(
     }
 
 
+DEFAULT_SCORE_LEVELS = (0.05, 0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def probability_less(a: np.ndarray, b: np.ndarray) -> float:
+    """P(x < y) for x drawn from ``a`` and y from ``b`` (ties count one half): the area under the
+    ROC curve of telling ``a`` from ``b`` by a low value; nan when either is empty."""
+    a = np.sort(np.asarray(a, np.float64).reshape(-1))
+    b = np.sort(np.asarray(b, np.float64).reshape(-1))
+    if a.size == 0 or b.size == 0:
+        return float("nan")
+    below = np.searchsorted(b, a, side="left")      # b values < each a
+    upto = np.searchsorted(b, a, side="right")      # b values <= each a
+    greater = b.size - upto
+    ties = upto - below
+    return float((greater.sum() + 0.5 * ties.sum()) / (a.size * b.size))
+
+
+def mining_inputs_check(
+    truth: LesionTruth,
+    slices: run.SliceTable,
+    annotations: run.Annotations,
+    proposals: run.Proposals,
+    *,
+    min_iobb: float = DEFAULT_MIN_IOBB,
+    score_levels: Sequence[float] = DEFAULT_SCORE_LEVELS,
+) -> dict[str, Any]:
+    """What MAM's two inputs are worth, against the truth: the universal expert's proposals and the
+    lesion embedding. Independent of theta and sigma.
+
+    * detector: for each score level, the universal proposals at or above it and the fraction of
+      them on a real lesion (``by_score``: does a higher score mean a lesion more often?);
+    * embedding: each proposal's L2 distance to the nearest annotated lesion of its patient
+      (MAM's quantity). For proposals on an annotated lesion, also the distance to that lesion's own
+      annotation. ``p_own_closer_than_background`` = P(own-annotation distance of a proposal on an
+      annotated lesion < nearest-annotation distance of a proposal on no lesion): 0.5 is an
+      embedding that tells nothing, 1.0 one that separates them completely.
+    """
+    cid, sidx = np.asarray(slices.case_id), np.asarray(slices.slice_index)
+    pat = np.asarray(slices.patient_id)
+    a_slice = np.asarray(annotations.slice)
+    a_truth = match_to_truth(truth, cid[a_slice], sidx[a_slice], annotations.box, min_iobb=min_iobb)
+    a_emb = np.asarray(annotations.embedding, np.float32).reshape(len(a_slice), -1)
+    expert = np.asarray(proposals.expert)
+    uni = np.flatnonzero(expert == run.UNIVERSAL_EXPERT)
+    p_slice = np.asarray(proposals.slice)[uni]
+    p_box = np.asarray(proposals.box, np.float64).reshape(-1, 4)[uni]
+    p_score = np.asarray(proposals.score, np.float64)[uni]
+    p_truth = match_to_truth(truth, cid[p_slice], sidx[p_slice], p_box, min_iobb=min_iobb)
+    on_lesion = p_truth >= 0
+    by_score = [{"score": float(t), "n": int(np.sum(p_score >= t)),
+                 "on_lesion_fraction": _ratio(int(np.sum(on_lesion & (p_score >= t))),
+                                              int(np.sum(p_score >= t)))}
+                for t in score_levels]
+    out: dict[str, Any] = {"n_universal": int(uni.size), "n_on_lesion": int(on_lesion.sum()),
+                           "n_annotations": int(a_slice.size),
+                           "n_annotations_on_truth": int(np.sum(a_truth >= 0)),
+                           "by_score": by_score}
+    if proposals.embedding is None or uni.size == 0 or a_slice.size == 0:
+        return out
+    emb = np.asarray(proposals.embedding, np.float32)
+    p_emb = emb if emb.shape[0] == uni.size else emb[uni]
+    qi, rj = overlap.same_key_pairs(pat[p_slice], pat[a_slice])
+    d = np.linalg.norm(p_emb[qi] - a_emb[rj], axis=1).astype(np.float64)
+    nearest = np.full(uni.size, np.inf)
+    np.minimum.at(nearest, qi, d)
+    own = np.full(uni.size, np.inf)
+    same = (p_truth[qi] >= 0) & (p_truth[qi] == a_truth[rj])
+    np.minimum.at(own, qi[same], d[same])
+    has_ann = np.isfinite(nearest)
+    own_rows = np.isfinite(own)
+    bg_rows = has_ann & ~on_lesion
+
+    def q(x):
+        return [float(v) for v in np.percentile(x, [10, 50, 90])] if x.size else None
+
+    out.update({
+        "n_on_annotated_lesion": int(own_rows.sum()),
+        "own_distance_p10_50_90": q(own[own_rows]),
+        "background_nearest_p10_50_90": q(nearest[bg_rows]),
+        "p_own_closer_than_background": probability_less(own[own_rows], nearest[bg_rows]),
+    })
+    return out
+
+
 def sweep_theta(
     thetas: Sequence[float],
     truth: LesionTruth,

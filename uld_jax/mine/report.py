@@ -144,6 +144,8 @@ def quality_report(truth: quality.LesionTruth, overlay: table.Overlay, slices: r
                                            options=opts, min_iobb=min_iobb, devices=devices),
         "sigma_sweep": quality.sweep_sigma(sigmas, truth, slices, annotations, proposals,
                                            options=opts, min_iobb=min_iobb, devices=devices),
+        "inputs_check": quality.mining_inputs_check(truth, slices, annotations, proposals,
+                                                    min_iobb=min_iobb),
     }
 
 
@@ -192,7 +194,28 @@ def format_markdown(rep: Mapping[str, Any]) -> str:
         "## sigma sweep (NRM, paper Fig. 5 right)", "",
         _md_table(rep["sigma_sweep"], ("sigma", "n_suspicious", "suspicious_true_fraction",
                                        "n_suspicious_on_unmarked")), ""]
+    out += inputs_check_lines(rep.get("inputs_check"))
     return "\n".join(out)
+
+
+def inputs_check_lines(c: Mapping[str, Any] | None) -> list[str]:
+    """Markdown of :func:`quality.mining_inputs_check` (empty without one)."""
+    if not c:
+        return []
+    L = ["## MAM's inputs against the truth (independent of theta and sigma)", "",
+         f"Universal-expert proposals: {c['n_universal']}, {c['n_on_lesion']} on a real lesion; "
+         f"annotations: {c['n_annotations']} ({c['n_annotations_on_truth']} matched to a truth "
+         "lesion).", "", _md_table(c["by_score"], ("score", "n", "on_lesion_fraction")), ""]
+    if c.get("p_own_closer_than_background") is not None:
+        own, bg = c.get("own_distance_p10_50_90"), c.get("background_nearest_p10_50_90")
+        L += [f"Embedding: {c['n_on_annotated_lesion']} proposals lie on an annotated lesion; their "
+              "distance to that lesion's annotation (p10 / p50 / p90) "
+              + (" / ".join(f"{v:.3f}" for v in own) if own else "n/a")
+              + "; proposals on no lesion, distance to the nearest annotation of the patient "
+              + (" / ".join(f"{v:.3f}" for v in bg) if bg else "n/a")
+              + f". P(own < background) = {_cell(c['p_own_closer_than_background'])} (0.5: the "
+              "embedding tells a proposal's lesion from the background no better than chance).", ""]
+    return L
 
 
 def write_report(rep: Mapping[str, Any], prefix: str) -> tuple[str, str]:

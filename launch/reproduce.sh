@@ -5,12 +5,14 @@
 # Usage: bash launch/reproduce.sh [OUT_DIR] [python -m uld_jax.reproduce options]
 #   e.g. bash launch/reproduce.sh runs/reproduce --seeds 0,1,2 --keyslice --thetas 0.05,0.1,0.2,0.3 \
 #        --table2 --table4 --unlabeled 0,0.25,1,2
+#        bash launch/reproduce.sh runs/reproduce_long --recipe long --keyslice --calibrated-nrm
+# A relative --results PATH is taken from the repository root.
 # Resumable: re-run the same command to continue.
 set -euo pipefail
 OUT="${1:-runs/reproduce}"
 shift || true
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
-RESULTS="$(cd "$(dirname "$0")/.." && pwd)/docs/results.md"
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-exec python3 -m uld_jax.reproduce --out "$OUT" --results "$RESULTS" "$@"
+# the page: docs/results.md (docs/results_<recipe>.md with --recipe other than quick; --results PATH)
+exec python3 -m uld_jax.reproduce --out "$OUT" "$@"

@@ -811,7 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--unlabeled", default="", type=_number_list("--unlabeled", 0.0),
                    help="comma-separated data.added_ratio values for Fig. 5's added unlabeled "
                    "slices (first seed)")
-    p.add_argument("--results", default="docs/results.md", help="page to write ('' = none)")
+    p.add_argument("--results", default=None, help="page to write ('' = none; default "
+                   "docs/results.md, or docs/results_<recipe>.md for a recipe other than quick)")
     p.add_argument("--results-only", action="store_true", help="only rewrite the page")
     p.add_argument("--note", action="append", default=[], help="a line added under the header "
                    "(how the runs were made when they were not made by this command)")
@@ -829,6 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--seeds: {a.seeds!r} is not a comma-separated list of integers")
     if not seeds or len(set(seeds)) != len(seeds):
         p.error(f"--seeds: {a.seeds!r}: give one or more distinct seeds")
+    if a.results is None:
+        a.results = ("docs/results.md" if a.recipe == "quick" else f"docs/results_{a.recipe}.md")
     results = os.path.abspath(a.results) if a.results else ""
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not a.results_only:

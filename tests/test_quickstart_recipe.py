@@ -67,3 +67,32 @@ def test_quick_recipe_model_builds_and_keeps_anchors_in_mm():
     n_layers = sum(1 for k in jax.tree_util.tree_flatten_with_path(bb)[0]
                    if "conv2" in jax.tree_util.keystr(k[0]) and "kernel" in jax.tree_util.keystr(k[0]))
     assert n_layers == 3 + 4 + 6, jax.tree_util.tree_structure(bb)
+
+
+def test_equal_passes_scales_the_multi_dataset_runs(tmp_path, monkeypatch):
+    """With ``equal_passes``, MELD-type runs take (MELD's mixing epoch / the baseline's epoch) x the
+    recipe's steps per epoch; the baseline keeps the recipe's."""
+    from uld_jax import input_pipeline as ip
+
+    def composition(cfg, tables=None):
+        sizes = {"deeplesion": {"positive": 95, "negative": 0, "added": 0, "added_pool": 7}}
+        if len(cfg.datasets) > 1:              # MELD's four datasets: 543 samples per epoch
+            sizes.update(luna16={"positive": 26, "negative": 26, "added": 0, "added_pool": 0},
+                         lits={"positive": 76, "negative": 76, "added": 0, "added_pool": 0},
+                         nihln={"positive": 122, "negative": 122, "added": 0, "added_pool": 0})
+        return sizes
+
+    monkeypatch.setattr(ip, "epoch_composition", composition)
+    r = qs.RECIPES["equal"]
+    q = qs.Quickstart(str(tmp_path), r, quiet=True)
+
+    def steps(cmd):
+        (a,) = [x for x in cmd if x.startswith("--config.steps_per_epoch=")]
+        return int(a.split("=")[1])
+
+    assert steps(q.scratch_cmd("baseline", "baseline")) == 60
+    assert steps(q.scratch_cmd("meld", "meld")) == round(60 * 543 / 95) == 343
+    assert steps(q.finetune_cmd("ft_mam", "x.npz")) == 343
+    # the quick recipe: every run 60 steps an epoch
+    q = qs.Quickstart(str(tmp_path / "q"), qs.RECIPES["quick"], quiet=True)
+    assert steps(q.scratch_cmd("meld", "meld")) == 60

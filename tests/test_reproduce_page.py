@@ -1,6 +1,8 @@
 """The quick start's Table 1 and docs/results.md are written from the evaluation reports (fast)."""
 
 import json
+
+import pytest
 import os
 
 from uld_jax import quickstart as qs
@@ -124,3 +126,22 @@ def test_page_shows_mams_inputs_from_the_mining_reports(tmp_path):
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", ["x"])
     assert "### MAM's inputs against the truth" in text
     assert "| 0 | 100 | 14 | 12.5 (80) | n/a | 10.0 (10) | n/a | 9 | 0.51 |" in text
+
+
+def test_passes_over_deeplesion_from_the_epoch_composition(tmp_path, monkeypatch):
+    from uld_jax import input_pipeline as ip
+
+    def composition(cfg, tables=None):
+        sizes = {"deeplesion": {"positive": 100, "negative": 0, "added": 0, "added_pool": 9}}
+        if len(cfg.datasets) > 1:
+            sizes["luna16"] = {"positive": 150, "negative": 150, "added": 0, "added_pool": 0}
+        return sizes
+
+    monkeypatch.setattr(ip, "epoch_composition", composition)
+    # smoke: 2 epochs x 2 steps x batch 2 = 8 samples; baseline all DeepLesion -> 0.08 passes,
+    # MELD a quarter of them -> 0.02
+    q = qs.Quickstart(str(tmp_path / "seed_0"), qs.RECIPES["smoke"], quiet=True)
+    p = reproduce.dl_passes(q)
+    assert p["baseline"] == pytest.approx(0.08) and p["meld"] == pytest.approx(0.02)
+    (line, _) = reproduce._passes_lines(str(tmp_path), [0], qs.RECIPES["smoke"])
+    assert "baseline 0.1, MELD 0.0: MELD sees DeepLesion less often" in line

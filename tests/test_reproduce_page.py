@@ -1,9 +1,9 @@
 """The quick start's Table 1 and docs/results.md are written from the evaluation reports (fast)."""
 
 import json
+import os
 
 import pytest
-import os
 
 from uld_jax import quickstart as qs
 from uld_jax import reproduce

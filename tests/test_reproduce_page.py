@@ -109,6 +109,13 @@ def test_learning_check_verdict_from_the_fit(tmp_path):
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", ["x"])
     assert "key-slice FROC mean of 6.0% (Baseline" in text and "8.0% (MELD)" in text
     assert "they do not fit the lesions they were trained on" in text
+    # one fits, the other does not: the verdict names each
+    (tmp_path / "seed_0" / "eval_keyslice_train" / "baseline" / "results.json").write_text(json.dumps(
+        {"protocol": "keyslice", "tables": {"key slices": {
+            "fp_rates": [0.5, 1, 2, 4], "sensitivity": [0.6] * 4, "mean": 0.6}}}))
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", ["x"])
+    assert ("Baseline (DeepLesion only, MULAN-like) fits its training lesions (50% or more), MELD "
+            "does not") in text
 
 
 def test_page_shows_mams_inputs_from_the_mining_reports(tmp_path):

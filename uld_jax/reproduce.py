@@ -190,12 +190,17 @@ def _section_learning(out: str, seeds: Sequence[int], recipe: qs.Recipe | None =
     L += ["| seed | run | validation, by epoch | train key slices | test key slices |",
           "|---|---|---|---:|---:|"] + rows + [""]
     if all(fits.values()):
-        fitted = max(max(v) for v in fits.values()) >= 0.5
+        fit = {r: float(np.mean(v)) >= 0.5 for r, v in fits.items()}
+        names = {True: [qs.ROW_NAMES[r] for r in fits if fit[r]],
+                 False: [qs.ROW_NAMES[r] for r in fits if not fit[r]]}
+        verdict = ("they fit their training lesions" if not names[False] else
+                   "they do not fit the lesions they were trained on, so the comparisons above "
+                   "measure an under-trained detector" if not names[True] else
+                   f"{' and '.join(names[True])} fits its training lesions (50% or more), "
+                   f"{' and '.join(names[False])} does not")
         L += ["On their own training key slices the final models reach a key-slice FROC mean of "
               + " and ".join(f"{_mean_sd(v)}% ({qs.ROW_NAMES[r]})" for r, v in fits.items())
-              + ": " + ("they fit their training lesions" if fitted else
-                        "they do not fit the lesions they were trained on, so the comparisons above "
-                        "measure an under-trained detector") + ".", ""]
+              + ": " + verdict + ".", ""]
     if recipe is not None:
         L += _passes_lines(out, seeds, recipe)
     return L

@@ -16,7 +16,8 @@ which the detections stop being right at least a fraction ``p`` of the time:
 * take the largest k with ``prec(k) >= p``, counting tied scores together (a threshold cannot split
   a tie);
 * sigma_e = the midpoint between the k-th score and the next lower one (just below the lowest score
-  when every detection is kept), so that NRM's strict rule ``score > sigma_e`` keeps exactly those top k;
+  when every detection is kept), so that NRM's strict rule ``score > sigma_e`` keeps exactly
+  those top k;
 * no k reaches ``p``: sigma_e = inf, the expert marks nothing (reported as such).
 
 For a calibrated expert, ``score > 0.5`` and "precision at least 0.5 above the threshold" pick
@@ -67,8 +68,8 @@ def precision_threshold(scores: np.ndarray, right: np.ndarray, precision: float)
 
 
 def right_detections(sd: Any, hit_iou: float = DEFAULT_HIT_IOU) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [N], right [N]) of a split's detections (``from_workdir.SplitDetections``): right when
-    the IoU with an original box of the same sample is at least ``hit_iou``."""
+    """(scores [N], right [N]) of a split's detections (``from_workdir.SplitDetections``): right
+    when the IoU with an original box of the same sample is at least ``hit_iou``."""
     t = sd.table
     q_key, q_box, q_score, r_key, r_box = [], [], [], [], []
     for row in range(len(t)):

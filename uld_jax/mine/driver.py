@@ -520,9 +520,11 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
             log.info("NRM sigma of %s: %.4g (precision >= %g on %d of its %d %s detections, %d "
                      "right; max score %s)", e, c["sigma"], mining.sigma, c["kept"],
                      c["detections"], options.calibration_split, c["right"], c["max_score"])
-        mining = dataclasses.replace(mining, sigma_by_expert={e: c["sigma"] for e, c in cal.items()})
+        mining = dataclasses.replace(mining,
+                                     sigma_by_expert={e: c["sigma"] for e, c in cal.items()})
         extra["sigma_calibration"] = {
-            e: dict(c, sigma=c["sigma"] if np.isfinite(c["sigma"]) else None) for e, c in cal.items()}
+            e: dict(c, sigma=c["sigma"] if np.isfinite(c["sigma"]) else None)
+            for e, c in cal.items()}
     outcome = run.mine_overlay(slices, ann, props, options=mining, checkpoint_step=step,
                                config_hash=model_hash, devices=jax.local_devices(),
                                extra_meta=extra)
@@ -566,8 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nrm_experts", default=",".join(SINGLE_TYPE_DATASETS),
                    help="comma-separated single-type experts for NRM")
     p.add_argument("--sigma_from", choices=("score", "precision"), default="score",
-                   help="score: sigma is every NRM expert's score threshold (the paper); precision: "
-                   "sigma is a precision level, each expert's threshold taken from its detections "
+                   help="score: sigma is every NRM expert's score threshold (the paper); "
+                   "precision: sigma is a precision level, each expert's threshold taken from its detections "
                    "on its own dataset's --calibration_split")
     p.add_argument("--calibration_split", default="train")
     p.add_argument("--nrm_as_positive", action="store_true",

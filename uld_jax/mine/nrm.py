@@ -59,7 +59,8 @@ def expert_ids(experts: Sequence[str]) -> np.ndarray:
 def expert_thresholds(sigma: float | Mapping[str, float], experts: Sequence[str],
                       prop_expert: np.ndarray) -> np.ndarray | float:
     """``sigma`` itself, or with one threshold per expert name the [N] threshold of each row
-    (inf for rows of experts not in ``experts``; a threshold None is inf). Raises ValueError naming a missing expert."""
+    (inf for rows of experts not in ``experts``; a threshold None is inf). Raises ValueError
+    naming a missing expert."""
     if not isinstance(sigma, Mapping):
         return float(sigma)
     missing = [e for e in experts if e not in sigma]

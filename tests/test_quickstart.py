@@ -11,9 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(out, *extra):
+    # as a user runs it: on the machine's own devices, not the 8 host devices that conftest forces
+    # for the multi-device tests (the smoke recipe's batch of 2 does not divide 8)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-m", "uld_jax.quickstart", "--recipe", "smoke",
                            "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1800)
+                          timeout=1800, env=env)
 
 
 @pytest.mark.slow

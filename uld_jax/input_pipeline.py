@@ -665,6 +665,17 @@ def epoch_composition(config: ml_collections.ConfigDict, tables=None) -> dict[st
     return {t.dataset: c for t, c in zip(tables, _epoch_mix(config, tables).composition())}
 
 
+def drawn_per_epoch(row: dict[str, int]) -> int:
+    """Samples one dataset's :func:`epoch_composition` row draws per epoch (every count but the
+    ``added_pool`` it draws its added slices from)."""
+    return sum(v for k, v in row.items() if k != "added_pool")
+
+
+def epoch_length(composition: dict[str, dict[str, int]]) -> int:
+    """Samples of one mixing epoch: :func:`drawn_per_epoch` summed over the datasets."""
+    return sum(drawn_per_epoch(row) for row in composition.values())
+
+
 def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
     """This process's batch -> global ``jax.Array`` s ([global_batch, ...]) laid out by ``sharding``.
 

@@ -168,6 +168,7 @@ class Quickstart:
         self.world = os.path.join(base, "world")
         self.data = os.path.join(base, "data")
         self.t0 = time.time()
+        self._compositions: dict[str, dict] = {}
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -258,19 +259,25 @@ class Quickstart:
         r = self.r
         if not r.equal_passes or config == "baseline":
             return r.steps_per_epoch
-        from configs import baseline, meld
-        from uld_jax import input_pipeline as ip
+        from uld_jax.input_pipeline import epoch_length
 
-        def epoch_size(cfg) -> int:
-            d = cfg.get_config("tiny").data
-            d.data_dir = self.data
-            comp = ip.epoch_composition(d)
-            return sum(sum(v for k, v in c.items() if k != "added_pool") for c in comp.values())
-
-        base = epoch_size(baseline)
+        base = epoch_length(self.composition("baseline"))
         if base <= 0:
             raise SystemExit(f"[quickstart] {self.data}: the baseline's epoch is empty")
-        return max(1, int(round(r.steps_per_epoch * epoch_size(meld) / base)))
+        return max(1, int(round(r.steps_per_epoch * epoch_length(self.composition("meld")) / base)))
+
+    def composition(self, config: str) -> dict[str, dict[str, int]]:
+        """``input_pipeline.epoch_composition`` of ``configs/<config>.py:tiny`` on the built data
+        (read once per config: every training command of a run asks)."""
+        if config not in self._compositions:
+            import importlib
+
+            from uld_jax import input_pipeline as ip
+
+            d = importlib.import_module(f"configs.{config}").get_config("tiny").data
+            d.data_dir = self.data
+            self._compositions[config] = ip.epoch_composition(d)
+        return self._compositions[config]
 
     def _train_cmd(self, config: str, run: str, *extra: str) -> list[str]:
         r = self.r

@@ -210,20 +210,16 @@ def dl_passes(q: qs.Quickstart) -> dict[str, float] | None:
     """How many times the baseline and MELD pass over each DeepLesion training key slice in the
     recipe (epochs x steps per epoch x batch x DeepLesion's share of the run's mixing epoch / the
     DeepLesion key slices), from the built data; None when the data is not there."""
-    from configs import baseline, meld
-    from uld_jax import input_pipeline as ip
+    from uld_jax.input_pipeline import drawn_per_epoch, epoch_length
 
     out = {}
     try:
-        for name, cfg in (("baseline", baseline), ("meld", meld)):
-            d = cfg.get_config("tiny").data
-            d.data_dir = q.data
-            comp = ip.epoch_composition(d)
-            total = sum(sum(v for k, v in c.items() if k != "added_pool") for c in comp.values())
+        for name in ("baseline", "meld"):
+            comp = q.composition(name)
             dl = comp["deeplesion"]
-            keys = dl["positive"]
-            share = sum(v for k, v in dl.items() if k != "added_pool") / total
-            out[name] = q.r.epochs * q.steps_per_epoch(name) * q.r.batch_size * share / keys
+            share = drawn_per_epoch(dl) / epoch_length(comp)
+            out[name] = (q.r.epochs * q.steps_per_epoch(name) * q.r.batch_size * share
+                         / dl["positive"])
     except (FileNotFoundError, ValueError, KeyError, ZeroDivisionError, OSError):
         return None
     return out
@@ -375,7 +371,7 @@ def write_epoch_mix(q: qs.Quickstart, run: str, overlay: str, ratio: float) -> d
     c = finetune.get_config("tiny").data
     c.data_dir, c.overlays, c.added_ratio, c.seed = q.data, (overlay,), float(ratio), q.seed
     comp = ip.epoch_composition(c)
-    length = sum(sum(v for k, v in d.items() if k != "added_pool") for d in comp.values())
+    length = ip.epoch_length(comp)
     added = sum(d["added"] for d in comp.values())
     trained = q.r.steps_per_epoch * q.r.batch_size * (q.r.epochs - q.r.mine_epoch)
     info = {"run": run, "added_ratio": float(ratio), "composition": comp, "epoch_length": length,
@@ -490,10 +486,9 @@ def _section_calibrated(out: str, seeds: Sequence[int]) -> list[str]:
         if not m:
             continue
         cal = (m.get("provenance") or {}).get("sigma_calibration") or {}
-        def threshold(c):
-            return "none" if c.get("sigma") is None else f"{c['sigma']:.3f}"
         L.append(f"| {s} | " + "; ".join(
-            f"{e}: {threshold(c)} ({c.get('kept')} of {c.get('detections')})"
+            f"{e}: {'none' if c.get('sigma') is None else format(c['sigma'], '.3f')} "
+            f"({c.get('kept')} of {c.get('detections')})"
             for e, c in cal.items())
             + f" | {m['quality']['n_suspicious']} | {_pct(m['quality']['suspicious_true_fraction'])} |")
     return L + [""]
@@ -750,7 +745,9 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
             f"{k} {v:g}" for k, v in extra.items()) + "."]
     L += ["", "## Caveats", "",
           f"- The recipe `{recipe.name}` trains the `tiny` model for {recipe.epochs} epochs of "
-          f"{recipe.steps_per_epoch} steps of {recipe.batch_size} samples on the CPU, on a "
+          f"{recipe.steps_per_epoch} steps of {recipe.batch_size} samples on the CPU"
+          + (" (MELD's runs: more steps, for equal passes over DeepLesion)"
+             if recipe.equal_passes else "") + ", on a "
           "reduced `small` world: far from the paper's scale, so differences of a few points are "
           "within the noise of one run; read the spread across seeds.",
           "- Tables 2 and 4 and the Fig. 5 sweeps run on the first seed only (one training run per "

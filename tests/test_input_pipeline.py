@@ -398,3 +398,47 @@ def test_positives_beyond_max_boxes_become_ignore_regions(tmp_path, caplog):
     kept = np.concatenate([b[Keys.BOXES][0][:3], b[Keys.IGNORE_BOXES][0][:2]])
     np.testing.assert_allclose(kept - kept[0] + np.asarray(boxes[0]), np.asarray(boxes, np.float32))
     assert "max_boxes=3" in caplog.text
+
+
+def _centre_slice(batch, b, k, n):
+    """The slice index whose background HU the centre channel of sample b shows (case number k)."""
+    valid = batch[Keys.IMAGE_VALID][b]
+    ys, xs = np.nonzero(valid & ~batch[Keys.MASKS][b].any(axis=0).astype(bool))
+    v = batch[Keys.IMAGE][b, ys[0], xs[0], 4]
+    hits = [z for z in range(n) if abs(_window(cf.slice_hu(k, z)) - v) < 1e-3]
+    assert len(hits) == 1
+    return hits[0]
+
+
+def test_key_slice_z_jitter_recentres_within_the_lesion(data):
+    out, cases = data
+    kw = dict(datasets=("deeplesion",), negative_ratio=0.0)
+    off, _ = _batches(_config(out, **kw), 12)
+    on, _ = _batches(_config(out, z_jitter=2.0, **kw), 12)
+    still, _ = _batches(_config(out, z_jitter=2.0, augment=False, **kw), 3)
+    tables, _ = ip.load_tables(_config(out, **kw))
+    t = tables[0]
+    assert t.is_key_slice.all()
+    shifts = []
+    for b_off, b_on in zip(off, on):
+        # the jitter has its own random stream: the placement, boxes and masks are unchanged
+        np.testing.assert_array_equal(b_on[Keys.BOXES], b_off[Keys.BOXES])
+        np.testing.assert_array_equal(b_on[Keys.SAMPLE_ID], b_off[Keys.SAMPLE_ID])
+        for b in range(4):
+            _, row, cid, z = _lookup(tables, b_on, b)
+            k, case = cases[cid]
+            n = case.slices.shape[0]
+            assert _centre_slice(b_off, b, k, n) == z
+            # reach by hand: 2.0 x half the short side (6 px x 0.8 mm) / 2 mm slices = 2 slices
+            box = t.sample_lesions(row)["boxes"][0]
+            reach = int(2.0 * 0.5 * min(box[2] - box[0], box[3] - box[1]) * 0.8 / 2.0)
+            assert reach == 2
+            zc = _centre_slice(b_on, b, k, n)
+            assert abs(zc - z) <= reach
+            shifts.append(zc - z)
+    assert len(set(shifts)) >= 3         # 48 draws of 5 shifts (some clipped at the volume ends)
+    for batch in still:                  # no augmentation, no jitter
+        for b in range(4):
+            _, _, cid, z = _lookup(tables, batch, b)
+            k, case = cases[cid]
+            assert _centre_slice(batch, b, k, case.slices.shape[0]) == z

@@ -214,3 +214,59 @@ def test_gate_gradient_policy_is_configurable(stop):
     g = jax.grad(lambda w: jnp.sum(losses.roi_losses({**o, "organ_weights": w}, cfg)["roi_cls"]))(
         jnp.asarray(o["organ_weights"]))
     assert bool(np.any(np.asarray(g) != 0)) == (not stop)
+
+
+def test_embedding_identity_keys():
+    n = 1 << 16
+    lid = np.array([[5, -1, -1], [5, -1, -1], [-1, -1, -1], [9, -1, -1]], np.int32)
+    gt = np.array([[0, 1, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0]], np.int32)
+    ds = np.array([0, 0, 0, 2], np.int32)
+    sid = np.array([3, 4, -1, 3], np.int32)
+    key = np.array([True, True, True, False])
+    r = np.asarray(losses.embedding_identity(lid, ds, sid, gt, key, n))
+    assert r.dtype == np.int32 and r.shape == (4, 3)
+    assert r[0, 0] == r[1, 0]                       # the same known lesion id in two samples
+    assert r[3, 0] >= 0 and r[3, 0] != r[0, 0]      # another known id, even on a non-key slice
+    assert np.all(r[2] == -1)                       # a padding sample (sample id -1) has none
+    assert np.all(r[3, 1:] == -1)                   # non-key slice, no lesion id: none
+    # key-slice annotations without an id: one identity per (dataset, sample, box)
+    ann = [r[0, 1], r[0, 2], r[1, 1], r[1, 2]]      # (s3, box 1), (s3, box 0), (s4, 0), (s4, 1)
+    assert min(ann) >= 0 and len(set(ann + [r[0, 0], r[3, 0]])) == 6
+    two_views = np.asarray(losses.embedding_identity(-np.ones((2, 1), np.int32), ds[:2] * 0,
+                                                     np.array([3, 3], np.int32),
+                                                     np.ones((2, 1), np.int32), key[:2], n))
+    assert two_views[0, 0] == two_views[1, 0] == r[0, 1]
+    again = np.asarray(losses.embedding_identity(lid[::-1], ds[::-1], sid[::-1], gt[::-1],
+                                                 key[::-1], n))[::-1]
+    np.testing.assert_array_equal(again, r)         # a function of the keys, not the batch row
+    assert np.all((r >= -1) & (r < n))
+    # distinct key-slice annotations spread over the table like random draws: at least the
+    # birthday expectation of distinct rows (k keys in n rows: n (1 - exp(-k / n)), 1970 here)
+    b = 500
+    rr = np.asarray(losses.embedding_identity(-np.ones((b, 4), np.int32), np.zeros(b, np.int32),
+                                              np.arange(b, dtype=np.int32),
+                                              np.tile(np.arange(4, dtype=np.int32), (b, 1)),
+                                              np.ones(b, bool), n))
+    assert len(np.unique(rr)) >= n * (1 - np.exp(-b * 4 / n)) - 20
+
+
+def test_proxy_term_matches_numpy():
+    cfg = model_config("tiny")
+    o = _outputs()
+    rng = np.random.default_rng(3)
+    n = 7
+    logits = rng.normal(size=(2, 3, n)).astype(np.float32)
+    ident = np.array([[2, -1, 4], [6, 0, -1]], np.int32)
+    with_p = dict(o, proxy_logits=logits, emb_proxy=ident)
+    got = np.asarray(losses.embedding_loss(with_p, cfg)) - np.asarray(losses.embedding_loss(o, cfg))
+    # reference: mean over slots that are valid positives with an identity of -log softmax
+    expect = []
+    for b in range(2):
+        ce = [np.log(np.sum(np.exp(logits[b, p]))) - logits[b, p, ident[b, p]]
+              for p in range(3) if o["emb_valid"][b, p] and ident[b, p] >= 0]
+        expect.append(np.mean(ce) if ce else 0.0)
+    np.testing.assert_allclose(got, np.asarray(expect) * cfg.embedding.proxy_weight, rtol=1e-5,
+                               atol=1e-6)
+    # slots without an identity add nothing
+    none = dict(with_p, emb_proxy=-np.ones_like(ident))
+    np.testing.assert_allclose(losses.embedding_loss(none, cfg), losses.embedding_loss(o, cfg))

@@ -356,3 +356,47 @@ def test_minimal_batch_traces(setup):
     assert total.shape == ()
     det = jax.eval_shape(lambda v, b: model.apply(v, {Keys.IMAGE: b[Keys.IMAGE]}), variables, batch)
     assert det["boxes"].shape == (B, cfg.num_datasets, cfg.roi.detections_per_image, 4)
+
+
+def test_lesion_proxies_behind_the_switch(setup):
+    cfg, _, _, _, _, _ = setup
+    on = cfg.copy_and_resolve_references()
+    on.embedding.num_proxies = 64
+    model = MELD(on)
+    variables = init_variables(model, seed=0)
+    w = variables["params"]["embed_head"]["proxies"]
+    assert w.shape == (64, on.embedding.dim)
+    batch = _batch(boxes_per_image=[1, 2, 3, 4], seed=6)
+
+    def f(params):
+        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch,
+                             train=True, rngs={"sample": jax.random.PRNGKey(6)},
+                             mutable=["batch_stats"])
+        return losses.meld_loss(out, batch, on)[0], out
+
+    (total, out), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
+    assert np.isfinite(float(total))
+    p = on.mask.max_per_image
+    assert out["proxy_logits"].shape == (B, p, 64)
+    # cosine against the unit proxies over the temperature
+    wn = np.asarray(w) / np.linalg.norm(np.asarray(w), axis=1, keepdims=True)
+    np.testing.assert_allclose(out["proxy_logits"],
+                               np.asarray(out["embeddings"]) @ wn.T / on.embedding.temperature,
+                               rtol=1e-4, atol=1e-4)
+    # every embedded positive of these key slices has an identity, and it is the one of its box
+    ident = np.asarray(out["emb_proxy"])
+    valid = np.asarray(out["emb_valid"])
+    assert valid.any() and np.all(ident[valid] >= 0)
+    expect = losses.embedding_identity(out["emb_lesion_id"], batch[Keys.DATASET_ID],
+                                       batch[Keys.SAMPLE_ID], out["emb_gt_index"],
+                                       batch[Keys.IS_KEY_SLICE], 64)
+    np.testing.assert_array_equal(ident, expect)
+    # the loss reaches the proxies of the batch's identities
+    g = np.asarray(grads["embed_head"]["proxies"])
+    assert np.all(np.abs(g[np.unique(ident[valid])]).sum(1) > 0)
+    # inference neither needs nor computes them
+    inf = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
+    assert "proxy_logits" not in inf and inf["embeddings"].shape[-1] == on.embedding.dim
+    with pytest.raises(ValueError, match="num_proxies"):
+        roi_heads.EmbeddingHead(4, 8, 3, 0.1).init(jax.random.PRNGKey(0), jnp.zeros((1, 5)),
+                                                   proxies=True)

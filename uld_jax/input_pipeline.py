@@ -112,6 +112,12 @@ def default_input_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.augment = True
     c.scale_range = (0.8, 1.2)
     c.shift_px = 8.0
+    # Key-slice z-jitter (training augmentation, 0: off): a key slice is read centred up to
+    # z_jitter x (its smallest annotated lesion's short-axis radius) away, in whole slices, with its
+    # boxes kept (the lesion's cross-section there is at least sqrt(1 - z_jitter^2) of its size).
+    # DeepLesion marks only key slices; this shows the detector and the embedding the same lesion
+    # on the neighbouring slices that mining and volumetric evaluation run on.
+    c.z_jitter = 0.0
     c.merge_datasets = False             # True: every sample's dataset_id is 0 (one-expert model)
     c.positive_only = ()                 # datasets that teach positives only (whole-canvas ignore
                                          # region, lesion-free slices not drawn)
@@ -471,6 +477,7 @@ class SampleLoader(grain.transforms.Map):
         self.augment = bool(config.augment)
         self.scale_range = tuple(float(v) for v in config.scale_range)
         self.shift_px = float(config.shift_px)
+        self.z_jitter = float(config.get("z_jitter", 0.0))
         self.seed = int(config.seed)
         self.merge_datasets = bool(config.get("merge_datasets", False))
         self.positive_only = frozenset(config.get("positive_only", ()))
@@ -505,16 +512,41 @@ class SampleLoader(grain.transforms.Map):
             Keys.PIXEL_MM: np.float32(0.0),
         }
 
-    def read_context(self, t: int, row: int) -> np.ndarray:
+    def read_context(self, t: int, row: int, shift: int = 0) -> np.ndarray:
         """[h, w, context] int16 HU around sample ``row`` of table ``t`` (channel k = slice
-        ``z + (k - context // 2) * step``)."""
+        ``z + (k - context // 2) * step``), the centre ``z`` moved by ``shift`` slices (kept in the
+        sub-volume)."""
         table = self.tables[t]
         c = int(table.case_row[row])
-        idx = context_indices(int(table.slice_index[row]), int(table.case_num_slices[c]),
-                              float(table.case_slice_mm[c]), self.context, self.context_mm)
+        n = int(table.case_num_slices[c])
+        z = min(max(int(table.slice_index[row]) + int(shift), 0), n - 1)
+        idx = context_indices(z, n, float(table.case_slice_mm[c]), self.context, self.context_mm)
         uniq, inv = np.unique(idx, return_inverse=True)
         slices = self.stores[t].read(table.case_slice_start[c] + uniq, str(table.case_id[c]), uniq)
         return np.stack([slices[i] for i in inv], axis=-1)
+
+    def z_shift(self, t: int, row: int, position: int) -> int:
+        """Slices by which training sample ``row`` of table ``t`` (at ``position`` of the epoch
+        sequence) is re-centred: 0 unless augmenting with ``z_jitter`` > 0 on a key slice with an
+        original box; else uniform over the whole slices within z_jitter x the smallest original
+        box's short-axis radius (mm, from the stored pixel size and slice spacing). Its own random
+        stream, so turning it on leaves the other augmentations' draws as they were."""
+        table = self.tables[t]
+        if not (self.augment and self.z_jitter > 0 and table.is_key_slice[row]):
+            return 0
+        les = table.sample_lesions(row)
+        orig = les["provenance"] == int(Provenance.ORIGINAL)
+        if not orig.any():
+            return 0
+        b = np.asarray(les["boxes"], np.float64)[orig]
+        c = int(table.case_row[row])
+        radius_mm = 0.5 * float(np.min(np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
+        radius_mm *= float(table.case_pixel_mm[c])
+        reach = int(np.floor(self.z_jitter * radius_mm / float(table.case_slice_mm[c]) + 1e-9))
+        if reach <= 0:
+            return 0
+        rng = np.random.default_rng([self.seed, int(position), 0x21D])
+        return int(rng.integers(-reach, reach + 1))
 
     def map(self, element: np.ndarray) -> dict[str, np.ndarray]:
         t, row = int(element[0]), int(element[1])
@@ -523,7 +555,7 @@ class SampleLoader(grain.transforms.Map):
         rng = np.random.default_rng([self.seed, int(element[2]), 0xA46])
         table = self.tables[t]
         c = int(table.case_row[row])
-        hu = self.read_context(t, row)
+        hu = self.read_context(t, row, self.z_shift(t, row, int(element[2])))
         h, w, _ = hu.shape
         p = choose_placement(h, w, float(table.case_pixel_mm[c]), self.pixel_mm, self.image_size,
                              rng if self.augment else None, self.scale_range, self.shift_px)

@@ -23,6 +23,14 @@ per-dataset values are means over that dataset's samples. Terms and their choice
   where known. Rows without a positive partner contribute nothing. Sampled background ROIs
   (``emb_background``, model.embedding.background_negatives) join every lesion row's denominator as
   negatives, never as anchors or positives: lesions are pushed away from non-lesion regions.
+  With ``embedding.num_proxies`` > 0, a lesion-identity term (``embedding.proxy_weight``): the
+  cross-entropy of the ROI's cosine logits against a learnt proxy per lesion identity
+  (:func:`embedding_identity`: the known ``lesion_id``, else the annotation of a key slice). Within a
+  batch, the supervised-contrastive positives above only ever pair a lesion with itself on the same
+  image; the proxies carry a lesion's identity across steps, so the views of one annotation seen in
+  different epochs -- other slices near the key slice (``data.z_jitter``), other augmentations --
+  are pulled together and other lesions pushed apart. That is what MAM measures: an unmarked
+  cross-section of an annotated lesion, on another slice, near its annotation.
 
 Every normaliser is ``max(count, 1)``, so slices without lesions give finite (negative-only) losses.
 """
@@ -94,6 +102,41 @@ def mask_loss(out: dict) -> jax.Array:
     return _masked_mean(bce, out["mask_valid"], axis=1)
 
 
+_HASH_MUL = 0x9E3779B1    # odd 32-bit multiplier of the identity hash (Knuth's golden ratio)
+
+
+def embedding_identity(lesion_id, dataset_id, sample_id, gt_index, is_key_slice,
+                       num_proxies: int) -> jax.Array:
+    """[B, P] int32 row of each embedding slot's lesion identity in a ``num_proxies`` proxy table,
+    or -1 where the slot has none.
+
+    ``lesion_id`` [B, P] (-1 unknown), ``gt_index`` [B, P] (the slot's box in its sample),
+    ``dataset_id`` / ``sample_id`` / ``is_key_slice`` [B]. A known ``lesion_id`` is the identity
+    (the same lesion across studies shares it); otherwise a key slice's annotation is its own
+    identity, keyed by (dataset, sample row, box). Slots of non-key slices without a lesion id
+    (single-type datasets' per-slice boxes, which would split one lesion into many identities,
+    and mined positives) have none. Keys are hashed into the table (32-bit multiplicative hash, the
+    two kinds of key in disjoint halves of the key space). Two identities sharing a row are pulled
+    together; k lesions in n rows leave about k / n of them sharing one. MAM compares lesions only
+    within a patient, where a shared row is about (patient's lesions) / n likely, so a table a few
+    times the number of annotated lesions is enough (``embedding.num_proxies``).
+    """
+    lid = jnp.asarray(lesion_id).astype(jnp.int32)
+    b = lid.shape[0]
+    ds = jnp.broadcast_to(jnp.asarray(dataset_id).astype(jnp.uint32)[:, None], lid.shape)
+    sid = jnp.broadcast_to(jnp.asarray(sample_id).astype(jnp.uint32)[:, None], lid.shape)
+    key = jnp.broadcast_to(jnp.asarray(is_key_slice).astype(bool).reshape(b, 1), lid.shape)
+    gt = jnp.asarray(gt_index).astype(jnp.uint32)
+    ann = (((ds << 24) ^ (sid << 6) ^ gt) | jnp.uint32(0x80000000))
+    known = lid >= 0
+    k = jnp.where(known, lid.astype(jnp.uint32) & jnp.uint32(0x7FFFFFFF), ann)
+    h = k * jnp.uint32(_HASH_MUL)
+    h = h ^ (h >> 15)
+    row = (h % jnp.uint32(num_proxies)).astype(jnp.int32)
+    ok = known | (key & (jnp.asarray(sample_id).reshape(b, 1) >= 0))
+    return jnp.where(ok, row, -1)
+
+
 def embedding_loss(out: dict, cfg: Any) -> jax.Array:
     """Per-sample embedding loss [B]: supervised contrastive on lesion identity + type probe CE."""
     e = out["embeddings"]                                          # [B, P, E]
@@ -123,7 +166,14 @@ def embedding_loss(out: dict, cfg: Any) -> jax.Array:
     t = out["emb_type"]
     t_ok = out["emb_valid"] & (t >= 0) & (t < out["type_logits"].shape[-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(out["type_logits"], jnp.maximum(t, 0))
-    return supcon + _masked_mean(ce, t_ok, axis=1)
+    total = supcon + _masked_mean(ce, t_ok, axis=1)
+    if "proxy_logits" in out:
+        ident = out["emb_proxy"]
+        i_ok = out["emb_valid"] & (ident >= 0)
+        pce = optax.softmax_cross_entropy_with_integer_labels(out["proxy_logits"],
+                                                              jnp.maximum(ident, 0))
+        total = total + cfg.embedding.get("proxy_weight", 1.0) * _masked_mean(pce, i_ok, axis=1)
+    return total
 
 
 def meld_loss(out: dict, batch: dict | None, cfg: Any) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -116,6 +116,12 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # seed 0's world; docs/results.md, "Why MAM is imprecise")
     e.background_negatives = False
     e.num_types = max(core.COARSE_LESION_TYPES) + 1  # type-probe classes (0 unused)
+    # Lesion-identity proxies (losses.embedding_identity): a learnt unit vector per annotated
+    # lesion, hashed into a table of this many rows (0: off); keep it well above the number of
+    # annotated lesions (DeepLesion: ~33k) so that few identities share a row. proxy_weight scales
+    # its cross-entropy inside the embedding loss.
+    e.num_proxies = 0
+    e.proxy_weight = 1.0
 
     w = c.loss_weights = ml_collections.ConfigDict()
     w.rpn_cls = 1.0

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uld_jax import losses as losses_lib
 from uld_jax.core import Keys
 from uld_jax.models import detops as ops
 from uld_jax.ops import detections as detection_ops
@@ -76,7 +77,8 @@ class MELD(nn.Module):
             self.mask_head = MaskHead(cfg.mask.num_convs, cfg.mask.conv_dim, dt)
         if cfg.use_embedding:
             self.embed_head = EmbeddingHead(cfg.embedding.dim, cfg.embedding.hidden,
-                                            cfg.embedding.num_types, cfg.embedding.temperature, dt)
+                                            cfg.embedding.num_types, cfg.embedding.temperature, dt,
+                                            num_proxies=int(cfg.embedding.get("num_proxies", 0)))
 
     # ----------------------------------------------------------------------------------------------
     def __call__(self, batch: dict, train: bool = False,
@@ -131,7 +133,9 @@ class MELD(nn.Module):
         * embedding head (same P slots): ``embeddings`` [B, P, E], ``type_logits`` [B, P, T],
           ``emb_valid`` [B, P], ``emb_background`` [B, P] (sampled background ROIs, with
           ``embedding.background_negatives``), ``emb_lesion_id`` [B, P] (-1 unknown), ``emb_gt_index``,
-          ``emb_type`` [B, P];
+          ``emb_type`` [B, P]; with ``embedding.num_proxies`` also ``proxy_logits`` [B, P, N] and
+          ``emb_proxy`` [B, P] (the ROI's lesion identity in the proxy table, -1 none:
+          ``losses.embedding_identity``);
         * ``proposals`` [B, post_nms_train, 4], ``proposal_valid``; ``dataset_id`` [B];
           ``sample_id`` [B] (batch rows sharing it are augmented views of one slice).
         """
@@ -223,7 +227,11 @@ class MELD(nn.Module):
                 out["mask_targets"] = jnp.zeros_like(out["mask_logits"])
                 out["mask_valid"] = jnp.zeros_like(ppos)
         if cfg.use_embedding:
-            emb, probe = self.embed_head(box_feat[:, :p])
+            num_proxies = int(cfg.embedding.get("num_proxies", 0))
+            if num_proxies > 0:
+                emb, probe, out["proxy_logits"] = self.embed_head(box_feat[:, :p], proxies=True)
+            else:
+                emb, probe = self.embed_head(box_feat[:, :p])
             out["embeddings"], out["type_logits"] = emb, probe
             out["emb_valid"] = ppos
             out["emb_background"] = (slab[:, :p] == 0) & bool(cfg.embedding.get("background_negatives", False))
@@ -232,6 +240,10 @@ class MELD(nn.Module):
             out["emb_lesion_id"] = _take(lid, pgt)
             out["emb_type"] = _take(lt.astype(jnp.int32), pgt)
             out["emb_gt_index"] = pgt
+            if num_proxies > 0:
+                key = batch.get(Keys.IS_KEY_SLICE, jnp.zeros((b,), bool))
+                out["emb_proxy"] = losses_lib.embedding_identity(
+                    out["emb_lesion_id"], dataset_id, out["sample_id"], pgt, key, num_proxies)
         return out
 
     def _anchor_valid(self, anchors, batch, b, img_h, img_w):

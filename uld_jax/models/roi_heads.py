@@ -134,6 +134,13 @@ class EmbeddingHead(nn.Module):
 
     The type probe (a linear classifier on the unit embedding, scaled by 1/temperature) lets the
     coarse lesion-type / organ labels shape the embedding (``losses.embedding_loss``).
+
+    With ``num_proxies`` > 0 the head also owns ``proxies`` [num_proxies, E], one learnt unit
+    vector per lesion identity (hashed into the table, ``losses.embedding_identity``); called with
+    ``proxies=True`` it returns a third output, the cosine logits [..., num_proxies] of the
+    embedding against every proxy divided by the temperature (a normalised-softmax identity
+    classifier: the views of one lesion, on neighbouring slices and under augmentation, are pulled
+    to one point, different lesions apart). Training only; inference never computes them.
     """
 
     dim: int
@@ -141,11 +148,20 @@ class EmbeddingHead(nn.Module):
     num_types: int
     temperature: float
     dtype: Any = jnp.float32
+    num_proxies: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array):
+    def __call__(self, x: jax.Array, proxies: bool = False):
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
         e = nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x).astype(jnp.float32)
         e = e * jax.lax.rsqrt(jnp.maximum(jnp.sum(e * e, -1, keepdims=True), 1e-12))
         probe = nn.Dense(self.num_types, use_bias=False, name="type_probe")(e) / self.temperature
+        if self.num_proxies > 0:
+            w = self.param("proxies", nn.initializers.normal(1.0), (self.num_proxies, self.dim),
+                           jnp.float32)
+            if proxies:
+                w = w * jax.lax.rsqrt(jnp.maximum(jnp.sum(w * w, -1, keepdims=True), 1e-12))
+                return e, probe, (e @ w.T) / self.temperature
+        elif proxies:
+            raise ValueError("EmbeddingHead(proxies=True) needs num_proxies > 0")
         return e, probe

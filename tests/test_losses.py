@@ -239,7 +239,7 @@ def test_embedding_identity_keys():
     again = np.asarray(losses.embedding_identity(lid[::-1], ds[::-1], sid[::-1], gt[::-1],
                                                  key[::-1], n))[::-1]
     np.testing.assert_array_equal(again, r)         # a function of the keys, not the batch row
-    assert np.all((r >= -1) & (r < n))
+    assert np.all((r == -1) | ((r >= 1) & (r < n)))  # row 0 is the background's
     # distinct key-slice annotations spread over the table like random draws: at least the
     # birthday expectation of distinct rows (k keys in n rows: n (1 - exp(-k / n)), 1970 here)
     b = 500
@@ -267,6 +267,16 @@ def test_proxy_term_matches_numpy():
         expect.append(np.mean(ce) if ce else 0.0)
     np.testing.assert_allclose(got, np.asarray(expect) * cfg.embedding.proxy_weight, rtol=1e-5,
                                atol=1e-6)
+    # a sampled background ROI (slot (0, 2), not a positive) is classified to row 0
+    bg = np.zeros((2, 3), bool)
+    bg[0, 2] = True
+    with_bg = dict(with_p, emb_background=bg)
+    got_bg = np.asarray(losses.embedding_loss(with_bg, cfg)) - np.asarray(
+        losses.embedding_loss(dict(o, emb_background=bg), cfg))
+    ce0 = [np.log(np.sum(np.exp(logits[0, 0]))) - logits[0, 0, 2],
+           np.log(np.sum(np.exp(logits[0, 2]))) - logits[0, 2, 0]]
+    np.testing.assert_allclose(got_bg, [np.mean(ce0) * cfg.embedding.proxy_weight, got[1]],
+                               rtol=1e-5, atol=1e-6)
     # slots without an identity add nothing
     none = dict(with_p, emb_proxy=-np.ones_like(ident))
     np.testing.assert_allclose(losses.embedding_loss(none, cfg), losses.embedding_loss(o, cfg))

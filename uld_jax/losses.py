@@ -30,7 +30,9 @@ per-dataset values are means over that dataset's samples. Terms and their choice
   image; the proxies carry a lesion's identity across steps, so the views of one annotation seen in
   different epochs -- other slices near the key slice (``data.z_jitter``), other augmentations --
   are pulled together and other lesions pushed apart. That is what MAM measures: an unmarked
-  cross-section of an annotated lesion, on another slice, near its annotation.
+  cross-section of an annotated lesion, on another slice, near its annotation. With
+  ``background_negatives`` the sampled background ROIs are classified to a proxy of their own (row
+  0), away from every lesion's.
 
 Every normaliser is ``max(count, 1)``, so slices without lesions give finite (negative-only) losses.
 """
@@ -107,8 +109,8 @@ _HASH_MUL = 0x9E3779B1    # odd 32-bit multiplier of the identity hash (Knuth's 
 
 def embedding_identity(lesion_id, dataset_id, sample_id, gt_index, is_key_slice,
                        num_proxies: int) -> jax.Array:
-    """[B, P] int32 row of each embedding slot's lesion identity in a ``num_proxies`` proxy table,
-    or -1 where the slot has none.
+    """[B, P] int32 row of each embedding slot's lesion identity in a ``num_proxies`` proxy table
+    (rows 1 .. num_proxies - 1; row 0 is kept for the background), or -1 where the slot has none.
 
     ``lesion_id`` [B, P] (-1 unknown), ``gt_index`` [B, P] (the slot's box in its sample),
     ``dataset_id`` / ``sample_id`` / ``is_key_slice`` [B]. A known ``lesion_id`` is the identity
@@ -132,7 +134,8 @@ def embedding_identity(lesion_id, dataset_id, sample_id, gt_index, is_key_slice,
     k = jnp.where(known, lid.astype(jnp.uint32) & jnp.uint32(0x7FFFFFFF), ann)
     h = k * jnp.uint32(_HASH_MUL)
     h = h ^ (h >> 15)
-    row = (h % jnp.uint32(num_proxies)).astype(jnp.int32)
+    # row 0 is the background proxy (losses.embedding_loss with emb_background)
+    row = (h % jnp.uint32(num_proxies - 1)).astype(jnp.int32) + 1
     ok = known | (key & (jnp.asarray(sample_id).reshape(b, 1) >= 0))
     return jnp.where(ok, row, -1)
 
@@ -170,6 +173,9 @@ def embedding_loss(out: dict, cfg: Any) -> jax.Array:
     if "proxy_logits" in out:
         ident = out["emb_proxy"]
         i_ok = out["emb_valid"] & (ident >= 0)
+        if bg is not None:                       # background ROIs: the background proxy, row 0
+            ident = jnp.where(bg, 0, ident)
+            i_ok = i_ok | bg
         pce = optax.softmax_cross_entropy_with_integer_labels(out["proxy_logits"],
                                                               jnp.maximum(ident, 0))
         total = total + cfg.embedding.get("proxy_weight", 1.0) * _masked_mean(pce, i_ok, axis=1)

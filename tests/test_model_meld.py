@@ -400,3 +400,37 @@ def test_lesion_proxies_behind_the_switch(setup):
     with pytest.raises(ValueError, match="num_proxies"):
         roi_heads.EmbeddingHead(4, 8, 3, 0.1).init(jax.random.PRNGKey(0), jnp.zeros((1, 5)),
                                                    proxies=True)
+
+
+def test_box_location_worked_case():
+    loc = np.asarray(roi_heads.box_location(jnp.asarray([[40.0, 20.0, 60.0, 100.0],
+                                                         [10.0, 10.0, 10.0, 10.5]]), 80, 160))
+    np.testing.assert_allclose(loc[0], [50 / 80 - 0.5, 60 / 160 - 0.5, np.log(20 / 80),
+                                        np.log(80 / 160)], rtol=1e-6)
+    np.testing.assert_allclose(loc[1, 2:], [np.log(1 / 80), np.log(1 / 160)], rtol=1e-6)
+
+
+def test_embedding_location_behind_the_switch(setup):
+    cfg, _, _, _, _, _ = setup
+    on = cfg.copy_and_resolve_references()
+    on.embedding.location = True
+    model = MELD(on)
+    variables = init_variables(model, seed=0)
+    assert variables["params"]["embed_head"]["loc"]["kernel"].shape == (4, on.embedding.hidden)
+    batch = _batch(boxes_per_image=[1, 2, 3, 4], seed=7)
+    out, _ = jax.jit(lambda v, b: model.apply(v, b, train=True, rngs={"sample": jax.random.PRNGKey(7)},
+                                              mutable=["batch_stats"]))(variables, batch)
+    assert out["embeddings"].shape == (B, on.mask.max_per_image, on.embedding.dim)
+    inf = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
+    assert np.all(np.isfinite(inf["embeddings"]))
+    # one box feature at two places on the canvas: two embeddings; the head without the location
+    # input refuses to run
+    head = roi_heads.EmbeddingHead(on.embedding.dim, on.embedding.hidden, on.embedding.num_types,
+                                   0.1, location=True)
+    feat = jnp.ones((2, 8))
+    loc = roi_heads.box_location(jnp.asarray([[10.0, 10, 20, 20], [100, 100, 110, 110]]), 160, 160)
+    v = head.init(jax.random.PRNGKey(0), feat, loc=loc)
+    e, _ = head.apply(v, feat, loc=loc)
+    assert float(jnp.linalg.norm(e[0] - e[1])) > 1e-3
+    with pytest.raises(ValueError, match="loc"):
+        head.apply(v, feat)

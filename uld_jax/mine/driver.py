@@ -54,6 +54,7 @@ from uld_jax import overlay as overlay_lib
 from uld_jax import slice_data as sd
 from uld_jax.core import DATASET_ID, SINGLE_TYPE_DATASETS, Keys, Provenance
 from uld_jax.mine import calibrate, mam, nrm, run, store, table
+from uld_jax.models.roi_heads import box_location
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def _mining_forward(module, image, image_valid, ann_boxes):
     feat = module.backbone(image, train=False)
     roi = module._roi_align(feat, ann_boxes, cfg.roi.pool_size)  # pylint: disable=protected-access
     box_feat, _ = module.box_head(roi)
-    ann_emb, _ = module.embed_head(box_feat)
+    ann_emb, _ = module.embed_head(box_feat, loc=box_location(ann_boxes, *image.shape[1:3]))
     uni = DATASET_ID[MINED_DATASET]
     return {"boxes": det["boxes"], "scores": det["scores"], "valid": det["valid"],
             "embeddings": det["embeddings"][:, uni], "ann_embeddings": ann_emb}

@@ -122,6 +122,8 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # its cross-entropy inside the embedding loss.
     e.num_proxies = 0
     e.proxy_weight = 1.0
+    # True: the embedding also reads the ROI's place and size on the canvas (roi_heads.box_location)
+    e.location = False
 
     w = c.loss_weights = ml_collections.ConfigDict()
     w.rpn_cls = 1.0

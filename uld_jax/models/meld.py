@@ -38,7 +38,7 @@ from uld_jax.ops import proposals as proposal_ops
 from uld_jax.ops import targets as target_ops
 from uld_jax.models.fpn import DenseNetFPN
 from uld_jax.models.roi_heads import (BoxHead, EmbeddingHead, MaskHead, OrganClassifierHeads,
-                                      OrganGate, fuse_scores, organ_weights)
+                                      OrganGate, box_location, fuse_scores, organ_weights)
 from uld_jax.models.rpn import DatasetRPN
 
 
@@ -78,7 +78,8 @@ class MELD(nn.Module):
         if cfg.use_embedding:
             self.embed_head = EmbeddingHead(cfg.embedding.dim, cfg.embedding.hidden,
                                             cfg.embedding.num_types, cfg.embedding.temperature, dt,
-                                            num_proxies=int(cfg.embedding.get("num_proxies", 0)))
+                                            num_proxies=int(cfg.embedding.get("num_proxies", 0)),
+                                            location=bool(cfg.embedding.get("location", False)))
 
     # ----------------------------------------------------------------------------------------------
     def __call__(self, batch: dict, train: bool = False,
@@ -102,7 +103,7 @@ class MELD(nn.Module):
             m = cfg.mask.pool_size
             self.mask_head(jnp.zeros((b, 1, m, m, feat.shape[-1]), feat.dtype))
         if cfg.use_embedding:
-            self.embed_head(box_feat)
+            self.embed_head(box_feat, loc=jnp.zeros((b, 1, 4), jnp.float32))
         return feat
 
     def _anchors(self, feat_h: int, feat_w: int) -> jax.Array:
@@ -228,10 +229,12 @@ class MELD(nn.Module):
                 out["mask_valid"] = jnp.zeros_like(ppos)
         if cfg.use_embedding:
             num_proxies = int(cfg.embedding.get("num_proxies", 0))
+            loc = box_location(rois[:, :p], img_h, img_w)
             if num_proxies > 0:
-                emb, probe, out["proxy_logits"] = self.embed_head(box_feat[:, :p], proxies=True)
+                emb, probe, out["proxy_logits"] = self.embed_head(box_feat[:, :p], proxies=True,
+                                                                  loc=loc)
             else:
-                emb, probe = self.embed_head(box_feat[:, :p])
+                emb, probe = self.embed_head(box_feat[:, :p], loc=loc)
             out["embeddings"], out["type_logits"] = emb, probe
             out["emb_valid"] = ppos
             out["emb_background"] = (slab[:, :p] == 0) & bool(cfg.embedding.get("background_negatives", False))
@@ -328,7 +331,7 @@ class MELD(nn.Module):
             m = jax.nn.sigmoid(self.mask_head(mf))
             out["masks"] = m.reshape(b, d, k, *m.shape[2:])
         if cfg.use_embedding:
-            emb, _ = self.embed_head(g(box_feat))
+            emb, _ = self.embed_head(g(box_feat), loc=box_location(g(pboxes), img_h, img_w))
             out["embeddings"] = emb
         return out
 

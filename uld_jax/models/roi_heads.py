@@ -141,6 +141,11 @@ class EmbeddingHead(nn.Module):
     embedding against every proxy divided by the temperature (a normalised-softmax identity
     classifier: the views of one lesion, on neighbouring slices and under augmentation, are pulled
     to one point, different lesions apart). Training only; inference never computes them.
+
+    With ``location`` the head also reads where the ROI lies on the canvas, ``loc`` [..., 4] (see
+    :func:`box_location`), through a linear map added to its first layer: within a patient's
+    volume the same lesion sits at the same place on neighbouring slices, as LesaNet's body-part
+    labels place a lesion in the body.
     """
 
     dim: int
@@ -149,10 +154,17 @@ class EmbeddingHead(nn.Module):
     temperature: float
     dtype: Any = jnp.float32
     num_proxies: int = 0
+    location: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, proxies: bool = False):
-        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+    def __call__(self, x: jax.Array, proxies: bool = False, loc: jax.Array | None = None):
+        h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        if self.location:
+            if loc is None:
+                raise ValueError("EmbeddingHead(location=True) needs the ROIs' loc")
+            h = h + nn.Dense(self.hidden, use_bias=False, dtype=self.dtype, name="loc")(
+                loc.astype(h.dtype))
+        x = nn.relu(h)
         e = nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x).astype(jnp.float32)
         e = e * jax.lax.rsqrt(jnp.maximum(jnp.sum(e * e, -1, keepdims=True), 1e-12))
         probe = nn.Dense(self.num_types, use_bias=False, name="type_probe")(e) / self.temperature
@@ -165,3 +177,14 @@ class EmbeddingHead(nn.Module):
         elif proxies:
             raise ValueError("EmbeddingHead(proxies=True) needs num_proxies > 0")
         return e, probe
+
+
+def box_location(boxes: jax.Array, image_h: int, image_w: int) -> jax.Array:
+    """[..., 4] boxes [y1, x1, y2, x2] (pixels of an image_h x image_w canvas) -> [..., 4] location
+    features: the centre relative to the canvas centre and the log size, in canvas units
+    (``(cy / H - 1/2, cx / W - 1/2, log(h / H), log(w / W))``, sizes floored at one pixel)."""
+    boxes = boxes.astype(jnp.float32)
+    hw = jnp.asarray([image_h, image_w], jnp.float32)
+    c = 0.5 * (boxes[..., :2] + boxes[..., 2:]) / hw - 0.5
+    size = jnp.maximum(boxes[..., 2:] - boxes[..., :2], 1.0) / hw
+    return jnp.concatenate([c, jnp.log(size)], axis=-1)

@@ -206,7 +206,8 @@ def test_mine_overlay_end_to_end_roundtrip_and_order_independent(tmp_path):
     # writes the same rows.
     perm_s = rng.permutation(len(slices))
     inv = np.argsort(perm_s)
-    slices2 = run.SliceTable(*(np.asarray(getattr(slices, f.name))[perm_s]
+    slices2 = run.SliceTable(*(None if getattr(slices, f.name) is None
+                               else np.asarray(getattr(slices, f.name))[perm_s]
                                for f in __import__("dataclasses").fields(run.SliceTable)))
     perm_p = rng.permutation(props.slice.size)
     props2 = run.Proposals(inv[props.slice][perm_p], props.box[perm_p], props.score[perm_p],

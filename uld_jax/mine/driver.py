@@ -56,6 +56,12 @@ from uld_jax.core import DATASET_ID, SINGLE_TYPE_DATASETS, Keys, Provenance
 from uld_jax.mine import calibrate, mam, nrm, run, store, table
 from uld_jax.models.roi_heads import box_location
 
+# MAM's location scale on the command line (run.MiningOptions.location_mm; the library's default, 0,
+# is the paper's embedding-only rule): a displacement of theta x 64 mm, about 10 mm at theta 0.15 --
+# a typical lesion's radius, within which its cross-sections on neighbouring mined slices lie --
+# alone reaches theta. docs/mining.md has the measurements behind it.
+DEFAULT_LOCATION_MM = 64.0
+
 log = logging.getLogger(__name__)
 
 MINED_DATASET = "deeplesion"
@@ -358,7 +364,9 @@ class ChunkMiner:
         cr = t.case_row[rows]
         slices = run.SliceTable(
             dataset=np.full(len(rows), MINED_DATASET), case_id=t.case_id[cr].astype(str),
-            slice_index=t.slice_index[rows].astype(np.int64), patient_id=self.patient[cr])
+            slice_index=t.slice_index[rows].astype(np.int64), patient_id=self.patient[cr],
+            pixel_mm=t.case_pixel_mm[cr].astype(np.float32),
+            slice_mm=t.case_slice_mm[cr].astype(np.float32))
         a_parts: dict[str, list] = {"slice": [], "box": [], "lesion_id": [], "embedding": []}
         p_parts: dict[str, list] = {"slice": [], "box": [], "score": [], "expert": [],
                                     "embedding": []}
@@ -566,6 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max_chunks", type=int, default=None)
     p.add_argument("--theta", type=float, default=mam.DEFAULT_THETA)
     p.add_argument("--sigma", type=float, default=nrm.DEFAULT_SIGMA)
+    p.add_argument("--location_mm", type=float, default=DEFAULT_LOCATION_MM,
+                   help="> 0: MAM matches on the embedding and the place in the volume (box centre "
+                   "and slice position in mm / location_mm, within one Case); 0: on the embedding "
+                   "alone, within a patient (the paper's rule)")
     p.add_argument("--nrm_experts", default=",".join(SINGLE_TYPE_DATASETS),
                    help="comma-separated single-type experts for NRM")
     p.add_argument("--sigma_from", choices=("score", "precision"), default="score",
@@ -587,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress={"auto": None, "on": True, "off": False}[a.progress],
         debug_sleep_per_chunk_s=a.debug_sleep_per_chunk_s,
         mining=run.MiningOptions(theta=a.theta, sigma=a.sigma, nrm_experts=experts,
-                                 nrm_as_positive=a.nrm_as_positive),
+                                 nrm_as_positive=a.nrm_as_positive, location_mm=a.location_mm),
         sigma_from=a.sigma_from, calibration_split=a.calibration_split)
     from uld_jax import train  # pylint: disable=g-import-not-at-top
     train.maybe_initialize_distributed()

@@ -324,6 +324,7 @@ def mining_inputs_check(
     *,
     min_iobb: float = DEFAULT_MIN_IOBB,
     score_levels: Sequence[float] = DEFAULT_SCORE_LEVELS,
+    options: run.MiningOptions = run.MiningOptions(),
 ) -> dict[str, Any]:
     """What MAM's two inputs are worth, against the truth: the universal expert's proposals and the
     lesion embedding. Independent of theta and sigma.
@@ -334,13 +335,13 @@ def mining_inputs_check(
       (MAM's quantity). For proposals on an annotated lesion, also the distance to that lesion's own
       annotation. ``p_own_closer_than_background`` = P(own-annotation distance of a proposal on an
       annotated lesion < nearest-annotation distance of a proposal on no lesion): 0.5 is an
-      embedding that tells nothing, 1.0 one that separates them completely.
+      embedding that tells nothing, 1.0 one that separates them completely. Distances and groups
+      are MAM's own under ``options`` (:func:`run.mam_features`: with ``location_mm``, the
+      embedding and the place in the volume, within a Case).
     """
     cid, sidx = np.asarray(slices.case_id), np.asarray(slices.slice_index)
-    pat = np.asarray(slices.patient_id)
     a_slice = np.asarray(annotations.slice)
     a_truth = match_to_truth(truth, cid[a_slice], sidx[a_slice], annotations.box, min_iobb=min_iobb)
-    a_emb = np.asarray(annotations.embedding, np.float32).reshape(len(a_slice), -1)
     expert = np.asarray(proposals.expert)
     uni = np.flatnonzero(expert == run.UNIVERSAL_EXPERT)
     p_slice = np.asarray(proposals.slice)[uni]
@@ -358,9 +359,8 @@ def mining_inputs_check(
                            "by_score": by_score}
     if proposals.embedding is None or uni.size == 0 or a_slice.size == 0:
         return out
-    emb = np.asarray(proposals.embedding, np.float32)
-    p_emb = emb if emb.shape[0] == uni.size else emb[uni]
-    qi, rj = overlap.same_key_pairs(pat[p_slice], pat[a_slice])
+    a_group, a_emb, p_group, p_emb = run.mam_features(slices, annotations, proposals, options, uni)
+    qi, rj = overlap.same_key_pairs(p_group, a_group)
     d = np.linalg.norm(p_emb[qi] - a_emb[rj], axis=1).astype(np.float64)
     nearest = np.full(uni.size, np.inf)
     np.minimum.at(nearest, qi, d)

@@ -145,7 +145,7 @@ def quality_report(truth: quality.LesionTruth, overlay: table.Overlay, slices: r
         "sigma_sweep": quality.sweep_sigma(sigmas, truth, slices, annotations, proposals,
                                            options=opts, min_iobb=min_iobb, devices=devices),
         "inputs_check": quality.mining_inputs_check(truth, slices, annotations, proposals,
-                                                    min_iobb=min_iobb),
+                                                    min_iobb=min_iobb, options=opts),
     }
 
 

@@ -39,12 +39,16 @@ class SliceTable:
       slice_index: [S] int, index into the Case's slices (the sample table's numbering).
       patient_id: [S] int, the patient (MAM compares lesions and proposals within a patient);
         DeepLesion's ``PPPPPP`` as an integer. (Strings work too, but sort slower.)
+      pixel_mm, slice_mm: [S] float, the Case's pixel size and slice spacing (mm), or None; needed
+        by MAM's location term (``MiningOptions.location_mm``).
     """
 
     dataset: np.ndarray
     case_id: np.ndarray
     slice_index: np.ndarray
     patient_id: np.ndarray
+    pixel_mm: np.ndarray | None = None
+    slice_mm: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(np.asarray(self.case_id).shape[0])
@@ -121,6 +125,10 @@ class MiningOptions:
     nrm_dedupe_iou: float | None = None
     mam_min_score: float | None = None
     add_unlabeled_slices: bool = True
+    # > 0: MAM matches on the embedding and the place in the volume together (mam_features): the
+    # box centre (y, x) and the slice's z, in mm, divided by location_mm, appended to the embedding;
+    # places are comparable only within one volume, so MAM then compares within a Case
+    location_mm: float = 0.0
 
 
 @dataclasses.dataclass
@@ -142,6 +150,50 @@ class MiningOutcome:
     suspicious: np.ndarray
 
 
+def mam_features(slices: SliceTable, annotations: Annotations, proposals: Proposals,
+                 options: MiningOptions, rows: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What MAM compares: ``(ann_group [A], ann_vec [A, D'], prop_group [R], prop_vec [R, D'])`` for
+    the annotations and the proposal ``rows``.
+
+    The paper's rule (``location_mm`` 0): groups are patients, vectors the embeddings. With
+    ``location_mm`` > 0, each vector is the embedding followed by the box centre and the slice
+    position in the volume, ``(y * pixel_mm, x * pixel_mm, slice_index * slice_mm) / location_mm``,
+    and groups are Cases (one volume's frame), so that the L2 distance MAM thresholds is
+    ``sqrt(d_embedding^2 + (d_place / location_mm)^2)``: a proposal matches an annotation only if it
+    also lies near it in the volume, as the same lesion on a neighbouring slice does.
+    """
+    a_slice = np.asarray(annotations.slice)
+    p_slice = np.asarray(proposals.slice)[rows]
+    a_vec = np.asarray(annotations.embedding, dtype=np.float32).reshape(len(a_slice), -1)
+    if rows.size and proposals.embedding is None:
+        raise ValueError("proposals.embedding is required for the universal expert's rows (MAM)")
+    emb = np.asarray(proposals.embedding) if proposals.embedding is not None else None
+    if emb is None or not rows.size:
+        p_vec = np.zeros((0, a_vec.shape[1]), np.float32)
+    else:
+        p_vec = (emb if emb.shape[0] == rows.size else emb[rows]).astype(np.float32)
+    if not options.location_mm or options.location_mm <= 0:
+        patient = np.asarray(slices.patient_id)
+        return patient[a_slice], a_vec, patient[p_slice], p_vec
+    if slices.pixel_mm is None or slices.slice_mm is None:
+        raise ValueError(f"location_mm={options.location_mm}: the slice table has no pixel_mm / "
+                         "slice_mm (mined by an older version; mine again, or use location_mm=0)")
+    px = np.asarray(slices.pixel_mm, np.float64)
+    zmm = np.asarray(slices.slice_index, np.float64) * np.asarray(slices.slice_mm, np.float64)
+    _, case = np.unique(np.asarray(slices.case_id).astype(str), return_inverse=True)
+
+    def place(keys, boxes):
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
+        c = 0.5 * (b[:, :2] + b[:, 2:]) * px[keys][:, None]
+        return (np.concatenate([c, zmm[keys][:, None]], 1) / options.location_mm).astype(np.float32)
+
+    a_vec = np.concatenate([a_vec, place(a_slice, annotations.box)], 1)
+    p_vec = np.concatenate([p_vec, place(p_slice, np.asarray(proposals.box).reshape(-1, 4)[rows])],
+                           1)
+    return case[a_slice], a_vec, case[p_slice], p_vec
+
+
 def mine_overlay(
     slices: SliceTable,
     annotations: Annotations,
@@ -155,7 +207,6 @@ def mine_overlay(
 ) -> MiningOutcome:
     """MAM + NRM over one run's slices -> the mined-annotation table (not yet written)."""
     n_slices = len(slices)
-    patient = np.asarray(slices.patient_id)
     for name, keys in (("annotations", annotations.slice), ("proposals", proposals.slice)):
         keys = np.asarray(keys)
         if keys.size and (keys.min() < 0 or keys.max() >= n_slices):
@@ -170,13 +221,8 @@ def mine_overlay(
     a_box = np.asarray(annotations.box, dtype=np.float32).reshape(-1, 4)
 
     # 1. MAM.
-    if uni.size and proposals.embedding is None:
-        raise ValueError("proposals.embedding is required for the universal expert's rows (MAM)")
-    ann_emb = np.asarray(annotations.embedding, dtype=np.float32).reshape(len(a_slice), -1)
-    emb = (np.asarray(proposals.embedding)[uni] if uni.size
-           else np.zeros((0, ann_emb.shape[1]), np.float32))
-    res = mam.mam_match(patient[a_slice], ann_emb, patient[p_slice[uni]], emb,
-                        options.theta, devices=devices)
+    a_group, a_vec, p_group, p_vec = mam_features(slices, annotations, proposals, options, uni)
+    res = mam.mam_match(a_group, a_vec, p_group, p_vec, options.theta, devices=devices)
     mined = mam.select_mined_positives(
         res, prop_slice=p_slice[uni], prop_box=p_box[uni], ann_slice=a_slice, ann_box=a_box,
         overlap_iou=options.overlap_iou, dedupe_iou=options.mam_dedupe_iou,

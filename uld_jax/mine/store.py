@@ -94,6 +94,10 @@ class ChunkStore:
             "p_expert": p_expert,
             "p_embedding_universal": p_emb,
         }
+        for f in ("pixel_mm", "slice_mm"):          # optional (MAM's location term)
+            v = getattr(slices, f)
+            if v is not None:
+                arrays["s_" + f] = np.asarray(v, np.float32)
         table.atomic_write_npz(self._path(chunk_id), arrays)
 
     def load(self, expected_chunks: int | None = None
@@ -139,8 +143,11 @@ class ChunkStore:
         def cat(k):
             return np.concatenate(parts[k]) if k in parts else np.zeros(empty.get(k, (0,)))
 
+        # the slices' pixel size and spacing, when every chunk has them (older stores do not)
+        mm = {f: cat("s_" + f) if len(parts.get("s_" + f, ())) == len(ids) and ids else None
+              for f in ("pixel_mm", "slice_mm")}
         slices = run.SliceTable(cat("s_dataset"), cat("s_case_id"), cat("s_slice_index"),
-                                cat("s_patient_id"))
+                                cat("s_patient_id"), **mm)
         ann = run.Annotations(cat("a_slice"), cat("a_box"), cat("a_lesion_id"), cat("a_embedding"))
         props = run.Proposals(cat("p_slice"), cat("p_box"), cat("p_score"), cat("p_expert"),
                               cat("p_embedding"))

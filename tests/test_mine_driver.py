@@ -107,6 +107,17 @@ def test_driver_writes_a_valid_overlay_with_provenance(world):
     case_no = np.asarray([int(c[len("deeplesion_case"):]) for c in a["case_id"][mined]], int)
     assert np.all(a["lesion_id"][mined] % 100 == 0)
     assert np.all(a["lesion_id"][mined] // 100 // 2 == case_no // 2)
+    # The library's MAM rule is the paper's (the command line adds the location term, below); the
+    # store keeps each slice's pixel size and spacing for it.
+    assert m["options"]["location_mm"] == 0.0
+    with open(os.path.join(world["run"], "mining", "step_4", "store.json"), encoding="utf-8") as f:
+        sm = json.load(f)
+    slices, _, _ = store.ChunkStore(os.path.join(world["run"], "mining", "step_4"),
+                                    checkpoint_step=sm["checkpoint_step"],
+                                    config_hash=sm["config_hash"],
+                                    embedding_dim=sm["embedding_dim"]).load()
+    np.testing.assert_allclose(slices.pixel_mm, 0.8)
+    np.testing.assert_allclose(slices.slice_mm, 2.0)
     assert np.all(a["expert"][a["kind"] == table.KIND_IGNORE] > 0)
 
 
@@ -214,7 +225,7 @@ def test_theta_and_sigma_on_planted_embeddings(world, capsys):
         out = os.path.join(world["root"], name)
         rc = driver.main(["--workdir", run_dir, "--chunk_slices", "8", "--progress", "off",
                           "--store_dir", sdir, "--out", out, "--theta", str(theta),
-                          "--sigma", str(sigma)])
+                          "--sigma", str(sigma), "--location_mm", "0"])
         assert rc == 0
         return table.read_overlay(out)
 
@@ -233,6 +244,12 @@ def test_theta_and_sigma_on_planted_embeddings(world, capsys):
     c = mined_with(0.05, 0.8, "b.npz").counts()
     assert c["mined"] == 0 and c["ignore"] == 0 and c["unlabeled_slices"] == ov.counts()["unlabeled_slices"]
     assert mined_with(0.15, 0.1, "c.npz").counts()["ignore"] > 1     # the 0.2 scores now count
+    # the command line's default adds MAM's location term (64 mm), compared within a Case
+    out = os.path.join(world["root"], "d.npz")
+    assert driver.main(["--workdir", run_dir, "--chunk_slices", "8", "--progress", "off",
+                        "--store_dir", sdir, "--out", out]) == 0
+    d = table.read_overlay(out)
+    assert d.meta["options"]["location_mm"] == driver.DEFAULT_LOCATION_MM == 64.0
 
 
 def test_cli_errors_are_one_line(world, tmp_path, capsys):

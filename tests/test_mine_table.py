@@ -333,3 +333,39 @@ def test_mining_slice_indices_every_5mm():
     assert np.all(np.abs(np.diff(idx) * 2.0 - 5.0) <= 1.0)     # 4 or 6 mm apart
     with pytest.raises(ValueError, match="outside"):
         run.mining_slice_indices(5, include=[5])
+
+
+def test_mam_location_term_worked_case():
+    from uld_jax.mine import run
+    # one patient, two Cases (studies); annotation on case a slice 10; proposals:
+    #   p0 case a, slice 12 (4 mm away at 2 mm slices), 3 px (1.5 mm) off, same embedding -> near
+    #   p1 case a, slice 10, 100 px (50 mm) off, same embedding -> far by its place alone
+    #   p2 case b (another study), same place and embedding -> another frame: never compared
+    slices = run.SliceTable(np.array(["deeplesion"] * 3), np.array(["a", "a", "b"]),
+                            np.array([10, 12, 12]), np.array([7, 7, 7]),
+                            pixel_mm=np.array([0.5, 0.5, 0.5]), slice_mm=np.array([2.0, 2.0, 2.0]))
+    e = np.zeros((1, 4), np.float32)
+    e[0, 0] = 1.0
+    ann = run.Annotations(np.array([0]), np.array([[20.0, 20, 40, 40]]), np.array([5]), e)
+    boxes = np.array([[23.0, 20, 43, 40], [120, 20, 140, 40], [20, 20, 40, 40]], np.float32)
+    props = run.Proposals(np.array([1, 0, 2]), boxes, np.full(3, 0.9, np.float32),
+                          np.full(3, run.UNIVERSAL_EXPERT, np.int8), np.repeat(e, 3, axis=0))
+    rows = np.arange(3)
+    paper = run.MiningOptions()
+    g_a, v_a, g_p, v_p = run.mam_features(slices, ann, props, paper, rows)
+    assert g_a.tolist() == [7] and g_p.tolist() == [7, 7, 7] and v_p.shape == (3, 4)
+    loc = run.MiningOptions(location_mm=64.0)
+    g_a, v_a, g_p, v_p = run.mam_features(slices, ann, props, loc, rows)
+    assert g_p[0] == g_p[1] == g_a[0] != g_p[2]
+    # place in mm / 64: annotation centre (15, 15) mm at z = 20 mm
+    np.testing.assert_allclose(v_a[0, 4:], np.array([15.0, 15.0, 20.0]) / 64, rtol=1e-6)
+    d = np.linalg.norm(v_p - v_a[0], axis=1)
+    np.testing.assert_allclose(d[:2], [np.hypot(1.5, 4.0) / 64, 50.0 / 64], rtol=1e-5)
+    out = run.mine_overlay(slices, ann, props, options=run.MiningOptions(location_mm=64.0),
+                           checkpoint_step=1, config_hash="x")
+    assert out.mined.tolist() == [True, False, False]
+    assert run.mine_overlay(slices, ann, props, options=paper, checkpoint_step=1,
+                            config_hash="x").mined.tolist() == [True, True, True]
+    no_mm = run.SliceTable(slices.dataset, slices.case_id, slices.slice_index, slices.patient_id)
+    with pytest.raises(ValueError, match="pixel_mm"):
+        run.mam_features(no_mm, ann, props, loc, rows)

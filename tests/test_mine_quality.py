@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import numpy as np
@@ -186,6 +188,26 @@ def test_sweeps_on_a_known_world():
         study2 = r["n_suspicious_true"]
         assert 0 < study2 < r["n_suspicious"]
         assert r["n_suspicious_on_unmarked"] == study2
+
+
+def test_location_sweep_on_a_known_world():
+    truth, slices, ann, props = _two_study_world()
+    assert quality.sweep_location([0.0, 64.0], truth, slices, ann, props) == []  # no pixel sizes
+    n = len(slices)
+    slices = dataclasses.replace(slices, pixel_mm=np.full(n, 1.0), slice_mm=np.full(n, 2.0))
+    rows = quality.sweep_location([0.0, 64.0, 1e6], truth, slices, ann, props)
+    assert [r["location_mm"] for r in rows] == [0.0, 64.0, 1e6]
+    # 0 is the paper's rule: the theta sweep's row at the same theta
+    paper = quality.sweep_theta([0.15], truth, slices, ann, props)[0]
+    assert rows[0]["n_mined"] == paper["n_mined"] == 55 and rows[0]["precision"] == 1.0
+    # 64 mm: compared within a Case, so only study 1's neighbours of each key slice (within the
+    # lesion, 2-6 mm away) can match; the study-2 twins are out of reach
+    assert 0 < rows[1]["n_mined"] <= 5 * 5 and rows[1]["precision"] == 1.0
+    assert rows[1]["n_unmarked_found"] == 0
+    # a huge scale makes the place negligible: within each Case, the embedding decides again
+    assert rows[2]["n_mined"] == 5 * 5
+    for r in rows:
+        assert 0.0 <= r["p_own_closer_than_background"] <= 1.0
 
 
 def test_load_volumetric_truth_and_format(tmp_path):

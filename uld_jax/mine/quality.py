@@ -419,6 +419,40 @@ def sweep_theta(
     return rows
 
 
+def sweep_location(
+    location_mms: Sequence[float],
+    truth: LesionTruth,
+    slices: run.SliceTable,
+    annotations: run.Annotations,
+    proposals: run.Proposals,
+    *,
+    options: run.MiningOptions = run.MiningOptions(),
+    min_iobb: float = DEFAULT_MIN_IOBB,
+    devices=None,
+) -> list[dict[str, Any]]:
+    """MAM's mined positives at ``options.theta`` for each location scale (``location_mm``; 0 is
+    the paper's embedding-only rule): one :func:`mining_quality` dict per scale, with
+    ``location_mm`` and the inputs check's ``p_own_closer_than_background`` under that rule. Empty
+    when the slices have no pixel sizes (a store mined before they were kept)."""
+    if slices.pixel_mm is None or slices.slice_mm is None:
+        return []
+    rows = []
+    for loc in location_mms:
+        o = dataclasses.replace(options, location_mm=float(loc))
+        outcome = run.mine_overlay(slices, annotations, proposals, options=o, checkpoint_step=-1,
+                                   config_hash="sweep", devices=devices)
+        uni = outcome.universal_rows[outcome.mined]
+        q = _quality_of_rows(truth, slices, np.asarray(proposals.slice)[uni],
+                             np.asarray(proposals.box, np.float64).reshape(-1, 4)[uni],
+                             table.KIND_MINED, min_iobb)
+        check = mining_inputs_check(truth, slices, annotations, proposals, min_iobb=min_iobb,
+                                    options=o)
+        q["location_mm"] = float(loc)
+        q["p_own_closer_than_background"] = check.get("p_own_closer_than_background", float("nan"))
+        rows.append(q)
+    return rows
+
+
 def sweep_sigma(
     sigmas: Sequence[float],
     truth: LesionTruth,

@@ -36,6 +36,7 @@ from uld_jax.mine import quality, run, store, table
 
 DEFAULT_THETAS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 DEFAULT_SIGMAS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_LOCATION_MMS: tuple[float, ...] = (0.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 SUMMARY_KEYS = ("n_mined", "n_mined_true", "precision", "n_mined_on_unmarked", "n_unmarked_visible",
                 "n_unmarked_found", "recall_unmarked", "n_suspicious", "n_suspicious_true",
                 "suspicious_true_fraction", "n_suspicious_on_unmarked")
@@ -126,8 +127,10 @@ def quality_report(truth: quality.LesionTruth, overlay: table.Overlay, slices: r
                    annotations: run.Annotations, proposals: run.Proposals, *,
                    thetas: Sequence[float] = DEFAULT_THETAS,
                    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+                   location_mms: Sequence[float] = DEFAULT_LOCATION_MMS,
                    min_iobb: float = quality.DEFAULT_MIN_IOBB, devices=None) -> dict[str, Any]:
-    """The run's quality and the theta / sigma sweeps (dicts of :func:`quality.mining_quality`)."""
+    """The run's quality and the theta / sigma / MAM location sweeps (dicts of
+    :func:`quality.mining_quality`)."""
     opts = options_from_meta(overlay.meta)
     q = quality.mining_quality(truth, overlay, seen_case_id=np.asarray(slices.case_id),
                                seen_slice_index=np.asarray(slices.slice_index), min_iobb=min_iobb)
@@ -146,6 +149,9 @@ def quality_report(truth: quality.LesionTruth, overlay: table.Overlay, slices: r
                                            options=opts, min_iobb=min_iobb, devices=devices),
         "inputs_check": quality.mining_inputs_check(truth, slices, annotations, proposals,
                                                     min_iobb=min_iobb, options=opts),
+        "location_sweep": quality.sweep_location(location_mms, truth, slices, annotations,
+                                                 proposals, options=opts, min_iobb=min_iobb,
+                                                 devices=devices),
     }
 
 
@@ -194,6 +200,12 @@ def format_markdown(rep: Mapping[str, Any]) -> str:
         "## sigma sweep (NRM, paper Fig. 5 right)", "",
         _md_table(rep["sigma_sweep"], ("sigma", "n_suspicious", "suspicious_true_fraction",
                                        "n_suspicious_on_unmarked")), ""]
+    if rep.get("location_sweep"):
+        out += ["## location sweep (MAM at this theta; location_mm 0 is the paper's rule)", "",
+                "`p_own_closer_than_background`: the inputs check below under each rule.", "",
+                _md_table(rep["location_sweep"], ("location_mm", "n_mined", "precision",
+                                                  "n_mined_on_unmarked",
+                                                  "p_own_closer_than_background")), ""]
     out += inputs_check_lines(rep.get("inputs_check"))
     return "\n".join(out)
 
@@ -298,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="report prefix (default WORKDIR/mining_report)")
     p.add_argument("--thetas", default=",".join(map(str, DEFAULT_THETAS)))
     p.add_argument("--sigmas", default=",".join(map(str, DEFAULT_SIGMAS)))
+    p.add_argument("--location_mms", default=",".join(map(str, DEFAULT_LOCATION_MMS)),
+                   help="MAM location scales to sweep ('' for none)")
     p.add_argument("--min_iobb", type=float, default=quality.DEFAULT_MIN_IOBB)
     a = p.parse_args(argv)
     try:
@@ -311,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rep = quality_report(truth, ov, slices, ann, props,
                              thetas=[float(v) for v in a.thetas.split(",") if v],
                              sigmas=[float(v) for v in a.sigmas.split(",") if v],
+                             location_mms=[float(v) for v in a.location_mms.split(",") if v],
                              min_iobb=a.min_iobb)
     except (FileNotFoundError, ValueError, KeyError, store.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -631,7 +631,11 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
                 ("theta_sweep", "theta (MAM)", ["theta", "n_mined", "precision", "n_mined_on_unmarked",
                                                 "n_unmarked_found", "recall_unmarked"]),
                 ("sigma_sweep", "sigma (NRM)", ["sigma", "n_suspicious", "suspicious_true_fraction",
-                                                "n_suspicious_on_unmarked"])):
+                                                "n_suspicious_on_unmarked"]),
+                ("location_sweep", "MAM's location scale at the mined theta (location_mm 0: the "
+                 "paper's embedding-only rule)", ["location_mm", "n_mined", "precision",
+                                                  "n_mined_on_unmarked",
+                                                  "p_own_closer_than_background"])):
             rows = m0.get(key) or []
             if rows and isinstance(rows, list) and isinstance(rows[0], dict):
                 ks = [k for k in ks if k in rows[0]]
@@ -659,8 +663,9 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
               "The universal expert's proposals on the mined slices: how many lie on a real lesion, "
               "overall and at or above each score (%, count in brackets); and the embedding: for "
               "the proposals on an annotated lesion, P(their distance to that lesion's annotation "
-              "< a background proposal's distance to the nearest annotation of its patient), where "
-              "0.5 means the embedding carries no information MAM could use.", "",
+              "< a background proposal's distance to the nearest annotation it is compared with), "
+              "in MAM's own distance (with a location term, the embedding and the place in the "
+              "sub-volume), where 0.5 means MAM has no information to match on.", "",
               "| seed | proposals | on a lesion | " + " | ".join(f"score >= {t:g}" for t in INPUT_SCORES)
               + " | on an annotated lesion | P(own < background) |",
               "|---|---:|---:|" + "---:|" * len(INPUT_SCORES) + "---:|---:|"] + rows + [""]
@@ -671,7 +676,10 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
         if not m:
             continue
         q, prov = m["quality"], m.get("provenance", {})
-        obs.append(f"- seed {s}: MAM mined {q['n_mined']} positives at theta {prov.get('theta')} "
+        loc = prov.get("location_mm") or 0.0
+        rule = (f" with a location term of {loc:g} mm (within a sub-volume)" if loc > 0 else
+                " on the embedding alone (the paper's rule)")
+        obs.append(f"- seed {s}: MAM mined {q['n_mined']} positives at theta {prov.get('theta')}{rule} "
                    f"from MELD step {prov.get('checkpoint_step')}, {_pct(q['precision'])}% of them on "
                    f"a real lesion ({q['n_mined_on_unmarked']} on unmarked lesions); "
                    + (f"NRM found no suspicious region at sigma {prov.get('sigma')}, so MELD + NRM "

@@ -137,7 +137,8 @@ def quality_report(truth: quality.LesionTruth, overlay: table.Overlay, slices: r
     return {
         "provenance": {k: overlay.meta.get(k) for k in
                        ("checkpoint_step", "config_hash", "theta", "sigma", "created",
-                        "sigma_calibration") if k in overlay.meta or k != "sigma_calibration"},
+                        "sigma_calibration") if k in overlay.meta or k != "sigma_calibration"}
+        | {"location_mm": float(opts.location_mm)},
         "counts": overlay.counts(),
         "truth": {"lesions": len(truth), "marked": int(np.sum(truth.marked)),
                   "cases": int(np.unique(np.asarray(truth.case_id)).size)},
@@ -172,7 +173,8 @@ def format_markdown(rep: Mapping[str, Any]) -> str:
     out = [
         "# Mining quality against the synthetic world's truth", "",
         f"Checkpoint step {p['checkpoint_step']}, config {p['config_hash']}, theta {p['theta']}, "
-        f"sigma {p['sigma']}; {rep['slices_mined']} slices mined; truth: {t['lesions']} lesions "
+        f"sigma {p['sigma']}, MAM location term {p.get('location_mm', 0.0):g} mm (0: the paper's "
+        f"embedding-only rule); {rep['slices_mined']} slices mined; truth: {t['lesions']} lesions "
         f"({t['marked']} marked) in {t['cases']} sub-volumes; hit: IoBB >= {rep['min_iobb']}.",
     ]
     cal = p.get("sigma_calibration")

@@ -358,14 +358,17 @@ def test_minimal_batch_traces(setup):
     assert det["boxes"].shape == (B, cfg.num_datasets, cfg.roi.detections_per_image, 4)
 
 
-def test_lesion_proxies_behind_the_switch(setup):
+def test_lesion_proxies_and_location_behind_their_switches(setup):
+    # one model with both embedding options on (one compilation for both)
     cfg, _, _, _, _, _ = setup
     on = cfg.copy_and_resolve_references()
     on.embedding.num_proxies = 64
+    on.embedding.location = True
     model = MELD(on)
     variables = init_variables(model, seed=0)
     w = variables["params"]["embed_head"]["proxies"]
     assert w.shape == (64, on.embedding.dim)
+    assert variables["params"]["embed_head"]["loc"]["kernel"].shape == (4, on.embedding.hidden)
     batch = _batch(boxes_per_image=[1, 2, 3, 4], seed=6)
 
     def f(params):
@@ -378,6 +381,7 @@ def test_lesion_proxies_behind_the_switch(setup):
     assert np.isfinite(float(total))
     p = on.mask.max_per_image
     assert out["proxy_logits"].shape == (B, p, 64)
+    assert out["embeddings"].shape == (B, p, on.embedding.dim)
     # cosine against the unit proxies over the temperature
     wn = np.asarray(w) / np.linalg.norm(np.asarray(w), axis=1, keepdims=True)
     np.testing.assert_allclose(out["proxy_logits"],
@@ -386,17 +390,19 @@ def test_lesion_proxies_behind_the_switch(setup):
     # every embedded positive of these key slices has an identity, and it is the one of its box
     ident = np.asarray(out["emb_proxy"])
     valid = np.asarray(out["emb_valid"])
-    assert valid.any() and np.all(ident[valid] >= 0)
+    assert valid.any() and np.all(ident[valid] >= 1)
     expect = losses.embedding_identity(out["emb_lesion_id"], batch[Keys.DATASET_ID],
                                        batch[Keys.SAMPLE_ID], out["emb_gt_index"],
                                        batch[Keys.IS_KEY_SLICE], 64)
     np.testing.assert_array_equal(ident, expect)
-    # the loss reaches the proxies of the batch's identities
+    # the loss reaches the proxies of the batch's identities and the location map
     g = np.asarray(grads["embed_head"]["proxies"])
     assert np.all(np.abs(g[np.unique(ident[valid])]).sum(1) > 0)
-    # inference neither needs nor computes them
+    assert np.any(np.asarray(grads["embed_head"]["loc"]["kernel"]) != 0)
+    # inference neither needs nor computes the proxies
     inf = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
     assert "proxy_logits" not in inf and inf["embeddings"].shape[-1] == on.embedding.dim
+    assert np.all(np.isfinite(inf["embeddings"]))
     with pytest.raises(ValueError, match="num_proxies"):
         roi_heads.EmbeddingHead(4, 8, 3, 0.1).init(jax.random.PRNGKey(0), jnp.zeros((1, 5)),
                                                    proxies=True)
@@ -410,23 +416,10 @@ def test_box_location_worked_case():
     np.testing.assert_allclose(loc[1, 2:], [np.log(1 / 80), np.log(1 / 160)], rtol=1e-6)
 
 
-def test_embedding_location_behind_the_switch(setup):
-    cfg, _, _, _, _, _ = setup
-    on = cfg.copy_and_resolve_references()
-    on.embedding.location = True
-    model = MELD(on)
-    variables = init_variables(model, seed=0)
-    assert variables["params"]["embed_head"]["loc"]["kernel"].shape == (4, on.embedding.hidden)
-    batch = _batch(boxes_per_image=[1, 2, 3, 4], seed=7)
-    out, _ = jax.jit(lambda v, b: model.apply(v, b, train=True, rngs={"sample": jax.random.PRNGKey(7)},
-                                              mutable=["batch_stats"]))(variables, batch)
-    assert out["embeddings"].shape == (B, on.mask.max_per_image, on.embedding.dim)
-    inf = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
-    assert np.all(np.isfinite(inf["embeddings"]))
+def test_embedding_head_reads_the_location():
     # one box feature at two places on the canvas: two embeddings; the head without the location
     # input refuses to run
-    head = roi_heads.EmbeddingHead(on.embedding.dim, on.embedding.hidden, on.embedding.num_types,
-                                   0.1, location=True)
+    head = roi_heads.EmbeddingHead(16, 64, 9, 0.1, location=True)
     feat = jnp.ones((2, 8))
     loc = roi_heads.box_location(jnp.asarray([[10.0, 10, 20, 20], [100, 100, 110, 110]]), 160, 160)
     v = head.init(jax.random.PRNGKey(0), feat, loc=loc)

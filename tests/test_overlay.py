@@ -185,3 +185,29 @@ def test_mining_pass_over_added_slices(data):
             ys, xs = np.nonzero(valid)
             crop = b[Keys.IMAGE][i, ys.min():ys.max() + 1, xs.min():xs.max() + 1, 4]
             np.testing.assert_array_equal(crop, ip.window(case.slices[z]))
+
+
+def test_slices_with_mined_positives_are_drawn_every_epoch(data, tmp_path):
+    out, _ = data
+    # a mined positive on an added (non-key) slice of case 1, and 3 plain added slices
+    rows = [dict(dataset="deeplesion", case_id="deeplesion_case0001", slice_index=6, kind=1,
+                 box=[5, 5, 15, 12], score=0.9, expert=0, lesion_id=3)]
+    rows += [dict(dataset="deeplesion", case_id=f"deeplesion_case000{k}", slice_index=0, kind=3,
+                  box=[0, 0, 0, 0], score=0.0, expert=-1, lesion_id=-1) for k in range(3)]
+    p = ov.write_overlay(str(tmp_path / "m.npz"), rows, {"theta": 0.15}, data_dir=str(out))
+    t = sd.load_sample_table(out, "deeplesion", "train", overlays=(p,))
+    mined_row = int(np.flatnonzero(t.added & t.has_provenance(Provenance.MINED))[0])
+    assert t.has_provenance(Provenance.MINED).sum() == 1 and not t.has_original()[mined_row]
+
+    def drawn(mined_as_base, epochs=6):
+        ds = ip.EpochMixDataset([t], seed=0, added_ratio=1 / 3, mined_as_base=mined_as_base)
+        return ds.composition()[0], [ds.epoch_elements(e)[:, 1].tolist() for e in range(epochs)]
+
+    comp, epochs = drawn(True)
+    # 3 key slices + the mined slice are base positives; one of the 3 other added slices per epoch
+    assert comp == {"positive": 4, "negative": 0, "added": 1, "added_pool": 3}
+    assert all(mined_row in e for e in epochs)
+    comp, epochs = drawn(False)
+    # without: the mined slice is one of 4 added slices, one drawn per epoch
+    assert comp == {"positive": 3, "negative": 0, "added": 1, "added_pool": 4}
+    assert sum(mined_row in e for e in epochs) < 6

@@ -48,9 +48,12 @@ pixel_mm           [B] f32          pixel size of ``image`` (mm), after scaling
 =================  ===============  ========================================================
 
 Epoch mixing (training): for every dataset, the *base positives* (key slices, or slices with an
-original box) all appear once per epoch; ``negative_ratio`` x as many lesion-free base samples and
-``added_ratio`` x as many overlay-added slices (mining's unlabeled slices) are drawn anew each
-epoch without replacement. The epoch is shuffled; process p of P takes positions p, p + P, ... of it
+original box, and with ``mined_as_base`` (default) every slice holding a mined positive) all appear
+once per epoch; ``negative_ratio`` x as many lesion-free base samples and ``added_ratio`` x as many
+of the other overlay-added slices (mining's unlabeled slices) are drawn anew each epoch without
+replacement. Without ``mined_as_base`` a mined positive sits on an added slice among hundreds and is
+trained about ``added_ratio x positives / added slices`` times per epoch (0.1 on the quick world),
+so a precise, short list of mined lesions is almost never seen. The epoch is shuffled; process p of P takes positions p, p + P, ... of it
 (the same count on every process), so the processes partition each epoch.
 
 Dataset variants (the paper's Table 4):
@@ -121,6 +124,7 @@ def default_input_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.merge_datasets = False             # True: every sample's dataset_id is 0 (one-expert model)
     c.positive_only = ()                 # datasets that teach positives only (whole-canvas ignore
                                          # region, lesion-free slices not drawn)
+    c.mined_as_base = True               # slices holding a mined positive are drawn every epoch
     if variant == "tiny":
         c.pixel_mm = 2.0
         c.image_size = (160, 160)
@@ -183,15 +187,19 @@ class _Pools:
     added: np.ndarray      # overlay-added samples, drawn per epoch
 
 
-def _pools(table: sd.SampleTable, mix: bool, positive_only: bool = False) -> _Pools:
-    """``positive_only``: no lesion-free or added samples (see the module docstring)."""
+def _pools(table: sd.SampleTable, mix: bool, positive_only: bool = False,
+           mined_as_base: bool = True) -> _Pools:
+    """``positive_only``: no lesion-free or added samples; ``mined_as_base``: slices holding a
+    mined positive are base positives (see the module docstring)."""
     rows = np.arange(len(table))
     if not mix:
         return _Pools(rows, rows[:0], rows[:0])
     base_pos = (table.is_key_slice | table.has_original()) & ~table.added
+    if mined_as_base:
+        base_pos |= table.has_provenance(Provenance.MINED)
     if positive_only:
         return _Pools(rows[base_pos], rows[:0], rows[:0])
-    return _Pools(rows[base_pos], rows[~base_pos & ~table.added], rows[table.added])
+    return _Pools(rows[base_pos], rows[~base_pos & ~table.added], rows[table.added & ~base_pos])
 
 
 class EpochMixDataset(grain.MapDataset):
@@ -203,6 +211,7 @@ class EpochMixDataset(grain.MapDataset):
       tables: the sample tables to mix (one per dataset).
       seed, shuffle, mix, negative_ratio, added_ratio: see the module docstring.
       positive_only: names of datasets whose lesion-free and added samples are not drawn.
+      mined_as_base: slices holding a mined positive are base positives (drawn every epoch).
       num_epochs: None for endless (length ``sys.maxsize``).
       process_index, process_count: this process's share of every epoch.
       pad_to: pad each epoch's per-process length up to a multiple of this (evaluation; otherwise
@@ -212,11 +221,13 @@ class EpochMixDataset(grain.MapDataset):
     def __init__(self, tables: Sequence[sd.SampleTable], *, seed: int, shuffle: bool = True,
                  mix: bool = True, negative_ratio: float = 1.0, added_ratio: float = 0.5,
                  positive_only: Sequence[str] = (), num_epochs: int | None = None,
-                 process_index: int = 0, process_count: int = 1, pad_to: int | None = None):
+                 process_index: int = 0, process_count: int = 1, pad_to: int | None = None,
+                 mined_as_base: bool = True):
         super().__init__()
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self._pools = [_pools(t, mix, t.dataset in tuple(positive_only)) for t in tables]
+        self._pools = [_pools(t, mix, t.dataset in tuple(positive_only), mined_as_base)
+                       for t in tables]
         self._seed = int(seed)
         self._shuffle = shuffle
         self._neg = [min(len(p.negative), int(round(negative_ratio * len(p.positive))))
@@ -639,7 +650,8 @@ def _epoch_mix(config: ml_collections.ConfigDict, tables, **kw) -> EpochMixDatas
     """The :class:`EpochMixDataset` of ``config``'s mixing keys over ``tables``."""
     return EpochMixDataset(tables, seed=config.seed, shuffle=config.shuffle, mix=config.mix,
                            negative_ratio=config.negative_ratio, added_ratio=config.added_ratio,
-                           positive_only=tuple(config.get("positive_only", ())), **kw)
+                           positive_only=tuple(config.get("positive_only", ())),
+                           mined_as_base=bool(config.get("mined_as_base", True)), **kw)
 
 
 def make_dataset(config: ml_collections.ConfigDict, *, tables=None, stores=None,

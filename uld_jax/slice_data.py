@@ -447,11 +447,15 @@ class SampleTable:
         out["mask"] = self.masks[a:b]
         return out
 
+    def has_provenance(self, provenance: int) -> np.ndarray:
+        """[S] bool: the sample has at least one box of this :class:`Provenance`."""
+        hit = (self.lesions["provenance"] == int(provenance)).astype(np.int64)
+        csum = np.concatenate([[0], np.cumsum(hit)])
+        return (csum[self.lesion_ptr[1:]] - csum[self.lesion_ptr[:-1]]) > 0
+
     def has_original(self) -> np.ndarray:
         """[S] bool: the sample has at least one original (source-annotated) box."""
-        orig = (self.lesions["provenance"] == int(Provenance.ORIGINAL)).astype(np.int64)
-        csum = np.concatenate([[0], np.cumsum(orig)])
-        return (csum[self.lesion_ptr[1:]] - csum[self.lesion_ptr[:-1]]) > 0
+        return self.has_provenance(Provenance.ORIGINAL)
 
     def to_records(self) -> list[dict]:
         """Sample-table records (the :func:`sample_features` dicts) of every sample, in order."""

@@ -110,10 +110,11 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     e.dim = 256 if paper else 16
     e.hidden = 1024 if paper else 64
     e.temperature = 0.1                            # supervised-contrastive temperature
-    # True: sampled background ROIs join the contrastive denominators (never anchors or positives),
-    # pushing lesion embeddings away from non-lesion regions (losses.embedding_loss). Off by default:
-    # on the quick recipe it did not raise MAM's precision (15.5% against 22.4%, one MELD run on
-    # seed 0's world; docs/results.md, "Why MAM is imprecise")
+    # True: sampled background ROIs join the contrastive denominators (never anchors or positives)
+    # and, with proxies, are classified to a background proxy, pushing lesion embeddings away from
+    # non-lesion regions (losses.embedding_loss). Off by default: on the quick recipe it did not
+    # raise MAM's precision (15.5% against 22.4%, one MELD run on seed 0's world; docs/mining.md,
+    # "Trying to make the embedding carry identity")
     e.background_negatives = False
     e.num_types = max(core.COARSE_LESION_TYPES) + 1  # type-probe classes (0 unused)
     # Lesion-identity proxies (losses.embedding_identity): a learnt unit vector per annotated

@@ -53,8 +53,9 @@ once per epoch; ``negative_ratio`` x as many lesion-free base samples and ``adde
 of the other overlay-added slices (mining's unlabeled slices) are drawn anew each epoch without
 replacement. Without ``mined_as_base`` a mined positive sits on an added slice among hundreds and is
 trained about ``added_ratio x positives / added slices`` times per epoch (0.1 on the quick world),
-so a precise, short list of mined lesions is almost never seen. The epoch is shuffled; process p of P takes positions p, p + P, ... of it
-(the same count on every process), so the processes partition each epoch.
+so a precise, short list of mined lesions is almost never seen. The epoch is shuffled; process p
+of P takes positions p, p + P, ... of it (the same count on every process), so the processes
+partition each epoch.
 
 Dataset variants (the paper's Table 4):
 

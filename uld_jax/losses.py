@@ -25,9 +25,9 @@ per-dataset values are means over that dataset's samples. Terms and their choice
   negatives, never as anchors or positives: lesions are pushed away from non-lesion regions.
   With ``embedding.num_proxies`` > 0, a lesion-identity term (``embedding.proxy_weight``): the
   cross-entropy of the ROI's cosine logits against a learnt proxy per lesion identity
-  (:func:`embedding_identity`: the known ``lesion_id``, else the annotation of a key slice). Within a
-  batch, the supervised-contrastive positives above only ever pair a lesion with itself on the same
-  image; the proxies carry a lesion's identity across steps, so the views of one annotation seen in
+  (:func:`embedding_identity`: the known ``lesion_id``, else the annotation of a key slice).
+  Within a batch, the supervised-contrastive positives above only ever pair a lesion with itself on
+  the same image; the proxies carry a lesion's identity across steps, so the views of one annotation seen in
   different epochs -- other slices near the key slice (``data.z_jitter``), other augmentations --
   are pulled together and other lesions pushed apart. That is what MAM measures: an unmarked
   cross-section of an annotated lesion, on another slice, near its annotation. With

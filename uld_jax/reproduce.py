@@ -679,7 +679,8 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
         loc = prov.get("location_mm") or 0.0
         rule = (f" with a location term of {loc:g} mm (within a sub-volume)" if loc > 0 else
                 " on the embedding alone (the paper's rule)")
-        obs.append(f"- seed {s}: MAM mined {q['n_mined']} positives at theta {prov.get('theta')}{rule} "
+        obs.append(f"- seed {s}: MAM mined {q['n_mined']} positives at theta "
+                   f"{prov.get('theta')}{rule} "
                    f"from MELD step {prov.get('checkpoint_step')}, {_pct(q['precision'])}% of them on "
                    f"a real lesion ({q['n_mined_on_unmarked']} on unmarked lesions); "
                    + (f"NRM found no suspicious region at sigma {prov.get('sigma')}, so MELD + NRM "

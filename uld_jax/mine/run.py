@@ -178,8 +178,8 @@ def mam_features(slices: SliceTable, annotations: Annotations, proposals: Propos
         return patient[a_slice], a_vec, patient[p_slice], p_vec
     if slices.pixel_mm is None or slices.slice_mm is None:
         raise ValueError(f"location_mm={options.location_mm}: the slice table has no pixel_mm / "
-                         "slice_mm (its chunk store was mined by an older version: delete the store, "
-                         "WORKDIR/mining/step_N, to mine again, or use location_mm=0)")
+                         "slice_mm (its chunk store was mined by an older version: delete the "
+                         "store, WORKDIR/mining/step_N, to mine again, or use location_mm=0)")
     px = np.asarray(slices.pixel_mm, np.float64)
     zmm = np.asarray(slices.slice_index, np.float64) * np.asarray(slices.slice_mm, np.float64)
     _, case = np.unique(np.asarray(slices.case_id).astype(str), return_inverse=True)

@@ -256,8 +256,14 @@ def test_proxy_term_matches_numpy():
     rng = np.random.default_rng(3)
     n = 7
     logits = rng.normal(size=(2, 3, n)).astype(np.float32)
-    ident = np.array([[2, -1, 4], [6, 0, -1]], np.int32)
-    with_p = dict(o, proxy_logits=logits, emb_proxy=ident)
+    # sample 0 is a key slice (every slot has an identity); sample 1 is not, so only its slot with
+    # a lesion id (5) has one. The identity rows come from embedding_identity (tested above).
+    o = dict(o, sample_id=np.array([11, 12], np.int32))
+    with_p = dict(o, proxy_logits=logits, is_key_slice=np.array([True, False]))
+    ident = np.asarray(losses.embedding_identity(o["emb_lesion_id"], o["dataset_id"],
+                                                 o["sample_id"], o["emb_gt_index"],
+                                                 with_p["is_key_slice"], n))
+    assert np.all(ident[0] >= 1) and ident[1, 0] == ident[0, 0] and np.all(ident[1, 1:] == -1)
     got = np.asarray(losses.embedding_loss(with_p, cfg)) - np.asarray(losses.embedding_loss(o, cfg))
     # reference: mean over slots that are valid positives with an identity of -log softmax
     expect = []
@@ -273,10 +279,12 @@ def test_proxy_term_matches_numpy():
     with_bg = dict(with_p, emb_background=bg)
     got_bg = np.asarray(losses.embedding_loss(with_bg, cfg)) - np.asarray(
         losses.embedding_loss(dict(o, emb_background=bg), cfg))
-    ce0 = [np.log(np.sum(np.exp(logits[0, 0]))) - logits[0, 0, 2],
-           np.log(np.sum(np.exp(logits[0, 2]))) - logits[0, 2, 0]]
+    ce0 = [np.log(np.sum(np.exp(logits[0, p]))) - logits[0, p, ident[0, p]] for p in (0, 1)]
+    ce0.append(np.log(np.sum(np.exp(logits[0, 2]))) - logits[0, 2, 0])
     np.testing.assert_allclose(got_bg, [np.mean(ce0) * cfg.embedding.proxy_weight, got[1]],
                                rtol=1e-5, atol=1e-6)
     # slots without an identity add nothing
-    none = dict(with_p, emb_proxy=-np.ones_like(ident))
-    np.testing.assert_allclose(losses.embedding_loss(none, cfg), losses.embedding_loss(o, cfg))
+    no_id = -np.ones_like(o["emb_lesion_id"])
+    none = dict(with_p, is_key_slice=np.array([False, False]), emb_lesion_id=no_id)
+    np.testing.assert_allclose(losses.embedding_loss(none, cfg),
+                               losses.embedding_loss(dict(o, emb_lesion_id=no_id), cfg))

@@ -387,14 +387,14 @@ def test_lesion_proxies_and_location_behind_their_switches(setup):
     np.testing.assert_allclose(out["proxy_logits"],
                                np.asarray(out["embeddings"]) @ wn.T / on.embedding.temperature,
                                rtol=1e-4, atol=1e-4)
-    # every embedded positive of these key slices has an identity, and it is the one of its box
-    ident = np.asarray(out["emb_proxy"])
+    # the batch's key-slice flags reach the loss, which gives every embedded positive of these key
+    # slices an identity
+    np.testing.assert_array_equal(out["is_key_slice"], batch[Keys.IS_KEY_SLICE])
+    ident = np.asarray(losses.embedding_identity(out["emb_lesion_id"], out["dataset_id"],
+                                                 out["sample_id"], out["emb_gt_index"],
+                                                 out["is_key_slice"], 64))
     valid = np.asarray(out["emb_valid"])
     assert valid.any() and np.all(ident[valid] >= 1)
-    expect = losses.embedding_identity(out["emb_lesion_id"], batch[Keys.DATASET_ID],
-                                       batch[Keys.SAMPLE_ID], out["emb_gt_index"],
-                                       batch[Keys.IS_KEY_SLICE], 64)
-    np.testing.assert_array_equal(ident, expect)
     # the loss reaches the proxies of the batch's identities and the location map
     g = np.asarray(grads["embed_head"]["proxies"])
     assert np.all(np.abs(g[np.unique(ident[valid])]).sum(1) > 0)

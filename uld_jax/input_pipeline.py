@@ -537,16 +537,16 @@ class SampleLoader(grain.transforms.Map):
         slices = self.stores[t].read(table.case_slice_start[c] + uniq, str(table.case_id[c]), uniq)
         return np.stack([slices[i] for i in inv], axis=-1)
 
-    def z_shift(self, t: int, row: int, position: int) -> int:
+    def z_shift(self, t: int, row: int, position: int, les: dict[str, np.ndarray]) -> int:
         """Slices by which training sample ``row`` of table ``t`` (at ``position`` of the epoch
-        sequence) is re-centred: 0 unless augmenting with ``z_jitter`` > 0 on a key slice with an
-        original box; else uniform over the whole slices within z_jitter x the smallest original
-        box's short-axis radius (mm, from the stored pixel size and slice spacing). Its own random
-        stream, so turning it on leaves the other augmentations' draws as they were."""
+        sequence; ``les`` its ``sample_lesions``) is re-centred: 0 unless augmenting with
+        ``z_jitter`` > 0 on a key slice with an original box; else uniform over the whole slices
+        within z_jitter x the smallest original box's short-axis radius (mm, from the stored pixel
+        size and slice spacing). Its own random stream, so turning it on leaves the other
+        augmentations' draws as they were."""
         table = self.tables[t]
         if not (self.augment and self.z_jitter > 0 and table.is_key_slice[row]):
             return 0
-        les = table.sample_lesions(row)
         orig = les["provenance"] == int(Provenance.ORIGINAL)
         if not orig.any():
             return 0
@@ -567,7 +567,8 @@ class SampleLoader(grain.transforms.Map):
         rng = np.random.default_rng([self.seed, int(element[2]), 0xA46])
         table = self.tables[t]
         c = int(table.case_row[row])
-        hu = self.read_context(t, row, self.z_shift(t, row, int(element[2])))
+        les = table.sample_lesions(row)
+        hu = self.read_context(t, row, self.z_shift(t, row, int(element[2]), les))
         h, w, _ = hu.shape
         p = choose_placement(h, w, float(table.case_pixel_mm[c]), self.pixel_mm, self.image_size,
                              rng if self.augment else None, self.scale_range, self.shift_px)
@@ -579,7 +580,6 @@ class SampleLoader(grain.transforms.Map):
         ex[Keys.SAMPLE_ID] = np.int64(row)
         ex[Keys.IS_KEY_SLICE] = np.bool_(table.is_key_slice[row])
         ex[Keys.PIXEL_MM] = np.float32(table.case_pixel_mm[c] / p.scale)
-        les = table.sample_lesions(row)
         prov = les["provenance"]
         boxes, keep = warp_boxes(les["boxes"], p, h, w, self.image_size)
         # Positives: original rows first, then mined. Positives beyond G become ignore regions

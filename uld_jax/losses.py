@@ -171,7 +171,9 @@ def embedding_loss(out: dict, cfg: Any) -> jax.Array:
     ce = optax.softmax_cross_entropy_with_integer_labels(out["type_logits"], jnp.maximum(t, 0))
     total = supcon + _masked_mean(ce, t_ok, axis=1)
     if "proxy_logits" in out:
-        ident = out["emb_proxy"]
+        ident = embedding_identity(out["emb_lesion_id"], out["dataset_id"], out["sample_id"],
+                                   out["emb_gt_index"], out["is_key_slice"],
+                                   out["proxy_logits"].shape[-1])
         i_ok = out["emb_valid"] & (ident >= 0)
         if bg is not None:                       # background ROIs: the background proxy, row 0
             ident = jnp.where(bg, 0, ident)

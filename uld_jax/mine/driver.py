@@ -582,8 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated single-type experts for NRM")
     p.add_argument("--sigma_from", choices=("score", "precision"), default="score",
                    help="score: sigma is every NRM expert's score threshold (the paper); "
-                   "precision: sigma is a precision level, each expert's threshold taken from its detections "
-                   "on its own dataset's --calibration_split")
+                   "precision: sigma is a precision level, each expert's threshold taken from its "
+                   "detections on its own dataset's --calibration_split")
     p.add_argument("--calibration_split", default="train")
     p.add_argument("--nrm_as_positive", action="store_true",
                    help="suspicious regions become positives instead of ignore regions")

@@ -339,15 +339,9 @@ def mining_inputs_check(
       are MAM's own under ``options`` (:func:`run.mam_features`: with ``location_mm``, the
       embedding and the place in the volume, within a Case).
     """
-    cid, sidx = np.asarray(slices.case_id), np.asarray(slices.slice_index)
     a_slice = np.asarray(annotations.slice)
-    a_truth = match_to_truth(truth, cid[a_slice], sidx[a_slice], annotations.box, min_iobb=min_iobb)
-    expert = np.asarray(proposals.expert)
-    uni = np.flatnonzero(expert == run.UNIVERSAL_EXPERT)
-    p_slice = np.asarray(proposals.slice)[uni]
-    p_box = np.asarray(proposals.box, np.float64).reshape(-1, 4)[uni]
+    uni, a_truth, p_truth = _truth_of_inputs(truth, slices, annotations, proposals, min_iobb)
     p_score = np.asarray(proposals.score, np.float64)[uni]
-    p_truth = match_to_truth(truth, cid[p_slice], sidx[p_slice], p_box, min_iobb=min_iobb)
     on_lesion = p_truth >= 0
     by_score = [{"score": float(t), "n": int(np.sum(p_score >= t)),
                  "on_lesion_fraction": _ratio(int(np.sum(on_lesion & (p_score >= t))),
@@ -359,6 +353,27 @@ def mining_inputs_check(
                            "by_score": by_score}
     if proposals.embedding is None or uni.size == 0 or a_slice.size == 0:
         return out
+    out.update(_own_vs_background(slices, annotations, proposals, options, uni, a_truth, p_truth))
+    return out
+
+
+def _truth_of_inputs(truth: LesionTruth, slices: run.SliceTable, annotations: run.Annotations,
+                     proposals: run.Proposals, min_iobb: float):
+    """(universal rows [PU], a_truth [A], p_truth [PU]): the truth lesion each annotation and each
+    universal proposal lies on (-1: none)."""
+    cid, sidx = np.asarray(slices.case_id), np.asarray(slices.slice_index)
+    a_slice = np.asarray(annotations.slice)
+    a_truth = match_to_truth(truth, cid[a_slice], sidx[a_slice], annotations.box, min_iobb=min_iobb)
+    uni = np.flatnonzero(np.asarray(proposals.expert) == run.UNIVERSAL_EXPERT)
+    p_slice = np.asarray(proposals.slice)[uni]
+    p_box = np.asarray(proposals.box, np.float64).reshape(-1, 4)[uni]
+    return uni, a_truth, match_to_truth(truth, cid[p_slice], sidx[p_slice], p_box,
+                                        min_iobb=min_iobb)
+
+
+def _own_vs_background(slices, annotations, proposals, options, uni, a_truth, p_truth
+                       ) -> dict[str, Any]:
+    """The embedding half of :func:`mining_inputs_check`, in MAM's distance under ``options``."""
     a_group, a_emb, p_group, p_emb = run.mam_features(slices, annotations, proposals, options, uni)
     qi, rj = overlap.same_key_pairs(p_group, a_group)
     d = np.linalg.norm(p_emb[qi] - a_emb[rj], axis=1).astype(np.float64)
@@ -367,20 +382,18 @@ def mining_inputs_check(
     own = np.full(uni.size, np.inf)
     same = (p_truth[qi] >= 0) & (p_truth[qi] == a_truth[rj])
     np.minimum.at(own, qi[same], d[same])
-    has_ann = np.isfinite(nearest)
     own_rows = np.isfinite(own)
-    bg_rows = has_ann & ~on_lesion
+    bg_rows = np.isfinite(nearest) & (p_truth < 0)
 
     def q(x):
         return [float(v) for v in np.percentile(x, [10, 50, 90])] if x.size else None
 
-    out.update({
+    return {
         "n_on_annotated_lesion": int(own_rows.sum()),
         "own_distance_p10_50_90": q(own[own_rows]),
         "background_nearest_p10_50_90": q(nearest[bg_rows]),
         "p_own_closer_than_background": probability_less(own[own_rows], nearest[bg_rows]),
-    })
-    return out
+    }
 
 
 def sweep_theta(
@@ -399,16 +412,14 @@ def sweep_theta(
     MAM distances are computed once; each theta re-thresholds them (same strict rule) and reruns
     the cheap host-side selection. Returns one :func:`mining_quality` dict per theta, with ``theta``.
     """
-    outcome = run.mine_overlay(slices, annotations, proposals, options=options,
-                               checkpoint_step=-1, config_hash="sweep", devices=devices)
-    uni = outcome.universal_rows
+    uni, result, _ = run.mam_positives(slices, annotations, proposals, options, devices)
     p_slice = np.asarray(proposals.slice)[uni]
     p_box = np.asarray(proposals.box, np.float64).reshape(-1, 4)[uni]
     p_score = np.asarray(proposals.score)[uni]
     rows = []
     for theta in thetas:
         mined = mam.select_mined_positives(
-            outcome.mam_result, prop_slice=p_slice, prop_box=p_box,
+            result, prop_slice=p_slice, prop_box=p_box,
             ann_slice=np.asarray(annotations.slice), ann_box=np.asarray(annotations.box),
             theta=theta, overlap_iou=options.overlap_iou, dedupe_iou=options.mam_dedupe_iou,
             prop_score=p_score, min_score=options.mam_min_score)
@@ -436,17 +447,18 @@ def sweep_location(
     when the slices have no pixel sizes (a store mined before they were kept)."""
     if slices.pixel_mm is None or slices.slice_mm is None:
         return []
+    uni, a_truth, p_truth = _truth_of_inputs(truth, slices, annotations, proposals, min_iobb)
+    p_slice = np.asarray(proposals.slice)[uni]
+    p_box = np.asarray(proposals.box, np.float64).reshape(-1, 4)[uni]
+    checkable = uni.size > 0 and a_truth.size > 0
     rows = []
     for loc in location_mms:
         o = dataclasses.replace(options, location_mm=float(loc))
-        outcome = run.mine_overlay(slices, annotations, proposals, options=o, checkpoint_step=-1,
-                                   config_hash="sweep", devices=devices)
-        uni = outcome.universal_rows[outcome.mined]
-        q = _quality_of_rows(truth, slices, np.asarray(proposals.slice)[uni],
-                             np.asarray(proposals.box, np.float64).reshape(-1, 4)[uni],
-                             table.KIND_MINED, min_iobb)
-        check = mining_inputs_check(truth, slices, annotations, proposals, min_iobb=min_iobb,
-                                    options=o)
+        _, _, mined = run.mam_positives(slices, annotations, proposals, o, devices)
+        q = _quality_of_rows(truth, slices, p_slice[mined], p_box[mined], table.KIND_MINED,
+                             min_iobb)
+        check = (_own_vs_background(slices, annotations, proposals, o, uni, a_truth, p_truth)
+                 if checkable else {})
         q["location_mm"] = float(loc)
         q["p_own_closer_than_background"] = check.get("p_own_closer_than_background", float("nan"))
         rows.append(q)

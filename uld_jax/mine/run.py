@@ -195,6 +195,26 @@ def mam_features(slices: SliceTable, annotations: Annotations, proposals: Propos
     return case[a_slice], a_vec, case[p_slice], p_vec
 
 
+def mam_positives(slices: SliceTable, annotations: Annotations, proposals: Proposals,
+                  options: MiningOptions = MiningOptions(), devices=None
+                  ) -> tuple[np.ndarray, mam.MamResult, np.ndarray]:
+    """MAM alone: ``(universal_rows [PU], result, mined [PU] bool)`` -- the universal expert's
+    proposal rows, their :func:`mam.mam_match` result under ``options`` (:func:`mam_features`) and
+    which :func:`mam.select_mined_positives` keeps. Step 1 of :func:`mine_overlay`."""
+    uni = np.flatnonzero(np.asarray(proposals.expert) == UNIVERSAL_EXPERT)
+    p_box = np.asarray(proposals.box, dtype=np.float32).reshape(-1, 4)[uni]
+    a_group, a_vec, p_group, p_vec = mam_features(slices, annotations, proposals, options, uni)
+    res = mam.mam_match(a_group, a_vec, p_group, p_vec, options.theta, devices=devices)
+    mined = mam.select_mined_positives(
+        res, prop_slice=np.asarray(proposals.slice)[uni], prop_box=p_box,
+        ann_slice=np.asarray(annotations.slice),
+        ann_box=np.asarray(annotations.box, dtype=np.float32).reshape(-1, 4),
+        overlap_iou=options.overlap_iou, dedupe_iou=options.mam_dedupe_iou,
+        prop_score=np.asarray(proposals.score, dtype=np.float32)[uni],
+        min_score=options.mam_min_score)
+    return uni, res, mined
+
+
 def mine_overlay(
     slices: SliceTable,
     annotations: Annotations,
@@ -213,7 +233,6 @@ def mine_overlay(
         if keys.size and (keys.min() < 0 or keys.max() >= n_slices):
             raise ValueError(f"{name}.slice refers to slice keys outside 0..{n_slices - 1}")
     expert = np.asarray(proposals.expert)
-    uni = np.flatnonzero(expert == UNIVERSAL_EXPERT)
     single = np.flatnonzero(np.isin(expert, [DATASET_ID[d] for d in SINGLE_TYPE_DATASETS]))
     p_slice = np.asarray(proposals.slice)
     p_box = np.asarray(proposals.box, dtype=np.float32).reshape(-1, 4)
@@ -222,12 +241,7 @@ def mine_overlay(
     a_box = np.asarray(annotations.box, dtype=np.float32).reshape(-1, 4)
 
     # 1. MAM.
-    a_group, a_vec, p_group, p_vec = mam_features(slices, annotations, proposals, options, uni)
-    res = mam.mam_match(a_group, a_vec, p_group, p_vec, options.theta, devices=devices)
-    mined = mam.select_mined_positives(
-        res, prop_slice=p_slice[uni], prop_box=p_box[uni], ann_slice=a_slice, ann_box=a_box,
-        overlap_iou=options.overlap_iou, dedupe_iou=options.mam_dedupe_iou,
-        prop_score=p_score[uni], min_score=options.mam_min_score)
+    uni, res, mined = mam_positives(slices, annotations, proposals, options, devices)
     mined_rows = uni[mined]
 
     # 2. NRM.

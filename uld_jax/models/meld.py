@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uld_jax import losses as losses_lib
 from uld_jax.core import Keys
 from uld_jax.models import detops as ops
 from uld_jax.ops import detections as detection_ops
@@ -135,7 +134,7 @@ class MELD(nn.Module):
           ``emb_valid`` [B, P], ``emb_background`` [B, P] (sampled background ROIs, with
           ``embedding.background_negatives``), ``emb_lesion_id`` [B, P] (-1 unknown), ``emb_gt_index``,
           ``emb_type`` [B, P]; with ``embedding.num_proxies`` also ``proxy_logits`` [B, P, N] and
-          ``emb_proxy`` [B, P] (the ROI's lesion identity in the proxy table, -1 none:
+          ``is_key_slice`` [B] (the loss derives each slot's lesion identity from them,
           ``losses.embedding_identity``);
         * ``proposals`` [B, post_nms_train, 4], ``proposal_valid``; ``dataset_id`` [B];
           ``sample_id`` [B] (batch rows sharing it are augmented views of one slice).
@@ -244,9 +243,8 @@ class MELD(nn.Module):
             out["emb_type"] = _take(lt.astype(jnp.int32), pgt)
             out["emb_gt_index"] = pgt
             if num_proxies > 0:
-                key = batch.get(Keys.IS_KEY_SLICE, jnp.zeros((b,), bool))
-                out["emb_proxy"] = losses_lib.embedding_identity(
-                    out["emb_lesion_id"], dataset_id, out["sample_id"], pgt, key, num_proxies)
+                out["is_key_slice"] = jnp.asarray(batch.get(Keys.IS_KEY_SLICE,
+                                                            jnp.zeros((b,), bool))).astype(bool)
         return out
 
     def _anchor_valid(self, anchors, batch, b, img_h, img_w):

@@ -107,7 +107,7 @@ def test_labels_from_the_world_truth(tiny_world, tmp_path):
         organ_labels_from_world_truth(bad, csv_path)
 
 
-def test_split_mined_keeps_mam_or_nrm_rows_and_the_added_slices(tmp_path):
+def test_split_mined_keeps_mam_nrm_or_no_rows_and_the_added_slices(tmp_path):
     from data_prep import build as build_lib
     from data_prep import case_factory as cf
     from uld_jax.overlay import read_overlay, write_overlay
@@ -125,14 +125,15 @@ def test_split_mined_keeps_mam_or_nrm_rows_and_the_added_slices(tmp_path):
     src = str(tmp_path / "mined.npz")
     write_overlay(src, rows, {}, data_dir=str(tmp_path))
     got = {}
-    for part in ("mam", "nrm"):
+    for part in ("mam", "nrm", "none"):
         counts = qs.split_mined(src, part, str(tmp_path / f"{part}.npz"), str(tmp_path))
         cols, _ = read_overlay(str(tmp_path / f"{part}.npz"))
         got[part] = sorted(zip(cols["kind"].tolist(), cols["expert"].tolist()))
         assert counts["added"] == 1
     assert got["mam"] == [(1, 0), (3, -1)]
     assert got["nrm"] == [(1, 1), (2, 2), (3, -1)]
-    with pytest.raises(ValueError, match="expected 'mam' or 'nrm'"):
+    assert got["none"] == [(3, -1)]
+    with pytest.raises(ValueError, match="expected 'mam', 'nrm' or 'none'"):
         qs.split_mined(src, "both", str(tmp_path / "x.npz"), str(tmp_path))
 
 
@@ -228,3 +229,34 @@ def test_calibrated_nrm_commands_and_page(tmp_path, monkeypatch):
     assert "| NRM (precision) > MELD | released | +5.0, +5.0 | +5.0 ± 0.0 | yes |" in sec
     assert "| MAM+NRM (precision) > MAM | released | +5.0, +10.0 | +7.5 ± 3.5 | yes |" in sec
     assert "| 0 | luna16: 0.123 (5 of 40); lits: none (0 of 7) | 9 | 50.0 |" in sec
+
+
+def test_control_commands_and_page(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
+                        calls.append((str(self.out), name, [list(c) for c in cmds], fn)))
+    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
+    reproduce.run_control(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
+    for s in (3, 4):                                   # every seed, from its own MELD's mined table
+        steps = {n: (c, fn) for o, n, c, fn in calls if o.endswith(f"seed_{s}")}
+        meld = os.path.join(str(tmp_path), f"seed_{s}", "runs", "meld")
+        cmds, fn = steps["mine_none"]
+        assert cmds == [] and fn is not None           # a split of mined.npz: no mining again
+        (ft,), _ = steps["ft_none"]
+        assert f"--config.data.overlays=('{meld}/mined_none.npz',)" in ft
+        assert f"--config.init_from.workdir={meld}" in ft and "configs/finetune.py:tiny" in ft
+        assert "eval_ft_none" in steps
+
+    assert "## The finetuning control" not in reproduce.write_results(
+        str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    for s, shift in ((0, 0.0), (1, 0.1)):
+        for run, lv in (("meld", 0.2), ("ft_none", 0.1), ("ft_mam", 0.3), ("ft_nrm", 0.15),
+                        ("ft_both", 0.3)):
+            _eval(tmp_path / f"seed_{s}", run, lv + shift * (run == "ft_nrm"))
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    sec = text[text.index("## The finetuning control"):]
+    row = next(ln for ln in sec.splitlines() if ln.startswith("| MELD + finetuning, nothing mined"))
+    assert row.endswith("| **10.0 ± 0.0** |")
+    assert "| control > MELD | released | -10.0, -10.0 | -10.0 ± 0.0 | no |" in sec
+    assert "| MAM > control | paper | +20.0, +20.0 | +20.0 ± 0.0 | yes |" in sec
+    assert "| NRM > control | released | +5.0, +15.0 | +10.0 ± 7.1 | yes |" in sec

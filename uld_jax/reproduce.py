@@ -1,7 +1,7 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long] \
-        [--keyslice] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] [--table4] \
+        [--keyslice] [--control] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] [--table4] \
         [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
@@ -19,6 +19,10 @@ What runs (each piece resumable: finished steps are skipped when run again):
 * ``--calibrated-nrm``: NRM with sigma read as a precision level (``python -m uld_jax.mine
   --sigma_from precision``: each single-type expert's threshold from its own dataset's training
   split), finetuned as MELD + NRM and MELD + MAM + NRM, for every seed, beside Table 1's rows.
+* ``--control``: the finetuning control, for every seed: MELD finetuned like the three mined runs
+  with the same added unlabeled slices and nothing mined (``ft_none``), so that what mining adds is
+  read against what the finetuning alone does (fresh optimizer, lower learning rate, the added
+  slices as negatives).
 * ``--recipe long``: the quick recipe's world and model trained 4x as long (32 epochs, mining at
   24), where the detector fits its training lesions; write its page with ``--results
   docs/results_long.md``.
@@ -295,6 +299,25 @@ def run_calibrated(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
         _finetune_eval(q, "ft_both_cal", full)
 
 
+# The finetuning control: MELD finetuned with the added unlabeled slices and nothing mined, on every
+# seed; each mined run is read against it as well as against MELD.
+CONTROL_ROWS = (("meld", "MELD"), ("ft_none", "MELD + finetuning, nothing mined (control)"),
+                ("ft_mam", "MELD + MAM"), ("ft_nrm", "MELD + NRM"), ("ft_both", "MELD + MAM + NRM"))
+CONTROL_CHECKS = (("control > MELD", "ft_none", "meld"), ("MAM > control", "ft_mam", "ft_none"),
+                  ("NRM > control", "ft_nrm", "ft_none"), ("MAM+NRM > control", "ft_both", "ft_none"))
+
+
+def run_control(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    for s in seeds:
+        q = qs.Quickstart(_seed_dir(out, s), recipe, seed=s,
+                          data_from=None if s == seeds[0] else _seed_dir(out, seeds[0]))
+        mined = os.path.join(q.run_dir("meld"), "mined.npz")
+        part = os.path.join(q.run_dir("meld"), "mined_none.npz")
+        q.step("mine_none", fn=lambda q=q, mined=mined, part=part:
+               qs.split_mined(mined, "none", part, q.data))
+        _finetune_eval(q, "ft_none", part)
+
+
 # Table 2: NRM with each single-type dataset's expert alone (and all three: the quick start's ft_nrm).
 TABLE2_ROWS = (("meld", "MELD"),
                ("ft_nrm_luna16", "MELD + NRM, LUNA16 expert only"),
@@ -492,6 +515,18 @@ def _section_calibrated(out: str, seeds: Sequence[int]) -> list[str]:
             for e, c in cal.items())
             + f" | {m['quality']['n_suspicious']} | {_pct(m['quality']['suspicious_true_fraction'])} |")
     return L + [""]
+
+
+def _section_control(out: str, seeds: Sequence[int]) -> list[str]:
+    if not any(_result(out, s, "ft_none") for s in seeds):
+        return []
+    L = ["## The finetuning control (`python -m uld_jax.reproduce --control`)", "",
+         "MELD finetuned exactly as the mined runs (same checkpoint, schedule, seed and added "
+         "unlabeled slices) with nothing mined: the mined runs' gain over MELD is the control's "
+         "plus what mining adds. Same seeds, same test split.", ""]
+    lines, verdict = _froc_tables(out, seeds, CONTROL_ROWS)
+    return L + lines + ["### Ordering against the control", ""] + _order_lines(verdict,
+                                                                                CONTROL_CHECKS)
 
 
 def _section_table2(out: str, seeds: Sequence[int]) -> list[str]:
@@ -733,6 +768,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
                     _pct(j["tables"].get(r, {}).get("mean")) for r in RULES) + " |")
         L.append("")
     L += _section_learning(out, seeds, recipe)
+    L += _section_control(out, seeds)
     L += _section_calibrated(out, seeds)
     L += _section_table2(out, seeds)
     L += _section_table4(out, seeds)
@@ -852,6 +888,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keyslice", action="store_true", help="Table 3 analog for every run")
     p.add_argument("--thetas", default="", type=_number_list("--thetas", 0.0, strict=True),
                    help="comma-separated thetas for the Fig. 5 sweep")
+    p.add_argument("--control", action="store_true",
+                   help="every seed: MELD finetuned with the added slices and nothing mined")
     p.add_argument("--calibrated-nrm", action="store_true",
                    help="every seed: NRM with sigma as a precision level (mine --sigma_from "
                    "precision), finetuned as MELD + NRM and MELD + MAM + NRM")
@@ -887,6 +925,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_seeds(out, r, seeds)
         if a.keyslice:
             run_keyslice(out, r, seeds)
+        if a.control:
+            run_control(out, r, seeds)
         if a.calibrated_nrm:
             run_calibrated(out, r, seeds)
         if a.thetas:

@@ -78,9 +78,7 @@ def _seed_dir(out: str, seed: int) -> str:
 
 
 def run_seeds(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
-    first = _seed_dir(out, seeds[0])
-    for i, s in enumerate(seeds):
-        q = qs.Quickstart(_seed_dir(out, s), recipe, seed=s, data_from=None if i == 0 else first)
+    for q in _seed_quickstarts(out, recipe, seeds):
         q.run()
 
 
@@ -89,10 +87,15 @@ def _first_seed(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> qs.Quickst
     return qs.Quickstart(_seed_dir(out, seeds[0]), recipe, seed=seeds[0])
 
 
-def run_keyslice(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+def _seed_quickstarts(out: str, recipe: qs.Recipe, seeds: Sequence[int]):
+    """Each seed's quick start, on the first seed's world and build."""
     for s in seeds:
-        q = qs.Quickstart(_seed_dir(out, s), recipe, seed=s,
-                          data_from=None if s == seeds[0] else _seed_dir(out, seeds[0]))
+        yield qs.Quickstart(_seed_dir(out, s), recipe, seed=s,
+                            data_from=None if s == seeds[0] else _seed_dir(out, seeds[0]))
+
+
+def run_keyslice(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    for q in _seed_quickstarts(out, recipe, seeds):
         for run in qs.RUNS:
             q.step(f"keyslice_{run}", [q.eval_cmd(run, protocol="keyslice")])
         # how well the from-scratch models fit their own training key slices (the learning check)
@@ -284,9 +287,7 @@ CALIBRATED_CHECKS = (("NRM (precision) > MELD", "ft_nrm_cal", "meld"),
 
 
 def run_calibrated(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
-    for s in seeds:
-        q = qs.Quickstart(_seed_dir(out, s), recipe, seed=s,
-                          data_from=None if s == seeds[0] else _seed_dir(out, seeds[0]))
+    for q in _seed_quickstarts(out, recipe, seeds):
         full = os.path.join(q.run_dir("meld"), "mined_cal.npz")
         part = os.path.join(q.run_dir("meld"), "mined_nrm_cal.npz")
         q.step("mine_cal", [q.mine_cmd("--sigma_from", "precision", "--out", full)],
@@ -308,9 +309,7 @@ CONTROL_CHECKS = (("control > MELD", "ft_none", "meld"), ("MAM > control", "ft_m
 
 
 def run_control(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
-    for s in seeds:
-        q = qs.Quickstart(_seed_dir(out, s), recipe, seed=s,
-                          data_from=None if s == seeds[0] else _seed_dir(out, seeds[0]))
+    for q in _seed_quickstarts(out, recipe, seeds):
         mined = os.path.join(q.run_dir("meld"), "mined.npz")
         part = os.path.join(q.run_dir("meld"), "mined_none.npz")
         q.step("mine_none", fn=lambda q=q, mined=mined, part=part:

@@ -137,16 +137,27 @@ def test_split_mined_keeps_mam_nrm_or_no_rows_and_the_added_slices(tmp_path):
         qs.split_mined(src, "both", str(tmp_path / "x.npz"), str(tmp_path))
 
 
-def test_commands_of_the_variants(tmp_path, monkeypatch):
+@pytest.fixture
+def recorded_steps(monkeypatch):
+    """The quick start's steps, recorded instead of run: [(seed dir, name, commands, fn)]."""
     calls = []
     monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
-                        calls.append((name, [list(c) for c in cmds])))
+                        calls.append((str(self.out), name, [list(c) for c in cmds], fn)))
     monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
+    return calls
+
+
+def _steps_of(calls, seed):
+    return {n: c for o, n, c, _ in calls if o.endswith(f"seed_{seed}")}
+
+
+def test_commands_of_the_variants(tmp_path, recorded_steps):
+    calls = recorded_steps
     r = qs.RECIPES["smoke"]
     reproduce.run_table2(str(tmp_path), r, [3, 4])
     reproduce.run_table4(str(tmp_path), r, [3, 4])
     reproduce.run_unlabeled(str(tmp_path), r, [3, 4], [2.0])
-    steps = dict(calls)
+    steps = _steps_of(calls, 3)
     meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
     for e in ("luna16", "lits", "nihln"):
         (mine,) = steps[f"mine_nrm_{e}"]
@@ -169,7 +180,7 @@ def test_commands_of_the_variants(tmp_path, monkeypatch):
     assert "ft_both" not in steps and "mix_ft_both" in steps
     (ft,) = steps["ft_both_added2"]
     assert "--config.data.added_ratio=2.0" in ft and f"--config.data.overlays=('{meld}/mined.npz',)" in ft
-    assert not any("seed_4" in a for _, cmds in calls for c in cmds for a in c)   # first seed only
+    assert all(o.endswith("seed_3") for o, *_ in calls)                         # first seed only
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -185,14 +196,10 @@ def test_bad_arguments_are_one_line_errors(args, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-def test_calibrated_nrm_commands_and_page(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
-                        calls.append((str(self.out), name, [list(c) for c in cmds])))
-    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
+def test_calibrated_nrm_commands_and_page(tmp_path, recorded_steps):
     reproduce.run_calibrated(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
     for s in (3, 4):                                   # every seed, each on its own MELD
-        steps = {n: c for o, n, c in calls if o.endswith(f"seed_{s}")}
+        steps = _steps_of(recorded_steps, s)
         meld = os.path.join(str(tmp_path), f"seed_{s}", "runs", "meld")
         (mine,) = steps["mine_cal"]
         assert mine[mine.index("--sigma_from") + 1] == "precision"
@@ -231,18 +238,19 @@ def test_calibrated_nrm_commands_and_page(tmp_path, monkeypatch):
     assert "| 0 | luna16: 0.123 (5 of 40); lits: none (0 of 7) | 9 | 50.0 |" in sec
 
 
-def test_control_commands_and_page(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
-                        calls.append((str(self.out), name, [list(c) for c in cmds], fn)))
-    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
+def test_control_commands_and_page(tmp_path, monkeypatch, recorded_steps):
+    splits = []
+    monkeypatch.setattr(qs, "split_mined", lambda *a: splits.append(a))
     reproduce.run_control(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
     for s in (3, 4):                                   # every seed, from its own MELD's mined table
-        steps = {n: (c, fn) for o, n, c, fn in calls if o.endswith(f"seed_{s}")}
+        steps = _steps_of(recorded_steps, s)
         meld = os.path.join(str(tmp_path), f"seed_{s}", "runs", "meld")
-        cmds, fn = steps["mine_none"]
-        assert cmds == [] and fn is not None           # a split of mined.npz: no mining again
-        (ft,), _ = steps["ft_none"]
+        assert steps["mine_none"] == []                # a split of mined.npz: no mining again
+        fn = next(f for o, n, _, f in recorded_steps if n == "mine_none" and o.endswith(f"_{s}"))
+        fn()
+        src, part, dst, _ = splits[-1]
+        assert (src, part, dst) == (f"{meld}/mined.npz", "none", f"{meld}/mined_none.npz")
+        (ft,) = steps["ft_none"]
         assert f"--config.data.overlays=('{meld}/mined_none.npz',)" in ft
         assert f"--config.init_from.workdir={meld}" in ft and "configs/finetune.py:tiny" in ft
         assert "eval_ft_none" in steps

@@ -27,8 +27,9 @@ per-dataset values are means over that dataset's samples. Terms and their choice
   cross-entropy of the ROI's cosine logits against a learnt proxy per lesion identity
   (:func:`embedding_identity`: the known ``lesion_id``, else the annotation of a key slice).
   Within a batch, the supervised-contrastive positives above only ever pair a lesion with itself on
-  the same image; the proxies carry a lesion's identity across steps, so the views of one annotation seen in
-  different epochs -- other slices near the key slice (``data.z_jitter``), other augmentations --
+  the same image; the proxies carry a lesion's identity across steps, so the views of one
+  annotation seen in different epochs -- other slices near the key slice (``data.z_jitter``), other
+  augmentations --
   are pulled together and other lesions pushed apart. That is what MAM measures: an unmarked
   cross-section of an annotated lesion, on another slice, near its annotation. With
   ``background_negatives`` the sampled background ROIs are classified to a proxy of their own (row

@@ -1,8 +1,8 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long] \
-        [--keyslice] [--control] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] [--table4] \
-        [--unlabeled 0,0.25,1,2] [--results docs/results.md]
+        [--keyslice] [--control] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
+        [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
 What runs (each piece resumable: finished steps are skipped when run again):
@@ -302,10 +302,12 @@ def run_calibrated(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 
 # The finetuning control: MELD finetuned with the added unlabeled slices and nothing mined, on every
 # seed; each mined run is read against it as well as against MELD.
-CONTROL_ROWS = (("meld", "MELD"), ("ft_none", "MELD + finetuning, nothing mined (control)"),
-                ("ft_mam", "MELD + MAM"), ("ft_nrm", "MELD + NRM"), ("ft_both", "MELD + MAM + NRM"))
+CONTROL_ROWS = (("meld", qs.ROW_NAMES["meld"]),
+                ("ft_none", "MELD + finetuning, nothing mined (control)"),
+                *((r, qs.ROW_NAMES[r]) for r in ("ft_mam", "ft_nrm", "ft_both")))
 CONTROL_CHECKS = (("control > MELD", "ft_none", "meld"), ("MAM > control", "ft_mam", "ft_none"),
-                  ("NRM > control", "ft_nrm", "ft_none"), ("MAM+NRM > control", "ft_both", "ft_none"))
+                  ("NRM > control", "ft_nrm", "ft_none"),
+                  ("MAM+NRM > control", "ft_both", "ft_none"))
 
 
 def run_control(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:

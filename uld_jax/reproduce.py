@@ -1,7 +1,7 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long] \
-        [--keyslice] [--control] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
+        [--keyslice] [--control] [--oracle] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
         [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
@@ -23,6 +23,11 @@ What runs (each piece resumable: finished steps are skipped when run again):
   with the same added unlabeled slices and nothing mined (``ft_none``), so that what mining adds is
   read against what the finetuning alone does (fresh optimizer, lower learning rate, the added
   slices as negatives).
+* ``--oracle``: a perfect MAM, for every seed: every lesion cross-section on the slices MELD's
+  mining looked at, from the world's truth of the training split (``uld_jax.mine.oracle``),
+  finetuned like MELD + MAM and read against the control (which it runs too): the most MAM could
+  add at this scale, whatever the embedding; and which unmarked lesions the paper's matching within
+  a patient could reach at all.
 * ``--recipe long``: the quick recipe's world and model trained 4x as long (32 epochs, mining at
   24), where the detector fits its training lesions; write its page with ``--results
   docs/results_long.md``.
@@ -319,6 +324,28 @@ def run_control(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
         _finetune_eval(q, "ft_none", part)
 
 
+# The oracle: a perfect MAM (every lesion cross-section on the mined slices, from the world's truth
+# of the training split) finetuned like MELD + MAM, read against the control: how much MAM could add.
+ORACLE_ROWS = (("meld", qs.ROW_NAMES["meld"]), CONTROL_ROWS[1],
+               ("ft_mam", qs.ROW_NAMES["ft_mam"]),
+               ("ft_oracle", "MELD + oracle MAM (every lesion on the mined slices, from the truth)"))
+ORACLE_CHECKS = (("oracle MAM > control", "ft_oracle", "ft_none"),
+                 ("oracle MAM > MAM", "ft_oracle", "ft_mam"))
+
+
+def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    """Every seed: the oracle table from MELD's mining run (its slices and added slices), finetuned
+    (``ft_oracle``) and evaluated; the control (``ft_none``) with it, which it is read against."""
+    run_control(out, recipe, seeds)
+    for q in _seed_quickstarts(out, recipe, seeds):
+        part = os.path.join(q.run_dir("meld"), "mined_oracle.npz")
+        q.step("mine_oracle", [[sys.executable, "-m", "uld_jax.mine.oracle", "--mined",
+                                os.path.join(q.run_dir("meld"), "mined.npz"), "--truth",
+                                os.path.join(q.world, "truth"), "--data_dir", q.data,
+                                "--out", part]])
+        _finetune_eval(q, "ft_oracle", part)
+
+
 # Table 2: NRM with each single-type dataset's expert alone (and all three: the quick start's ft_nrm).
 TABLE2_ROWS = (("meld", "MELD"),
                ("ft_nrm_luna16", "MELD + NRM, LUNA16 expert only"),
@@ -528,6 +555,39 @@ def _section_control(out: str, seeds: Sequence[int]) -> list[str]:
     lines, verdict = _froc_tables(out, seeds, CONTROL_ROWS)
     return L + lines + ["### Ordering against the control", ""] + _order_lines(verdict,
                                                                                 CONTROL_CHECKS)
+
+
+ORACLE_REACH = (("unmarked", "unmarked lesions (lesion x sub-volume)"),
+                ("unmarked_marked_elsewhere", "marked in another study of the patient (identity)"),
+                ("unmarked_same_type_marked", "a lesion of the same type marked in the patient"),
+                ("unmarked_no_marked_like", "nothing like it marked in the patient"))
+
+
+def _section_oracle(out: str, seeds: Sequence[int]) -> list[str]:
+    if not any(_result(out, s, "ft_oracle") for s in seeds):
+        return []
+    L = ["## The oracle: what a perfect MAM could add (`python -m uld_jax.reproduce --oracle`)", "",
+         "`python -m uld_jax.mine.oracle` mines, on the slices MELD's mining run looked at (every "
+         "5 mm and the key slices of the training sub-volumes), every lesion cross-section that no "
+         "annotation covers, from the world's truth of the training split: MAM with no false "
+         "positive and no miss. Finetuned like MELD + MAM (the same added slices) and read against "
+         "the control. A diagnosis, not a method: real data has no such truth; the test split is "
+         "never read.", "",
+         "| seed | MAM positives | oracle positives | on unmarked lesions | lesions | "
+         + " | ".join(n for _, n in ORACLE_REACH) + " |",
+         "|---|" + "---:|" * (4 + len(ORACLE_REACH))]
+    for s in seeds:
+        j = _load(os.path.join(_seed_dir(out, s), "runs", "meld", "mined_oracle.json"))
+        if j:
+            L.append(f"| {s} | {j['mam_positives']} | {j['oracle_positives']} | "
+                     f"{j['oracle_on_unmarked']} | {j['oracle_lesions']} | "
+                     + " | ".join(str(j["reach"][k]) for k, _ in ORACLE_REACH) + " |")
+    L += ["", "The last four columns count the training split's unmarked lesions by what the "
+          "paper's rule (matching within the patient) could reach: the same lesion marked at "
+          "another time point, or only a marked lesion of the same type.", ""]
+    lines, verdict = _froc_tables(out, seeds, ORACLE_ROWS)
+    return L + lines + ["### Ordering against the control", ""] + _order_lines(verdict,
+                                                                                ORACLE_CHECKS)
 
 
 def _section_table2(out: str, seeds: Sequence[int]) -> list[str]:
@@ -770,6 +830,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
         L.append("")
     L += _section_learning(out, seeds, recipe)
     L += _section_control(out, seeds)
+    L += _section_oracle(out, seeds)
     L += _section_calibrated(out, seeds)
     L += _section_table2(out, seeds)
     L += _section_table4(out, seeds)
@@ -891,6 +952,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated thetas for the Fig. 5 sweep")
     p.add_argument("--control", action="store_true",
                    help="every seed: MELD finetuned with the added slices and nothing mined")
+    p.add_argument("--oracle", action="store_true",
+                   help="every seed: a perfect MAM from the world's truth (uld_jax.mine.oracle), "
+                   "finetuned like MELD + MAM, with the control")
     p.add_argument("--calibrated-nrm", action="store_true",
                    help="every seed: NRM with sigma as a precision level (mine --sigma_from "
                    "precision), finetuned as MELD + NRM and MELD + MAM + NRM")
@@ -928,6 +992,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_keyslice(out, r, seeds)
         if a.control:
             run_control(out, r, seeds)
+        if a.oracle:
+            run_oracle(out, r, seeds)
         if a.calibrated_nrm:
             run_calibrated(out, r, seeds)
         if a.thetas:

@@ -166,69 +166,68 @@ def unmarked_reach(path: str, split: str = "train") -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------
 # The oracle table.
 # --------------------------------------------------------------------------------------------------
-def oracle_table(mined: str, truth_dir: str, data_dir: str, out: str, *,
-                 store_dir: str | None = None, raw: str | None = None,
+def write_oracle(mined: str, truth: quality.LesionTruth, data_dir: str, out: str, *,
+                 store_dir: str | None = None, reach: Mapping[str, int] | None = None,
                  min_extent: float = DEFAULT_MIN_EXTENT,
                  annotated_iou: float = DEFAULT_ANNOTATED_IOU,
                  unmarked_only: bool = False) -> dict[str, Any]:
-    """Writes ``out``: the oracle's positives on the slices the mining run ``mined`` looked at, plus
-    that run's added unlabeled slices (nothing else of it); returns the summary also written to
-    ``out`` with ``.json`` in place of ``.npz`` (counts, the oracle table's quality against the
-    truth, which must be all hits, and :func:`unmarked_reach`)."""
+    """Writes ``out``: the oracle's positives (:func:`oracle_positives` of ``truth``, in the Case
+    frames) on the slices the mining run ``mined`` looked at, plus that run's added unlabeled slices
+    (nothing else of it); returns the summary also written beside ``out`` (``.json``): counts, the
+    oracle table's quality against ``truth`` (all hits, by construction) and ``reach``."""
     # pylint: disable=g-import-not-at-top
     from uld_jax.mine import report, table
     from uld_jax.overlay import KIND_ADDED, read_overlay, write_overlay
 
-    ov, slices, ann, _ = report.load_run_outputs(mined, store_dir)
-    raw = raw or os.path.dirname(os.path.abspath(truth_dir))
-    frames = report.frames_from_build(data_dir, os.path.join(raw, "DeepLesion", "DL_info.csv"))
-    truth_csv = os.path.join(truth_dir, "deeplesion_lesions.csv")
-    truth = report.truth_in_case_frames(report.load_truth_csv(truth_csv, "train"), frames)
+    _, slices, ann, _ = report.load_run_outputs(mined, store_dir)
     pos = oracle_positives(truth, slices.case_id, slices.slice_index, ann.slice, ann.box,
                            min_extent=min_extent, annotated_iou=annotated_iou,
                            unmarked_only=unmarked_only)
     cols, meta = read_overlay(mined)
     added = np.asarray(cols["kind"]) == KIND_ADDED
     n = pos["slice"].size
-    rows = {
-        "dataset": np.concatenate([np.asarray(cols["dataset"])[added],
-                                   np.asarray(slices.dataset).astype(str)[pos["slice"]]]),
-        "case_id": np.concatenate([np.asarray(cols["case_id"])[added],
-                                   np.asarray(slices.case_id).astype(str)[pos["slice"]]]),
-        "slice_index": np.concatenate([np.asarray(cols["slice_index"])[added],
-                                       np.asarray(slices.slice_index)[pos["slice"]]]),
-        "kind": np.concatenate([np.asarray(cols["kind"])[added],
-                                np.full(n, table.KIND_MINED, np.int8)]),
-        "box": np.concatenate([np.asarray(cols["box"])[added], pos["box"]]).astype(np.float32),
-        "score": np.concatenate([np.asarray(cols["score"])[added], np.ones(n, np.float32)]),
-        "expert": np.concatenate([np.asarray(cols["expert"])[added],
-                                  np.full(n, run.UNIVERSAL_EXPERT, np.int8)]),
-        "lesion_id": np.concatenate([np.asarray(cols["lesion_id"])[added],
-                                     np.asarray(truth.lesion_id)[pos["truth_row"]]]),
-    }
+    new = {"dataset": np.asarray(slices.dataset).astype(str)[pos["slice"]],
+           "case_id": np.asarray(slices.case_id).astype(str)[pos["slice"]],
+           "slice_index": np.asarray(slices.slice_index)[pos["slice"]],
+           "kind": np.full(n, table.KIND_MINED, np.int8), "box": pos["box"],
+           "score": np.ones(n, np.float32), "expert": np.full(n, run.UNIVERSAL_EXPERT, np.int8),
+           "lesion_id": np.asarray(truth.lesion_id)[pos["truth_row"]]}
+    rows = {k: np.concatenate([np.asarray(cols[k])[added], v]) for k, v in new.items()}
     m = {k: v for k, v in meta.items()
          if k not in ("created", "tool_version", "counts", "theta", "sigma", "options")}
-    m["oracle"] = {"source": os.path.abspath(mined), "truth": os.path.abspath(truth_csv),
-                   "min_extent": min_extent, "annotated_iou": annotated_iou,
-                   "unmarked_only": unmarked_only}
+    m["oracle"] = {"source": os.path.abspath(mined), "min_extent": min_extent,
+                   "annotated_iou": annotated_iou, "unmarked_only": unmarked_only}
     write_overlay(out, rows, m, data_dir=data_dir)
     q = quality.mining_quality(truth, table.read_overlay(out),
                                seen_case_id=np.asarray(slices.case_id),
                                seen_slice_index=np.asarray(slices.slice_index))
     marked = np.asarray(truth.marked, bool)[pos["truth_row"]]
+    mam_rows = ((np.asarray(cols["kind"]) == table.KIND_MINED)
+                & (np.asarray(cols["expert"]) == run.UNIVERSAL_EXPERT))
     summary = {
         "out": os.path.abspath(out), "slices_mined": len(slices),
         "added_slices": int(added.sum()), "oracle_positives": int(n),
         "oracle_on_unmarked": int(np.sum(~marked)), "oracle_on_marked": int(np.sum(marked)),
         "oracle_lesions": int(np.unique(pos["truth_row"]).size),
-        "mam_positives": int(np.sum((np.asarray(cols["kind"]) == table.KIND_MINED)
-                                    & (np.asarray(cols["expert"]) == run.UNIVERSAL_EXPERT))),
-        "quality": {k: q[k] for k in report.SUMMARY_KEYS if not k.startswith("n_suspicious")
-                    and k != "suspicious_true_fraction"},
-        "reach": unmarked_reach(truth_csv, "train"),
+        "mam_positives": int(mam_rows.sum()),
+        "quality": {k: q[k] for k in report.SUMMARY_KEYS if "suspicious" not in k},
+        "reach": dict(reach or {}),
     }
     atomic_write_json(os.path.splitext(out)[0] + ".json", summary, indent=1, default=float)
     return summary
+
+
+def oracle_table(mined: str, truth_dir: str, data_dir: str, out: str, *,
+                 raw: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """:func:`write_oracle` with the world's truth of the training split (``truth_dir``'s
+    ``deeplesion_lesions.csv`` mapped into the build's Cases) and its :func:`unmarked_reach`."""
+    from uld_jax.mine import report  # pylint: disable=g-import-not-at-top
+    raw = raw or os.path.dirname(os.path.abspath(truth_dir))
+    frames = report.frames_from_build(data_dir, os.path.join(raw, "DeepLesion", "DL_info.csv"))
+    truth_csv = os.path.join(truth_dir, "deeplesion_lesions.csv")
+    truth = report.truth_in_case_frames(report.load_truth_csv(truth_csv, "train"), frames)
+    return write_oracle(mined, truth, data_dir, out, reach=unmarked_reach(truth_csv, "train"),
+                        **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -496,3 +496,47 @@ def test_killed_cli_run_resumes_to_the_same_table(world):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"mined now: {30 - 8 * len(done)} slices" in r.stdout
     assert table.read_overlay(out).equal_rows(table.read_overlay(world["summary"]["out"]))
+
+
+def test_oracle_table_from_a_mining_run(world, tmp_path):
+    """uld_jax.mine.oracle on the run's chunk store: every planted lesion cross-section on the mined
+    slices that no annotation covers becomes a mined positive; the run's added slices are kept."""
+    from uld_jax.mine import oracle, quality
+    src = world["summary"]["out"]
+    case_id, box3d, marked = [], [], []
+    for c in world["cases"][:6]:           # the marked key-slice lesions: covered, never mined
+        (les,) = c.lesions
+        y1, x1, y2, x2 = les.box
+        case_id.append(c.case_id)
+        box3d.append([les.slice_index - 1, y1, x1, les.slice_index + 2, y2, x2])
+        marked.append(True)
+    # an unmarked lesion on slices [2, 10) of case 0: mined slices 3, 5 and 8 (0 and 10 miss it)
+    case_id.append(world["cases"][0].case_id)
+    box3d.append([2, 20, 20, 10, 30, 30])     # away from the annotation's [4, 3, 10, 11]
+    marked.append(False)
+    truth = quality.LesionTruth(np.asarray(case_id), np.asarray(box3d, np.float64),
+                                np.arange(len(case_id), dtype=np.int64) + 500, np.asarray(marked))
+    out = str(tmp_path / "mined_oracle.npz")
+    s = oracle.write_oracle(src, truth, str(world["data"]), out, reach={"unmarked": 1})
+    assert s["oracle_positives"] == 3 and s["oracle_on_unmarked"] == 3 and s["oracle_lesions"] == 1
+    assert s["quality"]["precision"] == 1.0 and s["quality"]["n_unmarked_found"] == 1
+    assert s["reach"] == {"unmarked": 1}
+    assert json.load(open(str(tmp_path / "mined_oracle.json"), encoding="utf-8")) == s
+    ov, src_ov = table.read_overlay(out), table.read_overlay(src)
+    a, b = ov.arrays, src_ov.arrays
+    unl = a["kind"] == table.KIND_UNLABELED
+    assert s["added_slices"] == unl.sum() == np.sum(b["kind"] == table.KIND_UNLABELED) == 24
+    for f in ("case_id", "slice_index"):
+        np.testing.assert_array_equal(a[f][unl], b[f][b["kind"] == table.KIND_UNLABELED])
+    m = a["kind"] == table.KIND_MINED
+    assert m.sum() == 3 and not np.any(a["kind"] == table.KIND_IGNORE)
+    assert set(a["case_id"][m]) == {world["cases"][0].case_id}
+    assert a["slice_index"][m].tolist() == [3, 5, 8] and set(a["lesion_id"][m]) == {506}
+    f = np.sqrt(1 - ((np.array([3.5, 5.5, 8.5]) - 6) / 4) ** 2)
+    np.testing.assert_allclose(a["box"][m], np.stack([25 - 5 * f, 25 - 5 * f, 25 + 5 * f,
+                                                      25 + 5 * f], 1), rtol=1e-6)
+    assert np.all(a["expert"][m] == DATASET_ID["deeplesion"])
+    assert ov.meta["oracle"]["source"] == os.path.abspath(src) and ov.meta["theta"] is None
+    # the data pipeline takes it as it takes MAM's table
+    t = sd.load_sample_table(world["data"], "deeplesion", "train", overlays=[out])
+    assert len(t) == 30 and t.added.sum() == 24

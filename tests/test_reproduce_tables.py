@@ -268,3 +268,42 @@ def test_control_commands_and_page(tmp_path, monkeypatch, recorded_steps):
     assert "| control > MELD | released | -10.0, -10.0 | -10.0 ± 0.0 | no |" in sec
     assert "| MAM > control | paper | +20.0, +20.0 | +20.0 ± 0.0 | yes |" in sec
     assert "| NRM > control | released | +5.0, +15.0 | +10.0 ± 7.1 | yes |" in sec
+
+
+def test_oracle_commands_and_page(tmp_path, recorded_steps):
+    reproduce.run_oracle(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
+    for s in (3, 4):                                   # every seed, with its control
+        steps = _steps_of(recorded_steps, s)
+        meld = os.path.join(str(tmp_path), f"seed_{s}", "runs", "meld")
+        assert {"mine_none", "ft_none", "eval_ft_none"} <= set(steps)
+        (cmd,) = steps["mine_oracle"]
+        assert cmd[1:3] == ["-m", "uld_jax.mine.oracle"]
+        args = dict(zip(cmd[3::2], cmd[4::2]))
+        assert args["--mined"] == f"{meld}/mined.npz" and args["--out"] == f"{meld}/mined_oracle.npz"
+        # the first seed's world and build (the other seeds reuse them)
+        assert args["--truth"] == os.path.join(str(tmp_path), "seed_3", "world", "truth")
+        assert args["--data_dir"] == os.path.join(str(tmp_path), "seed_3", "data")
+        (ft,) = steps["ft_oracle"]
+        assert f"--config.data.overlays=('{meld}/mined_oracle.npz',)" in ft
+        assert f"--config.init_from.workdir={meld}" in ft and "eval_ft_oracle" in steps
+
+    assert "## The oracle" not in reproduce.write_results(
+        str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    for s, shift in ((0, 0.0), (1, 0.2)):
+        for run, lv in (("meld", 0.2), ("ft_none", 0.25), ("ft_mam", 0.3), ("ft_oracle", 0.3)):
+            _eval(tmp_path / f"seed_{s}", run, lv + shift * (run == "ft_oracle"))
+        meld = tmp_path / f"seed_{s}" / "runs" / "meld"
+        meld.mkdir(parents=True)
+        (meld / "mined_oracle.json").write_text(json.dumps({
+            "mam_positives": 7 + s, "oracle_positives": 700 + s, "oracle_on_unmarked": 300,
+            "oracle_lesions": 240, "reach": {"unmarked": 142, "unmarked_marked_elsewhere": 20,
+                                             "unmarked_same_type_marked": 127,
+                                             "unmarked_no_marked_like": 15 - s}}))
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    sec = text[text.index("## The oracle"):]
+    assert "| 0 | 7 | 700 | 300 | 240 | 142 | 20 | 127 | 15 |" in sec
+    assert "| 1 | 8 | 701 | 300 | 240 | 142 | 20 | 127 | 14 |" in sec
+    row = next(ln for ln in sec.splitlines() if ln.startswith("| MELD + oracle MAM"))
+    assert row.endswith("| **40.0 ± 14.1** |")
+    assert "| oracle MAM > control | paper | +5.0, +25.0 | +15.0 ± 14.1 | yes |" in sec
+    assert "| oracle MAM > MAM | released | +0.0, +20.0 | +10.0 ± 14.1 | no |" in sec

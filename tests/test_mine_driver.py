@@ -518,7 +518,7 @@ def test_oracle_table_from_a_mining_run(world, tmp_path):
                                 np.arange(len(case_id), dtype=np.int64) + 500, np.asarray(marked))
     out = str(tmp_path / "mined_oracle.npz")
     s = oracle.write_oracle(src, truth, str(world["data"]), out, reach={"unmarked": 1})
-    assert s["oracle_positives"] == 3 and s["oracle_on_unmarked"] == 3 and s["oracle_lesions"] == 1
+    assert s["oracle_boxes"] == 3 and s["as"] == "positive" and s["oracle_on_unmarked"] == 3 and s["oracle_lesions"] == 1
     assert s["quality"]["precision"] == 1.0 and s["quality"]["n_unmarked_found"] == 1
     assert s["reach"] == {"unmarked": 1}
     assert json.load(open(str(tmp_path / "mined_oracle.json"), encoding="utf-8")) == s
@@ -540,3 +540,13 @@ def test_oracle_table_from_a_mining_run(world, tmp_path):
     # the data pipeline takes it as it takes MAM's table
     t = sd.load_sample_table(world["data"], "deeplesion", "train", overlays=[out])
     assert len(t) == 30 and t.added.sum() == 24
+    # the same boxes as ignore regions of no expert (a perfect NRM)
+    ign = str(tmp_path / "mined_oracle_nrm.npz")
+    s2 = oracle.write_oracle(src, truth, str(world["data"]), ign, as_kind="ignore")
+    a2 = table.read_overlay(ign).arrays
+    k2 = a2["kind"] == table.KIND_IGNORE
+    assert s2["as"] == "ignore" and k2.sum() == 3 and not np.any(a2["kind"] == table.KIND_MINED)
+    np.testing.assert_array_equal(a2["box"][k2], a["box"][m])
+    assert np.all(a2["expert"][k2] == -1) and s2["quality"]["suspicious_true_fraction"] == 1.0
+    with pytest.raises(ValueError, match="as_kind 'both'"):
+        oracle.write_oracle(src, truth, str(world["data"]), ign, as_kind="both")

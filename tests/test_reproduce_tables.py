@@ -276,26 +276,31 @@ def test_oracle_commands_and_page(tmp_path, recorded_steps):
         steps = _steps_of(recorded_steps, s)
         meld = os.path.join(str(tmp_path), f"seed_{s}", "runs", "meld")
         assert {"mine_none", "ft_none", "eval_ft_none"} <= set(steps)
-        (cmd,) = steps["mine_oracle"]
-        assert cmd[1:3] == ["-m", "uld_jax.mine.oracle"]
-        args = dict(zip(cmd[3::2], cmd[4::2]))
-        assert args["--mined"] == f"{meld}/mined.npz" and args["--out"] == f"{meld}/mined_oracle.npz"
-        # the first seed's world and build (the other seeds reuse them)
-        assert args["--truth"] == os.path.join(str(tmp_path), "seed_3", "world", "truth")
-        assert args["--data_dir"] == os.path.join(str(tmp_path), "seed_3", "data")
-        (ft,) = steps["ft_oracle"]
-        assert f"--config.data.overlays=('{meld}/mined_oracle.npz',)" in ft
-        assert f"--config.init_from.workdir={meld}" in ft and "eval_ft_oracle" in steps
+        for step, run, name, as_kind in (("mine_oracle", "ft_oracle", "mined_oracle", "positive"),
+                                         ("mine_oracle_nrm", "ft_oracle_nrm", "mined_oracle_nrm",
+                                          "ignore")):
+            (cmd,) = steps[step]
+            assert cmd[1:3] == ["-m", "uld_jax.mine.oracle"]
+            args = dict(zip(cmd[3::2], cmd[4::2]))
+            assert args["--mined"] == f"{meld}/mined.npz" and args["--as"] == as_kind
+            assert args["--out"] == f"{meld}/{name}.npz"
+            # the first seed's world and build (the other seeds reuse them)
+            assert args["--truth"] == os.path.join(str(tmp_path), "seed_3", "world", "truth")
+            assert args["--data_dir"] == os.path.join(str(tmp_path), "seed_3", "data")
+            (ft,) = steps[run]
+            assert f"--config.data.overlays=('{meld}/{name}.npz',)" in ft
+            assert f"--config.init_from.workdir={meld}" in ft and f"eval_{run}" in steps
 
     assert "## The oracle" not in reproduce.write_results(
         str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
     for s, shift in ((0, 0.0), (1, 0.2)):
-        for run, lv in (("meld", 0.2), ("ft_none", 0.25), ("ft_mam", 0.3), ("ft_oracle", 0.3)):
+        for run, lv in (("meld", 0.2), ("ft_none", 0.25), ("ft_mam", 0.3), ("ft_oracle", 0.3),
+                        ("ft_nrm", 0.25), ("ft_oracle_nrm", 0.2)):
             _eval(tmp_path / f"seed_{s}", run, lv + shift * (run == "ft_oracle"))
         meld = tmp_path / f"seed_{s}" / "runs" / "meld"
         meld.mkdir(parents=True)
         (meld / "mined_oracle.json").write_text(json.dumps({
-            "mam_positives": 7 + s, "oracle_positives": 700 + s, "oracle_on_unmarked": 300,
+            "mam_positives": 7 + s, "oracle_boxes": 700 + s, "oracle_on_unmarked": 300,
             "oracle_lesions": 240, "reach": {"unmarked": 142, "unmarked_marked_elsewhere": 20,
                                              "unmarked_same_type_marked": 127,
                                              "unmarked_no_marked_like": 15 - s}}))
@@ -307,3 +312,4 @@ def test_oracle_commands_and_page(tmp_path, recorded_steps):
     assert row.endswith("| **40.0 ± 14.1** |")
     assert "| oracle MAM > control | paper | +5.0, +25.0 | +15.0 ± 14.1 | yes |" in sec
     assert "| oracle MAM > MAM | released | +0.0, +20.0 | +10.0 ± 14.1 | no |" in sec
+    assert "| oracle NRM > NRM | paper | -5.0, -5.0 | -5.0 ± 0.0 | no |" in sec

@@ -23,11 +23,12 @@ What runs (each piece resumable: finished steps are skipped when run again):
   with the same added unlabeled slices and nothing mined (``ft_none``), so that what mining adds is
   read against what the finetuning alone does (fresh optimizer, lower learning rate, the added
   slices as negatives).
-* ``--oracle``: a perfect MAM, for every seed: every lesion cross-section on the slices MELD's
+* ``--oracle``: a perfect MAM and a perfect NRM, for every seed: every lesion cross-section on the slices MELD's
   mining looked at, from the world's truth of the training split (``uld_jax.mine.oracle``),
-  finetuned like MELD + MAM and read against the control (which it runs too): the most MAM could
-  add at this scale, whatever the embedding; and which unmarked lesions the paper's matching within
-  a patient could reach at all.
+  finetuned like MELD + MAM, and the same boxes as ignore regions (a perfect NRM) finetuned like
+  MELD + NRM, both read against the control (which it runs too): the most MAM and NRM could add at
+  this scale, whatever the embedding and the experts; and which unmarked lesions the paper's
+  matching within a patient could reach at all.
 * ``--recipe long``: the quick recipe's world and model trained 4x as long (32 epochs, mining at
   24), where the detector fits its training lesions; write its page with ``--results
   docs/results_long.md``.
@@ -328,22 +329,31 @@ def run_control(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 # of the training split) finetuned like MELD + MAM, read against the control: how much MAM could add.
 ORACLE_ROWS = (("meld", qs.ROW_NAMES["meld"]), CONTROL_ROWS[1],
                ("ft_mam", qs.ROW_NAMES["ft_mam"]),
-               ("ft_oracle", "MELD + oracle MAM (every lesion on the mined slices, from the truth)"))
+               ("ft_oracle", "MELD + oracle MAM (every lesion on the mined slices, from the truth)"),
+               ("ft_nrm", qs.ROW_NAMES["ft_nrm"]),
+               ("ft_oracle_nrm", "MELD + oracle NRM (the same boxes as ignore regions)"))
 ORACLE_CHECKS = (("oracle MAM > control", "ft_oracle", "ft_none"),
-                 ("oracle MAM > MAM", "ft_oracle", "ft_mam"))
+                 ("oracle MAM > MAM", "ft_oracle", "ft_mam"),
+                 ("oracle NRM > control", "ft_oracle_nrm", "ft_none"),
+                 ("oracle NRM > NRM", "ft_oracle_nrm", "ft_nrm"))
+ORACLE_PARTS = (("ft_oracle", "mined_oracle", "positive"), ("ft_oracle_nrm", "mined_oracle_nrm",
+                                                            "ignore"))
 
 
 def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
-    """Every seed: the oracle table from MELD's mining run (its slices and added slices), finetuned
-    (``ft_oracle``) and evaluated; the control (``ft_none``) with it, which it is read against."""
+    """Every seed: the oracle tables from MELD's mining run (its slices and added slices), as
+    mined positives (``ft_oracle``) and as ignore regions (``ft_oracle_nrm``), finetuned and
+    evaluated; the control (``ft_none``) with them, which they are read against."""
     run_control(out, recipe, seeds)
     for q in _seed_quickstarts(out, recipe, seeds):
-        part = os.path.join(q.run_dir("meld"), "mined_oracle.npz")
-        q.step("mine_oracle", [[sys.executable, "-m", "uld_jax.mine.oracle", "--mined",
-                                os.path.join(q.run_dir("meld"), "mined.npz"), "--truth",
-                                os.path.join(q.world, "truth"), "--data_dir", q.data,
-                                "--out", part]])
-        _finetune_eval(q, "ft_oracle", part)
+        for run, name, as_kind in ORACLE_PARTS:
+            part = os.path.join(q.run_dir("meld"), f"{name}.npz")
+            q.step(name.replace("mined_", "mine_"), [[
+                sys.executable, "-m", "uld_jax.mine.oracle", "--mined",
+                os.path.join(q.run_dir("meld"), "mined.npz"), "--truth",
+                os.path.join(q.world, "truth"), "--data_dir", q.data, "--as", as_kind,
+                "--out", part]])
+            _finetune_eval(q, run, part)
 
 
 # Table 2: NRM with each single-type dataset's expert alone (and all three: the quick start's ft_nrm).
@@ -564,22 +574,23 @@ ORACLE_REACH = (("unmarked", "unmarked lesions (lesion x sub-volume)"),
 
 
 def _section_oracle(out: str, seeds: Sequence[int]) -> list[str]:
-    if not any(_result(out, s, "ft_oracle") for s in seeds):
+    if not any(_result(out, s, r) for s in seeds for r, _, _ in ORACLE_PARTS):
         return []
-    L = ["## The oracle: what a perfect MAM could add (`python -m uld_jax.reproduce --oracle`)", "",
+    L = ["## The oracle: what a perfect MAM or NRM could add (`python -m uld_jax.reproduce --oracle`)", "",
          "`python -m uld_jax.mine.oracle` mines, on the slices MELD's mining run looked at (every "
          "5 mm and the key slices of the training sub-volumes), every lesion cross-section that no "
          "annotation covers, from the world's truth of the training split: MAM with no false "
          "positive and no miss. Finetuned like MELD + MAM (the same added slices) and read against "
-         "the control. A diagnosis, not a method: real data has no such truth; the test split is "
-         "never read.", "",
-         "| seed | MAM positives | oracle positives | on unmarked lesions | lesions | "
+         "the control; the same boxes as ignore regions (`--as ignore`) are a perfect NRM, "
+         "finetuned like MELD + NRM. A diagnosis, not a method: real data has no such truth; the "
+         "test split is never read.", "",
+         "| seed | MAM positives | oracle boxes | on unmarked lesions | lesions | "
          + " | ".join(n for _, n in ORACLE_REACH) + " |",
          "|---|" + "---:|" * (4 + len(ORACLE_REACH))]
     for s in seeds:
         j = _load(os.path.join(_seed_dir(out, s), "runs", "meld", "mined_oracle.json"))
         if j:
-            L.append(f"| {s} | {j['mam_positives']} | {j['oracle_positives']} | "
+            L.append(f"| {s} | {j['mam_positives']} | {j['oracle_boxes']} | "
                      f"{j['oracle_on_unmarked']} | {j['oracle_lesions']} | "
                      + " | ".join(str(j["reach"][k]) for k, _ in ORACLE_REACH) + " |")
     L += ["", "The last four columns count the training split's unmarked lesions by what the "
@@ -953,8 +964,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--control", action="store_true",
                    help="every seed: MELD finetuned with the added slices and nothing mined")
     p.add_argument("--oracle", action="store_true",
-                   help="every seed: a perfect MAM from the world's truth (uld_jax.mine.oracle), "
-                   "finetuned like MELD + MAM, with the control")
+                   help="every seed: a perfect MAM and a perfect NRM from the world's truth "
+                   "(uld_jax.mine.oracle), finetuned like MELD + MAM and MELD + NRM, with the "
+                   "control")
     p.add_argument("--calibrated-nrm", action="store_true",
                    help="every seed: NRM with sigma as a precision level (mine --sigma_from "
                    "precision), finetuned as MELD + NRM and MELD + MAM + NRM")

@@ -12,7 +12,9 @@ not have. Two questions, both about the training split only (the test split is n
   cross-section that is not already annotated, with its true box and no false positive. The table it
   writes (those positives plus the mining run's added unlabeled slices) is finetuned like MELD + MAM;
   against the finetuning control (the same added slices, nothing mined) it measures how much a
-  perfect MAM could add to the detector, whatever the embedding.
+  perfect MAM could add to the detector, whatever the embedding. With ``--as ignore`` the same boxes
+  become ignore regions: a perfect NRM, which keeps every lesion the annotations miss out of the
+  negatives and adds no positive.
 * **Reach of the paper's rule.** :func:`unmarked_reach` counts the unmarked lesions of each
   sub-volume by what could find them: the same lesion marked in another study of the patient (what a
   lesion identity matches), a marked lesion of the same type in the patient (what a type-level
@@ -36,10 +38,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from uld_jax.io.atomic import atomic_write_json
-from uld_jax.mine import overlap, quality, run
+from uld_jax.io.json_safe import json_safe
+from uld_jax.mine import overlap, quality, run, table
 
 DEFAULT_MIN_EXTENT: float = 0.5
 DEFAULT_ANNOTATED_IOU: float = 0.2
+# --as: the table kind and expert of the oracle's rows
+AS_KINDS = {"positive": (table.KIND_MINED, run.UNIVERSAL_EXPERT), "ignore": (table.KIND_IGNORE, -1)}
 
 
 def cross_sections(box3d: np.ndarray, zc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,15 +175,22 @@ def write_oracle(mined: str, truth: quality.LesionTruth, data_dir: str, out: str
                  store_dir: str | None = None, reach: Mapping[str, int] | None = None,
                  min_extent: float = DEFAULT_MIN_EXTENT,
                  annotated_iou: float = DEFAULT_ANNOTATED_IOU,
-                 unmarked_only: bool = False) -> dict[str, Any]:
-    """Writes ``out``: the oracle's positives (:func:`oracle_positives` of ``truth``, in the Case
+                 unmarked_only: bool = False, as_kind: str = "positive") -> dict[str, Any]:
+    """Writes ``out``: the oracle's boxes (:func:`oracle_positives` of ``truth``, in the Case
     frames) on the slices the mining run ``mined`` looked at, plus that run's added unlabeled slices
     (nothing else of it); returns the summary also written beside ``out`` (``.json``): counts, the
-    oracle table's quality against ``truth`` (all hits, by construction) and ``reach``."""
+    oracle table's quality against ``truth`` (all hits, by construction) and ``reach``.
+
+    ``as_kind``: ``'positive'`` writes them as mined positives of the universal expert (a perfect
+    MAM), ``'ignore'`` as ignore regions of no expert (-1: a perfect NRM, which keeps every lesion
+    the annotations miss out of the negatives)."""
     # pylint: disable=g-import-not-at-top
-    from uld_jax.mine import report, table
+    from uld_jax.mine import report
     from uld_jax.overlay import KIND_ADDED, read_overlay, write_overlay
 
+    if as_kind not in AS_KINDS:
+        raise ValueError(f"as_kind {as_kind!r}: expected one of {sorted(AS_KINDS)}")
+    kind, expert = AS_KINDS[as_kind]
     _, slices, ann, _ = report.load_run_outputs(mined, store_dir)
     pos = oracle_positives(truth, slices.case_id, slices.slice_index, ann.slice, ann.box,
                            min_extent=min_extent, annotated_iou=annotated_iou,
@@ -189,14 +201,15 @@ def write_oracle(mined: str, truth: quality.LesionTruth, data_dir: str, out: str
     new = {"dataset": np.asarray(slices.dataset).astype(str)[pos["slice"]],
            "case_id": np.asarray(slices.case_id).astype(str)[pos["slice"]],
            "slice_index": np.asarray(slices.slice_index)[pos["slice"]],
-           "kind": np.full(n, table.KIND_MINED, np.int8), "box": pos["box"],
-           "score": np.ones(n, np.float32), "expert": np.full(n, run.UNIVERSAL_EXPERT, np.int8),
+           "kind": np.full(n, kind, np.int8), "box": pos["box"],
+           "score": np.ones(n, np.float32), "expert": np.full(n, expert, np.int8),
            "lesion_id": np.asarray(truth.lesion_id)[pos["truth_row"]]}
     rows = {k: np.concatenate([np.asarray(cols[k])[added], v]) for k, v in new.items()}
     m = {k: v for k, v in meta.items()
          if k not in ("created", "tool_version", "counts", "theta", "sigma", "options")}
     m["oracle"] = {"source": os.path.abspath(mined), "min_extent": min_extent,
-                   "annotated_iou": annotated_iou, "unmarked_only": unmarked_only}
+                   "annotated_iou": annotated_iou, "unmarked_only": unmarked_only,
+                   "as": as_kind}
     write_overlay(out, rows, m, data_dir=data_dir)
     q = quality.mining_quality(truth, table.read_overlay(out),
                                seen_case_id=np.asarray(slices.case_id),
@@ -205,15 +218,16 @@ def write_oracle(mined: str, truth: quality.LesionTruth, data_dir: str, out: str
     mam_rows = ((np.asarray(cols["kind"]) == table.KIND_MINED)
                 & (np.asarray(cols["expert"]) == run.UNIVERSAL_EXPERT))
     summary = {
-        "out": os.path.abspath(out), "slices_mined": len(slices),
-        "added_slices": int(added.sum()), "oracle_positives": int(n),
+        "out": os.path.abspath(out), "as": as_kind, "slices_mined": len(slices),
+        "added_slices": int(added.sum()), "oracle_boxes": int(n),
         "oracle_on_unmarked": int(np.sum(~marked)), "oracle_on_marked": int(np.sum(marked)),
         "oracle_lesions": int(np.unique(pos["truth_row"]).size),
         "mam_positives": int(mam_rows.sum()),
-        "quality": {k: q[k] for k in report.SUMMARY_KEYS if "suspicious" not in k},
+        "quality": {k: q[k] for k in report.SUMMARY_KEYS},
         "reach": dict(reach or {}),
     }
-    atomic_write_json(os.path.splitext(out)[0] + ".json", summary, indent=1, default=float)
+    summary = json_safe(summary)
+    atomic_write_json(os.path.splitext(out)[0] + ".json", summary, indent=1)
     return summary
 
 
@@ -242,17 +256,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the oracle table (.npz); a .json summary beside it")
     p.add_argument("--min_extent", type=float, default=DEFAULT_MIN_EXTENT)
     p.add_argument("--annotated_iou", type=float, default=DEFAULT_ANNOTATED_IOU)
+    p.add_argument("--as", dest="as_kind", choices=sorted(AS_KINDS), default="positive",
+                   help="positive: mined positives (a perfect MAM); ignore: ignore regions (a "
+                   "perfect NRM)")
     p.add_argument("--unmarked_only", action="store_true",
                    help="mine only lesions unmarked in their sub-volume")
     a = p.parse_args(argv)
     try:
         s = oracle_table(a.mined, a.truth, a.data_dir, a.out, store_dir=a.store_dir, raw=a.raw,
                          min_extent=a.min_extent, annotated_iou=a.annotated_iou,
-                         unmarked_only=a.unmarked_only)
+                         unmarked_only=a.unmarked_only, as_kind=a.as_kind)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(s, default=float))
+    print(json.dumps(s))
     return 0
 
 

@@ -276,13 +276,16 @@ def test_oracle_commands_and_page(tmp_path, recorded_steps):
         steps = _steps_of(recorded_steps, s)
         meld = os.path.join(str(tmp_path), f"seed_{s}", "runs", "meld")
         assert {"mine_none", "ft_none", "eval_ft_none"} <= set(steps)
-        for step, run, name, as_kind in (("mine_oracle", "ft_oracle", "mined_oracle", "positive"),
-                                         ("mine_oracle_nrm", "ft_oracle_nrm", "mined_oracle_nrm",
-                                          "ignore")):
+        for step, run, name, opts in (
+                ("mine_oracle", "ft_oracle", "mined_oracle", ["--as", "positive"]),
+                ("mine_oracle_nrm", "ft_oracle_nrm", "mined_oracle_nrm", ["--as", "ignore"]),
+                ("mine_oracle_unmarked", "ft_oracle_unmarked", "mined_oracle_unmarked",
+                 ["--as", "positive", "--unmarked_only"])):
             (cmd,) = steps[step]
             assert cmd[1:3] == ["-m", "uld_jax.mine.oracle"]
-            args = dict(zip(cmd[3::2], cmd[4::2]))
-            assert args["--mined"] == f"{meld}/mined.npz" and args["--as"] == as_kind
+            assert cmd[cmd.index("--data_dir") + 2:-2] == opts
+            args = dict(zip(cmd[3:9:2], cmd[4:9:2])) | dict(zip(cmd[-2::2], cmd[-1::2]))
+            assert args["--mined"] == f"{meld}/mined.npz"
             assert args["--out"] == f"{meld}/{name}.npz"
             # the first seed's world and build (the other seeds reuse them)
             assert args["--truth"] == os.path.join(str(tmp_path), "seed_3", "world", "truth")
@@ -304,10 +307,12 @@ def test_oracle_commands_and_page(tmp_path, recorded_steps):
             "oracle_lesions": 240, "reach": {"unmarked": 142, "unmarked_marked_elsewhere": 20,
                                              "unmarked_same_type_marked": 127,
                                              "unmarked_no_marked_like": 15 - s}}))
+        if s:
+            (meld / "mined_oracle_unmarked.json").write_text(json.dumps({"oracle_boxes": 360}))
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
     sec = text[text.index("## The oracle"):]
-    assert "| 0 | 7 | 700 | 300 | 240 | 142 | 20 | 127 | 15 |" in sec
-    assert "| 1 | 8 | 701 | 300 | 240 | 142 | 20 | 127 | 14 |" in sec
+    assert "| 0 | 7 | 700 | 300 | 240 | - | 142 | 20 | 127 | 15 |" in sec
+    assert "| 1 | 8 | 701 | 300 | 240 | 360 | 142 | 20 | 127 | 14 |" in sec
     row = next(ln for ln in sec.splitlines() if ln.startswith("| MELD + oracle MAM"))
     assert row.endswith("| **40.0 ± 14.1** |")
     assert "| oracle MAM > control | paper | +5.0, +25.0 | +15.0 ± 14.1 | yes |" in sec

@@ -330,29 +330,35 @@ def run_control(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 ORACLE_ROWS = (("meld", qs.ROW_NAMES["meld"]), CONTROL_ROWS[1],
                ("ft_mam", qs.ROW_NAMES["ft_mam"]),
                ("ft_oracle", "MELD + oracle MAM (every lesion on the mined slices, from the truth)"),
+               ("ft_oracle_unmarked", "MELD + oracle MAM, unmarked lesions only"),
                ("ft_nrm", qs.ROW_NAMES["ft_nrm"]),
                ("ft_oracle_nrm", "MELD + oracle NRM (the same boxes as ignore regions)"))
 ORACLE_CHECKS = (("oracle MAM > control", "ft_oracle", "ft_none"),
                  ("oracle MAM > MAM", "ft_oracle", "ft_mam"),
+                 ("oracle MAM, unmarked only > control", "ft_oracle_unmarked", "ft_none"),
                  ("oracle NRM > control", "ft_oracle_nrm", "ft_none"),
                  ("oracle NRM > NRM", "ft_oracle_nrm", "ft_nrm"))
-ORACLE_PARTS = (("ft_oracle", "mined_oracle", "positive"), ("ft_oracle_nrm", "mined_oracle_nrm",
-                                                            "ignore"))
+# (run, table name, the oracle's options)
+ORACLE_PARTS = (("ft_oracle", "mined_oracle", ("--as", "positive")),
+                ("ft_oracle_nrm", "mined_oracle_nrm", ("--as", "ignore")),
+                ("ft_oracle_unmarked", "mined_oracle_unmarked", ("--as", "positive",
+                                                                 "--unmarked_only")))
 
 
 def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     """Every seed: the oracle tables from MELD's mining run (its slices and added slices), as
-    mined positives (``ft_oracle``) and as ignore regions (``ft_oracle_nrm``), finetuned and
-    evaluated; the control (``ft_none``) with them, which they are read against."""
+    mined positives (``ft_oracle``), as ignore regions (``ft_oracle_nrm``) and as positives on the
+    unmarked lesions only (``ft_oracle_unmarked``: what finding the missing lesions adds, without
+    the marked lesions' other cross-sections), finetuned and evaluated; the control (``ft_none``)
+    with them, which they are read against."""
     run_control(out, recipe, seeds)
     for q in _seed_quickstarts(out, recipe, seeds):
-        for run, name, as_kind in ORACLE_PARTS:
+        for run, name, opts in ORACLE_PARTS:
             part = os.path.join(q.run_dir("meld"), f"{name}.npz")
             q.step(name.replace("mined_", "mine_"), [[
                 sys.executable, "-m", "uld_jax.mine.oracle", "--mined",
                 os.path.join(q.run_dir("meld"), "mined.npz"), "--truth",
-                os.path.join(q.world, "truth"), "--data_dir", q.data, "--as", as_kind,
-                "--out", part]])
+                os.path.join(q.world, "truth"), "--data_dir", q.data, *opts, "--out", part]])
             _finetune_eval(q, run, part)
 
 
@@ -576,26 +582,32 @@ ORACLE_REACH = (("unmarked", "unmarked lesions (lesion x sub-volume)"),
 def _section_oracle(out: str, seeds: Sequence[int]) -> list[str]:
     if not any(_result(out, s, r) for s in seeds for r, _, _ in ORACLE_PARTS):
         return []
-    L = ["## The oracle: what a perfect MAM or NRM could add (`python -m uld_jax.reproduce --oracle`)", "",
+    L = ["## The oracle: what a perfect MAM or NRM could add (`python -m uld_jax.reproduce "
+         "--oracle`)", "",
          "`python -m uld_jax.mine.oracle` mines, on the slices MELD's mining run looked at (every "
          "5 mm and the key slices of the training sub-volumes), every lesion cross-section that no "
          "annotation covers, from the world's truth of the training split: MAM with no false "
          "positive and no miss. Finetuned like MELD + MAM (the same added slices) and read against "
-         "the control; the same boxes as ignore regions (`--as ignore`) are a perfect NRM, "
-         "finetuned like MELD + NRM. A diagnosis, not a method: real data has no such truth; the "
-         "test split is never read.", "",
+         "the control. `--unmarked_only` keeps the unmarked lesions' boxes only (without the "
+         "marked lesions' cross-sections on other slices); `--as ignore` writes the full oracle's "
+         "boxes as ignore regions, a perfect NRM, finetuned like MELD + NRM. A diagnosis, not a "
+         "method: real data has no such truth; the test split is never read.", "",
          "| seed | MAM positives | oracle boxes | on unmarked lesions | lesions | "
-         + " | ".join(n for _, n in ORACLE_REACH) + " |",
-         "|---|" + "---:|" * (4 + len(ORACLE_REACH))]
+         "unmarked only: boxes | " + " | ".join(n for _, n in ORACLE_REACH) + " |",
+         "|---|" + "---:|" * (5 + len(ORACLE_REACH))]
     for s in seeds:
-        j = _load(os.path.join(_seed_dir(out, s), "runs", "meld", "mined_oracle.json"))
+        meld = os.path.join(_seed_dir(out, s), "runs", "meld")
+        j = _load(os.path.join(meld, "mined_oracle.json"))
+        u = _load(os.path.join(meld, "mined_oracle_unmarked.json")) or {}
         if j:
             L.append(f"| {s} | {j['mam_positives']} | {j['oracle_boxes']} | "
                      f"{j['oracle_on_unmarked']} | {j['oracle_lesions']} | "
+                     f"{u.get('oracle_boxes', '-')} | "
                      + " | ".join(str(j["reach"][k]) for k, _ in ORACLE_REACH) + " |")
-    L += ["", "The last four columns count the training split's unmarked lesions by what the "
-          "paper's rule (matching within the patient) could reach: the same lesion marked at "
-          "another time point, or only a marked lesion of the same type.", ""]
+    L += ["", "The last four columns count the training split's unmarked lesions (one per lesion "
+          "and sub-volume) by what the paper's rule (matching within the patient) could reach: "
+          "the same lesion marked at another time point (a lesion identity), a marked lesion of "
+          "the same type (a type-level embedding like LesaNet's), or nothing marked like it.", ""]
     lines, verdict = _froc_tables(out, seeds, ORACLE_ROWS)
     return L + lines + ["### Ordering against the control", ""] + _order_lines(verdict,
                                                                                 ORACLE_CHECKS)

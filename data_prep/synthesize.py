@@ -2,7 +2,7 @@
 
     python -m data_prep.synthesize --preset {tiny,small,paper} --seed N --out DIR
         [--overwrite] [--stats] [--preview] [--tables-only] [--workers K]
-        [--dl-patients N] [--luna N] [--lits N] [--nihln N]
+        [--dl-patients N] [--luna N] [--lits N] [--nihln N] [--dl-split VAL,TEST]
 
 Everything is written into a temporary sibling folder and renamed to DIR at the end, so an
 interrupted or failed run leaves nothing partial behind. The same preset, seed and counts give the
@@ -50,18 +50,22 @@ def _tqdm(iterable, **kw):
 
 def resolve_preset(preset: str, counts: dict | None) -> Preset:
     """The named preset with optional count overrides (dl_patients, luna_scans, lits_volumes,
-    nihln_med, nihln_abd); negative counts raise :class:`PresetError`."""
+    nihln_med, nihln_abd) and DeepLesion split fractions (dl_val_fraction, dl_test_fraction);
+    negative counts or fractions outside [0, 1] raise :class:`PresetError`."""
     p = get_preset(preset)
     if counts:
-        unknown = set(counts) - {"dl_patients", "luna_scans", "lits_volumes", "nihln_med", "nihln_abd"}
+        fractions = {"dl_val_fraction", "dl_test_fraction"}
+        unknown = set(counts) - {"dl_patients", "luna_scans", "lits_volumes", "nihln_med",
+                                 "nihln_abd"} - fractions
         if unknown:
             raise PresetError(f"unknown count override(s): {', '.join(sorted(unknown))}")
         for k, v in counts.items():
-            if v is None:
+            if v is None or k in fractions:
                 continue
             if not isinstance(v, (int, np.integer)) or v < 0:
                 raise PresetError(f"{k} must be a non-negative integer, got {v!r}")
-        fixed = {k: int(v) for k, v in counts.items() if v is not None}
+        fixed = {k: (float(v) if k in fractions else int(v)) for k, v in counts.items()
+                 if v is not None}
         if "dl_patients" in fixed and p.dl_studies_total is not None:
             fixed.update(dl_studies_total=None, dl_marks_total=None)
         p = dataclasses.replace(p, **fixed)
@@ -277,10 +281,21 @@ def main(argv=None) -> int:
     ap.add_argument("--luna", type=int, default=None, help="LUNA16 scans")
     ap.add_argument("--lits", type=int, default=None, help="LiTS volumes")
     ap.add_argument("--nihln", type=int, default=None, help="NIH-LN patients (half MED, half ABD)")
+    ap.add_argument("--dl-split", default=None, metavar="VAL,TEST",
+                    help="fractions of the DeepLesion patients in the val and test splits (default "
+                    "0.15,0.15; 0,1: an evaluation-only world, every patient in test)")
     a = ap.parse_args(argv)
     # A terminated run unwinds like Ctrl-C, so the temporary output folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = {"dl_patients": a.dl_patients, "luna_scans": a.luna, "lits_volumes": a.lits}
+    if a.dl_split is not None:
+        try:
+            fv, ft = (float(v) for v in a.dl_split.split(","))
+        except ValueError:
+            sys.stderr.write(f"synthesize: error: --dl-split {a.dl_split!r}: expected two "
+                             "fractions VAL,TEST, e.g. 0.15,0.15\n")
+            return 2
+        counts.update(dl_val_fraction=fv, dl_test_fraction=ft)
     if a.nihln is not None:
         if a.nihln < 0:
             sys.stderr.write(f"synthesize: error: --nihln must be a non-negative integer, got {a.nihln}\n")

@@ -154,8 +154,9 @@ def plan_deeplesion(seed: int, preset: Preset) -> DLPlan:
         m = _adjust_total(g, m, preset.dl_marks_total, 1, 12)
     splits = np.empty(n, object)
     perm = g.permutation(n)
-    n_val = max(1, int(round(0.15 * n)))
-    n_test = max(1, int(round(0.15 * n)))
+    fv, ft = preset.dl_val_fraction, preset.dl_test_fraction
+    n_val = max(1, int(round(fv * n))) if fv > 0 else 0
+    n_test = min(max(1, int(round(ft * n))), n - n_val) if ft > 0 else 0
     splits[perm[:n_val]] = "val"
     splits[perm[n_val:n_val + n_test]] = "test"
     splits[perm[n_val + n_test:]] = "train"

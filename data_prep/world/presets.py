@@ -39,12 +39,22 @@ class Preset:
     matrix: int = 512
     body_scale: float = 1.0            # multiplies every patient's size (tiny: small bodies)
     cover_mm: float | None = None      # cap on the single-type scans' z coverage (mm)
+    # DeepLesion patients' split: these fractions go to val and test (at least one patient each
+    # when above 0), the rest to train; val 0 and test 1 make an evaluation-only world.
+    dl_val_fraction: float = 0.15
+    dl_test_fraction: float = 0.15
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise PresetError(f"preset {self.name!r}: {f.name} = {v} is negative")
+        for f in ("dl_val_fraction", "dl_test_fraction"):
+            if not 0.0 <= getattr(self, f) <= 1.0:
+                raise PresetError(f"preset {self.name!r}: {f} = {getattr(self, f)} is not in [0, 1]")
+        if self.dl_val_fraction + self.dl_test_fraction > 1.0:
+            raise PresetError(f"preset {self.name!r}: dl_val_fraction + dl_test_fraction = "
+                              f"{self.dl_val_fraction + self.dl_test_fraction:g} > 1")
         if self.dl_patients < 3:
             raise PresetError(f"preset {self.name!r}: dl_patients = {self.dl_patients}; need >= 3 "
                               "for a train/val/test split")

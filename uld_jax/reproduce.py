@@ -1,7 +1,8 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long] \
-        [--keyslice] [--control] [--oracle] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
+        [--keyslice] [--control] [--oracle] [--heldout N] \
+        [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
         [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
@@ -29,6 +30,9 @@ What runs (each piece resumable: finished steps are skipped when run again):
   MELD + NRM, both read against the control (which it runs too): the most MAM and NRM could add at
   this scale, whatever the embedding and the experts; and which unmarked lesions the paper's
   matching within a patient could reach at all.
+* ``--heldout N``: a held-out evaluation world of the same preset (another seed, N DeepLesion
+  patients, every one in its test split), on which every seed's Table-1, control and oracle runs
+  are evaluated too: several times the test lesions of the training world's own test split.
 * ``--recipe long``: the quick recipe's world and model trained 4x as long (32 epochs, mining at
   24), where the detector fits its training lesions; write its page with ``--results
   docs/results_long.md``.
@@ -362,6 +366,65 @@ def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
             _finetune_eval(q, run, part)
 
 
+# A held-out evaluation world: the same preset and generator, another seed, every DeepLesion patient
+# in its test split (``data_prep.synthesize --dl-split 0,1``), so that Table 1's comparisons rest on
+# several times the test lesions of the training world's own test split. Every seed's runs are
+# evaluated on it as on their own test split.
+HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
+HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
+                "ft_oracle_nrm")
+HELDOUT_ROWS = tuple((r, dict(CONTROL_ROWS + ORACLE_ROWS).get(r) or qs.ROW_NAMES[r])
+                     for r in HELDOUT_RUNS)
+
+
+def heldout_dirs(out: str) -> dict[str, str]:
+    h = os.path.join(out, "heldout")
+    return {"root": h, "world": os.path.join(h, "world"), "data": os.path.join(h, "data"),
+            "labels": os.path.join(h, qs.LABELS_FILE)}
+
+
+def run_heldout(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int) -> None:
+    """The held-out world (``OUT/heldout``: ``patients`` DeepLesion patients, all in test, no
+    single-type data) synthesized and built like the training world, then every finished run of
+    :data:`HELDOUT_RUNS` of every seed evaluated on it (``seed_<s>/eval_heldout/<run>``)."""
+    d = heldout_dirs(out)
+    q0 = qs.Quickstart(_seed_dir(out, seeds[0]), recipe, seed=seeds[0])
+    if not q0.done("heldout_world") and os.path.exists(d["world"]):
+        import shutil  # pylint: disable=g-import-not-at-top
+        shutil.rmtree(d["world"])            # an interrupted synthesis: start it anew
+    q0.step("heldout_world", [[sys.executable, "-m", "data_prep.synthesize", "--preset",
+                               recipe.preset, "--seed", str(HELDOUT_SEED + seeds[0]), "--out",
+                               d["world"], "--dl-patients", str(patients), "--luna", "0",
+                               "--lits", "0", "--nihln", "0", "--dl-split", "0,1"]])
+    q0.step("heldout_build", [[sys.executable, "-m", "data_prep.build", "--raw", d["world"],
+                               "--out", d["data"], "--datasets", "deeplesion", "--pixel-mm",
+                               str(recipe.pixel_mm), "--no-progress"]],
+            fn=lambda: _heldout_labels(d))
+    for q in _seed_quickstarts(out, recipe, seeds):
+        for run in HELDOUT_RUNS:
+            if not q.done(run):
+                continue
+            q.step(f"heldout_{run}", [[
+                sys.executable, "-m", "uld_jax.evaluate", "--workdir", q.run_dir(run), "--data",
+                d["data"], "--datasets", "deeplesion", "--split", "test", "--protocol",
+                "volumetric", "--batch-size", str(recipe.eval_batch), "--out",
+                os.path.join(q.out, "eval_heldout", run), "--truth",
+                os.path.join(d["world"], "truth", "deeplesion_volumetric_truth.pkl"), "--dl-info",
+                os.path.join(d["world"], "DeepLesion", "DL_info.csv"), "--labels", d["labels"],
+                "--rule", "both"]])
+
+
+def _heldout_labels(d: dict[str, str]) -> None:
+    """The held-out world's organ of every test lesion (the evaluations' organ strata)."""
+    from uld_jax.evaluate.inputs import load_volume_dict  # pylint: disable=g-import-not-at-top
+    from uld_jax.evaluate.organs import organ_labels_from_world_truth  # pylint: disable=g-import-not-at-top
+    lab = organ_labels_from_world_truth(
+        load_volume_dict(os.path.join(d["world"], "truth", "deeplesion_volumetric_truth.pkl"),
+                         split="test"),
+        os.path.join(d["world"], "truth", "deeplesion_lesions.csv"))
+    atomic_write(d["labels"], json.dumps(lab, indent=0).encode())
+
+
 # Table 2: NRM with each single-type dataset's expert alone (and all three: the quick start's ft_nrm).
 TABLE2_ROWS = (("meld", "MELD"),
                ("ft_nrm_luna16", "MELD + NRM, LUNA16 expert only"),
@@ -482,11 +545,12 @@ def _result(out: str, seed: int, run: str, sub: str = "eval"):
 
 
 def _froc_tables(out: str, seeds: Sequence[int], rows: Sequence[tuple[str, str]],
-                 seeds_column: bool = False) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+                 seeds_column: bool = False, sub: str = "eval"
+                 ) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
     """Per hit rule, a table of ``rows`` ((run, name)): sensitivity at each FP rate and the mean,
-    mean ± sd over the seeds with a result ('not run' without one). Returns (lines, {rule: {run:
-    [mean per seed]}})."""
-    res = {(s, r): _result(out, s, r) for s in seeds for r, _ in rows}
+    mean ± sd over the seeds with a result ('not run' without one), from each seed's ``sub``
+    folder. Returns (lines, {rule: {run: [mean per seed]}})."""
+    res = {(s, r): _result(out, s, r, sub) for s in seeds for r, _ in rows}
     L: list[str] = []
     verdict: dict[str, dict[str, list[float]]] = {}
     for rule in RULES:
@@ -611,6 +675,30 @@ def _section_oracle(out: str, seeds: Sequence[int]) -> list[str]:
     lines, verdict = _froc_tables(out, seeds, ORACLE_ROWS)
     return L + lines + ["### Ordering against the control", ""] + _order_lines(verdict,
                                                                                 ORACLE_CHECKS)
+
+
+HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,
+                  *(c for c in ORACLE_CHECKS if c[0] in ("oracle MAM > control",
+                                                         "oracle NRM > control")))
+
+
+def _section_heldout(out: str, seeds: Sequence[int]) -> list[str]:
+    if not any(_result(out, s, r, "eval_heldout") for s in seeds for r in HELDOUT_RUNS):
+        return []
+    j = _load(os.path.join(_seed_dir(out, seeds[0]), "eval_heldout", "meld", "results.json")) or {}
+    n_truth = ((j.get("info") or {}).get("counts") or {}).get("truths", "n/a")
+    n_own = (((_result(out, seeds[0], "meld") or {}).get("info") or {}).get("counts")
+             or {}).get("truths", "n/a")
+    L = ["## Table 1 on a held-out evaluation world (`python -m uld_jax.reproduce --heldout N`)",
+         "",
+         f"The same runs evaluated on another world of the same preset and generator (seed "
+         f"{HELDOUT_SEED} + the first seed; `python -m data_prep.synthesize --dl-split 0,1`: every "
+         f"DeepLesion patient in its test split): {n_truth} test lesions against the training "
+         f"world's {n_own}, so one lesion weighs less in every number. Same protocol, both hit "
+         "rules; no run was trained, tuned or selected on it.", ""]
+    lines, verdict = _froc_tables(out, seeds, HELDOUT_ROWS, sub="eval_heldout")
+    return L + lines + ["### Ordering on the held-out world", ""] + _order_lines(verdict,
+                                                                                  HELDOUT_CHECKS)
 
 
 def _section_table2(out: str, seeds: Sequence[int]) -> list[str]:
@@ -854,6 +942,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     L += _section_learning(out, seeds, recipe)
     L += _section_control(out, seeds)
     L += _section_oracle(out, seeds)
+    L += _section_heldout(out, seeds)
     L += _section_calibrated(out, seeds)
     L += _section_table2(out, seeds)
     L += _section_table4(out, seeds)
@@ -979,6 +1068,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="every seed: a perfect MAM and a perfect NRM from the world's truth "
                    "(uld_jax.mine.oracle), finetuned like MELD + MAM and MELD + NRM, with the "
                    "control")
+    p.add_argument("--heldout", type=int, default=0, metavar="N",
+                   help="every seed's Table-1, control and oracle runs also evaluated on a "
+                   "held-out world of N DeepLesion patients, all in test (e.g. 24)")
     p.add_argument("--calibrated-nrm", action="store_true",
                    help="every seed: NRM with sigma as a precision level (mine --sigma_from "
                    "precision), finetuned as MELD + NRM and MELD + MAM + NRM")
@@ -1018,6 +1110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_control(out, r, seeds)
         if a.oracle:
             run_oracle(out, r, seeds)
+        if a.heldout:
+            run_heldout(out, r, seeds, a.heldout)
         if a.calibrated_nrm:
             run_calibrated(out, r, seeds)
         if a.thetas:

@@ -318,3 +318,52 @@ def test_oracle_commands_and_page(tmp_path, recorded_steps):
     assert "| oracle MAM > control | paper | +5.0, +25.0 | +15.0 ± 14.1 | yes |" in sec
     assert "| oracle MAM > MAM | released | +0.0, +20.0 | +10.0 ± 14.1 | no |" in sec
     assert "| oracle NRM > NRM | paper | -5.0, -5.0 | -5.0 ± 0.0 | no |" in sec
+
+
+def test_heldout_commands_and_page(tmp_path, recorded_steps):
+    # seed 3 has finished baseline and MELD, seed 4 only MELD: only finished runs are evaluated
+    for s, runs in ((3, ("baseline", "meld")), (4, ("meld",))):
+        st = tmp_path / f"seed_{s}" / "state"
+        st.mkdir(parents=True)
+        for r in runs:
+            (st / f"{r}.json").write_text("{}")
+    reproduce.run_heldout(str(tmp_path), qs.RECIPES["smoke"], [3, 4], 24)
+    s3, s4 = _steps_of(recorded_steps, 3), _steps_of(recorded_steps, 4)
+    held = os.path.join(str(tmp_path), "heldout")
+    (world,) = s3["heldout_world"]
+    assert world[1:3] == ["-m", "data_prep.synthesize"]
+    args = dict(zip(world[3::2], world[4::2]))
+    assert args == {"--preset": "tiny", "--seed": "1003", "--out": f"{held}/world",
+                    "--dl-patients": "24", "--luna": "0", "--lits": "0", "--nihln": "0",
+                    "--dl-split": "0,1"}
+    (build,) = s3["heldout_build"]
+    assert dict(zip(build[3::2], build[4::2])) == {
+        "--raw": f"{held}/world", "--out": f"{held}/data", "--datasets": "deeplesion",
+        "--pixel-mm": "2.0"} and build[-1] == "--no-progress"
+    assert sorted(k for k in s3 if k.startswith("heldout_") and k not in (
+        "heldout_world", "heldout_build")) == ["heldout_baseline", "heldout_meld"]
+    assert [k for k in s4 if k.startswith("heldout_")] == ["heldout_meld"]
+    (ev,) = s4["heldout_meld"]
+    a = dict(zip(ev[3::2], ev[4::2]))
+    assert a["--workdir"] == os.path.join(str(tmp_path), "seed_4", "runs", "meld")
+    assert a["--data"] == f"{held}/data" and a["--split"] == "test"
+    assert a["--out"] == os.path.join(str(tmp_path), "seed_4", "eval_heldout", "meld")
+    assert a["--truth"] == f"{held}/world/truth/deeplesion_volumetric_truth.pkl"
+    assert a["--labels"] == f"{held}/{qs.LABELS_FILE}" and a["--rule"] == "both"
+
+    assert "## Table 1 on a held-out" not in reproduce.write_results(
+        str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    for s, shift in ((0, 0.0), (1, 0.1)):
+        for run, lv in (("baseline", 0.1), ("meld", 0.2), ("ft_none", 0.25), ("ft_mam", 0.3)):
+            _eval(tmp_path / f"seed_{s}", run, lv)                  # the world's own test split
+            d = tmp_path / f"seed_{s}" / "eval_heldout"
+            _eval(d.parent / "h", run, lv + shift)
+            (d / run).mkdir(parents=True)
+            os.replace(d.parent / "h" / "eval" / run / "results.json", d / run / "results.json")
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    sec = text[text.index("## Table 1 on a held-out"):]
+    row = next(ln for ln in sec.splitlines() if ln.startswith("| MELD + MAM |"))
+    assert row.endswith("| **35.0 ± 7.1** |")
+    assert "| MAM > control | paper | +5.0, +5.0 | +5.0 ± 0.0 | yes |" in sec
+    assert "| MELD > baseline | released | +10.0, +10.0 | +10.0 ± 0.0 | yes |" in sec
+    assert "| MELD + oracle NRM (the same boxes as ignore regions) | not run |" in sec

@@ -333,6 +333,26 @@ def test_deterministic_and_tables_only_equal_tables(tiny_world, tmp_path):
         assert first[k] == v, k
 
 
+def test_dl_split_evaluation_world(tmp_path):
+    """--dl-split 0,1: every DeepLesion patient in the test split (the reproduction's held-out
+    evaluation world); the patients' tables are otherwise those of the default split."""
+    base = SY.synthesize("tiny", 3, tmp_path / "a", tables_only=True, workers=1, progress=False,
+                         counts={"dl_patients": 6})
+    ev = SY.synthesize("tiny", 3, tmp_path / "b", tables_only=True, workers=1, progress=False,
+                       counts={"dl_patients": 6, "dl_val_fraction": 0.0, "dl_test_fraction": 1.0})
+
+    def rows(w):
+        with open(w / "truth" / "deeplesion_lesions.csv", newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    a, b = rows(base), rows(ev)
+    assert {r["split"] for r in a} == {"train", "val", "test"} and {r["split"] for r in b} == {"test"}
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "split"} for r in rs]  # noqa: E731
+    assert drop(a) == drop(b)
+    truth = safe_load(ev / "truth" / "deeplesion_volumetric_truth.pkl")
+    assert not truth["train"] and not truth["val"]
+    assert sorted(truth["test"]) == sorted({r["subvolume"] for r in b})
+
+
 def _cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "data_prep.synthesize", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
@@ -343,6 +363,10 @@ def _cli(*args, cwd=REPO):
     (["--preset", "tiny", "--dl-patients", "-3"], "non-negative"),
     (["--preset", "tiny", "--luna", "-1"], "non-negative"),
     (["--preset", "tiny", "--seed", "-1"], "seed"),
+    (["--preset", "tiny", "--dl-split", "0.6,0.5"], "dl_val_fraction + dl_test_fraction = 1.1 > 1"),
+    (["--preset", "tiny", "--dl-split", "1.5,0"], "dl_val_fraction = 1.5 is not in [0, 1]"),
+    (["--preset", "tiny", "--dl-split", "0.1,-0.2"], "dl_test_fraction = -0.2 is negative"),
+    (["--preset", "tiny", "--dl-split", "0.1"], "--dl-split '0.1': expected two fractions"),
 ])
 def test_bad_input_exit_code_2_nothing_written(tmp_path, args, needle):
     out = tmp_path / "w"

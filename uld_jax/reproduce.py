@@ -1,7 +1,7 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long] \
-        [--keyslice] [--control] [--oracle] [--heldout N] \
+        [--keyslice] [--control] [--oracle] [--oracle-scratch] [--heldout N] \
         [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
         [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
@@ -30,6 +30,9 @@ What runs (each piece resumable: finished steps are skipped when run again):
   MELD + NRM, both read against the control (which it runs too): the most MAM and NRM could add at
   this scale, whatever the embedding and the experts; and which unmarked lesions the paper's
   matching within a patient could reach at all.
+* ``--oracle-scratch``: MELD trained from scratch, for every seed, with the oracle's positives as
+  extra labels (complete labels on every mined slice, no added slices): the most label mining could
+  give MELD at this scale.
 * ``--heldout N``: a held-out evaluation world of the same preset (another seed, N DeepLesion
   patients, every one in its test split), on which every seed's Table-1, control and oracle runs
   are evaluated too: several times the test lesions of the training world's own test split.
@@ -366,15 +369,36 @@ def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
             _finetune_eval(q, run, part)
 
 
+# MELD trained from scratch with the oracle's positives (no added slices): complete labels on every
+# slice mined, an upper bound on what any label mining could give MELD at this scale.
+ORACLE_SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
+                       ("meld_oracle", "MELD trained with the oracle's positives (complete labels "
+                        "on the mined slices)"))
+ORACLE_SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),)
+
+
+def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    for q in _seed_quickstarts(out, recipe, seeds):
+        part = os.path.join(q.run_dir("meld"), "mined_oracle_scratch.npz")
+        q.step("mine_oracle_scratch", [[
+            sys.executable, "-m", "uld_jax.mine.oracle", "--mined",
+            os.path.join(q.run_dir("meld"), "mined.npz"), "--truth",
+            os.path.join(q.world, "truth"), "--data_dir", q.data, "--as", "positive",
+            "--without_added", "--out", part]])
+        q.step("meld_oracle", [q.scratch_cmd("meld", "meld_oracle",
+                                             f"--config.data.overlays=('{part}',)")])
+        q.eval_step("meld_oracle")
+
+
 # A held-out evaluation world: the same preset and generator, another seed, every DeepLesion patient
 # in its test split (``data_prep.synthesize --dl-split 0,1``), so that Table 1's comparisons rest on
 # several times the test lesions of the training world's own test split. Every seed's runs are
 # evaluated on it as on their own test split.
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
-                "ft_oracle_nrm")
-HELDOUT_ROWS = tuple((r, dict(CONTROL_ROWS + ORACLE_ROWS).get(r) or qs.ROW_NAMES[r])
-                     for r in HELDOUT_RUNS)
+                "ft_oracle_nrm", "meld_oracle")
+HELDOUT_ROWS = tuple((r, dict(CONTROL_ROWS + ORACLE_ROWS + ORACLE_SCRATCH_ROWS).get(r)
+                      or qs.ROW_NAMES[r]) for r in HELDOUT_RUNS)
 
 
 def heldout_dirs(out: str) -> dict[str, str]:
@@ -673,8 +697,21 @@ def _section_oracle(out: str, seeds: Sequence[int]) -> list[str]:
           "the same lesion marked at another time point (a lesion identity), a marked lesion of "
           "the same type (a type-level embedding like LesaNet's), or nothing marked like it.", ""]
     lines, verdict = _froc_tables(out, seeds, ORACLE_ROWS)
-    return L + lines + ["### Ordering against the control", ""] + _order_lines(verdict,
-                                                                                ORACLE_CHECKS)
+    L += lines + ["### Ordering against the control", ""] + _order_lines(verdict, ORACLE_CHECKS)
+    return L + _oracle_scratch_lines(out, seeds)
+
+
+def _oracle_scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
+    """MELD from scratch with the oracle's positives against MELD, on the seeds that have it."""
+    have = [s for s in seeds if _result(out, s, "meld_oracle", sub)]
+    if not have:
+        return []
+    L = ["### MELD trained from scratch with complete labels (`--oracle-scratch`)", "",
+         "MELD trained like MELD, with the oracle's positives on every mined slice as extra labels "
+         "(`python -m uld_jax.mine.oracle --without_added`): the most any mining of labels could "
+         f"give MELD at this scale. Seeds {', '.join(map(str, have))} only.", ""]
+    lines, verdict = _froc_tables(out, have, ORACLE_SCRATCH_ROWS, sub=sub)
+    return L + lines + _order_lines(verdict, ORACLE_SCRATCH_CHECKS)
 
 
 HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,
@@ -696,9 +733,11 @@ def _section_heldout(out: str, seeds: Sequence[int]) -> list[str]:
          f"DeepLesion patient in its test split): {n_truth} test lesions against the training "
          f"world's {n_own}, so one lesion weighs less in every number. Same protocol, both hit "
          "rules; no run was trained, tuned or selected on it.", ""]
-    lines, verdict = _froc_tables(out, seeds, HELDOUT_ROWS, sub="eval_heldout")
-    return L + lines + ["### Ordering on the held-out world", ""] + _order_lines(verdict,
-                                                                                  HELDOUT_CHECKS)
+    rows = tuple(r for r in HELDOUT_ROWS if r[0] != "meld_oracle")
+    lines, verdict = _froc_tables(out, seeds, rows, sub="eval_heldout")
+    return (L + lines + ["### Ordering on the held-out world", ""]
+            + _order_lines(verdict, HELDOUT_CHECKS)
+            + _oracle_scratch_lines(out, seeds, sub="eval_heldout"))
 
 
 def _section_table2(out: str, seeds: Sequence[int]) -> list[str]:
@@ -1068,6 +1107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="every seed: a perfect MAM and a perfect NRM from the world's truth "
                    "(uld_jax.mine.oracle), finetuned like MELD + MAM and MELD + NRM, with the "
                    "control")
+    p.add_argument("--oracle-scratch", action="store_true",
+                   help="every seed: MELD trained from scratch with the oracle's positives "
+                   "(complete labels on the mined slices)")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="every seed's Table-1, control and oracle runs also evaluated on a "
                    "held-out world of N DeepLesion patients, all in test (e.g. 24)")
@@ -1110,6 +1152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_control(out, r, seeds)
         if a.oracle:
             run_oracle(out, r, seeds)
+        if a.oracle_scratch:
+            run_oracle_scratch(out, r, seeds)
         if a.heldout:
             run_heldout(out, r, seeds, a.heldout)
         if a.calibrated_nrm:

@@ -175,7 +175,8 @@ def write_oracle(mined: str, truth: quality.LesionTruth, data_dir: str, out: str
                  store_dir: str | None = None, reach: Mapping[str, int] | None = None,
                  min_extent: float = DEFAULT_MIN_EXTENT,
                  annotated_iou: float = DEFAULT_ANNOTATED_IOU,
-                 unmarked_only: bool = False, as_kind: str = "positive") -> dict[str, Any]:
+                 unmarked_only: bool = False, as_kind: str = "positive",
+                 with_added: bool = True) -> dict[str, Any]:
     """Writes ``out``: the oracle's boxes (:func:`oracle_positives` of ``truth``, in the Case
     frames) on the slices the mining run ``mined`` looked at, plus that run's added unlabeled slices
     (nothing else of it); returns the summary also written beside ``out`` (``.json``): counts, the
@@ -183,7 +184,8 @@ def write_oracle(mined: str, truth: quality.LesionTruth, data_dir: str, out: str
 
     ``as_kind``: ``'positive'`` writes them as mined positives of the universal expert (a perfect
     MAM), ``'ignore'`` as ignore regions of no expert (-1: a perfect NRM, which keeps every lesion
-    the annotations miss out of the negatives)."""
+    the annotations miss out of the negatives). ``with_added`` False leaves the added slices out
+    (the table then adds labels only, for training from scratch with complete labels)."""
     # pylint: disable=g-import-not-at-top
     from uld_jax.mine import report
     from uld_jax.overlay import KIND_ADDED, read_overlay, write_overlay
@@ -196,7 +198,7 @@ def write_oracle(mined: str, truth: quality.LesionTruth, data_dir: str, out: str
                            min_extent=min_extent, annotated_iou=annotated_iou,
                            unmarked_only=unmarked_only)
     cols, meta = read_overlay(mined)
-    added = np.asarray(cols["kind"]) == KIND_ADDED
+    added = (np.asarray(cols["kind"]) == KIND_ADDED) & with_added
     n = pos["slice"].size
     new = {"dataset": np.asarray(slices.dataset).astype(str)[pos["slice"]],
            "case_id": np.asarray(slices.case_id).astype(str)[pos["slice"]],
@@ -209,7 +211,7 @@ def write_oracle(mined: str, truth: quality.LesionTruth, data_dir: str, out: str
          if k not in ("created", "tool_version", "counts", "theta", "sigma", "options")}
     m["oracle"] = {"source": os.path.abspath(mined), "min_extent": min_extent,
                    "annotated_iou": annotated_iou, "unmarked_only": unmarked_only,
-                   "as": as_kind}
+                   "as": as_kind, "with_added": with_added}
     write_overlay(out, rows, m, data_dir=data_dir)
     q = quality.mining_quality(truth, table.read_overlay(out),
                                seen_case_id=np.asarray(slices.case_id),
@@ -259,13 +261,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--as", dest="as_kind", choices=sorted(AS_KINDS), default="positive",
                    help="positive: mined positives (a perfect MAM); ignore: ignore regions (a "
                    "perfect NRM)")
+    p.add_argument("--without_added", action="store_true",
+                   help="leave the run's added unlabeled slices out (labels only)")
     p.add_argument("--unmarked_only", action="store_true",
                    help="mine only lesions unmarked in their sub-volume")
     a = p.parse_args(argv)
     try:
         s = oracle_table(a.mined, a.truth, a.data_dir, a.out, store_dir=a.store_dir, raw=a.raw,
                          min_extent=a.min_extent, annotated_iou=a.annotated_iou,
-                         unmarked_only=a.unmarked_only, as_kind=a.as_kind)
+                         unmarked_only=a.unmarked_only, as_kind=a.as_kind,
+                         with_added=not a.without_added)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -548,5 +548,10 @@ def test_oracle_table_from_a_mining_run(world, tmp_path):
     assert s2["as"] == "ignore" and k2.sum() == 3 and not np.any(a2["kind"] == table.KIND_MINED)
     np.testing.assert_array_equal(a2["box"][k2], a["box"][m])
     assert np.all(a2["expert"][k2] == -1) and s2["quality"]["suspicious_true_fraction"] == 1.0
+    # labels only (for training from scratch): no added slice
+    lab = str(tmp_path / "mined_oracle_scratch.npz")
+    s3 = oracle.write_oracle(src, truth, str(world["data"]), lab, with_added=False)
+    a3 = table.read_overlay(lab).arrays
+    assert s3["added_slices"] == 0 and a3["kind"].tolist() == [table.KIND_MINED] * 3
     with pytest.raises(ValueError, match="as_kind 'both'"):
         oracle.write_oracle(src, truth, str(world["data"]), ign, as_kind="both")

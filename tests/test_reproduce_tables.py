@@ -367,3 +367,27 @@ def test_heldout_commands_and_page(tmp_path, recorded_steps):
     assert "| MAM > control | paper | +5.0, +5.0 | +5.0 ± 0.0 | yes |" in sec
     assert "| MELD > baseline | released | +10.0, +10.0 | +10.0 ± 0.0 | yes |" in sec
     assert "| MELD + oracle NRM (the same boxes as ignore regions) | not run |" in sec
+
+
+def test_oracle_scratch_commands_and_page(tmp_path, recorded_steps):
+    reproduce.run_oracle_scratch(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
+    for s in (3, 4):
+        steps = _steps_of(recorded_steps, s)
+        meld = os.path.join(str(tmp_path), f"seed_{s}", "runs", "meld")
+        (cmd,) = steps["mine_oracle_scratch"]
+        assert cmd[1:3] == ["-m", "uld_jax.mine.oracle"] and "--without_added" in cmd
+        assert cmd[-1] == f"{meld}/mined_oracle_scratch.npz"
+        (tr,) = steps["meld_oracle"]                  # MELD's own command, plus the labels
+        assert "configs/meld.py:tiny" in tr and "--config.init_from.workdir" not in " ".join(tr)
+        assert tr[-1] == f"--config.data.overlays=('{meld}/mined_oracle_scratch.npz',)"
+        assert "eval_meld_oracle" in steps
+    # page: only the seeds that have the run are compared, on both test sets
+    for s, lv in ((0, 0.3), (1, 0.2)):
+        _eval(tmp_path / f"seed_{s}", "meld", 0.2)
+        _eval(tmp_path / f"seed_{s}", "ft_oracle", 0.25)
+    _eval(tmp_path / "seed_0", "meld_oracle", 0.3)
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    sec = text[text.index("### MELD trained from scratch with complete labels"):]
+    assert "Seeds 0 only." in sec
+    assert ("| complete labels > MELD | released | +10.0 | +10.0 | undecided (one seed: no spread) |"
+            in sec)

@@ -278,9 +278,7 @@ def test_oracle_commands_and_page(tmp_path, recorded_steps):
         assert {"mine_none", "ft_none", "eval_ft_none"} <= set(steps)
         for step, run, name, opts in (
                 ("mine_oracle", "ft_oracle", "mined_oracle", ["--as", "positive"]),
-                ("mine_oracle_nrm", "ft_oracle_nrm", "mined_oracle_nrm", ["--as", "ignore"]),
-                ("mine_oracle_unmarked", "ft_oracle_unmarked", "mined_oracle_unmarked",
-                 ["--as", "positive", "--unmarked_only"])):
+                ("mine_oracle_nrm", "ft_oracle_nrm", "mined_oracle_nrm", ["--as", "ignore"])):
             (cmd,) = steps[step]
             assert cmd[1:3] == ["-m", "uld_jax.mine.oracle"]
             assert cmd[cmd.index("--data_dir") + 2:-2] == opts
@@ -307,12 +305,10 @@ def test_oracle_commands_and_page(tmp_path, recorded_steps):
             "oracle_lesions": 240, "reach": {"unmarked": 142, "unmarked_marked_elsewhere": 20,
                                              "unmarked_same_type_marked": 127,
                                              "unmarked_no_marked_like": 15 - s}}))
-        if s:
-            (meld / "mined_oracle_unmarked.json").write_text(json.dumps({"oracle_boxes": 360}))
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
     sec = text[text.index("## The oracle"):]
-    assert "| 0 | 7 | 700 | 300 | 240 | - | 142 | 20 | 127 | 15 |" in sec
-    assert "| 1 | 8 | 701 | 300 | 240 | 360 | 142 | 20 | 127 | 14 |" in sec
+    assert "| 0 | 7 | 700 | 300 | 240 | 142 | 20 | 127 | 15 |" in sec
+    assert "| 1 | 8 | 701 | 300 | 240 | 142 | 20 | 127 | 14 |" in sec
     row = next(ln for ln in sec.splitlines() if ln.startswith("| MELD + oracle MAM"))
     assert row.endswith("| **40.0 ± 14.1** |")
     assert "| oracle MAM > control | paper | +5.0, +25.0 | +15.0 ± 14.1 | yes |" in sec

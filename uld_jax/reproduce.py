@@ -337,27 +337,21 @@ def run_control(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 ORACLE_ROWS = (("meld", qs.ROW_NAMES["meld"]), CONTROL_ROWS[1],
                ("ft_mam", qs.ROW_NAMES["ft_mam"]),
                ("ft_oracle", "MELD + oracle MAM (every lesion on the mined slices, from the truth)"),
-               ("ft_oracle_unmarked", "MELD + oracle MAM, unmarked lesions only"),
                ("ft_nrm", qs.ROW_NAMES["ft_nrm"]),
                ("ft_oracle_nrm", "MELD + oracle NRM (the same boxes as ignore regions)"))
 ORACLE_CHECKS = (("oracle MAM > control", "ft_oracle", "ft_none"),
                  ("oracle MAM > MAM", "ft_oracle", "ft_mam"),
-                 ("oracle MAM, unmarked only > control", "ft_oracle_unmarked", "ft_none"),
                  ("oracle NRM > control", "ft_oracle_nrm", "ft_none"),
                  ("oracle NRM > NRM", "ft_oracle_nrm", "ft_nrm"))
 # (run, table name, the oracle's options)
 ORACLE_PARTS = (("ft_oracle", "mined_oracle", ("--as", "positive")),
-                ("ft_oracle_nrm", "mined_oracle_nrm", ("--as", "ignore")),
-                ("ft_oracle_unmarked", "mined_oracle_unmarked", ("--as", "positive",
-                                                                 "--unmarked_only")))
+                ("ft_oracle_nrm", "mined_oracle_nrm", ("--as", "ignore")))
 
 
 def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     """Every seed: the oracle tables from MELD's mining run (its slices and added slices), as
-    mined positives (``ft_oracle``), as ignore regions (``ft_oracle_nrm``) and as positives on the
-    unmarked lesions only (``ft_oracle_unmarked``: what finding the missing lesions adds, without
-    the marked lesions' other cross-sections), finetuned and evaluated; the control (``ft_none``)
-    with them, which they are read against."""
+    mined positives (``ft_oracle``) and as ignore regions (``ft_oracle_nrm``), finetuned and
+    evaluated; the control (``ft_none``) with them, which they are read against."""
     run_control(out, recipe, seeds)
     for q in _seed_quickstarts(out, recipe, seeds):
         for run, name, opts in ORACLE_PARTS:
@@ -676,21 +670,18 @@ def _section_oracle(out: str, seeds: Sequence[int]) -> list[str]:
          "5 mm and the key slices of the training sub-volumes), every lesion cross-section that no "
          "annotation covers, from the world's truth of the training split: MAM with no false "
          "positive and no miss. Finetuned like MELD + MAM (the same added slices) and read against "
-         "the control. `--unmarked_only` keeps the unmarked lesions' boxes only (without the "
-         "marked lesions' cross-sections on other slices); `--as ignore` writes the full oracle's "
-         "boxes as ignore regions, a perfect NRM, finetuned like MELD + NRM. A diagnosis, not a "
-         "method: real data has no such truth; the test split is never read.", "",
+         "the control. The same boxes as ignore regions (`--as ignore`) are a perfect NRM, "
+         "finetuned like MELD + NRM. A diagnosis, not a method: real data has no such truth; the "
+         "test split is never read.", "",
          "| seed | MAM positives | oracle boxes | on unmarked lesions | lesions | "
-         "unmarked only: boxes | " + " | ".join(n for _, n in ORACLE_REACH) + " |",
-         "|---|" + "---:|" * (5 + len(ORACLE_REACH))]
+         + " | ".join(n for _, n in ORACLE_REACH) + " |",
+         "|---|" + "---:|" * (4 + len(ORACLE_REACH))]
     for s in seeds:
         meld = os.path.join(_seed_dir(out, s), "runs", "meld")
         j = _load(os.path.join(meld, "mined_oracle.json"))
-        u = _load(os.path.join(meld, "mined_oracle_unmarked.json")) or {}
         if j:
             L.append(f"| {s} | {j['mam_positives']} | {j['oracle_boxes']} | "
                      f"{j['oracle_on_unmarked']} | {j['oracle_lesions']} | "
-                     f"{u.get('oracle_boxes', '-')} | "
                      + " | ".join(str(j["reach"][k]) for k, _ in ORACLE_REACH) + " |")
     L += ["", "The last four columns count the training split's unmarked lesions (one per lesion "
           "and sub-volume) by what the paper's rule (matching within the patient) could reach: "

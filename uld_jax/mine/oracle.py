@@ -29,7 +29,6 @@ annotated (IoU >= ``annotated_iou`` with an annotation on the same slice) is ski
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -141,21 +140,15 @@ def unmarked_reach(path: str, split: str = "train") -> dict[str, int]:
     a match by identity), ``unmarked_same_type_marked`` (a lesion of the same type is marked in the
     patient: a match by type) and ``unmarked_no_marked_like`` (neither). Raises ValueError naming
     the file and the line for a missing column or a bad value."""
+    from uld_jax.mine.report import truth_csv_rows  # pylint: disable=g-import-not-at-top
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        r = csv.DictReader(f)
-        missing = [c for c in REACH_COLUMNS if c not in (r.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: header lacks column(s) {missing}")
-        for rec in r:
-            if rec["split"].strip() not in (split, str({"train": 1, "val": 2, "test": 3}[split])):
-                continue
-            try:
-                rows.append((rec["subvolume"].strip(), int(float(rec["lesion_id"])),
-                             rec["patient"].strip(), rec["lesion_type"].strip(),
-                             bool(int(float(rec["marked"])))))
-            except ValueError as e:
-                raise ValueError(f"{path} line {r.line_num}: {e}") from None
+    for line, rec in truth_csv_rows(path, split, REACH_COLUMNS):
+        try:
+            rows.append((rec["subvolume"].strip(), int(float(rec["lesion_id"])),
+                         rec["patient"].strip(), rec["lesion_type"].strip(),
+                         bool(int(float(rec["marked"])))))
+        except ValueError as e:
+            raise ValueError(f"{path} line {line}: {e}") from None
     marked_ids = {(p, lid) for _, lid, p, _, m in rows if m}
     marked_types = {(p, t) for _, _, p, t, m in rows if m}
     un = [(sv, lid, p, t) for sv, lid, p, t, m in rows if not m]

@@ -49,6 +49,19 @@ def _truthy(v: str) -> bool:
     return str(v).strip().lower() in ("1", "true", "yes", "y", "t")
 
 
+def truth_csv_rows(path: str, split: str, need: Sequence[str]):
+    """Yields ``(line number, row dict)`` of ``deeplesion_lesions.csv``'s rows of ``split`` (its
+    name or 1 / 2 / 3). Raises ValueError naming the file when the header lacks a ``need`` column."""
+    with open(path, newline="", encoding="utf-8") as f:
+        r = csv.DictReader(f)
+        missing = [c for c in need if c not in (r.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: header lacks column(s) {missing}")
+        for rec in r:
+            if rec["split"].strip() in (split, str({"train": 1, "val": 2, "test": 3}[split])):
+                yield r.line_num, rec
+
+
 def load_truth_csv(path: str, split: str = "train") -> dict[str, dict[str, np.ndarray]]:
     """``deeplesion_lesions.csv`` -> {sub-volume name: {'boxes' [n, 6] released layout
     ``[x1, y1, z1, x2, y2, z2]``, 'lesion_id' [n], 'marked' [n] bool}} for one split.
@@ -56,23 +69,16 @@ def load_truth_csv(path: str, split: str = "train") -> dict[str, dict[str, np.nd
     Raises ValueError naming the file and line for a missing column or a bad number."""
     need = ("subvolume", "x1", "y1", "z1", "x2", "y2", "z2", "lesion_id", "split", "marked")
     out: dict[str, dict[str, list]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        r = csv.DictReader(f)
-        missing = [c for c in need if c not in (r.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: header lacks column(s) {missing}")
-        for rec in r:
-            if rec["split"].strip() not in (split, str({"train": 1, "val": 2, "test": 3}[split])):
-                continue
-            try:
-                box = [float(rec[k]) for k in ("x1", "y1", "z1", "x2", "y2", "z2")]
-                lid = int(float(rec["lesion_id"]))
-            except ValueError as e:
-                raise ValueError(f"{path} line {r.line_num}: {e}") from None
-            d = out.setdefault(rec["subvolume"].strip(), {"boxes": [], "lesion_id": [], "marked": []})
-            d["boxes"].append(box)
-            d["lesion_id"].append(lid)
-            d["marked"].append(_truthy(rec["marked"]))
+    for line, rec in truth_csv_rows(path, split, need):
+        try:
+            box = [float(rec[k]) for k in ("x1", "y1", "z1", "x2", "y2", "z2")]
+            lid = int(float(rec["lesion_id"]))
+        except ValueError as e:
+            raise ValueError(f"{path} line {line}: {e}") from None
+        d = out.setdefault(rec["subvolume"].strip(), {"boxes": [], "lesion_id": [], "marked": []})
+        d["boxes"].append(box)
+        d["lesion_id"].append(lid)
+        d["marked"].append(_truthy(rec["marked"]))
     return {k: {"boxes": np.asarray(v["boxes"], np.float64).reshape(-1, 6),
                 "lesion_id": np.asarray(v["lesion_id"], np.int64),
                 "marked": np.asarray(v["marked"], bool)} for k, v in out.items()}

@@ -518,7 +518,8 @@ def test_oracle_table_from_a_mining_run(world, tmp_path):
                                 np.arange(len(case_id), dtype=np.int64) + 500, np.asarray(marked))
     out = str(tmp_path / "mined_oracle.npz")
     s = oracle.write_oracle(src, truth, str(world["data"]), out, reach={"unmarked": 1})
-    assert s["oracle_boxes"] == 3 and s["as"] == "positive" and s["oracle_on_unmarked"] == 3 and s["oracle_lesions"] == 1
+    assert s["oracle_boxes"] == 3 and s["as"] == "positive"
+    assert s["oracle_on_unmarked"] == 3 and s["oracle_lesions"] == 1
     assert s["quality"]["precision"] == 1.0 and s["quality"]["n_unmarked_found"] == 1
     assert s["reach"] == {"unmarked": 1}
     assert json.load(open(str(tmp_path / "mined_oracle.json"), encoding="utf-8")) == s

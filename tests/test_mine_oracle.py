@@ -1,5 +1,5 @@
-"""uld_jax.mine.oracle: a lesion's cross-section on a slice (golden), the oracle's positives against a
-plain loop over slices and lesions, and the reach counts of a hand-written truth table."""
+"""uld_jax.mine.oracle: a lesion's cross-section on a slice (golden), the oracle's positives against
+a plain loop over slices and lesions, and the reach counts of a hand-written truth table."""
 
 from __future__ import annotations
 

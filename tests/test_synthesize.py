@@ -345,7 +345,8 @@ def test_dl_split_evaluation_world(tmp_path):
         with open(w / "truth" / "deeplesion_lesions.csv", newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
     a, b = rows(base), rows(ev)
-    assert {r["split"] for r in a} == {"train", "val", "test"} and {r["split"] for r in b} == {"test"}
+    assert {r["split"] for r in a} == {"train", "val", "test"}
+    assert {r["split"] for r in b} == {"test"}
     drop = lambda rs: [{k: v for k, v in r.items() if k != "split"} for r in rs]  # noqa: E731
     assert drop(a) == drop(b)
     truth = safe_load(ev / "truth" / "deeplesion_volumetric_truth.pkl")

@@ -24,12 +24,12 @@ What runs (each piece resumable: finished steps are skipped when run again):
   with the same added unlabeled slices and nothing mined (``ft_none``), so that what mining adds is
   read against what the finetuning alone does (fresh optimizer, lower learning rate, the added
   slices as negatives).
-* ``--oracle``: a perfect MAM and a perfect NRM, for every seed: every lesion cross-section on the slices MELD's
-  mining looked at, from the world's truth of the training split (``uld_jax.mine.oracle``),
-  finetuned like MELD + MAM, and the same boxes as ignore regions (a perfect NRM) finetuned like
-  MELD + NRM, both read against the control (which it runs too): the most MAM and NRM could add at
-  this scale, whatever the embedding and the experts; and which unmarked lesions the paper's
-  matching within a patient could reach at all.
+* ``--oracle``: a perfect MAM and a perfect NRM, for every seed: every lesion cross-section on
+  the slices MELD's mining looked at, from the world's truth of the training split
+  (``uld_jax.mine.oracle``), finetuned like MELD + MAM, and the same boxes as ignore regions
+  finetuned like MELD + NRM, both read against the control (which it runs too): the most MAM and
+  NRM could add at this scale, whatever the embedding and the experts; and which unmarked lesions
+  the paper's matching within a patient could reach at all.
 * ``--oracle-scratch``: MELD trained from scratch, for every seed, with the oracle's positives as
   extra labels (complete labels on every mined slice, no added slices): the most label mining could
   give MELD at this scale.
@@ -332,11 +332,13 @@ def run_control(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
         _finetune_eval(q, "ft_none", part)
 
 
-# The oracle: a perfect MAM (every lesion cross-section on the mined slices, from the world's truth
-# of the training split) finetuned like MELD + MAM, read against the control: how much MAM could add.
+# The oracle: a perfect MAM (every lesion cross-section on the mined slices, from the world's
+# truth of the training split) finetuned like MELD + MAM, and the same boxes as a perfect NRM's
+# ignore regions, read against the control: how much mining could add.
 ORACLE_ROWS = (("meld", qs.ROW_NAMES["meld"]), CONTROL_ROWS[1],
                ("ft_mam", qs.ROW_NAMES["ft_mam"]),
-               ("ft_oracle", "MELD + oracle MAM (every lesion on the mined slices, from the truth)"),
+               ("ft_oracle",
+                "MELD + oracle MAM (every lesion on the mined slices, from the truth)"),
                ("ft_nrm", qs.ROW_NAMES["ft_nrm"]),
                ("ft_oracle_nrm", "MELD + oracle NRM (the same boxes as ignore regions)"))
 ORACLE_CHECKS = (("oracle MAM > control", "ft_oracle", "ft_none"),
@@ -434,8 +436,9 @@ def run_heldout(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int
 
 def _heldout_labels(d: dict[str, str]) -> None:
     """The held-out world's organ of every test lesion (the evaluations' organ strata)."""
-    from uld_jax.evaluate.inputs import load_volume_dict  # pylint: disable=g-import-not-at-top
-    from uld_jax.evaluate.organs import organ_labels_from_world_truth  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from uld_jax.evaluate.inputs import load_volume_dict
+    from uld_jax.evaluate.organs import organ_labels_from_world_truth
     lab = organ_labels_from_world_truth(
         load_volume_dict(os.path.join(d["world"], "truth", "deeplesion_volumetric_truth.pkl"),
                          split="test"),

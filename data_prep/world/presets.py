@@ -51,7 +51,8 @@ class Preset:
                 raise PresetError(f"preset {self.name!r}: {f.name} = {v} is negative")
         for f in ("dl_val_fraction", "dl_test_fraction"):
             if not 0.0 <= getattr(self, f) <= 1.0:
-                raise PresetError(f"preset {self.name!r}: {f} = {getattr(self, f)} is not in [0, 1]")
+                raise PresetError(f"preset {self.name!r}: {f} = {getattr(self, f)} is not in "
+                                  "[0, 1]")
         if self.dl_val_fraction + self.dl_test_fraction > 1.0:
             raise PresetError(f"preset {self.name!r}: dl_val_fraction + dl_test_fraction = "
                               f"{self.dl_val_fraction + self.dl_test_fraction:g} > 1")

@@ -10,7 +10,8 @@ not have. Two questions, both about the training split only (the test split is n
 * **Upper bound of MAM.** :func:`oracle_positives` mines, on exactly the slices a mining run looked
   at (its chunk store's slice table: one slice every 5 mm plus the key slices), every lesion
   cross-section that is not already annotated, with its true box and no false positive. The table it
-  writes (those positives plus the mining run's added unlabeled slices) is finetuned like MELD + MAM;
+  writes (those positives plus the mining run's added unlabeled slices) is finetuned like
+  MELD + MAM;
   against the finetuning control (the same added slices, nothing mined) it measures how much a
   perfect MAM could add to the detector, whatever the embedding. With ``--as ignore`` the same boxes
   become ignore regions: a perfect NRM, which keeps every lesion the annotations miss out of the
@@ -157,7 +158,8 @@ def unmarked_reach(path: str, split: str = "train") -> dict[str, int]:
     unlike = sum((p, lid) not in marked_ids and (p, t) not in marked_types for _, lid, p, t in un)
     return {"sub_volumes": len({r[0] for r in rows}), "lesions": len(rows),
             "marked": len(rows) - len(un), "unmarked": len(un),
-            "unmarked_marked_elsewhere": int(elsewhere), "unmarked_same_type_marked": int(same_type),
+            "unmarked_marked_elsewhere": int(elsewhere),
+            "unmarked_same_type_marked": int(same_type),
             "unmarked_no_marked_like": int(unlike)}
 
 
@@ -248,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--raw", default=None, help="WORLD (default: the parent of --truth)")
     p.add_argument("--data_dir", required=True, help="the build's DATA_DIR")
     p.add_argument("--store_dir", default=None, help="the run's chunk store (default: its meta)")
-    p.add_argument("--out", required=True, help="the oracle table (.npz); a .json summary beside it")
+    p.add_argument("--out", required=True,
+                   help="the oracle table (.npz); a .json summary beside it")
     p.add_argument("--min_extent", type=float, default=DEFAULT_MIN_EXTENT)
     p.add_argument("--annotated_iou", type=float, default=DEFAULT_ANNOTATED_IOU)
     p.add_argument("--as", dest="as_kind", choices=sorted(AS_KINDS), default="positive",

@@ -51,7 +51,8 @@ def _truthy(v: str) -> bool:
 
 def truth_csv_rows(path: str, split: str, need: Sequence[str]):
     """Yields ``(line number, row dict)`` of ``deeplesion_lesions.csv``'s rows of ``split`` (its
-    name or 1 / 2 / 3). Raises ValueError naming the file when the header lacks a ``need`` column."""
+    name or 1 / 2 / 3). Raises ValueError naming the file when the header lacks a ``need``
+    column."""
     with open(path, newline="", encoding="utf-8") as f:
         r = csv.DictReader(f)
         missing = [c for c in need if c not in (r.fieldnames or [])]

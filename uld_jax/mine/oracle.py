@@ -11,9 +11,8 @@ not have. Two questions, both about the training split only (the test split is n
   at (its chunk store's slice table: one slice every 5 mm plus the key slices), every lesion
   cross-section that is not already annotated, with its true box and no false positive. The table it
   writes (those positives plus the mining run's added unlabeled slices) is finetuned like
-  MELD + MAM;
-  against the finetuning control (the same added slices, nothing mined) it measures how much a
-  perfect MAM could add to the detector, whatever the embedding. With ``--as ignore`` the same boxes
+  MELD + MAM; against the finetuning control (the same added slices, nothing mined) it measures
+  how much a perfect MAM could add to the detector, whatever the embedding. With ``--as ignore`` the same boxes
   become ignore regions: a perfect NRM, which keeps every lesion the annotations miss out of the
   negatives and adds no positive.
 * **Reach of the paper's rule.** :func:`unmarked_reach` counts the unmarked lesions of each

@@ -316,28 +316,33 @@ def test_oracle_commands_and_page(tmp_path, recorded_steps):
     assert "| oracle NRM > NRM | paper | -5.0, -5.0 | -5.0 ± 0.0 | no |" in sec
 
 
-def test_heldout_commands_and_page(tmp_path, recorded_steps):
+def test_heldout_commands_and_page(tmp_path, monkeypatch, recorded_steps):
     # seed 3 has finished baseline and MELD, seed 4 only MELD: only finished runs are evaluated
     for s, runs in ((3, ("baseline", "meld")), (4, ("meld",))):
         st = tmp_path / f"seed_{s}" / "state"
         st.mkdir(parents=True)
         for r in runs:
             (st / f"{r}.json").write_text("{}")
+    written = []
+    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: written.append(self.out))
     reproduce.run_heldout(str(tmp_path), qs.RECIPES["smoke"], [3, 4], 24)
-    s3, s4 = _steps_of(recorded_steps, 3), _steps_of(recorded_steps, 4)
     held = os.path.join(str(tmp_path), "heldout")
-    (world,) = s3["heldout_world"]
+    hsteps = {n: c for o, n, c, _ in recorded_steps if o == held}
+    s3, s4 = _steps_of(recorded_steps, 3), _steps_of(recorded_steps, 4)
+    (world,) = hsteps["world"]
     assert world[1:3] == ["-m", "data_prep.synthesize"]
-    args = dict(zip(world[3::2], world[4::2]))
-    assert args == {"--preset": "tiny", "--seed": "1003", "--out": f"{held}/world",
-                    "--dl-patients": "24", "--luna": "0", "--lits": "0", "--nihln": "0",
-                    "--dl-split": "0,1"}
-    (build,) = s3["heldout_build"]
-    assert dict(zip(build[3::2], build[4::2])) == {
-        "--raw": f"{held}/world", "--out": f"{held}/data", "--datasets": "deeplesion",
-        "--pixel-mm": "2.0"} and build[-1] == "--no-progress"
-    assert sorted(k for k in s3 if k.startswith("heldout_") and k not in (
-        "heldout_world", "heldout_build")) == ["heldout_baseline", "heldout_meld"]
+    assert "--stats" in world
+    rest = [x for x in world[3:] if x != "--stats"]
+    assert dict(zip(rest[::2], rest[1::2])) == {
+        "--preset": "tiny", "--seed": "1003", "--out": f"{held}/world", "--dl-patients": "24",
+        "--luna": "0", "--lits": "0", "--nihln": "0", "--dl-split": "0,1"}
+    for step in ("check", "build"):         # DeepLesion only: the world has no single-type data
+        (cmd,) = hsteps[step]
+        assert cmd[cmd.index("--datasets") + 1] == "deeplesion" and f"{held}/world" in cmd
+    assert hsteps["build"][0][hsteps["build"][0].index("--out") + 1] == f"{held}/data"
+    assert written == [held]                 # the held-out world's organ labels
+    assert sorted(k for k in s3 if k.startswith("heldout_")) == ["heldout_baseline",
+                                                                 "heldout_meld"]
     assert [k for k in s4 if k.startswith("heldout_")] == ["heldout_meld"]
     (ev,) = s4["heldout_meld"]
     a = dict(zip(ev[3::2], ev[4::2]))
@@ -345,6 +350,7 @@ def test_heldout_commands_and_page(tmp_path, recorded_steps):
     assert a["--data"] == f"{held}/data" and a["--split"] == "test"
     assert a["--out"] == os.path.join(str(tmp_path), "seed_4", "eval_heldout", "meld")
     assert a["--truth"] == f"{held}/world/truth/deeplesion_volumetric_truth.pkl"
+    assert a["--dl-info"] == f"{held}/world/DeepLesion/DL_info.csv"
     assert a["--labels"] == f"{held}/{qs.LABELS_FILE}" and a["--rule"] == "both"
 
     assert "## Table 1 on a held-out" not in reproduce.write_results(

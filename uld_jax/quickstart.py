@@ -247,13 +247,16 @@ class Quickstart:
                              "--seed", str(self.seed), "--out", self.world, "--stats",
                              *self.r.world_args]])
 
-    def do_check_build(self) -> None:
+    def do_check_build(self, datasets: Sequence[str] = ()) -> None:
+        """Checks and builds the world (``datasets``: only those; default every one found)."""
         if self.data_from:
             return
-        self.step("check", [[sys.executable, "-m", "data_prep.check", "--raw", self.world,
+        only = ["--datasets", ",".join(datasets)] if datasets else []
+        self.step("check", [[sys.executable, "-m", "data_prep.check", "--raw", self.world, *only,
                              "--no-progress"]])
         self.step("build", [[sys.executable, "-m", "data_prep.build", "--raw", self.world, "--out",
-                             self.data, "--pixel-mm", str(self.r.pixel_mm), "--no-progress"]])
+                             self.data, *only, "--pixel-mm", str(self.r.pixel_mm),
+                             "--no-progress"]])
 
     def steps_per_epoch(self, config: str) -> int:
         """Steps per epoch of a run of ``config``: the recipe's, or with ``equal_passes`` for a
@@ -315,17 +318,22 @@ class Quickstart:
                 "--epoch", str(r.mine_epoch), "--every_mm", str(r.mine_every_mm),
                 "--batch_per_device", str(r.eval_batch), "--progress", "off", *extra]
 
-    def eval_cmd(self, run: str, protocol: str = "volumetric", split: str = "test") -> list[str]:
+    def eval_cmd(self, run: str, protocol: str = "volumetric", split: str = "test",
+                 on: "Quickstart | None" = None, out: str | None = None) -> list[str]:
         """``run`` on a DeepLesion split (the test split unless asked): volumetric (both hit rules,
-        organ strata) or key slices. Another split's results go to ``eval_<protocol>_<split>``."""
-        out = self.eval_dir(run, protocol)
-        if split != "test":
-            out = os.path.join(self.out, f"eval_{protocol}_{split}", run)
+        organ strata) or key slices. Another split's results go to ``eval_<protocol>_<split>``.
+        ``on``: another quick start whose world and build (and organ labels) are evaluated on,
+        into ``out``."""
+        src = on or self
+        if out is None:
+            out = self.eval_dir(run, protocol)
+            if split != "test":
+                out = os.path.join(self.out, f"eval_{protocol}_{split}", run)
         cmd = [sys.executable, "-m", "uld_jax.evaluate", "--workdir", self.run_dir(run),
-               "--data", self.data, "--datasets", "deeplesion", "--split", split,
+               "--data", src.data, "--datasets", "deeplesion", "--split", split,
                "--protocol", protocol, "--batch-size", str(self.r.eval_batch), "--out", out]
         if protocol == "volumetric":
-            cmd += ["--truth", self.truth, "--dl-info", self.dl_info, "--labels", self.labels,
+            cmd += ["--truth", src.truth, "--dl-info", src.dl_info, "--labels", src.labels,
                     "--rule", "both"]
         return cmd
 

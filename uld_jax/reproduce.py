@@ -350,6 +350,13 @@ ORACLE_PARTS = (("ft_oracle", "mined_oracle", ("--as", "positive")),
                 ("ft_oracle_nrm", "mined_oracle_nrm", ("--as", "ignore")))
 
 
+def _oracle_cmd(q: qs.Quickstart, part: str, *opts: str) -> list[str]:
+    """``python -m uld_jax.mine.oracle`` on the seed's MELD mining run, writing ``part``."""
+    return [sys.executable, "-m", "uld_jax.mine.oracle", "--mined",
+            os.path.join(q.run_dir("meld"), "mined.npz"), "--truth", os.path.join(q.world, "truth"),
+            "--data_dir", q.data, *opts, "--out", part]
+
+
 def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     """Every seed: the oracle tables from MELD's mining run (its slices and added slices), as
     mined positives (``ft_oracle``) and as ignore regions (``ft_oracle_nrm``), finetuned and
@@ -358,10 +365,7 @@ def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     for q in _seed_quickstarts(out, recipe, seeds):
         for run, name, opts in ORACLE_PARTS:
             part = os.path.join(q.run_dir("meld"), f"{name}.npz")
-            q.step(name.replace("mined_", "mine_"), [[
-                sys.executable, "-m", "uld_jax.mine.oracle", "--mined",
-                os.path.join(q.run_dir("meld"), "mined.npz"), "--truth",
-                os.path.join(q.world, "truth"), "--data_dir", q.data, *opts, "--out", part]])
+            q.step(name.replace("mined_", "mine_"), [_oracle_cmd(q, part, *opts)])
             _finetune_eval(q, run, part)
 
 
@@ -376,11 +380,8 @@ ORACLE_SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),)
 def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     for q in _seed_quickstarts(out, recipe, seeds):
         part = os.path.join(q.run_dir("meld"), "mined_oracle_scratch.npz")
-        q.step("mine_oracle_scratch", [[
-            sys.executable, "-m", "uld_jax.mine.oracle", "--mined",
-            os.path.join(q.run_dir("meld"), "mined.npz"), "--truth",
-            os.path.join(q.world, "truth"), "--data_dir", q.data, "--as", "positive",
-            "--without_added", "--out", part]])
+        q.step("mine_oracle_scratch", [_oracle_cmd(q, part, "--as", "positive",
+                                                   "--without_added")])
         q.step("meld_oracle", [q.scratch_cmd("meld", "meld_oracle",
                                              f"--config.data.overlays=('{part}',)")])
         q.eval_step("meld_oracle")
@@ -397,53 +398,29 @@ HELDOUT_ROWS = tuple((r, dict(CONTROL_ROWS + ORACLE_ROWS + ORACLE_SCRATCH_ROWS).
                       or qs.ROW_NAMES[r]) for r in HELDOUT_RUNS)
 
 
-def heldout_dirs(out: str) -> dict[str, str]:
-    h = os.path.join(out, "heldout")
-    return {"root": h, "world": os.path.join(h, "world"), "data": os.path.join(h, "data"),
-            "labels": os.path.join(h, qs.LABELS_FILE)}
+def heldout_quickstart(out: str, recipe: qs.Recipe, seeds: Sequence[int],
+                       patients: int = 0) -> qs.Quickstart:
+    """The held-out world's quick start (``OUT/heldout``): ``patients`` DeepLesion patients, all in
+    test, no single-type data, seed :data:`HELDOUT_SEED` + the first training seed."""
+    r = dataclasses.replace(recipe, world_args=(
+        "--dl-patients", str(patients), "--luna", "0", "--lits", "0", "--nihln", "0",
+        "--dl-split", "0,1"))
+    return qs.Quickstart(os.path.join(out, "heldout"), r, seed=HELDOUT_SEED + seeds[0])
 
 
 def run_heldout(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int) -> None:
-    """The held-out world (``OUT/heldout``: ``patients`` DeepLesion patients, all in test, no
-    single-type data) synthesized and built like the training world, then every finished run of
-    :data:`HELDOUT_RUNS` of every seed evaluated on it (``seed_<s>/eval_heldout/<run>``)."""
-    d = heldout_dirs(out)
-    q0 = qs.Quickstart(_seed_dir(out, seeds[0]), recipe, seed=seeds[0])
-    if not q0.done("heldout_world") and os.path.exists(d["world"]):
-        import shutil  # pylint: disable=g-import-not-at-top
-        shutil.rmtree(d["world"])            # an interrupted synthesis: start it anew
-    q0.step("heldout_world", [[sys.executable, "-m", "data_prep.synthesize", "--preset",
-                               recipe.preset, "--seed", str(HELDOUT_SEED + seeds[0]), "--out",
-                               d["world"], "--dl-patients", str(patients), "--luna", "0",
-                               "--lits", "0", "--nihln", "0", "--dl-split", "0,1"]])
-    q0.step("heldout_build", [[sys.executable, "-m", "data_prep.build", "--raw", d["world"],
-                               "--out", d["data"], "--datasets", "deeplesion", "--pixel-mm",
-                               str(recipe.pixel_mm), "--no-progress"]],
-            fn=lambda: _heldout_labels(d))
+    """The held-out world synthesized, checked and built (DeepLesion only) like the training world,
+    then every finished run of :data:`HELDOUT_RUNS` of every seed evaluated on it
+    (``seed_<s>/eval_heldout/<run>``)."""
+    h = heldout_quickstart(out, recipe, seeds, patients)
+    h.do_world()
+    h.do_check_build(datasets=("deeplesion",))
+    h.write_labels()
     for q in _seed_quickstarts(out, recipe, seeds):
         for run in HELDOUT_RUNS:
-            if not q.done(run):
-                continue
-            q.step(f"heldout_{run}", [[
-                sys.executable, "-m", "uld_jax.evaluate", "--workdir", q.run_dir(run), "--data",
-                d["data"], "--datasets", "deeplesion", "--split", "test", "--protocol",
-                "volumetric", "--batch-size", str(recipe.eval_batch), "--out",
-                os.path.join(q.out, "eval_heldout", run), "--truth",
-                os.path.join(d["world"], "truth", "deeplesion_volumetric_truth.pkl"), "--dl-info",
-                os.path.join(d["world"], "DeepLesion", "DL_info.csv"), "--labels", d["labels"],
-                "--rule", "both"]])
-
-
-def _heldout_labels(d: dict[str, str]) -> None:
-    """The held-out world's organ of every test lesion (the evaluations' organ strata)."""
-    # pylint: disable=g-import-not-at-top
-    from uld_jax.evaluate.inputs import load_volume_dict
-    from uld_jax.evaluate.organs import organ_labels_from_world_truth
-    lab = organ_labels_from_world_truth(
-        load_volume_dict(os.path.join(d["world"], "truth", "deeplesion_volumetric_truth.pkl"),
-                         split="test"),
-        os.path.join(d["world"], "truth", "deeplesion_lesions.csv"))
-    atomic_write(d["labels"], json.dumps(lab, indent=0).encode())
+            if q.done(run):
+                q.step(f"heldout_{run}", [q.eval_cmd(
+                    run, on=h, out=os.path.join(q.out, "eval_heldout", run))])
 
 
 # Table 2: NRM with each single-type dataset's expert alone (and all three: the quick start's ft_nrm).
@@ -716,10 +693,11 @@ HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,
 def _section_heldout(out: str, seeds: Sequence[int]) -> list[str]:
     if not any(_result(out, s, r, "eval_heldout") for s in seeds for r in HELDOUT_RUNS):
         return []
-    j = _load(os.path.join(_seed_dir(out, seeds[0]), "eval_heldout", "meld", "results.json")) or {}
-    n_truth = ((j.get("info") or {}).get("counts") or {}).get("truths", "n/a")
-    n_own = (((_result(out, seeds[0], "meld") or {}).get("info") or {}).get("counts")
-             or {}).get("truths", "n/a")
+    def n_truths(sub):
+        res = _result(out, seeds[0], "meld", sub) or {}
+        return ((res.get("info") or {}).get("counts") or {}).get("truths", "n/a")
+
+    n_truth, n_own = n_truths("eval_heldout"), n_truths("eval")
     L = ["## Table 1 on a held-out evaluation world (`python -m uld_jax.reproduce --heldout N`)",
          "",
          f"The same runs evaluated on another world of the same preset and generator (seed "

@@ -60,15 +60,6 @@ def cross_sections(box3d: np.ndarray, zc: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.stack([cy - hy, cx - hx, cy + hy, cx + hx], 1), f
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise IoU of [N, 4] boxes (continuous coordinates)."""
-    ih = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    iw = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = ih * iw
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
-
-
 def oracle_positives(
     truth: quality.LesionTruth,
     slice_case: np.ndarray,
@@ -118,7 +109,7 @@ def oracle_positives(
     covered = np.zeros(si.size, bool)
     if si.size and ann_slice.size:
         qi, aj = overlap.same_key_pairs(si, ann_slice)
-        hit = _iou(box[qi], ann_box[aj]) >= annotated_iou
+        hit = overlap.paired_iou(box[qi], ann_box[aj]) >= annotated_iou
         covered[qi[hit]] = True
     si, tj, box = si[~covered], tj[~covered], box[~covered]
     order = np.lexsort((tj, si))
@@ -182,16 +173,16 @@ def write_oracle(mined: str, truth: quality.LesionTruth, data_dir: str, out: str
     (the table then adds labels only, for training from scratch with complete labels)."""
     # pylint: disable=g-import-not-at-top
     from uld_jax.mine import report
-    from uld_jax.overlay import KIND_ADDED, read_overlay, write_overlay
+    from uld_jax.overlay import KIND_ADDED, write_overlay
 
     if as_kind not in AS_KINDS:
         raise ValueError(f"as_kind {as_kind!r}: expected one of {sorted(AS_KINDS)}")
     kind, expert = AS_KINDS[as_kind]
-    _, slices, ann, _ = report.load_run_outputs(mined, store_dir)
+    src, slices, ann, _ = report.load_run_outputs(mined, store_dir)
     pos = oracle_positives(truth, slices.case_id, slices.slice_index, ann.slice, ann.box,
                            min_extent=min_extent, annotated_iou=annotated_iou,
                            unmarked_only=unmarked_only)
-    cols, meta = read_overlay(mined)
+    cols, meta = src.arrays, src.meta
     added = (np.asarray(cols["kind"]) == KIND_ADDED) & with_added
     n = pos["slice"].size
     new = {"dataset": np.asarray(slices.dataset).astype(str)[pos["slice"]],

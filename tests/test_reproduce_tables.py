@@ -107,7 +107,7 @@ def test_labels_from_the_world_truth(tiny_world, tmp_path):
         organ_labels_from_world_truth(bad, csv_path)
 
 
-def test_split_mined_keeps_mam_nrm_or_no_rows_and_the_added_slices(tmp_path):
+def test_split_mined_keeps_mam_nrm_both_or_no_rows_and_the_added_slices(tmp_path):
     from data_prep import build as build_lib
     from data_prep import case_factory as cf
     from uld_jax.overlay import read_overlay, write_overlay
@@ -133,8 +133,14 @@ def test_split_mined_keeps_mam_nrm_or_no_rows_and_the_added_slices(tmp_path):
     assert got["mam"] == [(1, 0), (3, -1)]
     assert got["nrm"] == [(1, 1), (2, 2), (3, -1)]
     assert got["none"] == [(3, -1)]
-    with pytest.raises(ValueError, match="expected 'mam', 'nrm' or 'none'"):
-        qs.split_mined(src, "both", str(tmp_path / "x.npz"), str(tmp_path))
+    # both parts without the bare added slice: the mined rows only, each keeping its own slice
+    counts = qs.split_mined(src, "both", str(tmp_path / "both.npz"), str(tmp_path), added=False)
+    cols, _ = read_overlay(str(tmp_path / "both.npz"))
+    assert counts == {"mined": 2, "ignore": 1, "added": 0}
+    assert sorted(zip(cols["kind"].tolist(), cols["expert"].tolist(),
+                      cols["slice_index"].tolist())) == [(1, 0, 1), (1, 1, 3), (2, 2, 1)]
+    with pytest.raises(ValueError, match="expected 'mam', 'nrm', 'both' or 'none'"):
+        qs.split_mined(src, "all", str(tmp_path / "x.npz"), str(tmp_path))
 
 
 @pytest.fixture

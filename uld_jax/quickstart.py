@@ -126,12 +126,14 @@ ROW_NAMES = {"baseline": "Baseline (DeepLesion only, MULAN-like)", "meld": "MELD
 LABELS_FILE = "organ_labels_test.json"
 
 
-def split_mined(src: str, part: str, dst: str, data_dir: str) -> dict[str, int]:
+def split_mined(src: str, part: str, dst: str, data_dir: str,
+                added: bool = True) -> dict[str, int]:
     """Writes the ``part`` of mined table ``src`` to ``dst``: ``'mam'`` its MAM positives (kind-1
     rows of the universal expert), ``'nrm'`` its NRM rows (rows of single-type experts: ignore
-    regions, or positives when mined with ``--nrm_as_positive``), ``'none'`` nothing mined (the
-    finetuning control); each with every added unlabeled slice (kind 3). Returns the rows written
-    per kind."""
+    regions, or positives when mined with ``--nrm_as_positive``), ``'both'`` both, ``'none'``
+    nothing mined (the finetuning control); each with every added unlabeled slice (kind 3) unless
+    ``added`` is false (a mined row on an added slice still brings its slice). Returns the rows
+    written per kind."""
     from uld_jax.mine.run import UNIVERSAL_EXPERT
     from uld_jax.overlay import KIND_ADDED, KIND_IGNORE, KIND_MINED, read_overlay, write_overlay
 
@@ -141,13 +143,17 @@ def split_mined(src: str, part: str, dst: str, data_dir: str) -> dict[str, int]:
         sel = (kind == KIND_MINED) & (expert == UNIVERSAL_EXPERT)
     elif part == "nrm":
         sel = np.isin(kind, (KIND_MINED, KIND_IGNORE)) & (expert != UNIVERSAL_EXPERT)
+    elif part == "both":
+        sel = np.isin(kind, (KIND_MINED, KIND_IGNORE))
     elif part == "none":
         sel = np.zeros(kind.shape, bool)
     else:
-        raise ValueError(f"part {part!r}: expected 'mam', 'nrm' or 'none'")
-    sel |= kind == KIND_ADDED
+        raise ValueError(f"part {part!r}: expected 'mam', 'nrm', 'both' or 'none'")
+    if added:
+        sel |= kind == KIND_ADDED
     m = {k: v for k, v in meta.items() if k not in ("created", "tool_version")}
-    m["quickstart_subset"] = f"{part} rows and added slices of {src}"
+    m["quickstart_subset"] = (f"{part} rows and added slices of {src}" if added
+                              else f"{part} rows of {src}, without the bare added slices")
     write_overlay(dst, {k: np.asarray(v)[sel] for k, v in cols.items()}, m, data_dir=data_dir)
     return {"mined": int((sel & (kind == KIND_MINED)).sum()),
             "ignore": int((sel & (kind == KIND_IGNORE)).sum()),

@@ -387,14 +387,37 @@ def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> Non
         q.eval_step("meld_oracle")
 
 
+# The recipe change the oracle points to: MELD trained from scratch for its whole schedule with its
+# own mined table (MAM's positives and NRM's ignore regions, no bare added slices), in place of the
+# short finetuning; read against MELD (the same command without the table) and the oracle's
+# complete labels trained in the same way.
+MINED_SCRATCH_ROWS = (ORACLE_SCRATCH_ROWS[0],
+                      ("meld_mined", "MELD trained with its own mined table (MAM + NRM)"),
+                      ORACLE_SCRATCH_ROWS[1])
+MINED_SCRATCH_CHECKS = (("mined table > MELD", "meld_mined", "meld"),
+                        ("mined table > finetuned MAM + NRM", "meld_mined", "ft_both"),
+                        ("complete labels > mined table", "meld_oracle", "meld_mined"))
+
+
+def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    for q in _seed_quickstarts(out, recipe, seeds):
+        mined = os.path.join(q.run_dir("meld"), "mined.npz")
+        part = os.path.join(q.run_dir("meld"), "mined_both_scratch.npz")
+        q.step("mine_both_scratch", fn=lambda q=q, mined=mined, part=part:
+               qs.split_mined(mined, "both", part, q.data, added=False))
+        q.step("meld_mined", [q.scratch_cmd("meld", "meld_mined",
+                                            f"--config.data.overlays=('{part}',)")])
+        q.eval_step("meld_mined")
+
+
 # A held-out evaluation world: the same preset and generator, another seed, every DeepLesion patient
 # in its test split (``data_prep.synthesize --dl-split 0,1``), so that Table 1's comparisons rest on
 # several times the test lesions of the training world's own test split. Every seed's runs are
 # evaluated on it as on their own test split.
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
-                "ft_oracle_nrm", "meld_oracle")
-HELDOUT_ROWS = tuple((r, dict(CONTROL_ROWS + ORACLE_ROWS + ORACLE_SCRATCH_ROWS).get(r)
+                "ft_oracle_nrm", "meld_oracle", "meld_mined")
+HELDOUT_ROWS = tuple((r, dict(CONTROL_ROWS + ORACLE_ROWS + MINED_SCRATCH_ROWS).get(r)
                       or qs.ROW_NAMES[r]) for r in HELDOUT_RUNS)
 
 
@@ -1082,6 +1105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--oracle-scratch", action="store_true",
                    help="every seed: MELD trained from scratch with the oracle's positives "
                    "(complete labels on the mined slices)")
+    p.add_argument("--mined-scratch", action="store_true",
+                   help="every seed: MELD trained from scratch with its own mined table (MAM's "
+                   "positives and NRM's ignore regions) instead of finetuned on it")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="every seed's Table-1, control and oracle runs also evaluated on a "
                    "held-out world of N DeepLesion patients, all in test (e.g. 24)")
@@ -1126,6 +1152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_oracle(out, r, seeds)
         if a.oracle_scratch:
             run_oracle_scratch(out, r, seeds)
+        if a.mined_scratch:
+            run_mined_scratch(out, r, seeds)
         if a.heldout:
             run_heldout(out, r, seeds, a.heldout)
         if a.calibrated_nrm:

@@ -389,13 +389,41 @@ def test_oracle_scratch_commands_and_page(tmp_path, recorded_steps):
         assert "configs/meld.py:tiny" in tr and "--config.init_from.workdir" not in " ".join(tr)
         assert tr[-1] == f"--config.data.overlays=('{meld}/mined_oracle_scratch.npz',)"
         assert "eval_meld_oracle" in steps
-    # page: only the seeds that have the run are compared, on both test sets
-    for s, lv in ((0, 0.3), (1, 0.2)):
+    # page: only the seeds that have the run are compared
+    for s in (0, 1):
         _eval(tmp_path / f"seed_{s}", "meld", 0.2)
         _eval(tmp_path / f"seed_{s}", "ft_oracle", 0.25)
     _eval(tmp_path / "seed_0", "meld_oracle", 0.3)
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
-    sec = text[text.index("### MELD trained from scratch with complete labels"):]
-    assert "Seeds 0 only." in sec
+    sec = text[text.index("## Labels trained in from scratch"):]
+    assert "| MELD trained with the oracle's positives (complete labels on the mined slices) | 1 |" in sec
     assert ("| complete labels > MELD | released | +10.0 | +10.0 | undecided (one seed: no spread) |"
             in sec)
+
+
+def test_mined_scratch_commands_and_page(tmp_path, recorded_steps):
+    reproduce.run_mined_scratch(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
+    for s in (3, 4):
+        calls = [(n, c, fn) for o, n, c, fn in recorded_steps if o.endswith(f"seed_{s}")]
+        meld = os.path.join(str(tmp_path), f"seed_{s}", "runs", "meld")
+        (name, cmds, fn), (tname, (tr,), _), (ename, _, _) = calls
+        assert (name, cmds, tname, ename) == ("mine_both_scratch", [], "meld_mined",
+                                               "eval_meld_mined")
+        assert fn is not None                         # the table is split in-process
+        assert "configs/meld.py:tiny" in tr and "--config.init_from.workdir" not in " ".join(tr)
+        assert tr[-1] == f"--config.data.overlays=('{meld}/mined_both_scratch.npz',)"
+    # page: each check pairs the seeds that have both of its runs
+    for s, mined in ((0, 0.35), (1, 0.15), (2, 0.3)):
+        _eval(tmp_path / f"seed_{s}", "meld", 0.2)
+        _eval(tmp_path / f"seed_{s}", "ft_both", 0.25)
+        _eval(tmp_path / f"seed_{s}", "meld_mined", mined)
+    _eval(tmp_path / "seed_1", "meld_oracle", 0.4)
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1, 2], "", ["x"])
+    sec = text[text.index("## Labels trained in from scratch"):]
+    row = next(ln for ln in sec.splitlines() if ln.startswith("| MELD trained with its own mined"))
+    assert row.startswith("| MELD trained with its own mined table (MAM + NRM) | 3 | 26.7 ± 10.4 |")
+    assert "| mined table > MELD | paper | +15.0, -5.0, +10.0 | +6.7 ± 10.4 | no |" in sec
+    assert "| mined table > finetuned MAM + NRM | released | +10.0, -10.0, +5.0 | +1.7 ± 10.4 | no |" in sec
+    assert ("| complete labels > mined table | paper | +25.0 | +25.0 | undecided (one seed: no "
+            "spread) |" in sec)
+    assert "| complete labels > MELD | paper | +20.0 | +20.0 |" in sec

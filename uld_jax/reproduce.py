@@ -597,25 +597,34 @@ def _froc_tables(out: str, seeds: Sequence[int], rows: Sequence[tuple[str, str]]
     return L, verdict
 
 
+ORDER_HEADER = ["Difference of the mean sensitivity (points), per seed; 'holds' when every seed's "
+                "difference is positive and the mean difference exceeds the seeds' spread of it.",
+                "", "| check | rule | per-seed differences | mean ± sd | holds |",
+                "|---|---|---|---:|---|"]
+
+
+def _check_rows(verdict: dict[str, dict[str, list[float]]], name: str, a: str, b: str
+                ) -> list[str]:
+    """One ordering check's rows, one per hit rule: run ``a``'s mean sensitivity minus ``b``'s."""
+    L = []
+    for rule, means in verdict.items():
+        if a not in means or b not in means or len(means[a]) != len(means[b]):
+            continue
+        d = np.asarray(means[a]) - np.asarray(means[b])
+        sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+        holds = bool((d > 0).all() and (len(d) == 1 or d.mean() > sd))
+        L.append(f"| {name} | {rule} | " + ", ".join(f"{100 * x:+.1f}" for x in d)
+                 + f" | {100 * d.mean():+.1f}" + (f" ± {100 * sd:.1f}" if len(d) > 1 else "")
+                 + " | " + (("undecided (one seed: no spread)" if holds else "no (one seed)")
+                            if len(d) == 1 else ("yes" if holds else "no")) + " |")
+    return L
+
+
 def _order_lines(verdict: dict[str, dict[str, list[float]]],
                  checks: Sequence[tuple[str, str, str]]) -> list[str]:
     """The ordering checks' table: per check and hit rule, the per-seed differences of the mean
     sensitivity, their mean ± sd, and whether the check holds."""
-    L = ["Difference of the mean sensitivity (points), per seed; 'holds' when every seed's "
-         "difference is positive and the mean difference exceeds the seeds' spread of it.", "",
-         "| check | rule | per-seed differences | mean ± sd | holds |", "|---|---|---|---:|---|"]
-    for name, a, b in checks:
-        for rule, means in verdict.items():
-            if a not in means or b not in means or len(means[a]) != len(means[b]):
-                continue
-            d = np.asarray(means[a]) - np.asarray(means[b])
-            sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
-            holds = bool((d > 0).all() and (len(d) == 1 or d.mean() > sd))
-            L.append(f"| {name} | {rule} | " + ", ".join(f"{100 * x:+.1f}" for x in d)
-                     + f" | {100 * d.mean():+.1f}" + (f" ± {100 * sd:.1f}" if len(d) > 1 else "")
-                     + " | " + (("undecided (one seed: no spread)" if holds else "no (one seed)")
-                                if len(d) == 1 else ("yes" if holds else "no")) + " |")
-    return L + [""]
+    return ORDER_HEADER + [r for c in checks for r in _check_rows(verdict, *c)] + [""]
 
 
 def _section_calibrated(out: str, seeds: Sequence[int]) -> list[str]:
@@ -692,20 +701,34 @@ def _section_oracle(out: str, seeds: Sequence[int]) -> list[str]:
           "the same type (a type-level embedding like LesaNet's), or nothing marked like it.", ""]
     lines, verdict = _froc_tables(out, seeds, ORACLE_ROWS)
     L += lines + ["### Ordering against the control", ""] + _order_lines(verdict, ORACLE_CHECKS)
-    return L + _oracle_scratch_lines(out, seeds)
+    return L
 
 
-def _oracle_scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
-    """MELD from scratch with the oracle's positives against MELD, on the seeds that have it."""
-    have = [s for s in seeds if _result(out, s, "meld_oracle", sub)]
+SCRATCH_ROWS = (MINED_SCRATCH_ROWS[0], ("ft_both", qs.ROW_NAMES["ft_both"] + " (finetuned)"),
+                *MINED_SCRATCH_ROWS[1:])
+SCRATCH_RUNS = ("meld_mined", "meld_oracle")
+
+
+def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
+    """MELD trained from scratch with its own mined table and with the oracle's complete labels,
+    against MELD and the finetuned MELD + MAM + NRM, on the seeds that have either."""
+    have = [s for s in seeds if any(_result(out, s, r, sub) for r in SCRATCH_RUNS)]
     if not have:
         return []
-    L = ["### MELD trained from scratch with complete labels (`--oracle-scratch`)", "",
-         "MELD trained like MELD, with the oracle's positives on every mined slice as extra labels "
-         "(`python -m uld_jax.mine.oracle --without_added`): the most any mining of labels could "
-         f"give MELD at this scale. Seeds {', '.join(map(str, have))} only.", ""]
-    lines, verdict = _froc_tables(out, have, ORACLE_SCRATCH_ROWS, sub=sub)
-    return L + lines + _order_lines(verdict, ORACLE_SCRATCH_CHECKS)
+    L = [("## " if sub == "eval" else "### ")
+         + "Labels trained in from scratch (`--mined-scratch`, `--oracle-scratch`)", "",
+         "MELD's own command (its whole schedule, from scratch) with extra labels on the mined "
+         "slices instead of the short finetuning: its own mined table (`--mined-scratch`: MAM's "
+         "positives and NRM's ignore regions, without the bare added slices) or the oracle's "
+         "positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle --without_added`: the most "
+         "any mining of labels could give MELD at this scale). The seeds column counts the seeds "
+         "with the run; a check compares the seeds both of its runs have.", ""]
+    L += _froc_tables(out, have, SCRATCH_ROWS, seeds_column=True, sub=sub)[0] + ORDER_HEADER
+    for name, a, b in ORACLE_SCRATCH_CHECKS + MINED_SCRATCH_CHECKS:
+        both = [s for s in have if _result(out, s, a, sub) and _result(out, s, b, sub)]
+        if both:
+            L += _check_rows(_froc_tables(out, both, ((a, a), (b, b)), sub=sub)[1], name, a, b)
+    return L + [""]
 
 
 HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,
@@ -728,11 +751,11 @@ def _section_heldout(out: str, seeds: Sequence[int]) -> list[str]:
          f"DeepLesion patient in its test split): {n_truth} test lesions against the training "
          f"world's {n_own}, so one lesion weighs less in every number. Same protocol, both hit "
          "rules; no run was trained, tuned or selected on it.", ""]
-    rows = tuple(r for r in HELDOUT_ROWS if r[0] != "meld_oracle")
+    rows = tuple(r for r in HELDOUT_ROWS if r[0] not in SCRATCH_RUNS)
     lines, verdict = _froc_tables(out, seeds, rows, sub="eval_heldout")
     return (L + lines + ["### Ordering on the held-out world", ""]
             + _order_lines(verdict, HELDOUT_CHECKS)
-            + _oracle_scratch_lines(out, seeds, sub="eval_heldout"))
+            + _scratch_lines(out, seeds, sub="eval_heldout"))
 
 
 def _section_table2(out: str, seeds: Sequence[int]) -> list[str]:
@@ -976,6 +999,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     L += _section_learning(out, seeds, recipe)
     L += _section_control(out, seeds)
     L += _section_oracle(out, seeds)
+    L += _scratch_lines(out, seeds)
     L += _section_heldout(out, seeds)
     L += _section_calibrated(out, seeds)
     L += _section_table2(out, seeds)

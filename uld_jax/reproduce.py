@@ -1,8 +1,8 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long] \
-        [--keyslice] [--control] [--oracle] [--oracle-scratch] [--heldout N] \
-        [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
+        [--keyslice] [--control] [--oracle] [--oracle-scratch] [--mined-scratch] \
+        [--heldout N] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
         [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
@@ -33,6 +33,10 @@ What runs (each piece resumable: finished steps are skipped when run again):
 * ``--oracle-scratch``: MELD trained from scratch, for every seed, with the oracle's positives as
   extra labels (complete labels on every mined slice, no added slices): the most label mining could
   give MELD at this scale.
+* ``--mined-scratch``: MELD trained from scratch, for every seed, with its own mined table (MAM's
+  positives and NRM's ignore regions, no bare added slices) in place of the short finetuning: the
+  recipe the oracle points to, read against MELD, the finetuned MELD + MAM + NRM and the oracle's
+  labels trained in the same way.
 * ``--heldout N``: a held-out evaluation world of the same preset (another seed, N DeepLesion
   patients, every one in its test split), on which every seed's Table-1, control and oracle runs
   are evaluated too: several times the test lesions of the training world's own test split.

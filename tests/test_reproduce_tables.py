@@ -246,7 +246,7 @@ def test_calibrated_nrm_commands_and_page(tmp_path, recorded_steps):
 
 def test_control_commands_and_page(tmp_path, monkeypatch, recorded_steps):
     splits = []
-    monkeypatch.setattr(qs, "split_mined", lambda *a: splits.append(a))
+    monkeypatch.setattr(qs, "split_mined", lambda *a, **k: splits.append((a, k)))
     reproduce.run_control(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
     for s in (3, 4):                                   # every seed, from its own MELD's mined table
         steps = _steps_of(recorded_steps, s)
@@ -254,8 +254,9 @@ def test_control_commands_and_page(tmp_path, monkeypatch, recorded_steps):
         assert steps["mine_none"] == []                # a split of mined.npz: no mining again
         fn = next(f for o, n, _, f in recorded_steps if n == "mine_none" and o.endswith(f"_{s}"))
         fn()
-        src, part, dst, _ = splits[-1]
+        (src, part, dst, _), kw = splits[-1]
         assert (src, part, dst) == (f"{meld}/mined.npz", "none", f"{meld}/mined_none.npz")
+        assert kw == {"added": True}                  # the control keeps the added slices
         (ft,) = steps["ft_none"]
         assert f"--config.data.overlays=('{meld}/mined_none.npz',)" in ft
         assert f"--config.init_from.workdir={meld}" in ft and "configs/finetune.py:tiny" in ft
@@ -401,7 +402,9 @@ def test_oracle_scratch_commands_and_page(tmp_path, recorded_steps):
             in sec)
 
 
-def test_mined_scratch_commands_and_page(tmp_path, recorded_steps):
+def test_mined_scratch_commands_and_page(tmp_path, recorded_steps, monkeypatch):
+    splits = []
+    monkeypatch.setattr(qs, "split_mined", lambda *a, **k: splits.append((a, k)))
     reproduce.run_mined_scratch(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
     for s in (3, 4):
         calls = [(n, c, fn) for o, n, c, fn in recorded_steps if o.endswith(f"seed_{s}")]
@@ -409,7 +412,10 @@ def test_mined_scratch_commands_and_page(tmp_path, recorded_steps):
         (name, cmds, fn), (tname, (tr,), _), (ename, _, _) = calls
         assert (name, cmds, tname, ename) == ("mine_both_scratch", [], "meld_mined",
                                                "eval_meld_mined")
-        assert fn is not None                         # the table is split in-process
+        fn()                                          # the table is split in-process
+        (src, part, dst, _), kw = splits[-1]
+        assert (src, part, dst, kw) == (f"{meld}/mined.npz", "both",
+                                        f"{meld}/mined_both_scratch.npz", {"added": False})
         assert "configs/meld.py:tiny" in tr and "--config.init_from.workdir" not in " ".join(tr)
         assert tr[-1] == f"--config.data.overlays=('{meld}/mined_both_scratch.npz',)"
     # page: each check pairs the seeds that have both of its runs

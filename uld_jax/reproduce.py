@@ -327,13 +327,19 @@ CONTROL_CHECKS = (("control > MELD", "ft_none", "meld"), ("MAM > control", "ft_m
                   ("MAM+NRM > control", "ft_both", "ft_none"))
 
 
+def _split_step(q: qs.Quickstart, part: str, tag: str, added: bool = True) -> str:
+    """Step ``mine_<tag>``: ``part`` of the seed's MELD mined table written to
+    ``mined_<tag>.npz`` beside it (:func:`quickstart.split_mined`); returns that path."""
+    meld = q.run_dir("meld")
+    dst = os.path.join(meld, f"mined_{tag}.npz")
+    q.step(f"mine_{tag}", fn=lambda: qs.split_mined(os.path.join(meld, "mined.npz"), part, dst,
+                                                     q.data, added=added))
+    return dst
+
+
 def run_control(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     for q in _seed_quickstarts(out, recipe, seeds):
-        mined = os.path.join(q.run_dir("meld"), "mined.npz")
-        part = os.path.join(q.run_dir("meld"), "mined_none.npz")
-        q.step("mine_none", fn=lambda q=q, mined=mined, part=part:
-               qs.split_mined(mined, "none", part, q.data))
-        _finetune_eval(q, "ft_none", part)
+        _finetune_eval(q, "ft_none", _split_step(q, "none", "none"))
 
 
 # The oracle: a perfect MAM (every lesion cross-section on the mined slices, from the world's
@@ -405,10 +411,7 @@ MINED_SCRATCH_CHECKS = (("mined table > MELD", "meld_mined", "meld"),
 
 def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     for q in _seed_quickstarts(out, recipe, seeds):
-        mined = os.path.join(q.run_dir("meld"), "mined.npz")
-        part = os.path.join(q.run_dir("meld"), "mined_both_scratch.npz")
-        q.step("mine_both_scratch", fn=lambda q=q, mined=mined, part=part:
-               qs.split_mined(mined, "both", part, q.data, added=False))
+        part = _split_step(q, "both", "both_scratch", added=False)
         q.step("meld_mined", [q.scratch_cmd("meld", "meld_mined",
                                             f"--config.data.overlays=('{part}',)")])
         q.eval_step("meld_mined")

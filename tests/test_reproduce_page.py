@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 
 import pytest
 
@@ -61,7 +62,11 @@ def test_learning_check_section_reads_the_fit_and_test_key_slice_reports(tmp_pat
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps({"protocol": "keyslice", "tables": {
             "key slices": {"fp_rates": [0.5, 1, 2, 4], "sensitivity": [mean] * 4, "mean": mean}}}))
-    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", ["--seeds", "0"])
+    argv = ["--seeds", "0", "--note", "runs in /tmp/a b; seed 0's MELD"]
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0], "", argv)
+    # the recorded command is quoted for a shell: pasted back, it gives the same arguments
+    cmd = next(ln for ln in text.splitlines() if ln.startswith("- command: `"))[len("- command: `"):-1]
+    assert shlex.split(cmd) == ["python", "-m", "uld_jax.reproduce", *argv]
     assert "## Learning check" in text
     assert "| 0 | Baseline (DeepLesion only, MULAN-like) | not logged | 61.0 | 12.0 |" in text
     assert "| 0 | MELD | not logged | not run | 20.0 |" in text

@@ -205,7 +205,7 @@ def test_detect_synthetic_formats(workdir, loaded, tmp_path, fmt):
     assert zs, "the cube is not on the canvas"
     n = len(zs)
     dets = detect.SliceDetections(
-        slice_index=np.asarray(zs), boxes=detect.input_boxes_to_stored(np.asarray(boxes, np.float32), scan),
+        slice_index=np.asarray(zs), boxes=detect.input_boxes_to_stored(np.asarray(boxes, np.float32), scan)[0],
         input_boxes=np.asarray(boxes, np.float32), scores=np.linspace(0.9, 0.8, n).astype(np.float32),
         organ_weights=np.ones((n, 4), np.float32), head_scores=np.ones((n, 4), np.float32),
         expert_scores=np.ones((n, 4), np.float32), masks=None)

@@ -70,13 +70,44 @@ def test_split_detections_are_the_predictors_in_stored_slice_pixels(workdir, bui
         ty, tx = np.floor((size[0] - h * s) / 2 + 1e-6), np.floor((size[1] - w * s) / 2 + 1e-6)
         want = (out["boxes"][0][keep] - [ty, tx, ty, tx]) / s
         want = np.clip(want, 0, [h, w, h, w])
-        np.testing.assert_allclose(sd.boxes[row], want, rtol=1e-5, atol=1e-3)
-        np.testing.assert_allclose(sd.scores[row], out["scores"][0][keep], rtol=1e-6)
+        inside = (want[:, 2] > want[:, 0]) & (want[:, 3] > want[:, 1])
+        np.testing.assert_allclose(sd.boxes[row], want[inside], rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(sd.scores[row], out["scores"][0][keep][inside], rtol=1e-6)
     truth, predd = from_workdir.keyslice_dicts(sd)
     for c in cases:
         for les in c.lesions:
             name = f"{c.case_id}:{les.slice_index}"
             assert any(np.allclose(b, core.internal_to_inclusive_xyxy(les.box)) for b in truth[name])
+
+
+def test_boxes_wholly_in_the_padding_are_dropped(workdir, built):
+    """A detection lying in the canvas's padding, outside the stored slice, clips to an empty box;
+    it is dropped (the key-slice evaluator rejects empty boxes, which once stopped a training run's
+    periodic evaluation), the detection on the slice is kept."""
+    data, _ = built
+    loaded = inference.cached_model(os.path.abspath(workdir), None, None, None)
+    si = from_workdir.load_split(loaded.data_config, data, "deeplesion", "test", 4)
+    p = ip.unaugmented_placement(si.table, 0, si.config)
+    assert p.ty >= 2                                  # the 40-row slices leave padding above them
+    pad_box = [0.0, p.tx + 1, p.ty - 1, p.tx + 9]     # wholly above the slice
+    on_box = [p.ty + 2, p.tx + 2, p.ty + 6, p.tx + 6]      # on the slice
+
+    class Fake:
+        batch_size, expert_name = 4, "deeplesion"
+
+        def __call__(self, img, val, sample_valid):
+            n = img.shape[0]
+            return {"boxes": np.tile(np.float32([pad_box, on_box]), (n, 1, 1)),
+                    "scores": np.tile(np.float32([0.9, 0.8]), (n, 1)),
+                    "valid": np.ones((n, 2), bool)}
+
+    sd = from_workdir.predict_split(Fake(), si, progress=False)
+    want = (np.float32(on_box) - [p.ty, p.tx, p.ty, p.tx]) / p.scale
+    for row in range(len(si.table)):
+        np.testing.assert_allclose(sd.boxes[row], [want], rtol=1e-5)
+        np.testing.assert_allclose(sd.scores[row], [0.8])
+    rep = from_workdir.keyslice_report(sd, "fake predictor", "test table")
+    assert rep.info["counts"]["detections"] == len(si.table)
 
 
 def test_workdir_errors_are_one_line(built, tmp_path, capsys):

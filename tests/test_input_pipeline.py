@@ -442,3 +442,19 @@ def test_key_slice_z_jitter_recentres_within_the_lesion(data):
             _, _, cid, z = _lookup(tables, batch, b)
             k, case = cases[cid]
             assert _centre_slice(batch, b, k, case.slices.shape[0]) == z
+
+
+def test_image_boxes_in_slice_clips_and_flags_boxes_outside_the_slice():
+    # golden case worked by hand: input = 2 * slice + (10, 4); the slice is 20 x 30 pixels
+    p = ip.Placement(scale=2.0, ty=10.0, tx=4.0)
+    boxes = np.float32([[[0, 4, 8, 20],        # slice y -5..-1: wholly above the slice
+                         [6, 0, 30, 24],       # slice (-2, -2, 10, 10): clipped at the corner
+                         [12, 8, 20, 64]],     # slice (1, 2, 5, 30): inside, touching x = 30
+                        [[50, 10, 70, 20],     # slice y 20..30: wholly below (row 20 is the edge)
+                         [14, 70, 20, 90],     # slice x 33..43: wholly right of the slice
+                         [10, 4, 50, 64]]])    # slice (0, 0, 20, 30): the whole slice
+    sb, inside = ip.image_boxes_in_slice(boxes, p, 20, 30)
+    assert sb.shape == (2, 3, 4) and sb.dtype == np.float32
+    np.testing.assert_allclose(sb, [[[0, 0, 0, 8], [0, 0, 10, 10], [1, 2, 5, 30]],
+                                    [[20, 3, 20, 8], [2, 30, 5, 30], [0, 0, 20, 30]]])
+    np.testing.assert_array_equal(inside, [[False, True, True], [False, False, True]])

@@ -148,15 +148,14 @@ class SliceDetections:
     masks: np.ndarray | None
 
 
-def input_boxes_to_stored(boxes: np.ndarray, scan: PreparedScan) -> np.ndarray:
+def input_boxes_to_stored(boxes: np.ndarray, scan: PreparedScan) -> tuple[np.ndarray, np.ndarray]:
     """[N, 4] model-input boxes -> stored-slice pixels (the loader's placement inverted), clipped to
-    the stored slice."""
-    from uld_jax.input_pipeline import image_boxes_to_slice
+    the stored slice, and the bool [N] mask of those left with a positive extent
+    (``input_pipeline.image_boxes_in_slice``)."""
+    from uld_jax.input_pipeline import image_boxes_in_slice
 
     h, w = scan.slices.shape[1:]
-    b = np.asarray(boxes, np.float32).reshape(-1, 4)
-    sb = image_boxes_to_slice(b, scan.placement) if len(b) else np.zeros((0, 4), np.float32)
-    return np.clip(sb, 0.0, [h, w, h, w]).astype(np.float32)
+    return image_boxes_in_slice(np.asarray(boxes, np.float32).reshape(-1, 4), scan.placement, h, w)
 
 
 def detect_slices(predictor, scan: PreparedScan, score_threshold: float = 0.0,
@@ -207,12 +206,15 @@ def detect_slices(predictor, scan: PreparedScan, score_threshold: float = 0.0,
     nh = int(predictor.loaded.model_config.num_organ_heads)
     nd = len(predictor.loaded.expert_names)
     ib = cat("box", (4,))
+    sb, inside = input_boxes_to_stored(ib, scan)      # boxes wholly in the padding are dropped
+    masks = cat("mask", (28, 28))[inside] if rows["mask"] else None
     return SliceDetections(
-        slice_index=np.concatenate(rows["z"]).astype(np.int64) if rows["z"] else np.zeros(0, np.int64),
-        boxes=input_boxes_to_stored(ib, scan), input_boxes=ib, scores=cat("score", ()),
-        organ_weights=cat("w", (nh,)),
-        head_scores=cat("head", (nh,)), expert_scores=cat("exp", (nd,)),
-        masks=cat("mask", (28, 28)) if rows["mask"] else None)
+        slice_index=(np.concatenate(rows["z"]).astype(np.int64)[inside] if rows["z"]
+                     else np.zeros(0, np.int64)),
+        boxes=sb[inside], input_boxes=ib[inside], scores=cat("score", ())[inside],
+        organ_weights=cat("w", (nh,))[inside],
+        head_scores=cat("head", (nh,))[inside], expert_scores=cat("exp", (nd,))[inside],
+        masks=masks)
 
 
 # ------------------------------------------------------------------------------------------------

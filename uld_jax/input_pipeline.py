@@ -464,6 +464,17 @@ def image_boxes_to_slice(boxes: np.ndarray, p: Placement) -> np.ndarray:
     return ((b - t) / p.scale).astype(np.float32)
 
 
+def image_boxes_in_slice(boxes: np.ndarray, p: Placement, height: int, width: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """[..., 4] model-input boxes -> stored-slice pixels clipped to the slice ``[0, height] x
+    [0, width]``, and a bool [...] mask of the boxes left with a positive height and width. A box
+    lying wholly in the canvas's padding (outside the stored slice) clips to an empty box, which is
+    no detection of anything on the slice: evaluation, detection and mining drop those."""
+    sb = image_boxes_to_slice(boxes, p)
+    sb = np.clip(sb, 0.0, np.array([height, width, height, width], np.float32)).astype(np.float32)
+    return sb, (sb[..., 2] > sb[..., 0]) & (sb[..., 3] > sb[..., 1])
+
+
 def slice_boxes_to_image(boxes: np.ndarray, p: Placement) -> np.ndarray:
     """Inverse of :func:`image_boxes_to_slice` (no clipping)."""
     b = np.asarray(boxes, np.float64)

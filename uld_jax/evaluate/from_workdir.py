@@ -2,7 +2,7 @@
 
 Runs the run's MELD (``uld_jax.inference``) over every sample of the split with the input pipeline in
 evaluation mode (no mixing, no shuffling, no augmentation, one epoch, the last batch padded and
-masked), maps the detections back to the stored slices' pixels (``image_boxes_to_slice`` with the
+masked), maps the detections back to the stored slices' pixels (``image_boxes_in_slice`` with the
 loader's unaugmented placement), and calls the offline evaluation:
 
 * ``keyslice`` (default without ``--truth``): MULAN key-slice FROC per dataset against the sample
@@ -179,9 +179,9 @@ def predict_split(pred, si: SplitInput, *, score_threshold: float = 0.0,
             keep = out["valid"][b] & (out["scores"][b] >= score_threshold)
             p = ip.unaugmented_placement(table, row, cfg)
             h, w = (int(v) for v in table.case_hw[table.case_row[row]])
-            sb = ip.image_boxes_to_slice(out["boxes"][b][keep], p)
-            boxes[row] = np.clip(sb, 0.0, [h, w, h, w]).astype(np.float32)
-            scores[row] = out["scores"][b][keep].astype(np.float32)
+            sb, inside = ip.image_boxes_in_slice(out["boxes"][b][keep], p, h, w)
+            boxes[row] = sb[inside]
+            scores[row] = out["scores"][b][keep][inside].astype(np.float32)
         bar.update(int((sid >= 0).sum()))
     bar.close()
     return SplitDetections(si.dataset, pred.expert_name, table, boxes, scores)

@@ -385,8 +385,7 @@ class ChunkMiner:
                     a_parts["lesion_id"].append(lid)
                     a_parts["embedding"].append(out["ann_embeddings"][i, :len(idx)])
                 # Detections of every expert, back in slice pixels, clipped to the slice.
-                boxes = ip.image_boxes_to_slice(out["boxes"][i], b.placements[i])   # [D, K, 4]
-                boxes = np.clip(boxes, 0.0, np.array([h, w, h, w], np.float32))
+                boxes, _ = ip.image_boxes_in_slice(out["boxes"][i], b.placements[i], h, w)
                 keep = (out["valid"][i] & (out["scores"][i] >= self.min_score)
                         & (boxes[..., 2] - boxes[..., 0] >= MIN_BOX_PX)
                         & (boxes[..., 3] - boxes[..., 1] >= MIN_BOX_PX))

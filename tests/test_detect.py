@@ -260,6 +260,41 @@ def test_compiles_once_across_slices_batches_and_scans(loaded, real_data):
     assert pred._fn._cache_size() == 1
 
 
+def test_detections_wholly_in_the_padding_are_dropped(loaded, real_data):
+    """A box above the stored slice (in the canvas's padding) clips to an empty box: dropped with
+    every row of it (scores, weights, masks); the box on the slice is kept."""
+    scan = detect.prepare_scan(read_scan(real_data / "ct" / "example_ct.nii.gz"), loaded.data_config)
+    p = scan.placement
+    h, w = scan.slices.shape[1:]
+    nh = int(loaded.model_config.num_organ_heads)
+    nd = len(loaded.expert_names)
+    out_box = [-6.0, p.tx + 1, -2.0, p.tx + 5]         # above the slice (canvas row -6..-2)
+    on_box = [p.ty + 2, p.tx + 2, p.ty + 6, p.tx + 6]
+
+    class Fake:
+        batch_size = BATCH
+
+        def __init__(self):
+            self.loaded = loaded
+
+        def device_call(self, img, val, sv):
+            n = img.shape[0]
+            t = lambda a: np.tile(np.float32(a), (n,) + (1,) * np.ndim(a))  # noqa: E731
+            return {"boxes": t([out_box, on_box]), "scores": t([0.9, 0.8]),
+                    "valid": np.ones((n, 2), bool), "organ_weights": t(np.ones((2, nh))),
+                    "head_scores": t(np.ones((2, nh))), "expert_scores": t(np.ones((2, nd))),
+                    "masks": t(np.ones((2, 28, 28)))}
+
+    d = detect.detect_slices(Fake(), scan, 0.0, progress=False)
+    n = scan.num_slices
+    np.testing.assert_array_equal(d.slice_index, np.arange(n))
+    want = np.clip((np.float32(on_box) - [p.ty, p.tx, p.ty, p.tx]) / p.scale, 0, [h, w, h, w])
+    np.testing.assert_allclose(d.boxes, np.tile(want, (n, 1)), rtol=1e-5)
+    np.testing.assert_allclose(d.input_boxes, np.tile(on_box, (n, 1)))
+    assert d.scores.shape == (n,) and np.all(d.scores == np.float32(0.8))
+    assert d.organ_weights.shape == (n, nh) and d.masks.shape == (n, 28, 28)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input.
 # ------------------------------------------------------------------------------------------------

@@ -38,8 +38,9 @@ What runs (each piece resumable: finished steps are skipped when run again):
   recipe the oracle points to, read against MELD, the finetuned MELD + MAM + NRM and the oracle's
   labels trained in the same way.
 * ``--heldout N``: a held-out evaluation world of the same preset (another seed, N DeepLesion
-  patients, every one in its test split), on which every seed's Table-1, control and oracle runs
-  are evaluated too: several times the test lesions of the training world's own test split.
+  patients, every one in its test split), on which every seed's finished Table-1, control, oracle
+  and from-scratch runs are evaluated too: several times the test lesions of the training world's
+  own test split.
 * ``--recipe long``: the quick recipe's world and model trained 4x as long (32 epochs, mining at
   24), where the detector fits its training lesions; write its page with ``--results
   docs/results_long.md``.
@@ -1141,7 +1142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="every seed: MELD trained from scratch with its own mined table (MAM's "
                    "positives and NRM's ignore regions) instead of finetuned on it")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
-                   help="every seed's Table-1, control and oracle runs also evaluated on a "
+                   help="every seed's finished Table-1, control, oracle and from-scratch runs "
+                   "also evaluated on a "
                    "held-out world of N DeepLesion patients, all in test (e.g. 24)")
     p.add_argument("--calibrated-nrm", action="store_true",
                    help="every seed: NRM with sigma as a precision level (mine --sigma_from "

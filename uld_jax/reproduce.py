@@ -381,12 +381,21 @@ def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
             _finetune_eval(q, run, part)
 
 
-# MELD trained from scratch with the oracle's positives (no added slices): complete labels on every
-# slice mined, an upper bound on what any label mining could give MELD at this scale.
-ORACLE_SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
-                       ("meld_oracle", "MELD trained with the oracle's positives (complete labels "
-                        "on the mined slices)"))
-ORACLE_SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),)
+# Labels trained in from scratch, in place of the short finetuning: MELD's own command for its whole
+# schedule with the oracle's positives (``meld_oracle``: complete labels on every slice mined, an
+# upper bound on what any label mining could give MELD at this scale) or with MELD's own mined table
+# (``meld_mined``: MAM's positives and NRM's ignore regions, the recipe change the oracle points to);
+# neither with the bare added slices. Read against MELD and the finetuned MELD + MAM + NRM.
+SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
+                ("ft_both", qs.ROW_NAMES["ft_both"] + " (finetuned)"),
+                ("meld_mined", "MELD trained with its own mined table (MAM + NRM)"),
+                ("meld_oracle", "MELD trained with the oracle's positives (complete labels on the "
+                 "mined slices)"))
+SCRATCH_RUNS = ("meld_mined", "meld_oracle")
+SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
+                  ("mined table > MELD", "meld_mined", "meld"),
+                  ("mined table > finetuned MAM + NRM", "meld_mined", "ft_both"),
+                  ("complete labels > mined table", "meld_oracle", "meld_mined"))
 
 
 def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
@@ -397,18 +406,6 @@ def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> Non
         q.step("meld_oracle", [q.scratch_cmd("meld", "meld_oracle",
                                              f"--config.data.overlays=('{part}',)")])
         q.eval_step("meld_oracle")
-
-
-# The recipe change the oracle points to: MELD trained from scratch for its whole schedule with its
-# own mined table (MAM's positives and NRM's ignore regions, no bare added slices), in place of the
-# short finetuning; read against MELD (the same command without the table) and the oracle's
-# complete labels trained in the same way.
-MINED_SCRATCH_ROWS = (ORACLE_SCRATCH_ROWS[0],
-                      ("meld_mined", "MELD trained with its own mined table (MAM + NRM)"),
-                      ORACLE_SCRATCH_ROWS[1])
-MINED_SCRATCH_CHECKS = (("mined table > MELD", "meld_mined", "meld"),
-                        ("mined table > finetuned MAM + NRM", "meld_mined", "ft_both"),
-                        ("complete labels > mined table", "meld_oracle", "meld_mined"))
 
 
 def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
@@ -426,8 +423,8 @@ def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
                 "ft_oracle_nrm", "meld_oracle", "meld_mined")
-HELDOUT_ROWS = tuple((r, dict(CONTROL_ROWS + ORACLE_ROWS + MINED_SCRATCH_ROWS).get(r)
-                      or qs.ROW_NAMES[r]) for r in HELDOUT_RUNS)
+HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **qs.ROW_NAMES,
+                          **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
 
 
 def heldout_quickstart(out: str, recipe: qs.Recipe, seeds: Sequence[int],
@@ -713,11 +710,6 @@ def _section_oracle(out: str, seeds: Sequence[int]) -> list[str]:
     return L
 
 
-SCRATCH_ROWS = (MINED_SCRATCH_ROWS[0], ("ft_both", qs.ROW_NAMES["ft_both"] + " (finetuned)"),
-                *MINED_SCRATCH_ROWS[1:])
-SCRATCH_RUNS = ("meld_mined", "meld_oracle")
-
-
 def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
     """MELD trained from scratch with its own mined table and with the oracle's complete labels,
     against MELD and the finetuned MELD + MAM + NRM, on the seeds that have either."""
@@ -733,7 +725,7 @@ def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[st
          "any mining of labels could give MELD at this scale). The seeds column counts the seeds "
          "with the run; a check compares the seeds both of its runs have.", ""]
     L += _froc_tables(out, have, SCRATCH_ROWS, seeds_column=True, sub=sub)[0] + ORDER_HEADER
-    for name, a, b in ORACLE_SCRATCH_CHECKS + MINED_SCRATCH_CHECKS:
+    for name, a, b in SCRATCH_CHECKS:
         both = [s for s in have if _result(out, s, a, sub) and _result(out, s, b, sub)]
         if both:
             L += _check_rows(_froc_tables(out, both, ((a, a), (b, b)), sub=sub)[1], name, a, b)

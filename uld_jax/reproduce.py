@@ -1,7 +1,7 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long] \
-        [--keyslice] [--control] [--oracle] [--oracle-scratch] [--mined-scratch] \
+        [--keyslice] [--control] [--oracle] [--oracle-scratch] [--mined-scratch [mam,nrm,both]] \
         [--heldout N] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
         [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
@@ -33,10 +33,11 @@ What runs (each piece resumable: finished steps are skipped when run again):
 * ``--oracle-scratch``: MELD trained from scratch, for every seed, with the oracle's positives as
   extra labels (complete labels on every mined slice, no added slices): the most label mining could
   give MELD at this scale.
-* ``--mined-scratch``: MELD trained from scratch, for every seed, with its own mined table (MAM's
-  positives and NRM's ignore regions, no bare added slices) in place of the short finetuning: the
-  recipe the oracle points to, read against MELD, the finetuned MELD + MAM + NRM and the oracle's
-  labels trained in the same way.
+* ``--mined-scratch [PARTS]``: MELD trained from scratch, for every seed, with its own mined table
+  (MAM's positives and NRM's ignore regions, no bare added slices) in place of the short
+  finetuning: the recipe the oracle points to, read against MELD, the finetuned MELD + MAM + NRM
+  and the oracle's labels trained in the same way. ``PARTS`` ``mam,nrm,both`` also trains MELD with
+  the MAM positives alone and with the NRM regions alone: Table 1's ordering with that recipe.
 * ``--heldout N``: a held-out evaluation world of the same preset (another seed, N DeepLesion
   patients, every one in its test split), on which every seed's finished Table-1, control, oracle
   and from-scratch runs are evaluated too: several times the test lesions of the training world's
@@ -388,12 +389,21 @@ def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 # neither with the bare added slices. Read against MELD and the finetuned MELD + MAM + NRM.
 SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("ft_both", qs.ROW_NAMES["ft_both"] + " (finetuned)"),
+                ("meld_mam", "MELD trained with its own MAM positives"),
+                ("meld_nrm", "MELD trained with its own NRM ignore regions"),
                 ("meld_mined", "MELD trained with its own mined table (MAM + NRM)"),
                 ("meld_oracle", "MELD trained with the oracle's positives (complete labels on the "
                  "mined slices)"))
-SCRATCH_RUNS = ("meld_mined", "meld_oracle")
+# (run, part of the mined table (quickstart.split_mined), the table's tag): --mined-scratch PARTS
+SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch"), "nrm": ("meld_nrm", "nrm_scratch"),
+                 "both": ("meld_mined", "both_scratch")}
+SCRATCH_RUNS = ("meld_mam", "meld_nrm", "meld_mined", "meld_oracle")
 SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
+                  ("MAM table > MELD", "meld_mam", "meld"),
+                  ("NRM table > MELD", "meld_nrm", "meld"),
                   ("mined table > MELD", "meld_mined", "meld"),
+                  ("mined table > MAM table", "meld_mined", "meld_mam"),
+                  ("mined table > NRM table", "meld_mined", "meld_nrm"),
                   ("mined table > finetuned MAM + NRM", "meld_mined", "ft_both"),
                   ("complete labels > mined table", "meld_oracle", "meld_mined"))
 
@@ -408,12 +418,21 @@ def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> Non
         q.eval_step("meld_oracle")
 
 
-def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
+                      parts: Sequence[str] = ("both",)) -> None:
+    """Every seed: MELD's own command trained from scratch with each ``part`` of its mined table
+    (:data:`SCRATCH_PARTS`: ``'mam'`` its MAM positives, ``'nrm'`` its NRM ignore regions,
+    ``'both'`` both), without the bare added slices, then evaluated."""
+    bad = [p for p in parts if p not in SCRATCH_PARTS]
+    if bad:
+        raise ValueError(f"--mined-scratch: unknown part(s) {bad}; expected some of "
+                         f"{', '.join(SCRATCH_PARTS)}")
     for q in _seed_quickstarts(out, recipe, seeds):
-        part = _split_step(q, "both", "both_scratch", added=False)
-        q.step("meld_mined", [q.scratch_cmd("meld", "meld_mined",
-                                            f"--config.data.overlays=('{part}',)")])
-        q.eval_step("meld_mined")
+        for part in parts:
+            run, tag = SCRATCH_PARTS[part]
+            table = _split_step(q, part, tag, added=False)
+            q.step(run, [q.scratch_cmd("meld", run, f"--config.data.overlays=('{table}',)")])
+            q.eval_step(run)
 
 
 # A held-out evaluation world: the same preset and generator, another seed, every DeepLesion patient
@@ -422,7 +441,7 @@ def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None
 # evaluated on it as on their own test split.
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
-                "ft_oracle_nrm", "meld_oracle", "meld_mined")
+                "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined")
 HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **qs.ROW_NAMES,
                           **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
 
@@ -1130,9 +1149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--oracle-scratch", action="store_true",
                    help="every seed: MELD trained from scratch with the oracle's positives "
                    "(complete labels on the mined slices)")
-    p.add_argument("--mined-scratch", action="store_true",
-                   help="every seed: MELD trained from scratch with its own mined table (MAM's "
-                   "positives and NRM's ignore regions) instead of finetuned on it")
+    p.add_argument("--mined-scratch", nargs="?", const="both", default="", metavar="PARTS",
+                   help="every seed: MELD trained from scratch with its own mined table instead of "
+                   "finetuned on it; PARTS (comma-separated, default 'both'): 'mam' its MAM "
+                   "positives, 'nrm' its NRM ignore regions, 'both' both (Table 1 from scratch: "
+                   "mam,nrm,both)")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="every seed's finished Table-1, control, oracle and from-scratch runs "
                    "also evaluated on a "
@@ -1164,6 +1185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--seeds: {a.seeds!r} is not a comma-separated list of integers")
     if not seeds or len(set(seeds)) != len(seeds):
         p.error(f"--seeds: {a.seeds!r}: give one or more distinct seeds")
+    scratch_parts = [v.strip() for v in a.mined_scratch.split(",") if v.strip()]
+    if a.mined_scratch and (not scratch_parts or set(scratch_parts) - set(SCRATCH_PARTS)):
+        p.error(f"--mined-scratch: {a.mined_scratch!r}: expected a comma-separated subset of "
+                f"{', '.join(SCRATCH_PARTS)}")
     if a.results is None:
         a.results = ("docs/results.md" if a.recipe == "quick" else f"docs/results_{a.recipe}.md")
     results = os.path.abspath(a.results) if a.results else ""
@@ -1179,7 +1204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.oracle_scratch:
             run_oracle_scratch(out, r, seeds)
         if a.mined_scratch:
-            run_mined_scratch(out, r, seeds)
+            run_mined_scratch(out, r, seeds, scratch_parts)
         if a.heldout:
             run_heldout(out, r, seeds, a.heldout)
         if a.calibrated_nrm:

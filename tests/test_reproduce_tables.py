@@ -433,3 +433,41 @@ def test_mined_scratch_commands_and_page(tmp_path, recorded_steps, monkeypatch):
     assert ("| complete labels > mined table | paper | +25.0 | +25.0 | undecided (one seed: no "
             "spread) |" in sec)
     assert "| complete labels > MELD | paper | +20.0 | +20.0 |" in sec
+
+
+def test_mined_scratch_parts_commands_and_page(tmp_path, recorded_steps, monkeypatch):
+    """--mined-scratch mam,nrm,both: one from-scratch run per part of the mined table, in that
+    order, and Table 1's ordering among them on the page."""
+    splits = []
+    monkeypatch.setattr(qs, "split_mined", lambda *a, **k: splits.append((a, k)))
+    reproduce.run_mined_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["mam", "nrm", "both"])
+    meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
+    calls = [(n, c, fn) for o, n, c, fn in recorded_steps if o.endswith("seed_3")]
+    assert [n for n, _, _ in calls] == ["mine_mam_scratch", "meld_mam", "eval_meld_mam",
+                                        "mine_nrm_scratch", "meld_nrm", "eval_meld_nrm",
+                                        "mine_both_scratch", "meld_mined", "eval_meld_mined"]
+    for (name, _, fn), (run, (tr,), _), part in zip(calls[0::3], calls[1::3], ("mam", "nrm", "both")):
+        fn()
+        (src, p, dst, _), kw = splits[-1]
+        assert (src, p, dst, kw) == (f"{meld}/mined.npz", part, f"{meld}/mined_{part}_scratch.npz",
+                                     {"added": False})
+        assert "configs/meld.py:tiny" in tr and f"{run}" in " ".join(tr)
+        assert tr[-1] == f"--config.data.overlays=('{meld}/mined_{part}_scratch.npz',)"
+    with pytest.raises(ValueError, match="unknown part"):
+        reproduce.run_mined_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["mam", "all"])
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(tmp_path), "--mined-scratch", "mam,all"])
+    # page: MAM alone and NRM alone against MELD, both against each (hand-computed differences)
+    for s, (mam, nrm, both) in ((0, (0.25, 0.15, 0.30)), (1, (0.30, 0.25, 0.20))):
+        _eval(tmp_path / f"seed_{s}", "meld", 0.2)
+        _eval(tmp_path / f"seed_{s}", "meld_mam", mam)
+        _eval(tmp_path / f"seed_{s}", "meld_nrm", nrm)
+        _eval(tmp_path / f"seed_{s}", "meld_mined", both)
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    sec = text[text.index("## Labels trained in from scratch"):]
+    assert "| MELD trained with its own MAM positives | 2 | 27.5 ± 3.5 |" in sec
+    assert "| MELD trained with its own NRM ignore regions | 2 | 20.0 ± 7.1 |" in sec
+    assert "| MAM table > MELD | released | +5.0, +10.0 | +7.5 ± 3.5 | yes |" in sec
+    assert "| NRM table > MELD | paper | -5.0, +5.0 | +0.0 ± 7.1 | no |" in sec
+    assert "| mined table > MAM table | released | +5.0, -10.0 | -2.5 ± 10.6 | no |" in sec
+    assert "| mined table > NRM table | paper | +15.0, -5.0 | +5.0 ± 14.1 | no |" in sec

@@ -628,6 +628,11 @@ ORDER_HEADER = ["Difference of the mean sensitivity (points), per seed; 'holds' 
                 "|---|---|---|---:|---|"]
 
 
+def _points(x: float) -> str:
+    """A difference of sensitivities in signed points, one decimal; never ``-0.0``."""
+    return f"{round(100 * float(x), 1) + 0.0:+.1f}"
+
+
 def _check_rows(verdict: dict[str, dict[str, list[float]]], name: str, a: str, b: str
                 ) -> list[str]:
     """One ordering check's rows, one per hit rule: run ``a``'s mean sensitivity minus ``b``'s."""
@@ -638,8 +643,8 @@ def _check_rows(verdict: dict[str, dict[str, list[float]]], name: str, a: str, b
         d = np.asarray(means[a]) - np.asarray(means[b])
         sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
         holds = bool((d > 0).all() and (len(d) == 1 or d.mean() > sd))
-        L.append(f"| {name} | {rule} | " + ", ".join(f"{100 * x:+.1f}" for x in d)
-                 + f" | {100 * d.mean():+.1f}" + (f" ± {100 * sd:.1f}" if len(d) > 1 else "")
+        L.append(f"| {name} | {rule} | " + ", ".join(_points(x) for x in d)
+                 + f" | {_points(d.mean())}" + (f" ± {100 * sd:.1f}" if len(d) > 1 else "")
                  + " | " + (("undecided (one seed: no spread)" if holds else "no (one seed)")
                             if len(d) == 1 else ("yes" if holds else "no")) + " |")
     return L
@@ -739,7 +744,8 @@ def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[st
          + "Labels trained in from scratch (`--mined-scratch`, `--oracle-scratch`)", "",
          "MELD's own command (its whole schedule, from scratch) with extra labels on the mined "
          "slices instead of the short finetuning: its own mined table (`--mined-scratch`: MAM's "
-         "positives and NRM's ignore regions, without the bare added slices) or the oracle's "
+         "positives and NRM's ignore regions, without the bare added slices; `--mined-scratch "
+         "mam,nrm,both` also each part alone, Table 1's ordering with this recipe) or the oracle's "
          "positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle --without_added`: the most "
          "any mining of labels could give MELD at this scale). The seeds column counts the seeds "
          "with the run; a check compares the seeds both of its runs have.", ""]

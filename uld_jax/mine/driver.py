@@ -53,7 +53,7 @@ from uld_jax import input_pipeline as ip
 from uld_jax import overlay as overlay_lib
 from uld_jax import slice_data as sd
 from uld_jax.core import DATASET_ID, SINGLE_TYPE_DATASETS, Keys, Provenance
-from uld_jax.mine import calibrate, mam, nrm, run, store, table
+from uld_jax.mine import calibrate, external, mam, nrm, run, store, table
 from uld_jax.models.roi_heads import box_location
 
 # MAM's location scale on the command line (run.MiningOptions.location_mm; the library's default, 0,
@@ -97,6 +97,8 @@ class DriverOptions:
         above which its detections on its own dataset's ``calibration_split`` are right at least
         that often (:mod:`uld_jax.mine.calibrate`).
       calibration_split: the single-type datasets' split used by ``sigma_from='precision'``.
+      embeddings: an external embeddings file for MAM in place of the model's
+        (:mod:`uld_jax.mine.external`: exported targets of this run's store, embedded elsewhere).
     """
 
     step: int | None = None
@@ -116,6 +118,7 @@ class DriverOptions:
     mining: run.MiningOptions = dataclasses.field(default_factory=run.MiningOptions)
     sigma_from: str = "score"
     calibration_split: str = "train"
+    embeddings: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -514,10 +517,17 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
         summary["seconds"] = round(time.perf_counter() - t_start, 3)
         return summary
     slices, ann, props = st.load(expected_chunks=n_chunks)
+    ext_info = None
+    if options.embeddings:
+        ann, props, ext_info = external.load_embeddings(options.embeddings, slices, ann, props)
+        log.info("MAM on the external embeddings of %s (%d-D)", options.embeddings,
+                 ext_info["dim"])
     extra = {"dataset": MINED_DATASET, "split": "train", "mining": settings,
              "store": os.path.abspath(store_dir), "workdir": os.path.abspath(workdir),
              "annotation_id_base": ANNOTATION_ID_BASE,
              "num_annotations": int(len(ann.slice)), "num_proposals": int(len(props.slice))}
+    if ext_info:
+        extra["external_embeddings"] = ext_info
     mining = options.mining
     if options.sigma_from == "precision" and mining.nrm_experts:
         cal = calibrate.expert_sigmas(loaded, data_dir, mining.nrm_experts, mining.sigma,
@@ -586,6 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--calibration_split", default="train")
     p.add_argument("--nrm_as_positive", action="store_true",
                    help="suspicious regions become positives instead of ignore regions")
+    p.add_argument("--embeddings", default=None,
+                   help="MAM on these external embeddings instead of the model's (python -m "
+                   "uld_jax.mine.external: export this run's targets, embed them, pass the file)")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--debug_sleep_per_chunk_s", type=float, default=0.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -599,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug_sleep_per_chunk_s=a.debug_sleep_per_chunk_s,
         mining=run.MiningOptions(theta=a.theta, sigma=a.sigma, nrm_experts=experts,
                                  nrm_as_positive=a.nrm_as_positive, location_mm=a.location_mm),
-        sigma_from=a.sigma_from, calibration_split=a.calibration_split)
+        sigma_from=a.sigma_from, calibration_split=a.calibration_split, embeddings=a.embeddings)
     from uld_jax import train  # pylint: disable=g-import-not-at-top
     train.maybe_initialize_distributed()
     try:

@@ -32,7 +32,7 @@ import numpy as np
 
 from uld_jax.io.atomic import atomic_write, atomic_write_figure
 from uld_jax.io.json_safe import json_safe
-from uld_jax.mine import quality, run, store, table
+from uld_jax.mine import external, quality, run, store, table
 
 DEFAULT_THETAS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 DEFAULT_SIGMAS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -293,18 +293,26 @@ def plot_sweeps(rep: Mapping[str, Any], path: str) -> str:
         plt.close(fig)
 
 
-def load_run_outputs(overlay_path: str, store_dir: str | None = None):
-    """(overlay, slices, annotations, proposals) of a finished mining run."""
+def load_run_outputs(overlay_path: str, store_dir: str | None = None,
+                     embeddings: str | None = None):
+    """(overlay, slices, annotations, proposals) of a finished mining run. The embeddings are the
+    store's (the model's), or the external ones the table was mined with
+    (:mod:`uld_jax.mine.external`; ``embeddings``: that file instead)."""
     ov = table.read_overlay(overlay_path)
     sdir = store_dir or ov.meta.get("store")
     if not sdir or not os.path.isdir(sdir):
         raise FileNotFoundError(f"{overlay_path}: its chunk store {sdir!r} is not there "
                                 "(pass --store_dir)")
-    with open(os.path.join(sdir, "store.json"), encoding="utf-8") as f:
-        m = json.load(f)
-    st = store.ChunkStore(sdir, checkpoint_step=m["checkpoint_step"], config_hash=m["config_hash"],
-                          embedding_dim=m["embedding_dim"])
-    return (ov, *st.load())
+    slices, ann, props = store.ChunkStore.open(sdir).load()
+    ext = embeddings or (ov.meta.get("external_embeddings") or {}).get("path")
+    if ext:
+        ann, props, info = external.load_embeddings(ext, slices, ann, props)
+        recorded = (ov.meta.get("external_embeddings") or {}).get("sha256")
+        if not embeddings and recorded and recorded != info["sha256"]:
+            raise external.EmbeddingsError(f"{ext}: changed since {overlay_path} was mined with it "
+                                           f"(SHA-256 {info['sha256'][:12]}..., recorded "
+                                           f"{recorded[:12]}...); pass --embeddings to use it anyway")
+    return ov, slices, ann, props
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -316,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None, help="DATA_DIR (default: the overlay's provenance)")
     p.add_argument("--overlay", default=None, help="default WORKDIR/mined.npz")
     p.add_argument("--store_dir", default=None)
+    p.add_argument("--embeddings", default=None,
+                   help="external embeddings (python -m uld_jax.mine.external) for the sweeps and "
+                   "the inputs check (default: those the table was mined with, if any)")
     p.add_argument("--out", default=None, help="report prefix (default WORKDIR/mining_report)")
     p.add_argument("--thetas", default=",".join(map(str, DEFAULT_THETAS)))
     p.add_argument("--sigmas", default=",".join(map(str, DEFAULT_SIGMAS)))
@@ -325,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         ov, slices, ann, props = load_run_outputs(a.overlay or os.path.join(a.workdir, "mined.npz"),
-                                                  a.store_dir)
+                                                  a.store_dir, a.embeddings)
         data_dir = a.data_dir or (ov.meta.get("mining") or {}).get("data_dir")
         raw = a.raw or os.path.dirname(os.path.abspath(a.truth))
         frames = frames_from_build(data_dir, os.path.join(raw, "DeepLesion", "DL_info.csv"))

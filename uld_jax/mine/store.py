@@ -54,6 +54,25 @@ class ChunkStore:
         else:
             atomic_write_json(path, self.meta, fsync=True)
 
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> "ChunkStore":
+        """An existing store, with the checkpoint, config and embedding size of its ``store.json``
+        (for reading a finished run: reports, exports)."""
+        path = os.path.join(os.fspath(directory), "store.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory}: not a mining chunk store (no store.json); mine "
+                                    "first with `python -m uld_jax.mine --workdir RUN`")
+        with open(path, encoding="utf-8") as f:
+            try:
+                m = json.load(f)
+            except json.JSONDecodeError as e:
+                raise StoreError(f"{path}: not JSON ({e})") from e
+        try:
+            return cls(directory, checkpoint_step=m["checkpoint_step"],
+                       config_hash=m["config_hash"], embedding_dim=m["embedding_dim"])
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"{path}: missing or bad key {e}") from e
+
     def _path(self, chunk_id: int) -> str:
         return os.path.join(self.dir, f"chunk_{int(chunk_id):06d}.npz")
 

@@ -12,4 +12,6 @@ Modules:
   driver   ``python -m uld_jax.mine``: checkpoint -> inference over training slices every 5 mm
            (resumable chunks, sharded) -> MAM + NRM -> overlay in the workdir
   report   ``python -m uld_jax.mine.report``: quality report + sweeps as Markdown / JSON
+  external ``python -m uld_jax.mine.external``: a run's lesions and proposals (with crops) for an
+           external embedding (e.g. LesaNet's), read back by ``python -m uld_jax.mine --embeddings``
 """

@@ -152,3 +152,37 @@ def test_missing_key_and_missing_store(world, exported, tmp_path, capsys):  # no
     assert external.main(["--store", str(tmp_path / "nostore"), "--out",
                           str(tmp_path / "t.npz")]) == 1
     assert "not a mining chunk store" in capsys.readouterr().err
+
+
+def test_radiomic_features_golden_case():
+    """Hand-worked: a 2 x 2 px box of 100 HU on 0 HU (pixel centres 2.5 and 3.5 lie in [2, 4]),
+    10 HU above and -10 HU below it, 0.5 mm pixels (sides 1 mm and 1.5 mm)."""
+    crop = np.zeros((2, 3, 8, 8), np.int16)
+    crop[:, 1, 2:4, 2:4] = 100
+    crop[:, 0, 2:4, 2:4] = 10
+    crop[:, 2, 2:4, 2:4] = -10
+    t = {"crop": crop, "crop_box": np.asarray([[2, 2, 4, 4], [2, 2, 4, 5]], np.float32),
+         "pixel_mm": np.asarray([0.5, 0.5], np.float32),
+         "kind": np.asarray(["annotation", "proposal"]), "fingerprint": np.asarray("f")}
+    f = external.radiomic_features(t)
+    # box 0: 4 pixels of 100; ring = the 4 x 4 grown box minus them, all 0
+    np.testing.assert_allclose(f[0], [100, 0, 100, np.log(1.0), np.log(1.0), 10, -10])
+    # box 1 (x 2-4, y 2-5): rows 2-4, columns 2-3 -> 4 of 100 and 2 of 0 (row 4)
+    # the ring (grown: |x - 3| <= 2, |y - 3.5| <= 3, minus the box) is all 0 HU
+    v = np.r_[[100.0] * 4, 0, 0]
+    np.testing.assert_allclose(f[1], [v.mean(), v.std(), v.mean(), np.log(1.5), np.log(1.0),
+                                      20 / 3, -20 / 3])
+    e = external.radiomic_embedding(t)
+    assert e["annotation"].shape == (1, 7) and e["proposal"].shape == (1, 7)
+    assert str(e["fingerprint"]) == "f"
+
+
+def test_radiomic_file_is_a_valid_embeddings_file(world, tmp_path, capsys):  # noqa: F811
+    out, emb = str(tmp_path / "t.npz"), str(tmp_path / "rad.npz")
+    assert external.main(["--store", _store(world), "--out", out, "--crop_px", "16",
+                          "--radiomic", emb]) == 0
+    assert "radiomic embeddings (7-D)" in capsys.readouterr().out
+    slices, ann, props = store.ChunkStore.open(_store(world)).load()
+    ann2, props2, info = external.load_embeddings(emb, slices, ann, props)
+    assert info["dim"] == 7 and ann2.embedding.shape == (6, 7)
+    np.testing.assert_allclose(np.linalg.norm(ann2.embedding, axis=1), 1.0, atol=1e-6)

@@ -223,6 +223,53 @@ def load_embeddings(path: str, slices: run.SliceTable, annotations: run.Annotati
     return ann, props, {"path": os.path.abspath(path), "sha256": digest, "dim": int(d)}
 
 
+RADIOMIC_FEATURES = ("hu_mean", "hu_std", "hu_contrast", "log_long_mm", "log_short_mm",
+                     "hu_mean_above", "hu_mean_below")
+
+
+def radiomic_features(targets_npz: dict[str, np.ndarray]) -> np.ndarray:
+    """[N, 7] hand-made descriptors of each target's crop (:data:`RADIOMIC_FEATURES`): mean and
+    standard deviation of HU inside the box on its own slice, its contrast with a ring around it
+    (the box grown to twice its size, minus the box), the log of its long and short sides in mm,
+    and the mean HU inside the box on the slices above and below. A worked example of an external
+    embedding (no learning, nothing from the truth): it describes a lesion's kind (density, size,
+    3D extent), not its identity."""
+    crop = np.asarray(targets_npz["crop"], np.float64)
+    n, z, h, w = crop.shape
+    mid = z // 2
+    box = np.asarray(targets_npz["crop_box"], np.float64).reshape(-1, 4)
+    px = np.asarray(targets_npz["pixel_mm"], np.float64)
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    out = np.zeros((n, len(RADIOMIC_FEATURES)))
+    for i in range(n):
+        x1, y1, x2, y2 = box[i]
+        inside = (xx >= x1) & (xx <= x2) & (yy >= y1) & (yy <= y2)
+        if not inside.any():          # a box thinner than a pixel: its nearest pixel
+            inside[min(h - 1, max(0, int((y1 + y2) / 2))), min(w - 1, max(0, int((x1 + x2) / 2)))] = True
+        cx, cy, bw, bh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+        grown = (np.abs(xx - cx) <= bw) & (np.abs(yy - cy) <= bh)
+        ring = grown & ~inside
+        v = crop[i, mid][inside]
+        ring_mean = crop[i, mid][ring].mean() if ring.any() else v.mean()
+        side = np.sort([max(bw, 1.0), max(bh, 1.0)]) * (px[i] if np.isfinite(px[i]) else 1.0)
+        out[i] = (v.mean(), v.std(), v.mean() - ring_mean, np.log(side[1]), np.log(side[0]),
+                  crop[i, 0][inside].mean(), crop[i, -1][inside].mean())
+    return out
+
+
+def radiomic_embedding(targets_npz: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The embeddings file's arrays for :func:`radiomic_features`: each feature centred on its
+    median and scaled by its interquartile range over all targets (so that HU and log-mm weigh
+    alike), split into ``annotation`` and ``proposal`` rows, with the targets' fingerprint."""
+    f = radiomic_features(targets_npz)
+    q1, med, q3 = np.percentile(f, (25, 50, 75), axis=0) if len(f) else (0.0, 0.0, 1.0)
+    f = (f - med) / np.where(q3 - q1 > 0, q3 - q1, 1.0)
+    kind = np.asarray(targets_npz["kind"]).astype(str)
+    return {"annotation": f[kind == KINDS[0]].astype(np.float32),
+            "proposal": f[kind == KINDS[1]].astype(np.float32),
+            "fingerprint": np.asarray(targets_npz["fingerprint"])}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m uld_jax.mine.external",
                                 description="Export a mining run's annotations and universal "
@@ -234,15 +281,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the build it was mined on (default: recorded by WORKDIR/mined.npz)")
     p.add_argument("--crop_px", type=int, default=64, help="crop window (preprocessed pixels)")
     p.add_argument("--context", type=int, default=1, help="slices on each side of the crop's own")
+    p.add_argument("--radiomic", default=None, metavar="EMBEDDINGS",
+                   help="also write this embeddings file from hand-made crop descriptors "
+                   "(radiomic_embedding: density, contrast, size, extent; a worked example)")
     a = p.parse_args(argv)
     try:
         s = export(a.store, a.out, a.data_dir, a.crop_px, a.context)
+        if a.radiomic:
+            with np.load(a.out, allow_pickle=False) as z:
+                emb = radiomic_embedding({k: z[k] for k in z.files})
+            table.atomic_write_npz(a.radiomic, emb)
     except (FileNotFoundError, ValueError, store.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{s['annotations']} annotations and {s['proposals']} proposals, crops "
           f"{'x'.join(map(str, s['crop']))} -> {s['out']} (rows: {s['csv']}); fingerprint "
           f"{s['fingerprint']}")
+    if a.radiomic:
+        print(f"radiomic embeddings ({len(RADIOMIC_FEATURES)}-D) -> {a.radiomic}")
     return 0
 
 

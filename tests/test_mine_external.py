@@ -152,6 +152,22 @@ def test_missing_key_and_missing_store(world, exported, tmp_path, capsys):  # no
     assert external.main(["--store", str(tmp_path / "nostore"), "--out",
                           str(tmp_path / "t.npz")]) == 1
     assert "not a mining chunk store" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        external.main(["--store", _store(world), "--out", str(tmp_path / "t.npz"), "--crop_px",
+                       "0", "--radiomic", str(tmp_path / "r.npz")])
+    assert not os.path.exists(tmp_path / "t.npz")
+
+
+def test_rows_only_export(world, exported, tmp_path, capsys):  # noqa: F811
+    """--crop_px 0: the same rows and fingerprint, no crops (and no build needed)."""
+    _, t = exported
+    out = str(tmp_path / "rows.npz")
+    assert external.main(["--store", _store(world), "--out", out, "--crop_px", "0",
+                          "--data_dir", str(tmp_path / "no_build_here")]) == 0
+    assert "no crops" in capsys.readouterr().out
+    with np.load(out, allow_pickle=False) as z:
+        assert "crop" not in z.files and str(z["fingerprint"]) == str(t["fingerprint"])
+        np.testing.assert_array_equal(z["box"], t["box"])
 
 
 def test_radiomic_features_golden_case():

@@ -22,7 +22,9 @@ names the file and its SHA-256), so its sweeps and inputs check measure the exte
   annotations or among the universal proposals), ``dataset``, ``case_id``, ``slice_index``,
   ``patient_id``, ``box`` (x1, y1, x2, y2 in pixels of the preprocessed slice), ``pixel_mm``
   (the preprocessed slice's pixel size);
-- ``crop`` [N, 2 * context + 1, crop_px, crop_px] int16 HU: the slices ``slice_index - context ...
+- unless ``--crop_px 0`` (rows only, for a model that reads the images itself; the crops take
+  N x (2 context + 1) x crop_px^2 x 2 bytes, which at the paper's scale can be tens of GB),
+  ``crop`` [N, 2 * context + 1, crop_px, crop_px] int16 HU: the slices ``slice_index - context ...
   slice_index + context`` of the Case (clamped at its ends), a window of ``crop_px`` pixels centred
   on the box centre (padded with -1024 outside the slice), and ``crop_box``, the box in the crop's
   pixels (it may extend past the window for boxes larger than it);
@@ -135,17 +137,19 @@ def crops(data_dir: str, rows: dict[str, np.ndarray], crop_px: int = 64,
 
 def export(store_dir: str, out: str, data_dir: str | None = None, crop_px: int = 64,
            context: int = 1) -> dict[str, Any]:
-    """Writes ``out`` (targets with crops, .npz) and ``out`` with ``.csv`` (the rows); returns a
-    summary. ``data_dir``: the build the store was mined on (default: the store's own record)."""
+    """Writes ``out`` (targets with crops unless ``crop_px`` is 0, .npz) and ``out`` with ``.csv``
+    (the rows); returns a summary. ``data_dir``: the build the store was mined on (default: the
+    record of the table beside the store)."""
     st = store.ChunkStore.open(store_dir)
     slices, ann, props = st.load()
-    if data_dir is None:
+    if data_dir is None and crop_px:
         data_dir = _store_data_dir(store_dir)
     rows = targets(slices, ann, props)
     fp = fingerprint(rows)
-    crop, crop_box = crops(data_dir, rows, crop_px, context)
-    table.atomic_write_npz(out, {**rows, "crop": crop, "crop_box": crop_box,
-                                 "fingerprint": np.asarray(fp)})
+    arrays = {**rows, "fingerprint": np.asarray(fp)}
+    if crop_px:
+        arrays["crop"], arrays["crop_box"] = crops(data_dir, rows, crop_px, context)
+    table.atomic_write_npz(out, arrays)
     csv_path = os.path.splitext(out)[0] + ".csv"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -158,7 +162,7 @@ def export(store_dir: str, out: str, data_dir: str | None = None, crop_px: int =
     atomic_write(csv_path, lambda f: f.write(buf.getvalue().encode()))
     return {"out": out, "csv": csv_path, "annotations": int((rows["kind"] == KINDS[0]).sum()),
             "proposals": int((rows["kind"] == KINDS[1]).sum()), "fingerprint": fp,
-            "crop": list(crop.shape[1:])}
+            "crop": list(arrays["crop"].shape[1:]) if crop_px else None}
 
 
 def _store_data_dir(store_dir: str) -> str:
@@ -182,7 +186,7 @@ def load_embeddings(path: str, slices: run.SliceTable, annotations: run.Annotati
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such embeddings file")
     with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     try:
         with np.load(path, allow_pickle=False) as z:
             got = {k: z[k] for k in z.files}
@@ -279,12 +283,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="targets .npz (a .csv of the rows goes beside it)")
     p.add_argument("--data_dir", default=None,
                    help="the build it was mined on (default: recorded by WORKDIR/mined.npz)")
-    p.add_argument("--crop_px", type=int, default=64, help="crop window (preprocessed pixels)")
+    p.add_argument("--crop_px", type=int, default=64,
+                   help="crop window (preprocessed pixels); 0: rows only, no crops (the crops "
+                   "take N x (2 context + 1) x crop_px^2 x 2 bytes in memory and on disk)")
     p.add_argument("--context", type=int, default=1, help="slices on each side of the crop's own")
     p.add_argument("--radiomic", default=None, metavar="EMBEDDINGS",
                    help="also write this embeddings file from hand-made crop descriptors "
                    "(radiomic_embedding: density, contrast, size, extent; a worked example)")
     a = p.parse_args(argv)
+    if a.crop_px < 0 or a.context < 0 or (a.radiomic and not a.crop_px):
+        p.error(f"--crop_px {a.crop_px}, --context {a.context}: need both >= 0, and crops "
+                "(--crop_px > 0) for --radiomic")
     try:
         s = export(a.store, a.out, a.data_dir, a.crop_px, a.context)
         if a.radiomic:
@@ -294,9 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, store.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{s['annotations']} annotations and {s['proposals']} proposals, crops "
-          f"{'x'.join(map(str, s['crop']))} -> {s['out']} (rows: {s['csv']}); fingerprint "
-          f"{s['fingerprint']}")
+    crops_said = f"crops {'x'.join(map(str, s['crop']))}" if s["crop"] else "no crops"
+    print(f"{s['annotations']} annotations and {s['proposals']} proposals, {crops_said} -> "
+          f"{s['out']} (rows: {s['csv']}); fingerprint {s['fingerprint']}")
     if a.radiomic:
         print(f"radiomic embeddings ({len(RADIOMIC_FEATURES)}-D) -> {a.radiomic}")
     return 0

@@ -11,8 +11,10 @@ retraining MELD or running the detector again:
     python -m uld_jax.mine --workdir RUN --embeddings embeddings.npz --out RUN/mined_ext.npz
     python -m uld_jax.mine.report --workdir RUN --overlay RUN/mined_ext.npz --truth ...  # synthetic
 
-The second mining call finds every chunk in the store and runs no inference: only MAM and NRM run
-again, MAM on the external vectors. The report reads the same vectors again (the table's provenance
+The second mining call, given the first one's checkpoint and slice options (``--epoch`` or
+``--step``, ``--every_mm``, ``--min_score``, ``--chunk_slices``), finds every chunk in the same
+store and runs no inference: only MAM and NRM run again, MAM on the external vectors (other options
+would mine a new store, whose targets the file's fingerprint then does not match). The report reads the same vectors again (the table's provenance
 names the file and its SHA-256), so its sweeps and inputs check measure the external embedding.
 
 ``targets.npz`` (written atomically; ``targets.csv`` beside it, the same rows without the crops):
@@ -29,6 +31,9 @@ names the file and its SHA-256), so its sweeps and inputs check measure the exte
   on the box centre (padded with -1024 outside the slice), and ``crop_box``, the box in the crop's
   pixels (it may extend past the window for boxes larger than it);
 - ``fingerprint``: SHA-256 of the rows above, which the embeddings file must echo.
+
+``--radiomic FILE`` also writes a worked example of an embeddings file from hand-made descriptors
+of the crops (:func:`radiomic_embedding`).
 
 ``embeddings.npz`` (arrays, no pickles): ``annotation`` [A, D] and ``proposal`` [PU, D] floats, the
 rows of ``targets.npz`` of each kind in order, and ``fingerprint``, the targets' string. The

@@ -385,8 +385,9 @@ def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 # Labels trained in from scratch, in place of the short finetuning: MELD's own command for its whole
 # schedule with the oracle's positives (``meld_oracle``: complete labels on every slice mined, an
 # upper bound on what any label mining could give MELD at this scale) or with MELD's own mined table
-# (``meld_mined``: MAM's positives and NRM's ignore regions, the recipe change the oracle points to);
-# neither with the bare added slices. Read against MELD and the finetuned MELD + MAM + NRM.
+# (``meld_mined``: MAM's positives and NRM's ignore regions, the recipe change the oracle points to;
+# ``meld_mam`` / ``meld_nrm``: either part alone, Table 1's ordering with this recipe); none with the
+# bare added slices. Read against MELD and the finetuned MELD + MAM + NRM.
 SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("ft_both", qs.ROW_NAMES["ft_both"] + " (finetuned)"),
                 ("meld_mam", "MELD trained with its own MAM positives"),
@@ -394,7 +395,7 @@ SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("meld_mined", "MELD trained with its own mined table (MAM + NRM)"),
                 ("meld_oracle", "MELD trained with the oracle's positives (complete labels on the "
                  "mined slices)"))
-# (run, part of the mined table (quickstart.split_mined), the table's tag): --mined-scratch PARTS
+# --mined-scratch PARTS: part of the mined table (quickstart.split_mined) -> (run, the table's tag)
 SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch"), "nrm": ("meld_nrm", "nrm_scratch"),
                  "both": ("meld_mined", "both_scratch")}
 SCRATCH_RUNS = ("meld_mam", "meld_nrm", "meld_mined", "meld_oracle")
@@ -429,10 +430,10 @@ def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
                          f"{', '.join(SCRATCH_PARTS)}")
     for q in _seed_quickstarts(out, recipe, seeds):
         for part in parts:
-            run, tag = SCRATCH_PARTS[part]
+            name, tag = SCRATCH_PARTS[part]
             table = _split_step(q, part, tag, added=False)
-            q.step(run, [q.scratch_cmd("meld", run, f"--config.data.overlays=('{table}',)")])
-            q.eval_step(run)
+            q.step(name, [q.scratch_cmd("meld", name, f"--config.data.overlays=('{table}',)")])
+            q.eval_step(name)
 
 
 # A held-out evaluation world: the same preset and generator, another seed, every DeepLesion patient

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from data_prep import case_factory as cf
 from uld_jax import slice_data as sd
 from uld_jax.core import DATASET_ID
 from uld_jax.mine import driver, external, report, store, table
@@ -52,7 +53,7 @@ def test_export_rows_crops_and_csv(world, exported):  # noqa: F811
     for i in range(len(t["kind"])):
         c = cases[str(t["case_id"][i])]
         z = int(t["slice_index"][i])
-        x1, y1, x2, y2 = t["box"][i].astype(np.float64)
+        y1, x1, y2, x2 = t["box"][i].astype(np.float64)          # uld_jax.core's box format
         cx, cy = int(np.floor((x1 + x2) / 2 - 12)), int(np.floor((y1 + y2) / 2 - 12))
         for k, dz in enumerate((-1, 0, 1)):
             zz = min(max(z + dz, 0), int(c["num_slices"]) - 1)
@@ -60,13 +61,20 @@ def test_export_rows_crops_and_csv(world, exported):  # noqa: F811
             big = np.pad(img, 100, constant_values=-1024)
             want = big[cy + 100:cy + 124, cx + 100:cx + 124]
             np.testing.assert_array_equal(t["crop"][i, k], want)
-        np.testing.assert_allclose(t["crop_box"][i], [x1 - cx, y1 - cy, x2 - cx, y2 - cy],
+        np.testing.assert_allclose(t["crop_box"][i], [y1 - cy, x1 - cx, y2 - cy, x2 - cx],
                                    rtol=0, atol=1e-4)
+    # the annotated lesions (case_factory: 6 x 8 px rectangles of LESION_HU, exactly the box's
+    # pixels) fill their crop box on the crop's middle slice
+    for i in np.flatnonzero(t["kind"] == "annotation"):
+        b = np.round(t["crop_box"][i]).astype(int)
+        assert (b[2] - b[0], b[3] - b[1]) == (6, 8)
+        assert np.all(t["crop"][i, 1, b[0]:b[2], b[1]:b[3]] == cf.LESION_HU)
+        assert not np.any(t["crop"][i, 1, b[0] - 1, b[1]:b[3]] == cf.LESION_HU)
     with open(os.path.splitext(out)[0] + ".csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(t["kind"]) and rows[0]["kind"] == "annotation"
     assert rows[-1]["case_id"] == t["case_id"][-1] and float(rows[-1]["x2"]) == pytest.approx(
-        float(t["box"][-1, 2]), abs=0.01)
+        float(t["box"][-1, 3]), abs=0.01)
 
 
 def _write_embeddings(path, t, planted_row=None, **overrides):
@@ -177,13 +185,13 @@ def test_radiomic_features_golden_case():
     crop[:, 1, 2:4, 2:4] = 100
     crop[:, 0, 2:4, 2:4] = 10
     crop[:, 2, 2:4, 2:4] = -10
-    t = {"crop": crop, "crop_box": np.asarray([[2, 2, 4, 4], [2, 2, 4, 5]], np.float32),
+    t = {"crop": crop, "crop_box": np.asarray([[2, 2, 4, 4], [2, 2, 5, 4]], np.float32),
          "pixel_mm": np.asarray([0.5, 0.5], np.float32),
          "kind": np.asarray(["annotation", "proposal"]), "fingerprint": np.asarray("f")}
     f = external.radiomic_features(t)
     # box 0: 4 pixels of 100; ring = the 4 x 4 grown box minus them, all 0
     np.testing.assert_allclose(f[0], [100, 0, 100, np.log(1.0), np.log(1.0), 10, -10])
-    # box 1 (x 2-4, y 2-5): rows 2-4, columns 2-3 -> 4 of 100 and 2 of 0 (row 4)
+    # box 1 ([y1, x1, y2, x2] = [2, 2, 5, 4]): rows 2-4, columns 2-3 -> 4 of 100 and 2 of 0 (row 4)
     # the ring (grown: |x - 3| <= 2, |y - 3.5| <= 3, minus the box) is all 0 HU
     v = np.r_[[100.0] * 4, 0, 0]
     np.testing.assert_allclose(f[1], [v.mean(), v.std(), v.mean(), np.log(1.5), np.log(1.0),

@@ -22,14 +22,15 @@ names the file and its SHA-256), so its sweeps and inputs check measure the exte
 - one row per annotated lesion of the store, then one per proposal of the universal (DeepLesion)
   expert, in store order: ``kind`` (``annotation`` / ``proposal``), ``index`` (the row among the
   annotations or among the universal proposals), ``dataset``, ``case_id``, ``slice_index``,
-  ``patient_id``, ``box`` (x1, y1, x2, y2 in pixels of the preprocessed slice), ``pixel_mm``
-  (the preprocessed slice's pixel size);
+  ``patient_id``, ``box`` (the library's ``[y1, x1, y2, x2]``, continuous pixel coordinates of the
+  preprocessed slice: pixel ``(r, c)`` covers ``[r, r + 1) x [c, c + 1)``), ``pixel_mm`` (the
+  preprocessed slice's pixel size);
 - unless ``--crop_px 0`` (rows only, for a model that reads the images itself; the crops take
   N x (2 context + 1) x crop_px^2 x 2 bytes, which at the paper's scale can be tens of GB),
   ``crop`` [N, 2 * context + 1, crop_px, crop_px] int16 HU: the slices ``slice_index - context ...
   slice_index + context`` of the Case (clamped at its ends), a window of ``crop_px`` pixels centred
   on the box centre (padded with -1024 outside the slice), and ``crop_box``, the box in the crop's
-  pixels (it may extend past the window for boxes larger than it);
+  pixels, ``[y1, x1, y2, x2]`` (it may extend past the window for boxes larger than it);
 - ``fingerprint``: SHA-256 of the rows above, which the embeddings file must echo.
 
 ``--radiomic FILE`` also writes a worked example of an embeddings file from hand-made descriptors
@@ -113,10 +114,11 @@ def crops(data_dir: str, rows: dict[str, np.ndarray], crop_px: int = 64,
     n = len(rows["kind"])
     out = np.full((n, 2 * context + 1, crop_px, crop_px), PAD_HU, np.int16)
     box = np.asarray(rows["box"], np.float64).reshape(-1, 4)
-    # top-left corner of the window: the box centre minus half the window, in whole pixels
-    x0 = np.floor(0.5 * (box[:, 0] + box[:, 2]) - crop_px / 2).astype(np.int64)
-    y0 = np.floor(0.5 * (box[:, 1] + box[:, 3]) - crop_px / 2).astype(np.int64)
-    crop_box = (box - np.stack([x0, y0, x0, y0], 1)).astype(np.float32)
+    # top-left corner of the window (boxes are [y1, x1, y2, x2]): the box centre minus half the
+    # window, in whole pixels
+    y0 = np.floor(0.5 * (box[:, 0] + box[:, 2]) - crop_px / 2).astype(np.int64)
+    x0 = np.floor(0.5 * (box[:, 1] + box[:, 3]) - crop_px / 2).astype(np.int64)
+    crop_box = (box - np.stack([y0, x0, y0, x0], 1)).astype(np.float32)
     for ds in np.unique(rows["dataset"]):
         ddir = sd.dataset_dir_for(data_dir, str(ds))
         cases = {sd._text(c["case_id"]): c for c in sd.load_cases(data_dir, str(ds))}
@@ -158,8 +160,8 @@ def export(store_dir: str, out: str, data_dir: str | None = None, crop_px: int =
     csv_path = os.path.splitext(out)[0] + ".csv"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["kind", "index", "dataset", "case_id", "slice_index", "patient_id", "x1", "y1",
-                "x2", "y2", "pixel_mm"])
+    w.writerow(["kind", "index", "dataset", "case_id", "slice_index", "patient_id", "y1", "x1",
+                "y2", "x2", "pixel_mm"])
     for i in range(len(rows["kind"])):
         w.writerow([rows["kind"][i], int(rows["index"][i]), rows["dataset"][i], rows["case_id"][i],
                     int(rows["slice_index"][i]), rows["patient_id"][i],
@@ -251,7 +253,7 @@ def radiomic_features(targets_npz: dict[str, np.ndarray]) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w] + 0.5
     out = np.zeros((n, len(RADIOMIC_FEATURES)))
     for i in range(n):
-        x1, y1, x2, y2 = box[i]
+        y1, x1, y2, x2 = box[i]
         inside = (xx >= x1) & (xx <= x2) & (yy >= y1) & (yy <= y2)
         if not inside.any():          # a box thinner than a pixel: its nearest pixel
             inside[min(h - 1, max(0, int((y1 + y2) / 2))), min(w - 1, max(0, int((x1 + x2) / 2)))] = True

@@ -471,3 +471,17 @@ def test_mined_scratch_parts_commands_and_page(tmp_path, recorded_steps, monkeyp
     assert "| NRM table > MELD | paper | -5.0, +5.0 | +0.0 ± 7.1 | no |" in sec
     assert "| mined table > MAM table | released | +5.0, -10.0 | -2.5 ± 10.6 | no |" in sec
     assert "| mined table > NRM table | paper | +15.0, -5.0 | +5.0 ± 14.1 | no |" in sec
+
+
+def test_ordering_checks_pair_runs_by_seed(tmp_path):
+    """A check compares the two runs on the seeds both have, seed by seed: MELD on seeds 1 and 2,
+    the control on seeds 0 and 1 -> one difference, seed 1's (not seed 0's control against seed
+    1's MELD, as two equally long lists taken in order would give)."""
+    for s, level in ((1, 0.20), (2, 0.50)):
+        _eval(tmp_path / f"seed_{s}", "meld", level)
+    for s, level in ((0, 0.10), (1, 0.30)):
+        _eval(tmp_path / f"seed_{s}", "ft_none", level)
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1, 2], "", ["x"])
+    sec = text[text.index("## The finetuning control"):]
+    assert "| control > MELD | released | +10.0 | +10.0 | undecided (one seed: no spread) |" in sec
+    assert "| MAM > control |" not in sec                    # no seed has MELD + MAM

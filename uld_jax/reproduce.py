@@ -386,8 +386,8 @@ def run_oracle(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 # schedule with the oracle's positives (``meld_oracle``: complete labels on every slice mined, an
 # upper bound on what any label mining could give MELD at this scale) or with MELD's own mined table
 # (``meld_mined``: MAM's positives and NRM's ignore regions, the recipe change the oracle points to;
-# ``meld_mam`` / ``meld_nrm``: either part alone, Table 1's ordering with this recipe); none with the
-# bare added slices. Read against MELD and the finetuned MELD + MAM + NRM.
+# ``meld_mam`` / ``meld_nrm``: either part alone, Table 1's ordering with this recipe); none with
+# the bare added slices. Read against MELD and the finetuned MELD + MAM + NRM.
 SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("ft_both", qs.ROW_NAMES["ft_both"] + " (finetuned)"),
                 ("meld_mam", "MELD trained with its own MAM positives"),
@@ -593,10 +593,10 @@ def _result(out: str, seed: int, run: str, sub: str = "eval"):
 
 def _froc_tables(out: str, seeds: Sequence[int], rows: Sequence[tuple[str, str]],
                  seeds_column: bool = False, sub: str = "eval"
-                 ) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+                 ) -> tuple[list[str], dict[str, dict[str, dict[int, float]]]]:
     """Per hit rule, a table of ``rows`` ((run, name)): sensitivity at each FP rate and the mean,
     mean ± sd over the seeds with a result ('not run' without one), from each seed's ``sub``
-    folder. Returns (lines, {rule: {run: [mean per seed]}})."""
+    folder. Returns (lines, {rule: {run: {seed: mean}}})."""
     res = {(s, r): _result(out, s, r, sub) for s in seeds for r, _ in rows}
     L: list[str] = []
     verdict: dict[str, dict[str, list[float]]] = {}
@@ -607,17 +607,18 @@ def _froc_tables(out: str, seeds: Sequence[int], rows: Sequence[tuple[str, str]]
               "| method |" + (" seeds |" if seeds_column else "") + " "
               + " | ".join(f"{x:g}" for x in rates) + " | mean |",
               "|---|" + ("---:|" if seeds_column else "") + "---:|" * (len(rates) + 1)]
-        means: dict[str, list[float]] = {}
+        means: dict[str, dict[int, float]] = {}
         for r, name in rows:
-            ts = [res[s, r]["tables"][rule] for s in seeds
-                  if res[s, r] and rule in res[s, r].get("tables", {})]
+            ts = {s: res[s, r]["tables"][rule] for s in seeds
+                  if res[s, r] and rule in res[s, r].get("tables", {})}
             lead = f"| {name} |" + (f" {len(ts)} |" if seeds_column else "")
             if not ts:
                 L.append(lead + " " + " | ".join("not run" for _ in rates) + " | not run |")
                 continue
-            cols = [_mean_sd([t["sensitivity"][i] for t in ts]) for i in range(len(rates))]
-            means[r] = [t["mean"] for t in ts]
-            L.append(lead + " " + " | ".join(cols) + f" | **{_mean_sd(means[r])}** |")
+            cols = [_mean_sd([t["sensitivity"][i] for t in ts.values()]) for i in range(len(rates))]
+            means[r] = {s: t["mean"] for s, t in ts.items()}
+            L.append(lead + " " + " | ".join(cols)
+                     + f" | **{_mean_sd(list(means[r].values()))}** |")
         L.append("")
         verdict[rule] = means
     return L, verdict
@@ -634,14 +635,16 @@ def _points(x: float) -> str:
     return f"{round(100 * float(x), 1) + 0.0:+.1f}"
 
 
-def _check_rows(verdict: dict[str, dict[str, list[float]]], name: str, a: str, b: str
+def _check_rows(verdict: dict[str, dict[str, dict[int, float]]], name: str, a: str, b: str
                 ) -> list[str]:
-    """One ordering check's rows, one per hit rule: run ``a``'s mean sensitivity minus ``b``'s."""
+    """One ordering check's rows, one per hit rule: run ``a``'s mean sensitivity minus ``b``'s, on
+    the seeds both runs have (none: no row)."""
     L = []
     for rule, means in verdict.items():
-        if a not in means or b not in means or len(means[a]) != len(means[b]):
+        common = sorted(set(means.get(a, ())) & set(means.get(b, ())))
+        if not common:
             continue
-        d = np.asarray(means[a]) - np.asarray(means[b])
+        d = np.asarray([means[a][s] - means[b][s] for s in common])
         sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
         holds = bool((d > 0).all() and (len(d) == 1 or d.mean() > sd))
         L.append(f"| {name} | {rule} | " + ", ".join(_points(x) for x in d)
@@ -651,7 +654,7 @@ def _check_rows(verdict: dict[str, dict[str, list[float]]], name: str, a: str, b
     return L
 
 
-def _order_lines(verdict: dict[str, dict[str, list[float]]],
+def _order_lines(verdict: dict[str, dict[str, dict[int, float]]],
                  checks: Sequence[tuple[str, str, str]]) -> list[str]:
     """The ordering checks' table: per check and hit rule, the per-seed differences of the mean
     sensitivity, their mean ± sd, and whether the check holds."""
@@ -750,12 +753,8 @@ def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[st
          "positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle --without_added`: the most "
          "any mining of labels could give MELD at this scale). The seeds column counts the seeds "
          "with the run; a check compares the seeds both of its runs have.", ""]
-    L += _froc_tables(out, have, SCRATCH_ROWS, seeds_column=True, sub=sub)[0] + ORDER_HEADER
-    for name, a, b in SCRATCH_CHECKS:
-        both = [s for s in have if _result(out, s, a, sub) and _result(out, s, b, sub)]
-        if both:
-            L += _check_rows(_froc_tables(out, both, ((a, a), (b, b)), sub=sub)[1], name, a, b)
-    return L + [""]
+    lines, verdict = _froc_tables(out, have, SCRATCH_ROWS, seeds_column=True, sub=sub)
+    return L + lines + _order_lines(verdict, SCRATCH_CHECKS)
 
 
 HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,

@@ -5,7 +5,7 @@ with body-part, type and attribute labels mined from the reports). This project 
 embedding with the detector; a user who has a better lesion embedding can replace it without
 retraining MELD or running the detector again:
 
-    python -m uld_jax.mine --workdir RUN ...                       # mines; chunk store RUN/mining/step_N
+    python -m uld_jax.mine --workdir RUN ...           # mines; chunk store RUN/mining/step_N
     python -m uld_jax.mine.external --store RUN/mining/step_N --out targets.npz
     # embed targets.npz's crops with your model; write embeddings.npz (below)
     python -m uld_jax.mine --workdir RUN --embeddings embeddings.npz --out RUN/mined_ext.npz
@@ -14,8 +14,9 @@ retraining MELD or running the detector again:
 The second mining call, given the first one's checkpoint and slice options (``--epoch`` or
 ``--step``, ``--every_mm``, ``--min_score``, ``--chunk_slices``), finds every chunk in the same
 store and runs no inference: only MAM and NRM run again, MAM on the external vectors (other options
-would mine a new store, whose targets the file's fingerprint then does not match). The report reads the same vectors again (the table's provenance
-names the file and its SHA-256), so its sweeps and inputs check measure the external embedding.
+would mine a new store, whose targets the file's fingerprint then does not match). The report
+reads the same vectors again (the table's provenance names the file and its SHA-256), so its
+sweeps and inputs check measure the external embedding.
 
 ``targets.npz`` (written atomically; ``targets.csv`` beside it, the same rows without the crops):
 
@@ -110,7 +111,8 @@ def crops(data_dir: str, rows: dict[str, np.ndarray], crop_px: int = 64,
     """``(crop [N, 2*context+1, crop_px, crop_px] int16, crop_box [N, 4] float32)`` read from the
     build's slice store (module docstring)."""
     if crop_px < 1 or context < 0:
-        raise ValueError(f"crop_px {crop_px} and context {context}: need crop_px >= 1, context >= 0")
+        raise ValueError(f"crop_px {crop_px} and context {context}: need crop_px >= 1 and "
+                         "context >= 0")
     n = len(rows["kind"])
     out = np.full((n, 2 * context + 1, crop_px, crop_px), PAD_HU, np.int16)
     box = np.asarray(rows["box"], np.float64).reshape(-1, 4)
@@ -204,9 +206,9 @@ def load_embeddings(path: str, slices: run.SliceTable, annotations: run.Annotati
             raise EmbeddingsError(f"{path}: no array {k!r} (has {sorted(got)})")
     want = fingerprint(targets(slices, annotations, proposals))
     if str(got["fingerprint"]) != want:
-        raise EmbeddingsError(f"{path}: 'fingerprint' {str(got['fingerprint'])[:16]}... is not this "
-                              f"mining run's targets' ({want[:16]}...); export the targets of this "
-                              "store again and embed those")
+        raise EmbeddingsError(f"{path}: 'fingerprint' {str(got['fingerprint'])[:16]}... is not "
+                              f"this mining run's targets' ({want[:16]}...); export the targets of "
+                              "this store again and embed those")
     uni = universal_rows(proposals)
     n_a = len(annotations.slice)
     vecs = {}
@@ -255,9 +257,9 @@ def radiomic_features(targets_npz: dict[str, np.ndarray]) -> np.ndarray:
     for i in range(n):
         y1, x1, y2, x2 = box[i]
         inside = (xx >= x1) & (xx <= x2) & (yy >= y1) & (yy <= y2)
-        if not inside.any():          # a box thinner than a pixel: its nearest pixel
-            inside[min(h - 1, max(0, int((y1 + y2) / 2))), min(w - 1, max(0, int((x1 + x2) / 2)))] = True
         cx, cy, bw, bh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+        if not inside.any():          # a box thinner than a pixel: its nearest pixel
+            inside[min(h - 1, max(0, int(cy))), min(w - 1, max(0, int(cx)))] = True
         grown = (np.abs(xx - cx) <= bw) & (np.abs(yy - cy) <= bh)
         ring = grown & ~inside
         v = crop[i, mid][inside]

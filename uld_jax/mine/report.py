@@ -309,9 +309,10 @@ def load_run_outputs(overlay_path: str, store_dir: str | None = None,
         ann, props, info = external.load_embeddings(ext, slices, ann, props)
         recorded = (ov.meta.get("external_embeddings") or {}).get("sha256")
         if not embeddings and recorded and recorded != info["sha256"]:
-            raise external.EmbeddingsError(f"{ext}: changed since {overlay_path} was mined with it "
-                                           f"(SHA-256 {info['sha256'][:12]}..., recorded "
-                                           f"{recorded[:12]}...); pass --embeddings to use it anyway")
+            raise external.EmbeddingsError(
+                f"{ext}: changed since {overlay_path} was mined with it (SHA-256 "
+                f"{info['sha256'][:12]}..., recorded {recorded[:12]}...); pass --embeddings to use "
+                "it anyway")
     return ov, slices, ann, props
 
 

@@ -79,7 +79,7 @@ def test_export_rows_crops_and_csv(world, exported):  # noqa: F811
 
 def _write_embeddings(path, t, planted_row=None, **overrides):
     """Annotations along e1, proposals along e2 (sqrt(2) apart), except ``planted_row`` of the
-    proposals: e1 + 0.1 e2 before normalisation (0.0998 from every annotation)."""
+    proposals: e1 + 0.1 e2 before normalisation (0.0996 from every annotation)."""
     d = 5
     kind = t["kind"]
     a = np.tile(np.eye(d)[0] * 3.0, ((kind == "annotation").sum(), 1))     # any length
@@ -95,13 +95,12 @@ def test_mam_on_external_embeddings(world, exported, tmp_path, capsys):  # noqa:
     _, t = exported
     props = store.ChunkStore.open(_store(world)).load()[2]
     uni = np.flatnonzero(props.expert == DATASET_ID["deeplesion"])
-    # a proposal of annotation 0's patient on a slice without annotations
-    ann_slices = set(t["slice_index"][t["kind"] == "annotation"].tolist())
-    pat0 = t["patient_id"][0]
-    cand = [j for j in range(uni.size) if t["patient_id"][6 + j] == pat0
-            and (t["case_id"][6 + j], t["slice_index"][6 + j]) not in
-            set(zip(t["case_id"][:6], t["slice_index"][:6]))]
-    j = cand[0]
+    # a proposal of annotation 0's patient on a slice without annotations (target row n_a + j)
+    n_a = int((t["kind"] == "annotation").sum())
+    annotated = set(zip(t["case_id"][:n_a], t["slice_index"][:n_a]))
+    j = next(j for j in range(uni.size) if t["patient_id"][n_a + j] == t["patient_id"][0]
+             and (t["case_id"][n_a + j], t["slice_index"][n_a + j]) not in annotated)
+    r = n_a + j
     emb = _write_embeddings(str(tmp_path / "emb.npz"), t, planted_row=j)
     out = str(tmp_path / "mined_ext.npz")
     rc = driver.main(["--workdir", str(world["run"]), "--chunk_slices", "8", "--progress", "off",
@@ -112,15 +111,15 @@ def test_mam_on_external_embeddings(world, exported, tmp_path, capsys):  # noqa:
     mined = np.flatnonzero(a["kind"] == table.KIND_MINED)
     assert mined.size == 1
     (m,) = mined
-    assert a["case_id"][m] == t["case_id"][6 + j] and a["slice_index"][m] == t["slice_index"][6 + j]
-    np.testing.assert_array_equal(a["box"][m], t["box"][6 + j])
+    assert a["case_id"][m] == t["case_id"][r] and a["slice_index"][m] == t["slice_index"][r]
+    np.testing.assert_array_equal(a["box"][m], t["box"][r])
     info = ov.meta["external_embeddings"]
     assert info["path"] == os.path.abspath(emb) and info["dim"] == 5 and len(info["sha256"]) == 64
     # no inference ran again: the store was complete
     assert '"chunks_mined_now": 0' in capsys.readouterr().out
     # the report reads the same vectors back (normalised) from the table's provenance
     _, _, ann, props2 = report.load_run_outputs(out)
-    np.testing.assert_allclose(ann.embedding, np.tile(np.eye(5)[0], (6, 1)), atol=1e-7)
+    np.testing.assert_allclose(ann.embedding, np.tile(np.eye(5)[0], (n_a, 1)), atol=1e-7)
     np.testing.assert_allclose(np.linalg.norm(props2.embedding[uni], axis=1), 1.0, atol=1e-6)
     # ... and refuses a file changed since
     _write_embeddings(emb, t)
@@ -157,6 +156,12 @@ def test_missing_key_and_missing_store(world, exported, tmp_path, capsys):  # no
     assert driver.main(["--workdir", str(world["run"]), "--chunk_slices", "8", "--progress", "off",
                         "--embeddings", emb]) == 1
     assert "no array 'proposal'" in capsys.readouterr().err
+    # a missing file is refused before any inference: no new store is started
+    assert driver.main(["--workdir", str(world["run"]), "--progress", "off", "--store_dir",
+                        str(tmp_path / "new_store"), "--embeddings",
+                        str(tmp_path / "absent.npz")]) == 1
+    assert "absent.npz: no such embeddings file" in capsys.readouterr().err
+    assert not (tmp_path / "new_store").exists()
     assert external.main(["--store", str(tmp_path / "nostore"), "--out",
                           str(tmp_path / "t.npz")]) == 1
     assert "not a mining chunk store" in capsys.readouterr().err

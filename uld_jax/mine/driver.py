@@ -443,6 +443,9 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
     if options.sigma_from == "precision" and not 0.0 < options.mining.sigma <= 1.0:
         raise ValueError(f"sigma {options.mining.sigma}: with sigma_from='precision' it is a "
                          "precision level in (0, 1]")
+    if options.embeddings and not os.path.isfile(options.embeddings):
+        # checked before inference: the file's contents can be checked only against a whole store
+        raise FileNotFoundError(f"{options.embeddings}: no such embeddings file")
     step = choose_step(workdir, options.step, options.epoch)
     loaded, model_hash = load_run(workdir, step, options.config)
     data_dir = options.data_dir or str(loaded.data_config.data_dir)

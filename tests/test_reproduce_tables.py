@@ -17,8 +17,8 @@ from uld_jax.evaluate.boxes import EvaluationInputError
 RATES = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 
 
-def _eval(seed_dir, run, level, strata=True):
-    d = seed_dir / "eval" / run
+def _eval(seed_dir, run, level, strata=True, sub="eval"):
+    d = seed_dir / sub / run
     d.mkdir(parents=True, exist_ok=True)
     tables = {rule: {"title": rule, "fp_rates": RATES, "sensitivity": [level] * 7, "mean": level,
                      "extra": {}} for rule in ("released", "paper")}
@@ -195,6 +195,7 @@ def test_commands_of_the_variants(tmp_path, recorded_steps):
     (["--unlabeled", "1,1"], "repeats"),
     (["--thetas", "0"], "must be > 0"),
     (["--seeds", "0,0"], "distinct"),
+    (["--heldout-checkpoints", "0"], "give 1 or more"),
 ])
 def test_bad_arguments_are_one_line_errors(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
@@ -485,3 +486,55 @@ def test_ordering_checks_pair_runs_by_seed(tmp_path):
     sec = text[text.index("## The finetuning control"):]
     assert "| control > MELD | released | +10.0 | +10.0 | undecided (one seed: no spread) |" in sec
     assert "| MAM > control |" not in sec                    # no seed has MELD + MAM
+
+
+def test_heldout_checkpoints_commands_and_page(tmp_path, monkeypatch, recorded_steps):
+    """``--heldout-checkpoints K``: each finished run's K - 1 checkpoints before its last are
+    evaluated on the held-out world (none for K = 1, fewer when fewer were saved); the page reads
+    the spread between a run's last K checkpoints and the ordering on their per-seed mean."""
+    from uld_jax import train
+
+    saved = {"meld": [10, 20, 30], "baseline": [30]}
+    monkeypatch.setattr(train, "checkpoint_steps", lambda d: saved[os.path.basename(d)])
+    st = tmp_path / "seed_3" / "state"
+    st.mkdir(parents=True)
+    for r in saved:
+        (st / f"{r}.json").write_text("{}")
+    reproduce.run_heldout(str(tmp_path), qs.RECIPES["smoke"], [3], 24)
+    assert sorted(k for k in _steps_of(recorded_steps, 3) if k.startswith("heldout_")) == [
+        "heldout_baseline", "heldout_meld"]
+    recorded_steps.clear()
+    reproduce.run_heldout(str(tmp_path), qs.RECIPES["smoke"], [3], 24, checkpoints=3)
+    s3 = _steps_of(recorded_steps, 3)
+    assert sorted(k for k in s3 if k.startswith("heldout_")) == [
+        "heldout_baseline", "heldout_meld", "heldout_meld_10", "heldout_meld_20"]
+    (ev,) = s3["heldout_meld_20"]
+    a = dict(zip(ev[3::2], ev[4::2]))
+    run = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
+    assert "--workdir" not in ev and a["--checkpoint"] == os.path.join(run, "checkpoints", "20")
+    assert a["--out"] == os.path.join(str(tmp_path), "seed_3", reproduce.STEPS_SUB, "meld", "20")
+    assert a["--data"] == os.path.join(str(tmp_path), "heldout", "data")
+
+    # the page: K = 2 reads step 20 and the last (step 10 is older: ignored)
+    for s, lv in ((0, {"meld": (0.90, 0.10, 0.30), "baseline": (0.0, 0.05, 0.15)}),
+                  (1, {"meld": (0.90, 0.20, 0.20), "baseline": (0.0, 0.10, 0.10)})):
+        for r, (a10, a20, last) in lv.items():
+            _eval(tmp_path / f"seed_{s}", r, last, sub="eval_heldout")
+            _eval(tmp_path / f"seed_{s}", f"{r}/10", a10, sub=reproduce.STEPS_SUB)
+            _eval(tmp_path / f"seed_{s}", f"{r}/20", a20, sub=reproduce.STEPS_SUB)
+    _eval(tmp_path / "seed_0", "ft_mam", 0.5, sub="eval_heldout")     # no earlier checkpoint
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    assert "### The last" not in text                                  # K = 1: no section
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"],
+                                   checkpoints=2)
+    sec = text[text.index("### The last 2 checkpoints"):]
+    sec = sec[:sec.index("#### paper")]
+    # MELD: seed 0 (0.10, 0.30) sd 14.1, seed 1 (0.20, 0.20) sd 0 -> 7.1 between its last 2; means
+    # 0.20 and 0.20; last 30.0 and 20.0
+    assert "| MELD | 20 | 2 | 25.0 ± 7.1 | 7.1 | 20.0 ± 0.0 |" in sec
+    assert "| Baseline" in sec and "MELD + MAM" not in sec
+    # on the means of the last 2: MELD 0.20, 0.20 against the baseline's 0.10, 0.10
+    assert "| MELD > baseline | released | +10.0, +10.0 | +10.0 ± 0.0 | yes |" in text[
+        text.index("#### Ordering on the mean of the last 2"):]
+    # on the last checkpoint alone (the held-out table's checks): +15.0 and +10.0
+    assert "| MELD > baseline | released | +15.0, +10.0 | +12.5 ± 3.5 | yes |" in text

@@ -325,19 +325,22 @@ class Quickstart:
                 "--batch_per_device", str(r.eval_batch), "--progress", "off", *extra]
 
     def eval_cmd(self, run: str, protocol: str = "volumetric", split: str = "test",
-                 on: "Quickstart | None" = None, out: str | None = None) -> list[str]:
+                 on: "Quickstart | None" = None, out: str | None = None,
+                 step: int | None = None) -> list[str]:
         """``run`` on a DeepLesion split (the test split unless asked): volumetric (both hit rules,
         organ strata) or key slices. Another split's results go to ``eval_<protocol>_<split>``.
         ``on``: another quick start whose world and build (and organ labels) are evaluated on,
-        into ``out``."""
+        into ``out``. ``step``: that checkpoint of the run instead of its last."""
         src = on or self
         if out is None:
             out = self.eval_dir(run, protocol)
             if split != "test":
                 out = os.path.join(self.out, f"eval_{protocol}_{split}", run)
-        cmd = [sys.executable, "-m", "uld_jax.evaluate", "--workdir", self.run_dir(run),
-               "--data", src.data, "--datasets", "deeplesion", "--split", split,
-               "--protocol", protocol, "--batch-size", str(self.r.eval_batch), "--out", out]
+        model = (["--workdir", self.run_dir(run)] if step is None else
+                 ["--checkpoint", os.path.join(self.run_dir(run), "checkpoints", str(int(step)))])
+        cmd = [sys.executable, "-m", "uld_jax.evaluate", *model, "--data", src.data,
+               "--datasets", "deeplesion", "--split", split, "--protocol", protocol,
+               "--batch-size", str(self.r.eval_batch), "--out", out]
         if protocol == "volumetric":
             cmd += ["--truth", src.truth, "--dl-info", src.dl_info, "--labels", src.labels,
                     "--rule", "both"]

@@ -42,6 +42,10 @@ What runs (each piece resumable: finished steps are skipped when run again):
   patients, every one in its test split), on which every seed's finished Table-1, control, oracle
   and from-scratch runs are evaluated too: several times the test lesions of the training world's
   own test split.
+* ``--heldout-checkpoints K`` (with ``--heldout``): each of those runs' K - 1 saved checkpoints
+  before its last evaluated on the held-out world too; the page then splits the spread of a run's
+  result into what moves between its last K checkpoints and what moves between seeds, and reads
+  the ordering on each run's mean over its last K checkpoints.
 * ``--recipe long``: the quick recipe's world and model trained 4x as long (32 epochs, mining at
   24), where the detector fits its training lesions; write its page with ``--results
   docs/results_long.md``.
@@ -457,10 +461,12 @@ def heldout_quickstart(out: str, recipe: qs.Recipe, seeds: Sequence[int],
     return qs.Quickstart(os.path.join(out, "heldout"), r, seed=HELDOUT_SEED + seeds[0])
 
 
-def run_heldout(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int) -> None:
+def run_heldout(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int,
+                checkpoints: int = 1) -> None:
     """The held-out world synthesized, checked and built (DeepLesion only) like the training world,
     then every finished run of :data:`HELDOUT_RUNS` of every seed evaluated on it
-    (``seed_<s>/eval_heldout/<run>``)."""
+    (``seed_<s>/eval_heldout/<run>``), and with ``checkpoints`` > 1 its ``checkpoints`` - 1 saved
+    checkpoints before the last too (``seed_<s>/eval_heldout_steps/<run>/<step>``)."""
     h = heldout_quickstart(out, recipe, seeds, patients)
     h.do_world()
     h.do_check_build(datasets=("deeplesion",))
@@ -470,6 +476,21 @@ def run_heldout(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int
             if q.done(run):
                 q.step(f"heldout_{run}", [q.eval_cmd(
                     run, on=h, out=os.path.join(q.out, "eval_heldout", run))])
+                for step in earlier_steps(q.run_dir(run), checkpoints):
+                    q.step(f"heldout_{run}_{step}", [q.eval_cmd(
+                        run, on=h, out=os.path.join(q.out, STEPS_SUB, run, str(step)), step=step)])
+
+
+STEPS_SUB = "eval_heldout_steps"
+
+
+def earlier_steps(run_dir: str, checkpoints: int) -> list[int]:
+    """The steps of a run's ``checkpoints`` - 1 saved checkpoints before its last, oldest first
+    (fewer when it saved fewer)."""
+    from uld_jax import train
+
+    steps = train.checkpoint_steps(run_dir)
+    return steps[max(0, len(steps) - int(checkpoints)):-1] if checkpoints > 1 else []
 
 
 # Table 2: NRM with each single-type dataset's expert alone (and all three: the quick start's ft_nrm).
@@ -762,7 +783,63 @@ HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,
                                                          "oracle NRM > control")))
 
 
-def _section_heldout(out: str, seeds: Sequence[int]) -> list[str]:
+def _last_checkpoints(out: str, seeds: Sequence[int], k: int
+                      ) -> tuple[dict[str, dict[str, dict[int, list[float]]]], dict[str, list[int]]]:
+    """Per hit rule, run and seed, the held-out mean sensitivity of the run's last ``k``
+    checkpoints, oldest first: ``k`` - 1 of ``eval_heldout_steps/<run>/<step>`` (the latest ones)
+    and its last, ``eval_heldout/<run>``; only seeds with all ``k``. Also each run's steps
+    (first such seed's)."""
+    vals: dict[str, dict[str, dict[int, list[float]]]] = {rule: {} for rule in RULES}
+    steps: dict[str, list[int]] = {}
+    for run in HELDOUT_RUNS:
+        for s in seeds:
+            d = os.path.join(_seed_dir(out, s), STEPS_SUB, run)
+            found = sorted(int(n) for n in (os.listdir(d) if os.path.isdir(d) else ())
+                           if n.isdigit() and _result(out, s, os.path.join(run, n), STEPS_SUB))
+            res = ([_result(out, s, os.path.join(run, str(n)), STEPS_SUB) for n in found[-(k - 1):]]
+                   + [_result(out, s, run, "eval_heldout")]) if k > 1 and found else []
+            if len(res) != k or not res[-1]:
+                continue
+            steps.setdefault(run, found[-(k - 1):])
+            for rule in RULES:
+                if all(rule in r.get("tables", {}) for r in res):
+                    vals[rule].setdefault(run, {})[s] = [r["tables"][rule]["mean"] for r in res]
+    return vals, steps
+
+
+def _section_checkpoints(out: str, seeds: Sequence[int], k: int) -> list[str]:
+    """How much of a run's spread is between its last ``k`` checkpoints and how much between seeds;
+    the ordering on each run's mean over its last ``k`` checkpoints."""
+    vals, steps = _last_checkpoints(out, seeds, k) if k > 1 else ({}, {})
+    if not steps:
+        return []
+    names = dict(HELDOUT_ROWS)
+    L = [f"### The last {k} checkpoints (`--heldout-checkpoints {k}`)", "",
+         f"Every run's last {k - 1} saved checkpoint{'s' if k > 2 else ''} before its end, "
+         "evaluated on the held-out world as its end. 'Last' is the table above (mean ± sd over "
+         f"seeds); 'between its last {k}' is the sd of a run's mean sensitivity over its last {k} "
+         "checkpoints, averaged over the seeds: how much the result moves within a run's last "
+         "epochs, against the spread between seeds in 'last'; 'mean "
+         f"of its last {k}' averages those checkpoints' results per seed, then over seeds. The "
+         "steps column gives the earlier checkpoints' steps (the last is the run's end).", ""]
+    for rule in RULES:
+        L += [f"#### {RULE_TITLES[rule]}", "",
+              f"| run | earlier steps | seeds | last | between its last {k} | mean of its last {k} |",
+              "|---|---|---:|---:|---:|---:|"]
+        for run, per in vals[rule].items():
+            v = np.asarray(list(per.values()), np.float64)
+            within = float(v.std(axis=1, ddof=1).mean())
+            L.append(f"| {names[run]} | {', '.join(map(str, steps[run]))} | {len(per)} | "
+                     f"{_mean_sd(list(v[:, -1]))} | {100 * within:.1f} | "
+                     f"{_mean_sd(list(v.mean(axis=1)))} |")
+        L.append("")
+    verdict = {rule: {run: {s: float(np.mean(x)) for s, x in per.items()}
+                      for run, per in vals[rule].items()} for rule in RULES}
+    return L + [f"#### Ordering on the mean of the last {k} checkpoints", ""] + _order_lines(
+        verdict, (*HELDOUT_CHECKS, *SCRATCH_CHECKS))
+
+
+def _section_heldout(out: str, seeds: Sequence[int], checkpoints: int = 1) -> list[str]:
     if not any(_result(out, s, r, "eval_heldout") for s in seeds for r in HELDOUT_RUNS):
         return []
     def n_truths(sub):
@@ -781,7 +858,8 @@ def _section_heldout(out: str, seeds: Sequence[int]) -> list[str]:
     lines, verdict = _froc_tables(out, seeds, rows, sub="eval_heldout")
     return (L + lines + ["### Ordering on the held-out world", ""]
             + _order_lines(verdict, HELDOUT_CHECKS)
-            + _scratch_lines(out, seeds, sub="eval_heldout"))
+            + _scratch_lines(out, seeds, sub="eval_heldout")
+            + _section_checkpoints(out, seeds, checkpoints))
 
 
 def _section_table2(out: str, seeds: Sequence[int]) -> list[str]:
@@ -862,7 +940,8 @@ def _section_unlabeled(out: str, seeds: Sequence[int], ratios: Sequence[float]) 
 
 
 def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, argv: Sequence[str],
-                  notes: Sequence[str] = (), unlabeled: Sequence[float] = ()) -> str:
+                  notes: Sequence[str] = (), unlabeled: Sequence[float] = (),
+                  checkpoints: int = 1) -> str:
     L: list[str] = ["# Results on the synthetic world", "",
                     "Generated by `python -m uld_jax.reproduce` from the runs' own outputs "
                     "(`results.json`, `mining_report.json`, step records); do not edit by hand.", ""]
@@ -1026,7 +1105,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     L += _section_control(out, seeds)
     L += _section_oracle(out, seeds)
     L += _scratch_lines(out, seeds)
-    L += _section_heldout(out, seeds)
+    L += _section_heldout(out, seeds, checkpoints)
     L += _section_calibrated(out, seeds)
     L += _section_table2(out, seeds)
     L += _section_table4(out, seeds)
@@ -1164,6 +1243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="every seed's finished Table-1, control, oracle and from-scratch runs "
                    "also evaluated on a "
                    "held-out world of N DeepLesion patients, all in test (e.g. 24)")
+    p.add_argument("--heldout-checkpoints", type=int, default=1, metavar="K",
+                   help="with --heldout: also each run's K - 1 checkpoints before its last on "
+                   "the held-out world; the page reads the spread between a run's last K "
+                   "checkpoints and the ordering on their mean (default 1: the last only)")
     p.add_argument("--calibrated-nrm", action="store_true",
                    help="every seed: NRM with sigma as a precision level (mine --sigma_from "
                    "precision), finetuned as MELD + NRM and MELD + MAM + NRM")
@@ -1195,6 +1278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.mined_scratch and (not scratch_parts or set(scratch_parts) - set(SCRATCH_PARTS)):
         p.error(f"--mined-scratch: {a.mined_scratch!r}: expected a comma-separated subset of "
                 f"{', '.join(SCRATCH_PARTS)}")
+    if a.heldout_checkpoints < 1:
+        p.error(f"--heldout-checkpoints: {a.heldout_checkpoints}: give 1 or more")
     if a.results is None:
         a.results = ("docs/results.md" if a.recipe == "quick" else f"docs/results_{a.recipe}.md")
     results = os.path.abspath(a.results) if a.results else ""
@@ -1212,7 +1297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.mined_scratch:
             run_mined_scratch(out, r, seeds, scratch_parts)
         if a.heldout:
-            run_heldout(out, r, seeds, a.heldout)
+            run_heldout(out, r, seeds, a.heldout, a.heldout_checkpoints)
         if a.calibrated_nrm:
             run_calibrated(out, r, seeds)
         if a.thetas:
@@ -1223,7 +1308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_table4(out, r, seeds)
         if a.unlabeled:
             run_unlabeled(out, r, seeds, a.unlabeled)
-    text = write_results(out, r, seeds, results, argv, notes=a.note, unlabeled=a.unlabeled or ())
+    text = write_results(out, r, seeds, results, argv, notes=a.note, unlabeled=a.unlabeled or (),
+                         checkpoints=a.heldout_checkpoints)
     print(text)
     return 0
 

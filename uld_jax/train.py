@@ -450,6 +450,14 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
         options=ocp.CheckpointManagerOptions(read_only=True))
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of a run's finished checkpoints, in order (empty when it saved none)."""
+    mngr = _reader(workdir)
+    steps = sorted(int(s) for s in mngr.all_steps())
+    mngr.close()
+    return steps
+
+
 def load_checkpoint_state(workdir: str, step: Optional[int] = None) -> tuple[int, dict[str, Any]]:
     """``(step, state)`` of a run's checkpoint (latest when ``step`` is None) as numpy arrays:
     ``state = {step, params, other, opt_state}``. For finetuning, mining and evaluation."""

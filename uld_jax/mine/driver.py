@@ -128,9 +128,7 @@ def choose_step(workdir: str, step: int | None, epoch: int) -> int:
     """The checkpoint to mine with: ``step`` if given (must exist), else the end of ``epoch`` if
     that checkpoint was saved, else the latest. Raises FileNotFoundError naming what exists."""
     from uld_jax import train  # pylint: disable=g-import-not-at-top
-    mngr = train._reader(workdir)  # pylint: disable=protected-access
-    steps = sorted(mngr.all_steps())
-    mngr.close()
+    steps = train.checkpoint_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to mine with")
     if step is not None:

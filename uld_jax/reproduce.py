@@ -1,9 +1,9 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
-    python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long] \
+    python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long|equal] \
         [--keyslice] [--control] [--oracle] [--oracle-scratch] [--mined-scratch [mam,nrm,both]] \
-        [--heldout N] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] \
-        [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
+        [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
+        [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
 What runs (each piece resumable: finished steps are skipped when run again):

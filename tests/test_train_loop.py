@@ -52,6 +52,8 @@ def test_tiny_run_loss_falls_and_writes_tensorboard(tmp_path):
     # epoch-end checkpoints are kept beyond checkpoint.keep
     ckpts = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
     assert ckpts == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert train.checkpoint_steps(str(tmp_path)) == ckpts           # read through orbax
+    assert train.checkpoint_steps(str(tmp_path / "none")) == []
 
     # Finetuning starts from this run's epoch-3 checkpoint: its params and BatchNorm statistics,
     # a fresh optimizer and step 0.

@@ -815,8 +815,9 @@ def _section_checkpoints(out: str, seeds: Sequence[int], k: int) -> list[str]:
         return []
     names = dict(HELDOUT_ROWS)
     L = [f"### The last {k} checkpoints (`--heldout-checkpoints {k}`)", "",
-         f"Every run's last {k - 1} saved checkpoint{'s' if k > 2 else ''} before its end, "
-         "evaluated on the held-out world as its end. 'Last' is the table above (mean ± sd over "
+         ("Every run's last saved checkpoint before its end" if k == 2 else
+          f"Every run's last {k - 1} saved checkpoints before its end")
+         + ", evaluated on the held-out world like its end. 'Last' is the table above (mean ± sd over "
          f"seeds); 'between its last {k}' is the sd of a run's mean sensitivity over its last {k} "
          "checkpoints, averaged over the seeds: how much the result moves within a run's last "
          "epochs, against the spread between seeds in 'last'; 'mean "

@@ -538,3 +538,57 @@ def test_heldout_checkpoints_commands_and_page(tmp_path, monkeypatch, recorded_s
         text.index("#### Ordering on the mean of the last 2"):]
     # on the last checkpoint alone (the held-out table's checks): +15.0 and +10.0
     assert "| MELD > baseline | released | +15.0, +10.0 | +12.5 ± 3.5 | yes |" in text
+
+
+def test_resume_commands_and_page(tmp_path, recorded_steps, monkeypatch):
+    """--resume: MELD's second half again from its checkpoint at half its epochs, with nothing, its
+    mined table (the from-scratch split) or the oracle's positives; the checks pair each against
+    the control on the page (hand-computed differences)."""
+    splits = []
+    monkeypatch.setattr(qs, "split_mined", lambda *a, **k: splits.append((a, k)))
+    reproduce.run_resume(str(tmp_path), qs.RECIPES["smoke"], [3])
+    meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
+    calls = {n: (c, fn) for o, n, c, fn in recorded_steps if o.endswith("seed_3")}
+    assert list(calls) == ["resume_none", "eval_resume_none", "mine_both_scratch", "resume_mined",
+                           "eval_resume_mined", "mine_oracle_scratch", "resume_oracle",
+                           "eval_resume_oracle"]
+    calls["mine_both_scratch"][1]()
+    assert splits == [((f"{meld}/mined.npz", "both", f"{meld}/mined_both_scratch.npz",
+                        os.path.join(str(tmp_path), "seed_3", "data")), {"added": False})]
+    ((oracle,), _) = calls["mine_oracle_scratch"]
+    assert oracle[oracle.index("--out") + 1] == f"{meld}/mined_oracle_scratch.npz"
+    assert "--without_added" in oracle
+    r = qs.RECIPES["smoke"]                          # 2 epochs, mining at 1: the second epoch again
+    for run, table in (("resume_none", None), ("resume_mined", "mined_both_scratch"),
+                       ("resume_oracle", "mined_oracle_scratch")):
+        ((cmd,), _) = calls[run]
+        assert "configs/meld.py:tiny" in cmd and "--config.seed=3" in cmd
+        assert f"--config.init_from.workdir={meld}" in cmd
+        assert "--config.init_from.epoch=1" in cmd and "--config.num_epochs=1" in cmd
+        assert "--config.optimizer.decay_epochs=(1,)" in cmd
+        assert f"--config.steps_per_epoch={r.steps_per_epoch}" in cmd
+        over = [a for a in cmd if a.startswith("--config.data.overlays=")]
+        assert over == ([] if table is None else [f"--config.data.overlays=('{meld}/{table}.npz',)"])
+    # the equal recipe: from epoch 4 of 8, decays after 2 and 3 more epochs (MELD's 6 and 7)
+    q = qs.Quickstart(str(tmp_path / "eq"), qs.RECIPES["equal"], seed=1)
+    monkeypatch.setattr(q, "steps_per_epoch", lambda config: 343)
+    cmd = q.resume_cmd("resume_none")
+    assert {"--config.init_from.epoch=4", "--config.num_epochs=4",
+            "--config.optimizer.decay_epochs=(2,3)", "--config.steps_per_epoch=343"} <= set(cmd)
+    with pytest.raises(ValueError, match="unknown arm"):
+        reproduce.run_resume(str(tmp_path), r, [3], ["none", "all"])
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(tmp_path), "--resume", "none,all"])
+
+    for s, (none, mined, oracle) in ((0, (0.20, 0.25, 0.40)), (1, (0.30, 0.30, 0.45))):
+        _eval(tmp_path / f"seed_{s}", "meld", 0.2)
+        _eval(tmp_path / f"seed_{s}", "resume_none", none)
+        _eval(tmp_path / f"seed_{s}", "resume_mined", mined)
+        _eval(tmp_path / f"seed_{s}", "resume_oracle", oracle)
+    text = reproduce.write_results(str(tmp_path), r, [0, 1], "", ["x"])
+    sec = text[text.index("## Labels trained in over MELD's second half"):]
+    assert "| MELD's second half again, nothing added (control) | 2 | 25.0 ± 7.1 |" in sec
+    assert "| second half: mined table > control | released | +5.0, +0.0 | +2.5 ± 3.5 | no |" in sec
+    assert ("| second half: complete labels > control | paper | +20.0, +15.0 | +17.5 ± 3.5 | yes |"
+            in sec)
+    assert "| second half: control > MELD | released | +0.0, +10.0 | +5.0 ± 7.1 | no |" in sec

@@ -317,6 +317,21 @@ class Quickstart:
             f"--config.optimizer.decay_epochs=({max(1, (r.epochs - r.mine_epoch) // 2)},)",
             f"--config.data.overlays=('{overlay}',)", *extra)
 
+    def resume_cmd(self, run: str, *extra: str) -> list[str]:
+        """MELD's second half again: its own command from its checkpoint at half its epochs (the
+        paper's finetuning start, epoch 4 of 8), with its learning rate and decays for the
+        remaining epochs and a fresh optimizer (``init_from``)."""
+        r = self.r
+        half = r.epochs // 2
+        second = r.epochs - 1 if r.epochs - 1 > r.mine_epoch else r.epochs
+        decays = [d - half for d in (r.mine_epoch, second) if d > half]
+        return self._train_cmd(
+            "meld", run, f"--config.num_epochs={r.epochs - half}",
+            f"--config.init_from.workdir={self.run_dir('meld')}",
+            f"--config.init_from.epoch={half}",
+            "--config.optimizer.decay_epochs=(" + ",".join(map(str, decays))
+            + ("," if len(decays) == 1 else "") + ")", *extra)
+
     def mine_cmd(self, *extra: str) -> list[str]:
         """Mining MELD's epoch-``mine_epoch`` checkpoint (its chunk store is shared by every call)."""
         r = self.r

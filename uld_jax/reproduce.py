@@ -2,6 +2,7 @@
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long|equal] \
         [--keyslice] [--control] [--oracle] [--oracle-scratch] [--mined-scratch [mam,nrm,both]] \
+        [--resume [none,mined,oracle]] \
         [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
         [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
@@ -42,6 +43,10 @@ What runs (each piece resumable: finished steps are skipped when run again):
   patients, every one in its test split), on which every seed's finished Table-1, control, oracle
   and from-scratch runs are evaluated too: several times the test lesions of the training world's
   own test split.
+* ``--resume [ARMS]``: MELD's second half trained again, for every seed, from its checkpoint at
+  half its epochs with its own learning rate and a fresh optimizer: with nothing added (the
+  control), its own mined table, or the oracle's positives. The runs share MELD's first half, so
+  each label source is read against the control on runs that differ only in their second half.
 * ``--heldout-checkpoints K`` (with ``--heldout``): each of those runs' K - 1 saved checkpoints
   before its last evaluated on the held-out world too; the page then splits the spread of a run's
   result into what moves between its last K checkpoints and what moves between seeds, and reads
@@ -413,11 +418,17 @@ SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("complete labels > mined table", "meld_oracle", "meld_mined"))
 
 
+def _oracle_scratch_step(q: qs.Quickstart) -> str:
+    """Step ``mine_oracle_scratch``: the oracle's positives on MELD's mined slices, without the
+    bare added slices; returns the table's path."""
+    part = os.path.join(q.run_dir("meld"), "mined_oracle_scratch.npz")
+    q.step("mine_oracle_scratch", [_oracle_cmd(q, part, "--as", "positive", "--without_added")])
+    return part
+
+
 def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     for q in _seed_quickstarts(out, recipe, seeds):
-        part = os.path.join(q.run_dir("meld"), "mined_oracle_scratch.npz")
-        q.step("mine_oracle_scratch", [_oracle_cmd(q, part, "--as", "positive",
-                                                   "--without_added")])
+        part = _oracle_scratch_step(q)
         q.step("meld_oracle", [q.scratch_cmd("meld", "meld_oracle",
                                              f"--config.data.overlays=('{part}',)")])
         q.eval_step("meld_oracle")
@@ -440,14 +451,50 @@ def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
             q.eval_step(name)
 
 
+# --resume: the same labels trained in over MELD's second half (Quickstart.resume_cmd: from its
+# checkpoint at half its epochs, its own learning rate and decays, a fresh optimizer), against the
+# same second half with nothing added: paired runs that share MELD's first half, so that the seed's
+# spread of whole from-scratch runs is partly shared, while the labels still train at MELD's rate.
+RESUME_ARMS = {"none": "resume_none", "mined": "resume_mined", "oracle": "resume_oracle"}
+RESUME_ROWS = (("meld", qs.ROW_NAMES["meld"]),
+               ("resume_none", "MELD's second half again, nothing added (control)"),
+               ("resume_mined", "MELD's second half with its own mined table (MAM + NRM)"),
+               ("resume_oracle", "MELD's second half with the oracle's positives"))
+RESUME_RUNS = tuple(RESUME_ARMS.values())
+RESUME_CHECKS = (("second half: mined table > control", "resume_mined", "resume_none"),
+                 ("second half: complete labels > control", "resume_oracle", "resume_none"),
+                 ("second half: complete labels > mined table", "resume_oracle", "resume_mined"),
+                 ("second half: control > MELD", "resume_none", "meld"))
+
+
+def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
+               arms: Sequence[str] = tuple(RESUME_ARMS)) -> None:
+    """Every seed: MELD's second half again with each of ``arms`` (:data:`RESUME_ARMS`: nothing,
+    its own mined table as for ``--mined-scratch``, the oracle's positives as for
+    ``--oracle-scratch``), then evaluated."""
+    bad = [a for a in arms if a not in RESUME_ARMS]
+    if bad:
+        raise ValueError(f"--resume: unknown arm(s) {bad}; expected some of "
+                         f"{', '.join(RESUME_ARMS)}")
+    for q in _seed_quickstarts(out, recipe, seeds):
+        for arm in arms:
+            table = {"none": lambda: None,
+                     "mined": lambda: _split_step(q, "both", SCRATCH_PARTS["both"][1], added=False),
+                     "oracle": lambda: _oracle_scratch_step(q)}[arm]()
+            run = RESUME_ARMS[arm]
+            q.step(run, [q.resume_cmd(run, *(() if table is None else
+                                            (f"--config.data.overlays=('{table}',)",)))])
+            q.eval_step(run)
+
+
 # A held-out evaluation world: the same preset and generator, another seed, every DeepLesion patient
 # in its test split (``data_prep.synthesize --dl-split 0,1``), so that Table 1's comparisons rest on
 # several times the test lesions of the training world's own test split. Every seed's runs are
 # evaluated on it as on their own test split.
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
-                "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined")
-HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **qs.ROW_NAMES,
+                "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined", *RESUME_RUNS)
+HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **qs.ROW_NAMES,
                           **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
 
 
@@ -759,23 +806,47 @@ def _section_oracle(out: str, seeds: Sequence[int]) -> list[str]:
     return L
 
 
+def _runs_section(out: str, seeds: Sequence[int], sub: str, runs: Sequence[str], title: str,
+                  text: str, rows: Sequence[tuple[str, str]],
+                  checks: Sequence[tuple[str, str, str]]) -> list[str]:
+    """A section of ``rows`` and ``checks`` on the seeds with any of ``runs`` (none: no section);
+    a page section on the training world's split, a subsection of the held-out one's."""
+    have = [s for s in seeds if any(_result(out, s, r, sub) for r in runs)]
+    if not have:
+        return []
+    L = [("## " if sub == "eval" else "### ") + title, "", text, ""]
+    lines, verdict = _froc_tables(out, have, rows, seeds_column=True, sub=sub)
+    return L + lines + _order_lines(verdict, checks)
+
+
 def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
     """MELD trained from scratch with its own mined table and with the oracle's complete labels,
     against MELD and the finetuned MELD + MAM + NRM, on the seeds that have either."""
-    have = [s for s in seeds if any(_result(out, s, r, sub) for r in SCRATCH_RUNS)]
-    if not have:
-        return []
-    L = [("## " if sub == "eval" else "### ")
-         + "Labels trained in from scratch (`--mined-scratch`, `--oracle-scratch`)", "",
-         "MELD's own command (its whole schedule, from scratch) with extra labels on the mined "
+    return _runs_section(
+        out, seeds, sub, SCRATCH_RUNS,
+        "Labels trained in from scratch (`--mined-scratch`, `--oracle-scratch`)",
+        "MELD's own command (its whole schedule, from scratch) with extra labels on the mined "
          "slices instead of the short finetuning: its own mined table (`--mined-scratch`: MAM's "
          "positives and NRM's ignore regions, without the bare added slices; `--mined-scratch "
          "mam,nrm,both` also each part alone, Table 1's ordering with this recipe) or the oracle's "
          "positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle --without_added`: the most "
          "any mining of labels could give MELD at this scale). The seeds column counts the seeds "
-         "with the run; a check compares the seeds both of its runs have.", ""]
-    lines, verdict = _froc_tables(out, have, SCRATCH_ROWS, seeds_column=True, sub=sub)
-    return L + lines + _order_lines(verdict, SCRATCH_CHECKS)
+         "with the run; a check compares the seeds both of its runs have.",
+        SCRATCH_ROWS, SCRATCH_CHECKS)
+
+
+def _resume_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
+    """MELD's second half again with nothing, its mined table or the oracle's positives."""
+    return _runs_section(
+        out, seeds, sub, RESUME_RUNS, "Labels trained in over MELD's second half (`--resume`)",
+        "MELD's own command again from its checkpoint at half its epochs (the paper's finetuning "
+        "start), for its remaining epochs at its own learning rate and decays, with a fresh "
+        "optimizer: with nothing added (the control), with its own mined table (as "
+        "`--mined-scratch`) or with the oracle's positives (as `--oracle-scratch`). The runs of "
+        "a seed share MELD's first half, so the checks against the control pair runs that differ "
+        "only in their second half. The seeds column counts the seeds with the run; a check "
+        "compares the seeds both of its runs have.",
+        RESUME_ROWS, RESUME_CHECKS)
 
 
 HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,
@@ -837,7 +908,7 @@ def _section_checkpoints(out: str, seeds: Sequence[int], k: int) -> list[str]:
     verdict = {rule: {run: {s: float(np.mean(x)) for s, x in per.items()}
                       for run, per in vals[rule].items()} for rule in RULES}
     return L + [f"#### Ordering on the mean of the last {k} checkpoints", ""] + _order_lines(
-        verdict, (*HELDOUT_CHECKS, *SCRATCH_CHECKS))
+        verdict, (*HELDOUT_CHECKS, *SCRATCH_CHECKS, *RESUME_CHECKS))
 
 
 def _section_heldout(out: str, seeds: Sequence[int], checkpoints: int = 1) -> list[str]:
@@ -855,11 +926,12 @@ def _section_heldout(out: str, seeds: Sequence[int], checkpoints: int = 1) -> li
          f"DeepLesion patient in its test split): {n_truth} test lesions against the training "
          f"world's {n_own}, so one lesion weighs less in every number. Same protocol, both hit "
          "rules; no run was trained, tuned or selected on it.", ""]
-    rows = tuple(r for r in HELDOUT_ROWS if r[0] not in SCRATCH_RUNS)
+    rows = tuple(r for r in HELDOUT_ROWS if r[0] not in SCRATCH_RUNS + RESUME_RUNS)
     lines, verdict = _froc_tables(out, seeds, rows, sub="eval_heldout")
     return (L + lines + ["### Ordering on the held-out world", ""]
             + _order_lines(verdict, HELDOUT_CHECKS)
             + _scratch_lines(out, seeds, sub="eval_heldout")
+            + _resume_lines(out, seeds, sub="eval_heldout")
             + _section_checkpoints(out, seeds, checkpoints))
 
 
@@ -1106,6 +1178,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     L += _section_control(out, seeds)
     L += _section_oracle(out, seeds)
     L += _scratch_lines(out, seeds)
+    L += _resume_lines(out, seeds)
     L += _section_heldout(out, seeds, checkpoints)
     L += _section_calibrated(out, seeds)
     L += _section_table2(out, seeds)
@@ -1240,6 +1313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "finetuned on it; PARTS (comma-separated, default 'both'): 'mam' its MAM "
                    "positives, 'nrm' its NRM ignore regions, 'both' both (Table 1 from scratch: "
                    "mam,nrm,both)")
+    p.add_argument("--resume", nargs="?", const="none,mined,oracle", default="", metavar="ARMS",
+                   help="every seed: MELD's second half again (from its checkpoint at half its "
+                   "epochs, its own learning rate) with ARMS (comma-separated, default all): "
+                   "'none' nothing added, 'mined' its own mined table, 'oracle' the oracle's "
+                   "positives; paired against 'none'")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="every seed's finished Table-1, control, oracle and from-scratch runs "
                    "also evaluated on a "
@@ -1279,6 +1357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.mined_scratch and (not scratch_parts or set(scratch_parts) - set(SCRATCH_PARTS)):
         p.error(f"--mined-scratch: {a.mined_scratch!r}: expected a comma-separated subset of "
                 f"{', '.join(SCRATCH_PARTS)}")
+    resume_arms = [v.strip() for v in a.resume.split(",") if v.strip()]
+    if a.resume and (not resume_arms or set(resume_arms) - set(RESUME_ARMS)):
+        p.error(f"--resume: {a.resume!r}: expected a comma-separated subset of "
+                f"{', '.join(RESUME_ARMS)}")
     if a.heldout_checkpoints < 1:
         p.error(f"--heldout-checkpoints: {a.heldout_checkpoints}: give 1 or more")
     if a.results is None:
@@ -1297,6 +1379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_oracle_scratch(out, r, seeds)
         if a.mined_scratch:
             run_mined_scratch(out, r, seeds, scratch_parts)
+        if a.resume:
+            run_resume(out, r, seeds, resume_arms)
         if a.heldout:
             run_heldout(out, r, seeds, a.heldout, a.heldout_checkpoints)
         if a.calibrated_nrm:

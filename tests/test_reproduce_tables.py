@@ -31,6 +31,13 @@ def _eval(seed_dir, run, level, strata=True, sub="eval"):
                                                 "strata": st, "info": {"counts": {"truths": 12}}}))
 
 
+def _eval_runs(root, runs, levels):
+    """``_eval`` of each of ``runs`` on each seed: ``levels`` {seed: one level per run}."""
+    for s, lv in levels.items():
+        for run, level in zip(runs, lv):
+            _eval(root / f"seed_{s}", run, level)
+
+
 def test_page_has_tables_2_and_4_and_the_added_slices_sweep(tmp_path):
     s0, s1 = tmp_path / "seed_0", tmp_path / "seed_1"
     for sd, shift in ((s0, 0.0), (s1, 0.1)):
@@ -459,11 +466,8 @@ def test_mined_scratch_parts_commands_and_page(tmp_path, recorded_steps, monkeyp
     with pytest.raises(SystemExit):
         reproduce.main(["--out", str(tmp_path), "--mined-scratch", "mam,all"])
     # page: MAM alone and NRM alone against MELD, both against each (hand-computed differences)
-    for s, (mam, nrm, both) in ((0, (0.25, 0.15, 0.30)), (1, (0.30, 0.25, 0.20))):
-        _eval(tmp_path / f"seed_{s}", "meld", 0.2)
-        _eval(tmp_path / f"seed_{s}", "meld_mam", mam)
-        _eval(tmp_path / f"seed_{s}", "meld_nrm", nrm)
-        _eval(tmp_path / f"seed_{s}", "meld_mined", both)
+    _eval_runs(tmp_path, ("meld", "meld_mam", "meld_nrm", "meld_mined"),
+               {0: (0.2, 0.25, 0.15, 0.30), 1: (0.2, 0.30, 0.25, 0.20)})
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
     sec = text[text.index("## Labels trained in from scratch"):]
     assert "| MELD trained with its own MAM positives | 2 | 27.5 ± 3.5 |" in sec
@@ -580,11 +584,8 @@ def test_resume_commands_and_page(tmp_path, recorded_steps, monkeypatch):
     with pytest.raises(SystemExit):
         reproduce.main(["--out", str(tmp_path), "--resume", "none,all"])
 
-    for s, (none, mined, oracle) in ((0, (0.20, 0.25, 0.40)), (1, (0.30, 0.30, 0.45))):
-        _eval(tmp_path / f"seed_{s}", "meld", 0.2)
-        _eval(tmp_path / f"seed_{s}", "resume_none", none)
-        _eval(tmp_path / f"seed_{s}", "resume_mined", mined)
-        _eval(tmp_path / f"seed_{s}", "resume_oracle", oracle)
+    _eval_runs(tmp_path, ("meld", "resume_none", "resume_mined", "resume_oracle"),
+               {0: (0.2, 0.20, 0.25, 0.40), 1: (0.2, 0.30, 0.30, 0.45)})
     text = reproduce.write_results(str(tmp_path), r, [0, 1], "", ["x"])
     sec = text[text.index("## Labels trained in over MELD's second half"):]
     assert "| MELD's second half again, nothing added (control) | 2 | 25.0 ± 7.1 |" in sec

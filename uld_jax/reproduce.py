@@ -434,15 +434,19 @@ def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> Non
         q.eval_step("meld_oracle")
 
 
+def _known(flag: str, kind: str, given: Sequence[str], allowed: Sequence[str]) -> None:
+    """Raises ValueError naming ``flag`` and the ``given`` names not in ``allowed``."""
+    bad = [g for g in given if g not in allowed]
+    if bad:
+        raise ValueError(f"{flag}: unknown {kind}(s) {bad}; expected some of {', '.join(allowed)}")
+
+
 def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
                       parts: Sequence[str] = ("both",)) -> None:
     """Every seed: MELD's own command trained from scratch with each ``part`` of its mined table
     (:data:`SCRATCH_PARTS`: ``'mam'`` its MAM positives, ``'nrm'`` its NRM ignore regions,
     ``'both'`` both), without the bare added slices, then evaluated."""
-    bad = [p for p in parts if p not in SCRATCH_PARTS]
-    if bad:
-        raise ValueError(f"--mined-scratch: unknown part(s) {bad}; expected some of "
-                         f"{', '.join(SCRATCH_PARTS)}")
+    _known("--mined-scratch", "part", parts, SCRATCH_PARTS)
     for q in _seed_quickstarts(out, recipe, seeds):
         for part in parts:
             name, tag = SCRATCH_PARTS[part]
@@ -472,10 +476,7 @@ def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
     """Every seed: MELD's second half again with each of ``arms`` (:data:`RESUME_ARMS`: nothing,
     its own mined table as for ``--mined-scratch``, the oracle's positives as for
     ``--oracle-scratch``), then evaluated."""
-    bad = [a for a in arms if a not in RESUME_ARMS]
-    if bad:
-        raise ValueError(f"--resume: unknown arm(s) {bad}; expected some of "
-                         f"{', '.join(RESUME_ARMS)}")
+    _known("--resume", "arm", arms, RESUME_ARMS)
     for q in _seed_quickstarts(out, recipe, seeds):
         for arm in arms:
             table = {"none": lambda: None,
@@ -1353,14 +1354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--seeds: {a.seeds!r} is not a comma-separated list of integers")
     if not seeds or len(set(seeds)) != len(seeds):
         p.error(f"--seeds: {a.seeds!r}: give one or more distinct seeds")
-    scratch_parts = [v.strip() for v in a.mined_scratch.split(",") if v.strip()]
-    if a.mined_scratch and (not scratch_parts or set(scratch_parts) - set(SCRATCH_PARTS)):
-        p.error(f"--mined-scratch: {a.mined_scratch!r}: expected a comma-separated subset of "
-                f"{', '.join(SCRATCH_PARTS)}")
-    resume_arms = [v.strip() for v in a.resume.split(",") if v.strip()]
-    if a.resume and (not resume_arms or set(resume_arms) - set(RESUME_ARMS)):
-        p.error(f"--resume: {a.resume!r}: expected a comma-separated subset of "
-                f"{', '.join(RESUME_ARMS)}")
+    def subset(flag: str, value: str, allowed: Sequence[str]) -> list[str]:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        if value and (not names or set(names) - set(allowed)):
+            p.error(f"{flag}: {value!r}: expected a comma-separated subset of {', '.join(allowed)}")
+        return names
+
+    scratch_parts = subset("--mined-scratch", a.mined_scratch, SCRATCH_PARTS)
+    resume_arms = subset("--resume", a.resume, RESUME_ARMS)
     if a.heldout_checkpoints < 1:
         p.error(f"--heldout-checkpoints: {a.heldout_checkpoints}: give 1 or more")
     if a.results is None:

@@ -572,7 +572,8 @@ def test_resume_commands_and_page(tmp_path, recorded_steps, monkeypatch):
         assert "--config.optimizer.decay_epochs=(1,)" in cmd
         assert f"--config.steps_per_epoch={r.steps_per_epoch}" in cmd
         over = [a for a in cmd if a.startswith("--config.data.overlays=")]
-        assert over == ([] if table is None else [f"--config.data.overlays=('{meld}/{table}.npz',)"])
+        assert over == ([] if table is None else
+                        [f"--config.data.overlays=('{meld}/{table}.npz',)"])
     # the equal recipe: from epoch 4 of 8, decays after 2 and 3 more epochs (MELD's 6 and 7)
     q = qs.Quickstart(str(tmp_path / "eq"), qs.RECIPES["equal"], seed=1)
     monkeypatch.setattr(q, "steps_per_epoch", lambda config: 343)

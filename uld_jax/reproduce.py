@@ -855,13 +855,16 @@ HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,
                                                          "oracle NRM > control")))
 
 
+Curves = dict[str, dict[str, dict[int, list[float]]]]       # {rule: {run: {seed: [means]}}}
+
+
 def _last_checkpoints(out: str, seeds: Sequence[int], k: int
-                      ) -> tuple[dict[str, dict[str, dict[int, list[float]]]], dict[str, list[int]]]:
+                      ) -> tuple[Curves, dict[str, list[int]]]:
     """Per hit rule, run and seed, the held-out mean sensitivity of the run's last ``k``
     checkpoints, oldest first: ``k`` - 1 of ``eval_heldout_steps/<run>/<step>`` (the latest ones)
     and its last, ``eval_heldout/<run>``; only seeds with all ``k``. Also each run's steps
     (first such seed's)."""
-    vals: dict[str, dict[str, dict[int, list[float]]]] = {rule: {} for rule in RULES}
+    vals: Curves = {rule: {} for rule in RULES}
     steps: dict[str, list[int]] = {}
     for run in HELDOUT_RUNS:
         for s in seeds:
@@ -889,15 +892,16 @@ def _section_checkpoints(out: str, seeds: Sequence[int], k: int) -> list[str]:
     L = [f"### The last {k} checkpoints (`--heldout-checkpoints {k}`)", "",
          ("Every run's last saved checkpoint before its end" if k == 2 else
           f"Every run's last {k - 1} saved checkpoints before its end")
-         + ", evaluated on the held-out world like its end. 'Last' is the table above (mean ± sd over "
-         f"seeds); 'between its last {k}' is the sd of a run's mean sensitivity over its last {k} "
+         + ", evaluated on the held-out world like its end. 'Last' is the table above (mean "
+         f"± sd over seeds); 'between its last {k}' is the sd of a run's mean sensitivity over its last {k} "
          "checkpoints, averaged over the seeds: how much the result moves within a run's last "
          "epochs, against the spread between seeds in 'last'; 'mean "
          f"of its last {k}' averages those checkpoints' results per seed, then over seeds. The "
          "steps column gives the earlier checkpoints' steps (the last is the run's end).", ""]
     for rule in RULES:
         L += [f"#### {RULE_TITLES[rule]}", "",
-              f"| run | earlier steps | seeds | last | between its last {k} | mean of its last {k} |",
+              "| run | earlier steps | seeds | last | "
+              f"between its last {k} | mean of its last {k} |",
               "|---|---|---:|---:|---:|---:|"]
         for run, per in vals[rule].items():
             v = np.asarray(list(per.values()), np.float64)

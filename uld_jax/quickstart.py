@@ -300,12 +300,20 @@ class Quickstart:
                 f"--config.steps_per_epoch={spe}",
                 f"--config.log_every_steps={max(1, spe // 2)}", *r.train_args, *extra]
 
-    def scratch_cmd(self, config: str, run: str, *extra: str) -> list[str]:
-        """Training from scratch for the recipe's epochs (baseline, MELD and Table 4's variants)."""
+    def _decays(self, start: int = 0) -> str:
+        """The ``optimizer.decay_epochs`` override of a run starting at epoch ``start`` of the
+        recipe's schedule: x0.1 after the mining epoch and after the next-to-last epoch (the end,
+        when that is the mining epoch), counted from ``start``; decays before it are dropped."""
         r = self.r
         second = r.epochs - 1 if r.epochs - 1 > r.mine_epoch else r.epochs
-        return self._train_cmd(config, run, f"--config.num_epochs={r.epochs}",
-                               f"--config.optimizer.decay_epochs=({r.mine_epoch},{second})", *extra)
+        decays = [d - start for d in (r.mine_epoch, second) if d > start]
+        return ("--config.optimizer.decay_epochs=(" + ",".join(map(str, decays))
+                + ("," if len(decays) == 1 else "") + ")")
+
+    def scratch_cmd(self, config: str, run: str, *extra: str) -> list[str]:
+        """Training from scratch for the recipe's epochs (baseline, MELD and Table 4's variants)."""
+        return self._train_cmd(config, run, f"--config.num_epochs={self.r.epochs}",
+                               self._decays(), *extra)
 
     def finetune_cmd(self, run: str, overlay: str, *extra: str) -> list[str]:
         """Finetuning from MELD's epoch ``mine_epoch`` for the remaining epochs on ``overlay``."""
@@ -321,16 +329,11 @@ class Quickstart:
         """MELD's second half again: its own command from its checkpoint at half its epochs (the
         paper's finetuning start, epoch 4 of 8), with its learning rate and decays for the
         remaining epochs and a fresh optimizer (``init_from``)."""
-        r = self.r
-        half = r.epochs // 2
-        second = r.epochs - 1 if r.epochs - 1 > r.mine_epoch else r.epochs
-        decays = [d - half for d in (r.mine_epoch, second) if d > half]
+        half = self.r.epochs // 2
         return self._train_cmd(
-            "meld", run, f"--config.num_epochs={r.epochs - half}",
+            "meld", run, f"--config.num_epochs={self.r.epochs - half}",
             f"--config.init_from.workdir={self.run_dir('meld')}",
-            f"--config.init_from.epoch={half}",
-            "--config.optimizer.decay_epochs=(" + ",".join(map(str, decays))
-            + ("," if len(decays) == 1 else "") + ")", *extra)
+            f"--config.init_from.epoch={half}", self._decays(half), *extra)
 
     def mine_cmd(self, *extra: str) -> list[str]:
         """Mining MELD's epoch-``mine_epoch`` checkpoint (its chunk store is shared by every call)."""

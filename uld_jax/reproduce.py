@@ -479,9 +479,8 @@ def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
     _known("--resume", "arm", arms, RESUME_ARMS)
     for q in _seed_quickstarts(out, recipe, seeds):
         for arm in arms:
-            table = {"none": lambda: None,
-                     "mined": lambda: _split_step(q, "both", SCRATCH_PARTS["both"][1], added=False),
-                     "oracle": lambda: _oracle_scratch_step(q)}[arm]()
+            table = (None if arm == "none" else _oracle_scratch_step(q) if arm == "oracle"
+                     else _split_step(q, "both", SCRATCH_PARTS["both"][1], added=False))
             run = RESUME_ARMS[arm]
             q.step(run, [q.resume_cmd(run, *(() if table is None else
                                             (f"--config.data.overlays=('{table}',)",)))])
@@ -869,13 +868,14 @@ def _last_checkpoints(out: str, seeds: Sequence[int], k: int
     for run in HELDOUT_RUNS:
         for s in seeds:
             d = os.path.join(_seed_dir(out, s), STEPS_SUB, run)
-            found = sorted(int(n) for n in (os.listdir(d) if os.path.isdir(d) else ())
-                           if n.isdigit() and _result(out, s, os.path.join(run, n), STEPS_SUB))
-            res = ([_result(out, s, os.path.join(run, str(n)), STEPS_SUB) for n in found[-(k - 1):]]
-                   + [_result(out, s, run, "eval_heldout")]) if k > 1 and found else []
-            if len(res) != k or not res[-1]:
+            earlier = {int(n): _result(out, s, os.path.join(run, n), STEPS_SUB)
+                       for n in (os.listdir(d) if os.path.isdir(d) else ()) if n.isdigit()}
+            keep = sorted(n for n, r in earlier.items() if r)[-(k - 1):]
+            last = _result(out, s, run, "eval_heldout")
+            if len(keep) != k - 1 or not last:
                 continue
-            steps.setdefault(run, found[-(k - 1):])
+            res = [earlier[n] for n in keep] + [last]
+            steps.setdefault(run, keep)
             for rule in RULES:
                 if all(rule in r.get("tables", {}) for r in res):
                     vals[rule].setdefault(run, {})[s] = [r["tables"][rule]["mean"] for r in res]
@@ -893,9 +893,9 @@ def _section_checkpoints(out: str, seeds: Sequence[int], k: int) -> list[str]:
          ("Every run's last saved checkpoint before its end" if k == 2 else
           f"Every run's last {k - 1} saved checkpoints before its end")
          + ", evaluated on the held-out world like its end. 'Last' is the table above (mean "
-         f"± sd over seeds); 'between its last {k}' is the sd of a run's mean sensitivity over its last {k} "
-         "checkpoints, averaged over the seeds: how much the result moves within a run's last "
-         "epochs, against the spread between seeds in 'last'; 'mean "
+         f"± sd over seeds); 'between its last {k}' is the sd of a run's mean sensitivity over "
+         f"its last {k} checkpoints, averaged over the seeds: how much the result moves within a "
+         "run's last epochs, against the spread between seeds in 'last'; 'mean "
          f"of its last {k}' averages those checkpoints' results per seed, then over seeds. The "
          "steps column gives the earlier checkpoints' steps (the last is the run's end).", ""]
     for rule in RULES:
@@ -1358,14 +1358,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--seeds: {a.seeds!r} is not a comma-separated list of integers")
     if not seeds or len(set(seeds)) != len(seeds):
         p.error(f"--seeds: {a.seeds!r}: give one or more distinct seeds")
-    def subset(flag: str, value: str, allowed: Sequence[str]) -> list[str]:
+    def subset(flag: str, value: str, kind: str, allowed: Sequence[str]) -> list[str]:
         names = [v.strip() for v in value.split(",") if v.strip()]
-        if value and (not names or set(names) - set(allowed)):
-            p.error(f"{flag}: {value!r}: expected a comma-separated subset of {', '.join(allowed)}")
+        try:
+            if value and not names:
+                raise ValueError(f"{flag}: {value!r}: no {kind} given")
+            _known(flag, kind, names, allowed)
+        except ValueError as e:
+            p.error(str(e))
         return names
 
-    scratch_parts = subset("--mined-scratch", a.mined_scratch, SCRATCH_PARTS)
-    resume_arms = subset("--resume", a.resume, RESUME_ARMS)
+    scratch_parts = subset("--mined-scratch", a.mined_scratch, "part", SCRATCH_PARTS)
+    resume_arms = subset("--resume", a.resume, "arm", RESUME_ARMS)
     if a.heldout_checkpoints < 1:
         p.error(f"--heldout-checkpoints: {a.heldout_checkpoints}: give 1 or more")
     if a.results is None:

@@ -250,6 +250,17 @@ def test_theta_and_sigma_on_planted_embeddings(world, capsys):
                         "--store_dir", sdir, "--out", out]) == 0
     d = table.read_overlay(out)
     assert d.meta["options"]["location_mm"] == driver.DEFAULT_LOCATION_MM == 64.0
+    # --theta_from paper_yield: theta raised until the location rule mines the paper rule's one
+    out = os.path.join(world["root"], "e.npz")
+    assert driver.main(["--workdir", run_dir, "--chunk_slices", "8", "--progress", "off",
+                        "--store_dir", sdir, "--out", out, "--theta_from", "paper_yield"]) == 0
+    e = table.read_overlay(out)
+    tc = e.meta["theta_calibration"]
+    assert tc["theta_from"] == "paper_yield" and tc["paper_theta"] == 0.15
+    assert tc["paper_mined"] == 1 and tc["mined"] == 1 and tc["reached"]
+    assert e.meta["theta"] == e.meta["options"]["theta"] == tc["theta"] >= 0.15
+    (m,) = np.flatnonzero(e.arrays["kind"] == table.KIND_MINED)
+    np.testing.assert_array_equal(e.arrays["box"][m], planted["mined_box"])
 
 
 def test_cli_errors_are_one_line(world, tmp_path, capsys):
@@ -259,6 +270,9 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     assert "no step 5" in capsys.readouterr().err
     assert driver.main(["--workdir", str(world["run"]), "--nrm_experts", "deeplesion"]) == 1
     assert "single-type" in capsys.readouterr().err
+    assert driver.main(["--workdir", str(world["run"]), "--theta_from", "paper_yield",
+                        "--location_mm", "0", "--progress", "off"]) == 1
+    assert "theta_from='paper_yield' needs MAM's location term" in capsys.readouterr().err
 
 
 def test_one_expert_model_has_no_nrm_experts(world, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -369,3 +370,52 @@ def test_mam_location_term_worked_case():
     no_mm = run.SliceTable(slices.dataset, slices.case_id, slices.slice_index, slices.patient_id)
     with pytest.raises(ValueError, match="pixel_mm"):
         run.mam_features(no_mm, ann, props, loc, rows)
+
+
+def test_yield_matched_theta_worked_case():
+    """The location rule's theta raised to the paper's yield, on hand-placed proposals."""
+    from uld_jax.mine import run
+    # one patient; slices: a/10 (the annotation's), a/12, b/12 (another study), a/14; 0.5 mm px,
+    # 2 mm slices. Annotation at (15, 15) mm on a/10, embedding e. Proposals:
+    #   p0 a/12, 1.5 mm off, embedding e          paper 0       location hypot(1.5, 4) / 64
+    #   p1 a/10, 50 mm off, embedding 0.2 from e  paper 0.2     location hypot(0.2, 50 / 64)
+    #   p2 b/12, same place, embedding 0.2 from e paper 0.2     location: no annotation in b
+    #   p3 a/14, 20 mm off, embedding e           paper 0       location hypot(20, 8) / 64
+    slices = run.SliceTable(np.array(["deeplesion"] * 4), np.array(["a", "a", "b", "a"]),
+                            np.array([10, 12, 12, 14]), np.array([7, 7, 7, 7]),
+                            pixel_mm=np.full(4, 0.5), slice_mm=np.full(4, 2.0))
+    e = np.array([1.0, 0, 0, 0], np.float32)
+    f = np.array([0.98, np.sqrt(1 - 0.98 ** 2), 0, 0], np.float32)        # |e - f| = 0.2
+    ann = run.Annotations(np.array([0]), np.array([[20.0, 20, 40, 40]]), np.array([5]), e[None])
+    boxes = np.array([[23.0, 20, 43, 40], [120, 20, 140, 40], [20, 20, 40, 40],
+                      [20, 60, 40, 80]], np.float32)
+    emb = np.stack([e, f, f, e])
+    props = run.Proposals(np.array([1, 0, 2, 3]), boxes, np.full(4, 0.9, np.float32),
+                          np.full(4, run.UNIVERSAL_EXPERT, np.int8), emb)
+    loc = run.MiningOptions(location_mm=64.0)
+    # the paper's rule at 0.15 mines p0 and p3; the location rule p0 only, until theta passes p3's
+    # distance, the smallest theta that mines two
+    tm = run.yield_matched_theta(slices, ann, props, loc)
+    d3 = np.float32(np.hypot(20.0, 8.0) / 64)
+    assert tm["paper_mined"] == 2 and tm["mined"] == 2 and tm["reached"] and tm["paper_theta"] == 0.15
+    np.testing.assert_allclose(tm["theta"], d3, rtol=1e-5)
+    assert tm["theta"] > 0.15
+    at = run.mine_overlay(slices, ann, props, options=dataclasses.replace(loc, theta=tm["theta"]),
+                          checkpoint_step=1, config_hash="x")
+    assert at.mined.tolist() == [True, False, False, True]
+    below = float(np.nextafter(np.float32(tm["theta"]), np.float32(0)))
+    assert run.mine_overlay(slices, ann, props, options=dataclasses.replace(loc, theta=below),
+                            checkpoint_step=1, config_hash="x").mined.tolist() == [True] + [False] * 3
+    # with p1 and p2 on the annotation's embedding the paper's rule mines all four; the location
+    # rule reaches three at most (p2's study has no annotation): not reached, every match taken
+    props4 = dataclasses.replace(props, embedding=np.stack([e, e, e, e]))
+    tm4 = run.yield_matched_theta(slices, ann, props4, loc)
+    assert tm4["paper_mined"] == 4 and tm4["mined"] == 3 and not tm4["reached"]
+    np.testing.assert_allclose(tm4["theta"], 50 / 64, rtol=1e-5)
+    # already at the paper's yield: theta unchanged
+    props1 = run.Proposals(np.array([1]), boxes[:1], np.full(1, 0.9, np.float32),
+                           np.full(1, run.UNIVERSAL_EXPERT, np.int8), emb[:1])
+    tm1 = run.yield_matched_theta(slices, ann, props1, loc)
+    assert tm1 == {"paper_theta": 0.15, "paper_mined": 1, "theta": 0.15, "mined": 1, "reached": True}
+    with pytest.raises(ValueError, match="location_mm > 0"):
+        run.yield_matched_theta(slices, ann, props, run.MiningOptions())

@@ -97,6 +97,9 @@ class DriverOptions:
         above which its detections on its own dataset's ``calibration_split`` are right at least
         that often (:mod:`uld_jax.mine.calibrate`).
       calibration_split: the single-type datasets' split used by ``sigma_from='precision'``.
+      theta_from: ``'value'``: MAM's theta as given; ``'paper_yield'`` (needs the location term):
+        theta raised until MAM with its location term mines as many positives as the paper's rule
+        mines at the given theta (:func:`uld_jax.mine.run.yield_matched_theta`).
       embeddings: an external embeddings file for MAM in place of the model's
         (:mod:`uld_jax.mine.external`: exported targets of this run's store, embedded elsewhere).
     """
@@ -119,6 +122,7 @@ class DriverOptions:
     sigma_from: str = "score"
     calibration_split: str = "train"
     embeddings: str | None = None
+    theta_from: str = "value"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,6 +445,11 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
     if options.sigma_from == "precision" and not 0.0 < options.mining.sigma <= 1.0:
         raise ValueError(f"sigma {options.mining.sigma}: with sigma_from='precision' it is a "
                          "precision level in (0, 1]")
+    if options.theta_from not in ("value", "paper_yield"):
+        raise ValueError(f"theta_from {options.theta_from!r}: expected 'value' or 'paper_yield'")
+    if options.theta_from == "paper_yield" and not options.mining.location_mm > 0:
+        raise ValueError("theta_from='paper_yield' needs MAM's location term (location_mm > 0): "
+                         "with location_mm 0 MAM is the paper's rule and theta is used as given")
     if options.embeddings and not os.path.isfile(options.embeddings):
         # checked before inference: the file's contents can be checked only against a whole store
         raise FileNotFoundError(f"{options.embeddings}: no such embeddings file")
@@ -544,6 +553,13 @@ def mine(workdir: str, options: DriverOptions = DriverOptions()) -> dict[str, An
         extra["sigma_calibration"] = {
             e: dict(c, sigma=c["sigma"] if np.isfinite(c["sigma"]) else None)
             for e, c in cal.items()}
+    if options.theta_from == "paper_yield":
+        tm = run.yield_matched_theta(slices, ann, props, mining, devices=jax.local_devices())
+        log.info("MAM theta %.4g: the location rule mines %d positives there, the paper's rule %d "
+                 "at theta %g%s", tm["theta"], tm["mined"], tm["paper_mined"], tm["paper_theta"],
+                 "" if tm["reached"] else " (not reached: every proposal near an annotation)")
+        mining = dataclasses.replace(mining, theta=tm["theta"])
+        extra["theta_calibration"] = dict(tm, theta_from="paper_yield")
     outcome = run.mine_overlay(slices, ann, props, options=mining, checkpoint_step=step,
                                config_hash=model_hash, devices=jax.local_devices(),
                                extra_meta=extra)
@@ -595,6 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "precision: sigma is a precision level, each expert's threshold taken from its "
                    "detections on its own dataset's --calibration_split")
     p.add_argument("--calibration_split", default="train")
+    p.add_argument("--theta_from", choices=("value", "paper_yield"), default="value",
+                   help="value: MAM's theta as given; paper_yield: theta raised until MAM with its "
+                   "location term mines as many positives as the paper's rule (location_mm 0) "
+                   "mines at --theta (the table records both)")
     p.add_argument("--nrm_as_positive", action="store_true",
                    help="suspicious regions become positives instead of ignore regions")
     p.add_argument("--embeddings", default=None,
@@ -613,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug_sleep_per_chunk_s=a.debug_sleep_per_chunk_s,
         mining=run.MiningOptions(theta=a.theta, sigma=a.sigma, nrm_experts=experts,
                                  nrm_as_positive=a.nrm_as_positive, location_mm=a.location_mm),
-        sigma_from=a.sigma_from, calibration_split=a.calibration_split, embeddings=a.embeddings)
+        sigma_from=a.sigma_from, calibration_split=a.calibration_split, embeddings=a.embeddings,
+        theta_from=a.theta_from)
     from uld_jax import train  # pylint: disable=g-import-not-at-top
     train.maybe_initialize_distributed()
     try:

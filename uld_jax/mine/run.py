@@ -202,17 +202,71 @@ def mam_positives(slices: SliceTable, annotations: Annotations, proposals: Propo
     proposal rows, their :func:`mam.mam_match` result under ``options`` (:func:`mam_features`) and
     which :func:`mam.select_mined_positives` keeps. Step 1 of :func:`mine_overlay`."""
     uni = np.flatnonzero(np.asarray(proposals.expert) == UNIVERSAL_EXPERT)
-    p_box = np.asarray(proposals.box, dtype=np.float32).reshape(-1, 4)[uni]
     a_group, a_vec, p_group, p_vec = mam_features(slices, annotations, proposals, options, uni)
     res = mam.mam_match(a_group, a_vec, p_group, p_vec, options.theta, devices=devices)
-    mined = mam.select_mined_positives(
-        res, prop_slice=np.asarray(proposals.slice)[uni], prop_box=p_box,
-        ann_slice=np.asarray(annotations.slice),
-        ann_box=np.asarray(annotations.box, dtype=np.float32).reshape(-1, 4),
-        overlap_iou=options.overlap_iou, dedupe_iou=options.mam_dedupe_iou,
-        prop_score=np.asarray(proposals.score, dtype=np.float32)[uni],
-        min_score=options.mam_min_score)
-    return uni, res, mined
+    return uni, res, _mam_selector(annotations, proposals, options, uni)(res)
+
+
+def _mam_selector(annotations: Annotations, proposals: Proposals, options: MiningOptions,
+                  uni: np.ndarray):
+    """``select(result, theta=None) -> mined [PU] bool``: :func:`mam.select_mined_positives` on the
+    universal rows ``uni`` under ``options`` (``theta`` re-thresholds the result)."""
+    kw = dict(prop_slice=np.asarray(proposals.slice)[uni],
+              prop_box=np.asarray(proposals.box, dtype=np.float32).reshape(-1, 4)[uni],
+              ann_slice=np.asarray(annotations.slice),
+              ann_box=np.asarray(annotations.box, dtype=np.float32).reshape(-1, 4),
+              overlap_iou=options.overlap_iou, dedupe_iou=options.mam_dedupe_iou,
+              prop_score=np.asarray(proposals.score, dtype=np.float32)[uni],
+              min_score=options.mam_min_score)
+    return lambda result, theta=None: mam.select_mined_positives(result, theta=theta, **kw)
+
+
+def yield_matched_theta(slices: SliceTable, annotations: Annotations, proposals: Proposals,
+                        options: MiningOptions, devices=None) -> dict[str, Any]:
+    """The theta at which MAM with its location term mines as many positives as the paper's rule.
+
+    The location term (``options.location_mm`` > 0) is meant to change *which* proposals MAM
+    matches (those near the annotation in the volume), not how many; but it adds to every distance
+    (and compares within a Case, a subset of the patient's annotations), so at the paper's theta it
+    mines only a fraction of what the paper's rule mines. This keeps the paper's theta as the
+    yield: the paper's rule (``location_mm`` 0) is run at ``options.theta`` and its mined positives
+    counted; the result is the smallest theta >= ``options.theta`` at which the location rule mines
+    at least as many (the count never falls as theta rises: candidates admitted later are farther,
+    and the greedy de-duplication visits the nearer ones first), or the one that matches every
+    proposal with an annotation in its Case when even that mines fewer (``reached`` False). It
+    reads no label beyond MAM's own inputs.
+
+    Returns ``{"theta", "paper_theta", "paper_mined", "mined", "reached"}``.
+    """
+    if not options.location_mm or options.location_mm <= 0:
+        raise ValueError("a yield-matched theta needs MAM's location term (location_mm > 0); "
+                         "with location_mm 0 MAM is the paper's rule and theta is used as given")
+    _, _, paper = mam_positives(slices, annotations, proposals,
+                                dataclasses.replace(options, location_mm=0.0), devices)
+    target = int(paper.sum())
+    uni, res, mined = mam_positives(slices, annotations, proposals, options, devices)
+    select = _mam_selector(annotations, proposals, options, uni)
+    out = {"paper_theta": float(options.theta), "paper_mined": target}
+    if int(mined.sum()) >= target:
+        return out | {"theta": float(options.theta), "mined": int(mined.sum()), "reached": True}
+    d = res.distance
+    # theta just above each farther distance admits that proposal (the rule is distance < theta)
+    cand = np.nextafter(np.unique(d[np.isfinite(d) & (d >= np.float32(options.theta))]),
+                        np.float32(np.inf)).astype(np.float32)
+    if cand.size == 0:
+        return out | {"theta": float(options.theta), "mined": int(mined.sum()), "reached": False}
+    lo, hi = 0, cand.size - 1
+    if int(select(res, float(cand[hi])).sum()) < target:
+        return out | {"theta": float(cand[hi]), "mined": int(select(res, float(cand[hi])).sum()),
+                      "reached": False}
+    while lo < hi:                                   # smallest index whose count reaches target
+        mid = (lo + hi) // 2
+        if int(select(res, float(cand[mid])).sum()) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    theta = float(cand[lo])
+    return out | {"theta": theta, "mined": int(select(res, theta).sum()), "reached": True}
 
 
 def mine_overlay(

@@ -20,6 +20,7 @@ from uld_jax import slice_data as sd
 from uld_jax import train
 from uld_jax.core import DATASET_ID, Keys, Provenance
 from uld_jax.mine import driver, store, table
+from uld_jax.mine import run as mrun
 
 STEPS_PER_EPOCH = 1          # so that the epoch-4 checkpoint is step 4
 SAVED_STEPS = (2, 4, 6)
@@ -386,6 +387,21 @@ def test_quality_report_on_planted_truth(world, tmp_path):
     md, js = report.write_report(rep, str(tmp_path / "rep"))
     text = open(md, encoding="utf-8").read()
     assert "| mined positives | 1 |" in text and "theta sweep" in text and "sigma sweep" in text
+    assert "theta_calibration" not in rep["provenance"] and "paper's yield" not in text
+    # MAM at the paper's yield (the location term, theta raised): the report carries its theta
+    out_y = str(tmp_path / "mined_yield.npz")
+    driver.mine(run_dir, driver.DriverOptions(
+        chunk_slices=8, progress=False, store_dir=sdir, out=out_y, theta_from="paper_yield",
+        mining=mrun.MiningOptions(location_mm=64.0)))
+    ov_y, slices, ann, props = report.load_run_outputs(out_y)
+    rep_y = report.quality_report(truth, ov_y, slices, ann, props, thetas=(0.15,), sigmas=(0.5,),
+                                  location_mms=())
+    tc = rep_y["provenance"]["theta_calibration"]
+    assert tc["paper_mined"] == 1 and rep_y["provenance"]["theta"] == tc["theta"] >= 0.15
+    assert rep_y["quality"]["n_mined"] == 1 and rep_y["quality"]["precision"] == 1.0
+    assert (f"MAM theta {tc['theta']:.3f} is matched to the paper's yield: the paper's "
+            "embedding-only rule mines 1 positives at theta 0.15, the location rule 1 here."
+            ) in report.format_markdown(rep_y)
     back = json.load(open(js, encoding="utf-8"))
     assert back["theta_sweep"][0]["precision"] is None            # nan (nothing mined) -> null
     assert back["quality"]["n_mined"] == 1

@@ -593,3 +593,58 @@ def test_resume_commands_and_page(tmp_path, recorded_steps, monkeypatch):
     assert ("| second half: complete labels > control | paper | +20.0, +15.0 | +17.5 ± 3.5 | yes |"
             in sec)
     assert "| second half: control > MELD | released | +0.0, +10.0 | +5.0 ± 7.1 | no |" in sec
+
+
+def test_mined_scratch_yield_commands_and_page(tmp_path, recorded_steps, monkeypatch):
+    """--mined-scratch yield: MELD mined again with MAM at the paper's yield (reusing its chunk
+    store), its report, the table without added slices, MELD from scratch with it; the page's
+    checks and its mining-quality table."""
+    splits = []
+    monkeypatch.setattr(qs, "split_mined", lambda *a, **k: splits.append((a, k)))
+    reproduce.run_mined_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["yield"])
+    meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
+    calls = [(n, c, fn) for o, n, c, fn in recorded_steps if o.endswith("seed_3")]
+    assert [n for n, _, _ in calls] == ["mine_yield", "report_yield", "mine_yield_scratch",
+                                        "meld_yield", "eval_meld_yield"]
+    (mine,) = calls[0][1]
+    assert mine[1:3] == ["-m", "uld_jax.mine"] and mine[mine.index("--workdir") + 1] == meld
+    assert mine[-4:] == ["--theta_from", "paper_yield", "--out", f"{meld}/mined_yield.npz"]
+    assert "--epoch" in mine                           # MELD's mining checkpoint, as the default's
+    (rep,) = calls[1][1]
+    assert rep[1:3] == ["-m", "uld_jax.mine.report"]
+    assert rep[rep.index("--overlay") + 1] == f"{meld}/mined_yield.npz"
+    assert rep[rep.index("--out") + 1] == f"{meld}/mining_report_yield"
+    calls[2][2]()
+    assert splits[-1] == ((f"{meld}/mined_yield.npz", "both", f"{meld}/mined_yield_scratch.npz",
+                           reproduce.qs.Quickstart(os.path.join(str(tmp_path), "seed_3"),
+                                                   qs.RECIPES["smoke"], 3).data), {"added": False})
+    (tr,) = calls[3][1]
+    assert "configs/meld.py:tiny" in tr and "--config.init_from.workdir" not in " ".join(tr)
+    assert tr[-1] == f"--config.data.overlays=('{meld}/mined_yield_scratch.npz',)"
+    # page: the checks against MELD and the default table, and the mining quality of both tables
+    _eval_runs(tmp_path, ("meld", "meld_mined", "meld_yield", "meld_oracle"),
+               {0: (0.2, 0.25, 0.30, 0.4), 1: (0.2, 0.15, 0.30, 0.3)})
+    for s, (n0, th, reached) in ((0, (40, 0.4123, True)), (1, (50, 0.9, False))):
+        d = tmp_path / f"seed_{s}" / "runs" / "meld"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "mining_report.json").write_text(json.dumps(
+            {"provenance": {"theta": 0.15}, "counts": {}, "quality": {
+                "n_mined": 5 + s, "precision": 0.8, "n_mined_on_unmarked": 0,
+                "recall_unmarked": 0.0, "n_unmarked_visible": 9, "n_suspicious": 7,
+                "suspicious_true_fraction": 0.25}}))
+        (d / "mining_report_yield.json").write_text(json.dumps(
+            {"provenance": {"theta": th, "theta_calibration": {
+                "theta": th, "paper_theta": 0.15, "paper_mined": n0, "mined": 30 + s,
+                "reached": reached}},
+             "quality": {"n_mined": 30 + s, "precision": 0.6, "n_mined_on_unmarked": 4 - s,
+                         "n_suspicious": 7}}))
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    sec = text[text.index("## Labels trained in from scratch"):]
+    assert ("| MELD trained with its own mined table, MAM at the paper's yield (MAM + NRM) | 2 | "
+            "30.0 ± 0.0 |") in sec
+    assert "| yield table > MELD | released | +10.0, +10.0 | +10.0 ± 0.0 | yes |" in sec
+    assert "| yield table > mined table | paper | +5.0, +15.0 | +10.0 ± 7.1 | yes |" in sec
+    assert "| complete labels > yield table | released | +10.0, +0.0 | +5.0 ± 7.1 | no |" in sec
+    q = sec[sec.index("### MAM at the paper's yield"):]
+    assert "| 0 | 40 | 5 (80.0) | 0.412 | 30 | 60.0 | 4 | 7 |" in q
+    assert "| 1 | 50 | 6 (80.0) | 0.900 (not reached) | 31 | 60.0 | 3 | 7 |" in q

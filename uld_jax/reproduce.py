@@ -1,7 +1,7 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long|equal] \
-        [--keyslice] [--control] [--oracle] [--oracle-scratch] [--mined-scratch [mam,nrm,both]] \
+        [--keyslice] [--control] [--oracle] [--oracle-scratch] [--mined-scratch [mam,nrm,both,yield]] \
         [--resume [none,mined,oracle]] \
         [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
         [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
@@ -38,7 +38,10 @@ What runs (each piece resumable: finished steps are skipped when run again):
   (MAM's positives and NRM's ignore regions, no bare added slices) in place of the short
   finetuning: the recipe the oracle points to, read against MELD, the finetuned MELD + MAM + NRM
   and the oracle's labels trained in the same way. ``PARTS`` ``mam,nrm,both`` also trains MELD with
-  the MAM positives alone and with the NRM regions alone: Table 1's ordering with that recipe.
+  the MAM positives alone and with the NRM regions alone: Table 1's ordering with that recipe;
+  ``yield`` trains it with the table of MELD mined again with MAM's theta raised to the paper's
+  yield (``python -m uld_jax.mine --theta_from paper_yield``: as many positives as the paper's
+  embedding-only rule mines at theta 0.15, picked by the location rule).
 * ``--heldout N``: a held-out evaluation world of the same preset (another seed, N DeepLesion
   patients, every one in its test split), on which every seed's finished Table-1, control, oracle
   and from-scratch runs are evaluated too: several times the test lesions of the training world's
@@ -402,12 +405,14 @@ SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("meld_mam", "MELD trained with its own MAM positives"),
                 ("meld_nrm", "MELD trained with its own NRM ignore regions"),
                 ("meld_mined", "MELD trained with its own mined table (MAM + NRM)"),
+                ("meld_yield", "MELD trained with its own mined table, MAM at the paper's yield "
+                 "(MAM + NRM)"),
                 ("meld_oracle", "MELD trained with the oracle's positives (complete labels on the "
                  "mined slices)"))
 # --mined-scratch PARTS: part of the mined table (quickstart.split_mined) -> (run, the table's tag)
 SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch"), "nrm": ("meld_nrm", "nrm_scratch"),
-                 "both": ("meld_mined", "both_scratch")}
-SCRATCH_RUNS = ("meld_mam", "meld_nrm", "meld_mined", "meld_oracle")
+                 "both": ("meld_mined", "both_scratch"), "yield": ("meld_yield", "yield_scratch")}
+SCRATCH_RUNS = ("meld_mam", "meld_nrm", "meld_mined", "meld_yield", "meld_oracle")
 SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("MAM table > MELD", "meld_mam", "meld"),
                   ("NRM table > MELD", "meld_nrm", "meld"),
@@ -415,7 +420,10 @@ SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("mined table > MAM table", "meld_mined", "meld_mam"),
                   ("mined table > NRM table", "meld_mined", "meld_nrm"),
                   ("mined table > finetuned MAM + NRM", "meld_mined", "ft_both"),
-                  ("complete labels > mined table", "meld_oracle", "meld_mined"))
+                  ("complete labels > mined table", "meld_oracle", "meld_mined"),
+                  ("yield table > MELD", "meld_yield", "meld"),
+                  ("yield table > mined table", "meld_yield", "meld_mined"),
+                  ("complete labels > yield table", "meld_oracle", "meld_yield"))
 
 
 def _oracle_scratch_step(q: qs.Quickstart) -> str:
@@ -441,16 +449,35 @@ def _known(flag: str, kind: str, given: Sequence[str], allowed: Sequence[str]) -
         raise ValueError(f"{flag}: unknown {kind}(s) {bad}; expected some of {', '.join(allowed)}")
 
 
+def _yield_table(q: qs.Quickstart) -> str:
+    """Steps ``mine_yield`` / ``report_yield``: MELD mined again with ``--theta_from paper_yield``
+    (MAM's theta raised until its location rule mines as many positives as the paper's rule; the
+    chunk store's inference is reused) into ``mined_yield.npz``, its mining report
+    (``mining_report_yield``), and the table without the bare added slices, whose path is returned
+    (step ``mine_yield_scratch``)."""
+    meld = q.run_dir("meld")
+    full = os.path.join(meld, "mined_yield.npz")
+    q.step("mine_yield", [q.mine_cmd("--theta_from", "paper_yield", "--out", full)])
+    q.step("report_yield", [[sys.executable, "-m", "uld_jax.mine.report", "--workdir", meld,
+                             "--truth", os.path.join(q.world, "truth"), "--overlay", full,
+                             "--out", os.path.join(meld, "mining_report_yield")]])
+    dst = os.path.join(meld, f"mined_{SCRATCH_PARTS['yield'][1]}.npz")
+    q.step(f"mine_{SCRATCH_PARTS['yield'][1]}",
+           fn=lambda: qs.split_mined(full, "both", dst, q.data, added=False))
+    return dst
+
+
 def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
                       parts: Sequence[str] = ("both",)) -> None:
     """Every seed: MELD's own command trained from scratch with each ``part`` of its mined table
     (:data:`SCRATCH_PARTS`: ``'mam'`` its MAM positives, ``'nrm'`` its NRM ignore regions,
-    ``'both'`` both), without the bare added slices, then evaluated."""
+    ``'both'`` both, ``'yield'`` both from MELD mined again with MAM at the paper's yield,
+    :func:`_yield_table`), without the bare added slices, then evaluated."""
     _known("--mined-scratch", "part", parts, SCRATCH_PARTS)
     for q in _seed_quickstarts(out, recipe, seeds):
         for part in parts:
             name, tag = SCRATCH_PARTS[part]
-            table = _split_step(q, part, tag, added=False)
+            table = _yield_table(q) if part == "yield" else _split_step(q, part, tag, added=False)
             q.step(name, [q.scratch_cmd("meld", name, f"--config.data.overlays=('{table}',)")])
             q.eval_step(name)
 
@@ -493,7 +520,8 @@ def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
 # evaluated on it as on their own test split.
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
-                "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined", *RESUME_RUNS)
+                "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined", "meld_yield",
+                *RESUME_RUNS)
 HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **qs.ROW_NAMES,
                           **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
 
@@ -828,11 +856,43 @@ def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[st
         "MELD's own command (its whole schedule, from scratch) with extra labels on the mined "
          "slices instead of the short finetuning: its own mined table (`--mined-scratch`: MAM's "
          "positives and NRM's ignore regions, without the bare added slices; `--mined-scratch "
-         "mam,nrm,both` also each part alone, Table 1's ordering with this recipe) or the oracle's "
+         "mam,nrm,both` also each part alone, Table 1's ordering with this recipe; `yield` the "
+         "table of MELD mined again with MAM's theta raised to the paper's yield, below) or the "
+         "oracle's "
          "positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle --without_added`: the most "
          "any mining of labels could give MELD at this scale). The seeds column counts the seeds "
          "with the run; a check compares the seeds both of its runs have.",
         SCRATCH_ROWS, SCRATCH_CHECKS)
+
+
+def _yield_quality_lines(out: str, seeds: Sequence[int]) -> list[str]:
+    """The yield-matched tables' mining quality (``mining_report_yield.json``), on the seeds that
+    have one, beside the default table's (``mining_report.json``)."""
+    rows = []
+    for s in seeds:
+        meld = os.path.join(_seed_dir(out, s), "runs", "meld")
+        y, m = _load(os.path.join(meld, "mining_report_yield.json")), _load(
+            os.path.join(meld, "mining_report.json"))
+        if not y:
+            continue
+        tc = y["provenance"].get("theta_calibration") or {}
+        qy, qm = y["quality"], (m or {}).get("quality") or {}
+        rows.append(
+            f"| {s} | {tc.get('paper_mined', 'n/a')} | {qm.get('n_mined', 'n/a')} "
+            f"({_pct(qm['precision']) if qm else 'n/a'}) | {float(y['provenance']['theta']):.3f}"
+            f"{'' if tc.get('reached', True) else ' (not reached)'} | {qy['n_mined']} | "
+            f"{_pct(qy['precision'])} | {qy['n_mined_on_unmarked']} | {qy['n_suspicious']} |")
+    if not rows:
+        return []
+    return ["### MAM at the paper's yield (`--mined-scratch yield`)", "",
+            "MELD mined again with `python -m uld_jax.mine --theta_from paper_yield`: MAM keeps its "
+            "location term and raises theta from 0.15 until it mines as many positives as the "
+            "paper's embedding-only rule mines at 0.15 (`uld_jax.mine.run.yield_matched_theta`; "
+            "no label is read beyond MAM's inputs). Mining quality against the world's truth of "
+            "the training split:", "",
+            "| seed | paper's rule at 0.15: mined | location rule at 0.15: mined (precision) | "
+            "theta | mined | precision | on unmarked lesions | NRM regions |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def _resume_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
@@ -1183,6 +1243,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     L += _section_control(out, seeds)
     L += _section_oracle(out, seeds)
     L += _scratch_lines(out, seeds)
+    L += _yield_quality_lines(out, seeds)
     L += _resume_lines(out, seeds)
     L += _section_heldout(out, seeds, checkpoints)
     L += _section_calibrated(out, seeds)
@@ -1317,7 +1378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="every seed: MELD trained from scratch with its own mined table instead of "
                    "finetuned on it; PARTS (comma-separated, default 'both'): 'mam' its MAM "
                    "positives, 'nrm' its NRM ignore regions, 'both' both (Table 1 from scratch: "
-                   "mam,nrm,both)")
+                   "mam,nrm,both), 'yield' both with MAM's theta raised to the paper's yield "
+                   "(python -m uld_jax.mine --theta_from paper_yield)")
     p.add_argument("--resume", nargs="?", const="none,mined,oracle", default="", metavar="ARMS",
                    help="every seed: MELD's second half again (from its checkpoint at half its "
                    "epochs, its own learning rate) with ARMS (comma-separated, default all): "

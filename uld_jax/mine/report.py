@@ -144,7 +144,8 @@ def quality_report(truth: quality.LesionTruth, overlay: table.Overlay, slices: r
     return {
         "provenance": {k: overlay.meta.get(k) for k in
                        ("checkpoint_step", "config_hash", "theta", "sigma", "created",
-                        "sigma_calibration") if k in overlay.meta or k != "sigma_calibration"}
+                        "sigma_calibration", "theta_calibration")
+                       if k in overlay.meta or not k.endswith("_calibration")}
         | {"location_mm": float(opts.location_mm)},
         "counts": overlay.counts(),
         "truth": {"lesions": len(truth), "marked": int(np.sum(truth.marked)),
@@ -191,6 +192,13 @@ def format_markdown(rep: Mapping[str, Any]) -> str:
                 "; ".join(f"{e} {_cell(c['sigma']) if c['sigma'] is not None else 'none reaches it'}"
                           f" ({c['kept']} of {c['detections']} {c['split']} detections kept)"
                           for e, c in cal.items()) + "."]
+    tc = p.get("theta_calibration")
+    if tc:
+        out += ["", f"MAM theta {_cell(float(tc['theta']))} is matched to the paper's yield: the "
+                f"paper's embedding-only rule mines {tc['paper_mined']} positives at theta "
+                f"{tc['paper_theta']:g}, the location rule {tc['mined']} here"
+                + ("" if tc["reached"] else " (all it can: every proposal near an annotation)")
+                + "."]
     out += [
         "",
         "| quantity | value |", "|---|---|",

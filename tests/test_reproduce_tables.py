@@ -645,6 +645,6 @@ def test_mined_scratch_yield_commands_and_page(tmp_path, recorded_steps, monkeyp
     assert "| yield table > MELD | released | +10.0, +10.0 | +10.0 ± 0.0 | yes |" in sec
     assert "| yield table > mined table | paper | +5.0, +15.0 | +10.0 ± 7.1 | yes |" in sec
     assert "| complete labels > yield table | released | +10.0, +0.0 | +5.0 ± 7.1 | no |" in sec
-    q = sec[sec.index("### MAM at the paper's yield"):]
+    q = text[text.index("## MAM at the paper's yield"):]
     assert "| 0 | 40 | 5 (80.0) | 0.412 | 30 | 60.0 | 4 | 7 |" in q
     assert "| 1 | 50 | 6 (80.0) | 0.900 (not reached) | 31 | 60.0 | 3 | 7 |" in q

@@ -884,7 +884,7 @@ def _yield_quality_lines(out: str, seeds: Sequence[int]) -> list[str]:
             f"{_pct(qy['precision'])} | {qy['n_mined_on_unmarked']} | {qy['n_suspicious']} |")
     if not rows:
         return []
-    return ["### MAM at the paper's yield (`--mined-scratch yield`)", "",
+    return ["## MAM at the paper's yield (`--mined-scratch yield`)", "",
             "MELD mined again with `python -m uld_jax.mine --theta_from paper_yield`: MAM keeps its "
             "location term and raises theta from 0.15 until it mines as many positives as the "
             "paper's embedding-only rule mines at 0.15 (`uld_jax.mine.run.yield_matched_theta`; "

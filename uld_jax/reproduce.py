@@ -1,8 +1,8 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long|equal] \
-        [--keyslice] [--control] [--oracle] [--oracle-scratch] [--mined-scratch [mam,nrm,both,yield]] \
-        [--resume [none,mined,oracle]] \
+        [--keyslice] [--control] [--oracle] [--oracle-scratch] \
+        [--mined-scratch [mam,nrm,both,yield]] [--resume [none,mined,oracle]] \
         [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
         [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
@@ -449,21 +449,20 @@ def _known(flag: str, kind: str, given: Sequence[str], allowed: Sequence[str]) -
         raise ValueError(f"{flag}: unknown {kind}(s) {bad}; expected some of {', '.join(allowed)}")
 
 
-def _yield_table(q: qs.Quickstart) -> str:
+def _yield_table(q: qs.Quickstart, tag: str) -> str:
     """Steps ``mine_yield`` / ``report_yield``: MELD mined again with ``--theta_from paper_yield``
     (MAM's theta raised until its location rule mines as many positives as the paper's rule; the
     chunk store's inference is reused) into ``mined_yield.npz``, its mining report
-    (``mining_report_yield``), and the table without the bare added slices, whose path is returned
-    (step ``mine_yield_scratch``)."""
+    (``mining_report_yield``), and the table without the bare added slices in ``mined_<tag>.npz``,
+    whose path is returned (step ``mine_<tag>``)."""
     meld = q.run_dir("meld")
     full = os.path.join(meld, "mined_yield.npz")
     q.step("mine_yield", [q.mine_cmd("--theta_from", "paper_yield", "--out", full)])
     q.step("report_yield", [[sys.executable, "-m", "uld_jax.mine.report", "--workdir", meld,
                              "--truth", os.path.join(q.world, "truth"), "--overlay", full,
                              "--out", os.path.join(meld, "mining_report_yield")]])
-    dst = os.path.join(meld, f"mined_{SCRATCH_PARTS['yield'][1]}.npz")
-    q.step(f"mine_{SCRATCH_PARTS['yield'][1]}",
-           fn=lambda: qs.split_mined(full, "both", dst, q.data, added=False))
+    dst = os.path.join(meld, f"mined_{tag}.npz")
+    q.step(f"mine_{tag}", fn=lambda: qs.split_mined(full, "both", dst, q.data, added=False))
     return dst
 
 
@@ -477,7 +476,8 @@ def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
     for q in _seed_quickstarts(out, recipe, seeds):
         for part in parts:
             name, tag = SCRATCH_PARTS[part]
-            table = _yield_table(q) if part == "yield" else _split_step(q, part, tag, added=False)
+            table = (_yield_table(q, tag) if part == "yield"
+                     else _split_step(q, part, tag, added=False))
             q.step(name, [q.scratch_cmd("meld", name, f"--config.data.overlays=('{table}',)")])
             q.eval_step(name)
 
@@ -858,8 +858,7 @@ def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[st
          "positives and NRM's ignore regions, without the bare added slices; `--mined-scratch "
          "mam,nrm,both` also each part alone, Table 1's ordering with this recipe; `yield` the "
          "table of MELD mined again with MAM's theta raised to the paper's yield, below) or the "
-         "oracle's "
-         "positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle --without_added`: the most "
+         "oracle's positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle --without_added`: the most "
          "any mining of labels could give MELD at this scale). The seeds column counts the seeds "
          "with the run; a check compares the seeds both of its runs have.",
         SCRATCH_ROWS, SCRATCH_CHECKS)

@@ -253,12 +253,10 @@ def yield_matched_theta(slices: SliceTable, annotations: Annotations, proposals:
     # theta just above each farther distance admits that proposal (the rule is distance < theta)
     cand = np.nextafter(np.unique(d[np.isfinite(d) & (d >= np.float32(options.theta))]),
                         np.float32(np.inf)).astype(np.float32)
-    if cand.size == 0:
-        return out | {"theta": float(options.theta), "mined": int(mined.sum()), "reached": False}
+    if cand.size == 0 or int(select(res, float(cand[-1])).sum()) < target:
+        theta = float(cand[-1]) if cand.size else float(options.theta)
+        return out | {"theta": theta, "mined": int(select(res, theta).sum()), "reached": False}
     lo, hi = 0, cand.size - 1
-    if int(select(res, float(cand[hi])).sum()) < target:
-        return out | {"theta": float(cand[hi]), "mined": int(select(res, float(cand[hi])).sum()),
-                      "reached": False}
     while lo < hi:                                   # smallest index whose count reaches target
         mid = (lo + hi) // 2
         if int(select(res, float(cand[mid])).sum()) >= target:

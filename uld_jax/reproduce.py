@@ -854,13 +854,14 @@ def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[st
         out, seeds, sub, SCRATCH_RUNS,
         "Labels trained in from scratch (`--mined-scratch`, `--oracle-scratch`)",
         "MELD's own command (its whole schedule, from scratch) with extra labels on the mined "
-         "slices instead of the short finetuning: its own mined table (`--mined-scratch`: MAM's "
-         "positives and NRM's ignore regions, without the bare added slices; `--mined-scratch "
-         "mam,nrm,both` also each part alone, Table 1's ordering with this recipe; `yield` the "
-         "table of MELD mined again with MAM's theta raised to the paper's yield, below) or the "
-         "oracle's positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle "
-         "--without_added`: the most any mining of labels could give MELD at this scale). The seeds column counts the seeds "
-         "with the run; a check compares the seeds both of its runs have.",
+        "slices instead of the short finetuning: its own mined table (`--mined-scratch`: MAM's "
+        "positives and NRM's ignore regions, without the bare added slices; `--mined-scratch "
+        "mam,nrm,both` also each part alone, Table 1's ordering with this recipe; `yield` the "
+        "table of MELD mined again with MAM's theta raised to the paper's yield, below) or the "
+        "oracle's positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle "
+        "--without_added`: the most any mining of labels could give MELD at this scale). The "
+        "seeds column counts the seeds with the run; a check compares the seeds both of its runs "
+        "have.",
         SCRATCH_ROWS, SCRATCH_CHECKS)
 
 

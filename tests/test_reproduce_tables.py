@@ -621,9 +621,22 @@ def test_mined_scratch_yield_commands_and_page(tmp_path, recorded_steps, monkeyp
     (tr,) = calls[3][1]
     assert "configs/meld.py:tiny" in tr and "--config.init_from.workdir" not in " ".join(tr)
     assert tr[-1] == f"--config.data.overlays=('{meld}/mined_yield_scratch.npz',)"
+    # yield_mam: the same mining and report steps (skipped when done), that table's MAM part
+    del recorded_steps[:]
+    reproduce.run_mined_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["yield_mam"])
+    calls = [(n, c, fn) for o, n, c, fn in recorded_steps if o.endswith("seed_3")]
+    assert [n for n, _, _ in calls] == ["mine_yield", "report_yield", "mine_yield_mam_scratch",
+                                        "meld_yield_mam", "eval_meld_yield_mam"]
+    assert calls[0][1][0] == mine
+    calls[2][2]()
+    assert splits[-1][0][:3] == (f"{meld}/mined_yield.npz", "mam",
+                                 f"{meld}/mined_yield_mam_scratch.npz")
+    assert splits[-1][1] == {"added": False}
+    assert calls[3][1][0][-1] == f"--config.data.overlays=('{meld}/mined_yield_mam_scratch.npz',)"
     # page: the checks against MELD and the default table, and the mining quality of both tables
-    _eval_runs(tmp_path, ("meld", "meld_mined", "meld_yield", "meld_oracle"),
-               {0: (0.2, 0.25, 0.30, 0.4), 1: (0.2, 0.15, 0.30, 0.3)})
+    _eval_runs(tmp_path, ("meld", "meld_mined", "meld_yield", "meld_oracle", "meld_yield_mam",
+                          "meld_nrm"),
+               {0: (0.2, 0.25, 0.30, 0.4, 0.25, 0.2), 1: (0.2, 0.15, 0.30, 0.3, 0.15, 0.1)})
     for s, (n0, th, reached) in ((0, (40, 0.4123, True)), (1, (50, 0.9, False))):
         d = tmp_path / f"seed_{s}" / "runs" / "meld"
         d.mkdir(parents=True, exist_ok=True)
@@ -645,6 +658,9 @@ def test_mined_scratch_yield_commands_and_page(tmp_path, recorded_steps, monkeyp
     assert "| yield table > MELD | released | +10.0, +10.0 | +10.0 ± 0.0 | yes |" in sec
     assert "| yield table > mined table | paper | +5.0, +15.0 | +10.0 ± 7.1 | yes |" in sec
     assert "| complete labels > yield table | released | +10.0, +0.0 | +5.0 ± 7.1 | no |" in sec
+    assert "| yield MAM table > MELD | paper | +5.0, -5.0 | +0.0 ± 7.1 | no |" in sec
+    assert "| yield table > yield MAM table | released | +5.0, +15.0 | +10.0 ± 7.1 | yes |" in sec
+    assert "| yield table > NRM table | paper | +10.0, +20.0 | +15.0 ± 7.1 | yes |" in sec
     q = text[text.index("## MAM at the paper's yield"):]
     assert "| 0 | 40 | 5 (80.0) | 0.412 | 30 | 60.0 | 4 | 7 |" in q
     assert "| 1 | 50 | 6 (80.0) | 0.900 (not reached) | 31 | 60.0 | 3 | 7 |" in q

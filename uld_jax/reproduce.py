@@ -2,7 +2,7 @@
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long|equal] \
         [--keyslice] [--control] [--oracle] [--oracle-scratch] \
-        [--mined-scratch [mam,nrm,both,yield]] [--resume [none,mined,oracle]] \
+        [--mined-scratch [mam,nrm,both,yield,yield_mam]] [--resume [none,mined,oracle]] \
         [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
         [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
@@ -41,7 +41,8 @@ What runs (each piece resumable: finished steps are skipped when run again):
   the MAM positives alone and with the NRM regions alone: Table 1's ordering with that recipe;
   ``yield`` trains it with the table of MELD mined again with MAM's theta raised to the paper's
   yield (``python -m uld_jax.mine --theta_from paper_yield``: as many positives as the paper's
-  embedding-only rule mines at theta 0.15, picked by the location rule).
+  embedding-only rule mines at theta 0.15, picked by the location rule), ``yield_mam`` with its
+  MAM positives alone (with ``nrm``: Table 1's ordering with that table).
 * ``--heldout N``: a held-out evaluation world of the same preset (another seed, N DeepLesion
   patients, every one in its test split), on which every seed's finished Table-1, control, oracle
   and from-scratch runs are evaluated too: several times the test lesions of the training world's
@@ -405,14 +406,18 @@ SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("meld_mam", "MELD trained with its own MAM positives"),
                 ("meld_nrm", "MELD trained with its own NRM ignore regions"),
                 ("meld_mined", "MELD trained with its own mined table (MAM + NRM)"),
+                ("meld_yield_mam", "MELD trained with its own MAM positives at the paper's yield"),
                 ("meld_yield", "MELD trained with its own mined table, MAM at the paper's yield "
                  "(MAM + NRM)"),
                 ("meld_oracle", "MELD trained with the oracle's positives (complete labels on the "
                  "mined slices)"))
 # --mined-scratch PARTS: part of the mined table (quickstart.split_mined) -> (run, the table's tag)
 SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch"), "nrm": ("meld_nrm", "nrm_scratch"),
-                 "both": ("meld_mined", "both_scratch"), "yield": ("meld_yield", "yield_scratch")}
-SCRATCH_RUNS = ("meld_mam", "meld_nrm", "meld_mined", "meld_yield", "meld_oracle")
+                 "both": ("meld_mined", "both_scratch"), "yield": ("meld_yield", "yield_scratch"),
+                 "yield_mam": ("meld_yield_mam", "yield_mam_scratch")}
+# the parts taken from the table mined with MAM at the paper's yield -> its part (split_mined)
+YIELD_PARTS = {"yield": "both", "yield_mam": "mam"}
+SCRATCH_RUNS = ("meld_mam", "meld_nrm", "meld_mined", "meld_yield_mam", "meld_yield", "meld_oracle")
 SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("MAM table > MELD", "meld_mam", "meld"),
                   ("NRM table > MELD", "meld_nrm", "meld"),
@@ -422,6 +427,9 @@ SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("mined table > finetuned MAM + NRM", "meld_mined", "ft_both"),
                   ("complete labels > mined table", "meld_oracle", "meld_mined"),
                   ("yield table > MELD", "meld_yield", "meld"),
+                  ("yield MAM table > MELD", "meld_yield_mam", "meld"),
+                  ("yield table > yield MAM table", "meld_yield", "meld_yield_mam"),
+                  ("yield table > NRM table", "meld_yield", "meld_nrm"),
                   ("yield table > mined table", "meld_yield", "meld_mined"),
                   ("complete labels > yield table", "meld_oracle", "meld_yield"))
 
@@ -449,12 +457,12 @@ def _known(flag: str, kind: str, given: Sequence[str], allowed: Sequence[str]) -
         raise ValueError(f"{flag}: unknown {kind}(s) {bad}; expected some of {', '.join(allowed)}")
 
 
-def _yield_table(q: qs.Quickstart, tag: str) -> str:
+def _yield_table(q: qs.Quickstart, tag: str, part: str = "both") -> str:
     """Steps ``mine_yield`` / ``report_yield``: MELD mined again with ``--theta_from paper_yield``
     (MAM's theta raised until its location rule mines as many positives as the paper's rule; the
     chunk store's inference is reused) into ``mined_yield.npz``, its mining report
-    (``mining_report_yield``), and the table without the bare added slices in ``mined_<tag>.npz``,
-    whose path is returned (step ``mine_<tag>``)."""
+    (``mining_report_yield``), and its ``part`` (:func:`uld_jax.quickstart.split_mined`) without the
+    bare added slices in ``mined_<tag>.npz``, whose path is returned (step ``mine_<tag>``)."""
     meld = q.run_dir("meld")
     full = os.path.join(meld, "mined_yield.npz")
     q.step("mine_yield", [q.mine_cmd("--theta_from", "paper_yield", "--out", full)])
@@ -462,7 +470,7 @@ def _yield_table(q: qs.Quickstart, tag: str) -> str:
                              "--truth", os.path.join(q.world, "truth"), "--overlay", full,
                              "--out", os.path.join(meld, "mining_report_yield")]])
     dst = os.path.join(meld, f"mined_{tag}.npz")
-    q.step(f"mine_{tag}", fn=lambda: qs.split_mined(full, "both", dst, q.data, added=False))
+    q.step(f"mine_{tag}", fn=lambda: qs.split_mined(full, part, dst, q.data, added=False))
     return dst
 
 
@@ -470,13 +478,14 @@ def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
                       parts: Sequence[str] = ("both",)) -> None:
     """Every seed: MELD's own command trained from scratch with each ``part`` of its mined table
     (:data:`SCRATCH_PARTS`: ``'mam'`` its MAM positives, ``'nrm'`` its NRM ignore regions,
-    ``'both'`` both, ``'yield'`` both from MELD mined again with MAM at the paper's yield,
-    :func:`_yield_table`), without the bare added slices, then evaluated."""
+    ``'both'`` both, ``'yield'`` / ``'yield_mam'`` both / the MAM positives of MELD mined again with
+    MAM at the paper's yield, :func:`_yield_table`), without the bare added slices, then
+    evaluated."""
     _known("--mined-scratch", "part", parts, SCRATCH_PARTS)
     for q in _seed_quickstarts(out, recipe, seeds):
         for part in parts:
             name, tag = SCRATCH_PARTS[part]
-            table = (_yield_table(q, tag) if part == "yield"
+            table = (_yield_table(q, tag, YIELD_PARTS[part]) if part in YIELD_PARTS
                      else _split_step(q, part, tag, added=False))
             q.step(name, [q.scratch_cmd("meld", name, f"--config.data.overlays=('{table}',)")])
             q.eval_step(name)
@@ -520,8 +529,8 @@ def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
 # evaluated on it as on their own test split.
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
-                "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined", "meld_yield",
-                *RESUME_RUNS)
+                "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined", "meld_yield_mam",
+                "meld_yield", *RESUME_RUNS)
 HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **qs.ROW_NAMES,
                           **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
 
@@ -1379,7 +1388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "finetuned on it; PARTS (comma-separated, default 'both'): 'mam' its MAM "
                    "positives, 'nrm' its NRM ignore regions, 'both' both (Table 1 from scratch: "
                    "mam,nrm,both), 'yield' both with MAM's theta raised to the paper's yield "
-                   "(python -m uld_jax.mine --theta_from paper_yield)")
+                   "(python -m uld_jax.mine --theta_from paper_yield), 'yield_mam' that table's "
+                   "MAM positives alone")
     p.add_argument("--resume", nargs="?", const="none,mined,oracle", default="", metavar="ARMS",
                    help="every seed: MELD's second half again (from its checkpoint at half its "
                    "epochs, its own learning rate) with ARMS (comma-separated, default all): "

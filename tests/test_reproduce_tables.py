@@ -470,13 +470,19 @@ def test_mined_scratch_parts_commands_and_page(tmp_path, recorded_steps, monkeyp
     _eval_runs(tmp_path, ("meld", "meld_mam", "meld_nrm", "meld_mined"),
                {0: (0.2, 0.25, 0.15, 0.30), 1: (0.2, 0.30, 0.25, 0.20)})
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
-    sec = text[text.index("## Labels trained in from scratch"):]
-    assert "| MELD trained with its own MAM positives | 2 | 27.5 ± 3.5 |" in sec
-    assert "| MELD trained with its own NRM ignore regions | 2 | 20.0 ± 7.1 |" in sec
-    assert "| MAM table > MELD | released | +5.0, +10.0 | +7.5 ± 3.5 | yes |" in sec
-    assert "| NRM table > MELD | paper | -5.0, +5.0 | +0.0 ± 7.1 | no |" in sec
-    assert "| mined table > MAM table | released | +5.0, -10.0 | -2.5 ± 10.6 | no |" in sec
-    assert "| mined table > NRM table | paper | +15.0, -5.0 | +5.0 ± 14.1 | no |" in sec
+    _has_lines(text[text.index("## Labels trained in from scratch"):],
+               "| MELD trained with its own MAM positives | 2 | 27.5 ± 3.5 |",
+               "| MELD trained with its own NRM ignore regions | 2 | 20.0 ± 7.1 |",
+               "| MAM table > MELD | released | +5.0, +10.0 | +7.5 ± 3.5 | yes |",
+               "| NRM table > MELD | paper | -5.0, +5.0 | +0.0 ± 7.1 | no |",
+               "| mined table > MAM table | released | +5.0, -10.0 | -2.5 ± 10.6 | no |",
+               "| mined table > NRM table | paper | +15.0, -5.0 | +5.0 ± 14.1 | no |")
+
+
+def _has_lines(text: str, *lines: str) -> None:
+    """Each of ``lines`` is in ``text`` (named in the failure)."""
+    missing = [ln for ln in lines if ln not in text]
+    assert not missing, missing
 
 
 def test_ordering_checks_pair_runs_by_seed(tmp_path):
@@ -652,15 +658,15 @@ def test_mined_scratch_yield_commands_and_page(tmp_path, recorded_steps, monkeyp
              "quality": {"n_mined": 30 + s, "precision": 0.6, "n_mined_on_unmarked": 4 - s,
                          "n_suspicious": 7}}))
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
-    sec = text[text.index("## Labels trained in from scratch"):]
-    assert ("| MELD trained with its own mined table, MAM at the paper's yield (MAM + NRM) | 2 | "
-            "30.0 ± 0.0 |") in sec
-    assert "| yield table > MELD | released | +10.0, +10.0 | +10.0 ± 0.0 | yes |" in sec
-    assert "| yield table > mined table | paper | +5.0, +15.0 | +10.0 ± 7.1 | yes |" in sec
-    assert "| complete labels > yield table | released | +10.0, +0.0 | +5.0 ± 7.1 | no |" in sec
-    assert "| yield MAM table > MELD | paper | +5.0, -5.0 | +0.0 ± 7.1 | no |" in sec
-    assert "| yield table > yield MAM table | released | +5.0, +15.0 | +10.0 ± 7.1 | yes |" in sec
-    assert "| yield table > NRM table | paper | +10.0, +20.0 | +15.0 ± 7.1 | yes |" in sec
+    _has_lines(text[text.index("## Labels trained in from scratch"):],
+               "| MELD trained with its own mined table, MAM at the paper's yield (MAM + NRM) | 2 | "
+               "30.0 ± 0.0 |",
+               "| yield table > MELD | released | +10.0, +10.0 | +10.0 ± 0.0 | yes |",
+               "| yield table > mined table | paper | +5.0, +15.0 | +10.0 ± 7.1 | yes |",
+               "| complete labels > yield table | released | +10.0, +0.0 | +5.0 ± 7.1 | no |",
+               "| yield MAM table > MELD | paper | +5.0, -5.0 | +0.0 ± 7.1 | no |",
+               "| yield table > yield MAM table | released | +5.0, +15.0 | +10.0 ± 7.1 | yes |",
+               "| yield table > NRM table | paper | +10.0, +20.0 | +15.0 ± 7.1 | yes |")
     q = text[text.index("## MAM at the paper's yield"):]
     assert "| 0 | 40 | 5 (80.0) | 0.412 | 30 | 60.0 | 4 | 7 |" in q
     assert "| 1 | 50 | 6 (80.0) | 0.900 (not reached) | 31 | 60.0 | 3 | 7 |" in q

@@ -401,10 +401,17 @@ class Quickstart:
         self.say(f"mine: {mam['mined']} MAM positives, {nrm['ignore']} NRM ignore regions, "
                  f"{mam['added']} added unlabeled slices")
 
+    def report_cmd(self, name: str = "") -> list[str]:
+        """The mining report of MELD's table ``mined<name>.npz`` (``mining_report<name>``)."""
+        meld = self.run_dir("meld")
+        return [sys.executable, "-m", "uld_jax.mine.report", "--workdir", meld, "--truth",
+                os.path.join(self.world, "truth"), "--overlay",
+                os.path.join(meld, f"mined{name}.npz"), "--out",
+                os.path.join(meld, f"mining_report{name}")]
+
     def do_mine(self) -> None:
         self.step("mine", [self.mine_cmd()], fn=self._split_overlay)
-        self.step("report", [[sys.executable, "-m", "uld_jax.mine.report", "--workdir",
-                              self.run_dir("meld"), "--truth", os.path.join(self.world, "truth")]])
+        self.step("report", [self.report_cmd()])
 
     def do_finetune(self) -> None:
         for run, ov in (("ft_mam", "mined_mam.npz"), ("ft_nrm", "mined_nrm.npz"),

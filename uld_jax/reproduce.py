@@ -325,10 +325,7 @@ def run_calibrated(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
         part = os.path.join(q.run_dir("meld"), "mined_nrm_cal.npz")
         q.step("mine_cal", [q.mine_cmd("--sigma_from", "precision", "--out", full)],
                fn=lambda q=q, full=full, part=part: qs.split_mined(full, "nrm", part, q.data))
-        q.step("report_cal", [[sys.executable, "-m", "uld_jax.mine.report", "--workdir",
-                               q.run_dir("meld"), "--truth", os.path.join(q.world, "truth"),
-                               "--overlay", full,
-                               "--out", os.path.join(q.run_dir("meld"), "mining_report_cal")]])
+        q.step("report_cal", [q.report_cmd("_cal")])
         _finetune_eval(q, "ft_nrm_cal", part)
         _finetune_eval(q, "ft_both_cal", full)
 
@@ -466,9 +463,7 @@ def _yield_table(q: qs.Quickstart, tag: str, part: str = "both") -> str:
     meld = q.run_dir("meld")
     full = os.path.join(meld, "mined_yield.npz")
     q.step("mine_yield", [q.mine_cmd("--theta_from", "paper_yield", "--out", full)])
-    q.step("report_yield", [[sys.executable, "-m", "uld_jax.mine.report", "--workdir", meld,
-                             "--truth", os.path.join(q.world, "truth"), "--overlay", full,
-                             "--out", os.path.join(meld, "mining_report_yield")]])
+    q.step("report_yield", [q.report_cmd("_yield")])
     dst = os.path.join(meld, f"mined_{tag}.npz")
     q.step(f"mine_{tag}", fn=lambda: qs.split_mined(full, part, dst, q.data, added=False))
     return dst
@@ -529,8 +524,8 @@ def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
 # evaluated on it as on their own test split.
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
-                "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined", "meld_yield_mam",
-                "meld_yield", *RESUME_RUNS)
+                "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined",
+                "meld_yield_mam", "meld_yield", *RESUME_RUNS)
 HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **qs.ROW_NAMES,
                           **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
 

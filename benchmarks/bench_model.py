@@ -4,7 +4,7 @@ paper config.
 
 For each it prints: compile time, wall time per sample, XLA's FLOP count (``cost_analysis`` of the
 compiled step), the achieved FLOP/s, and that as a ratio to this machine's matmul peak measured in
-the same run (a large f32 ``jnp.dot``), plus the compiled peak memory (``memory_analysis``:
+the same run (a large ``jnp.dot`` in the step's compute dtype), plus the compiled peak memory (``memory_analysis``:
 arguments + outputs + temporaries - aliased).
 
 Caveat: XLA's cost analysis counts a while-loop body once, so the tiled NMS is under-counted; its
@@ -13,6 +13,8 @@ share of the FLOPs is small next to the convolutions.
     python benchmarks/bench_model.py                 # tiny only (about a minute on 2 cores)
     python benchmarks/bench_model.py --paper         # + paper config at 512 px (a few minutes)
     python benchmarks/bench_model.py --paper --paper-size 256 --steps 2
+    python benchmarks/bench_model.py --paper --skip-tiny --paper-batch 4 --paper-steps 10 \
+        --dtypes float32,bfloat16 --json bench.json       # on a GPU / TPU
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from uld_jax.models.fake_batch import synthetic_batch  # noqa: E402
 from uld_jax.models.meld import MELD, init_variables  # noqa: E402
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Best-of-``reps`` f32 FLOP/s of an n x n x n matmul (2 n^3 FLOPs)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+def matmul_peak(n: int = 2048, reps: int = 10, dtype: str = "float32") -> float:
+    """Best-of-``reps`` FLOP/s of an n x n x n matmul (2 n^3 FLOPs) in ``dtype``."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(jnp.dot)
     f(a, b).block_until_ready()
     best = float("inf")
@@ -76,12 +78,14 @@ def _time(fn, args, steps: int) -> float:
     return float(np.median(ts))
 
 
-def bench(variant: str, batch_size: int, steps: int, image_size: int | None, peak: float) -> list:
+def bench(variant: str, batch_size: int, steps: int, image_size: int | None, peak: float,
+          dtype: str = "float32") -> list:
     cfg = model_config(variant)
+    cfg.unlock()
     if image_size:
-        cfg.unlock()
         cfg.image_size = image_size
-        cfg.lock()
+    cfg.dtype = dtype
+    cfg.lock()
     model = MELD(cfg)
     t = time.perf_counter()
     variables = init_variables(model, seed=0)
@@ -118,6 +122,7 @@ def bench(variant: str, batch_size: int, steps: int, image_size: int | None, pea
         flops = _flops(compiled)
         rows.append({
             "variant": variant, "image": cfg.image_size, "batch": batch_size, "what": name,
+            "dtype": dtype,
             "init_s": round(t_init, 1), "compile_s": round(t_compile, 1),
             "s_per_sample": sec / batch_size, "gflop_per_sample": flops / batch_size / 1e9,
             "gflops_achieved": flops / sec / 1e9, "ratio_to_peak": flops / sec / peak,
@@ -129,7 +134,7 @@ def bench(variant: str, batch_size: int, steps: int, image_size: int | None, pea
 
 
 def _fmt(r: dict) -> str:
-    return (f"{r['variant']:>6} {r['image']:>4}px b{r['batch']} {r['what']:<10} "
+    return (f"{r['variant']:>6} {r['image']:>4}px b{r['batch']} {r['dtype']:<8} {r['what']:<10} "
             f"compile {r['compile_s']:6.1f}s  {r['s_per_sample'] * 1e3:9.1f} ms/sample  "
             f"{r['gflop_per_sample']:8.2f} GFLOP/sample  {r['gflops_achieved']:7.1f} GFLOP/s  "
             f"ratio to matmul peak {r['ratio_to_peak']:.3f}  peak mem {r['peak_mem_mib']:8.1f} MiB  "
@@ -143,27 +148,64 @@ def main(argv=None):
     ap.add_argument("--paper", action="store_true", help="also measure the paper config (slow)")
     ap.add_argument("--paper-batch", type=int, default=1)
     ap.add_argument("--paper-size", type=int, default=None, help="override 512 px")
+    ap.add_argument("--paper-steps", type=int, default=2,
+                    help="timed calls of the paper config (more on an accelerator)")
+    ap.add_argument("--dtypes", type=str, default="float32",
+                    help="comma-separated compute dtypes, e.g. float32,bfloat16; each is measured "
+                         "against the matmul peak of its own dtype")
     ap.add_argument("--skip-tiny", action="store_true")
-    ap.add_argument("--json", type=str, default=None, help="write the rows here")
+    ap.add_argument("--json", type=str, default=None,
+                    help="write the rows here (rewritten after each row, so a cut-off run keeps "
+                         "what it measured)")
     a = ap.parse_args(argv)
+    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16"):
+            ap.error(f"--dtypes: unknown dtype {d!r} (float32, bfloat16, float16)")
     # Shared CPUs: measure the peak before and after and keep the best (the machine's capability).
-    peak = matmul_peak()
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  "
-          f"matmul peak (f32 2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    rows = [] if a.skip_tiny else bench("tiny", a.batch, a.steps, None, peak)
-    if a.paper:
-        rows += bench("paper", a.paper_batch, max(1, min(a.steps, 2)), a.paper_size, peak)
-    peak2 = matmul_peak()
-    if peak2 > peak:
-        print(f"matmul peak re-measured after the runs: {peak2 / 1e9:.1f} GFLOP/s; ratios against "
-              f"it:", flush=True)
-        for r in rows:
-            r["ratio_to_peak"] *= peak / peak2
-            print(_fmt(r))
-        peak = peak2
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump({"matmul_peak_gflops": peak / 1e9, "rows": rows}, f, indent=1)
+    peaks = {d: matmul_peak(dtype=d) for d in dtypes}
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  matmul peak (2048^3 "
+          f"jnp.dot): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()),
+          flush=True)
+    rows: list = []
+
+    def dump():
+        if a.json:
+            tmp = a.json + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"device": jax.devices()[0].device_kind,
+                           "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
+                           "rows": rows}, f, indent=1)
+            os.replace(tmp, a.json)
+
+    for d in dtypes:
+        if not a.skip_tiny:
+            rows += bench("tiny", a.batch, a.steps, None, peaks[d], d)
+            dump()
+        if a.paper:
+            rows += bench("paper", a.paper_batch, max(1, a.paper_steps), a.paper_size, peaks[d], d)
+            dump()
+    for d in dtypes:
+        p2 = matmul_peak(dtype=d)
+        if p2 > peaks[d]:
+            print(f"{d} matmul peak re-measured after the runs: {p2 / 1e9:.1f} GFLOP/s; ratios "
+                  f"against it:", flush=True)
+            for r in rows:
+                if r["dtype"] == d:
+                    r["ratio_to_peak"] *= peaks[d] / p2
+                    print(_fmt(r))
+            peaks[d] = p2
+    base = {(r["variant"], r["image"], r["batch"], r["what"]): r for r in rows
+            if r["dtype"] == dtypes[0]}
+    for r in rows:
+        b = base.get((r["variant"], r["image"], r["batch"], r["what"]))
+        if b is not None and r is not b:
+            r[f"speedup_vs_{dtypes[0]}"] = b["s_per_sample"] / r["s_per_sample"]
+            print(f"{r['variant']:>6} {r['what']:<10} {r['dtype']} vs {dtypes[0]}: "
+                  f"{b['s_per_sample'] * 1e3:.2f} -> {r['s_per_sample'] * 1e3:.2f} ms/sample, "
+                  f"x{r[f'speedup_vs_{dtypes[0]}']:.2f}; peak mem {b['peak_mem_mib']:.0f} -> "
+                  f"{r['peak_mem_mib']:.0f} MiB", flush=True)
+    dump()
 
 
 if __name__ == "__main__":

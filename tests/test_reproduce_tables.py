@@ -413,6 +413,36 @@ def test_oracle_scratch_commands_and_page(tmp_path, recorded_steps):
             in sec)
 
 
+def test_oracle_scratch_ignore_commands_and_page(tmp_path, recorded_steps):
+    reproduce.run_oracle_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["positive", "ignore"])
+    steps = _steps_of(recorded_steps, 3)
+    assert list(steps) == ["mine_oracle_scratch", "meld_oracle", "eval_meld_oracle",
+                           "mine_oracle_nrm_scratch", "meld_oracle_nrm", "eval_meld_oracle_nrm"]
+    meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
+    (cmd,) = steps["mine_oracle_nrm_scratch"]
+    assert cmd[cmd.index("--as") + 1] == "ignore" and "--without_added" in cmd
+    assert cmd[-1] == f"{meld}/mined_oracle_nrm_scratch.npz"
+    (tr,) = steps["meld_oracle_nrm"]
+    assert "configs/meld.py:tiny" in tr and "--config.init_from.workdir" not in " ".join(tr)
+    assert tr[-1] == f"--config.data.overlays=('{meld}/mined_oracle_nrm_scratch.npz',)"
+    with pytest.raises(ValueError, match="--oracle-scratch: unknown use.*'both'"):
+        reproduce.run_oracle_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["both"])
+    # page: the perfect NRM against MELD, NRM's own regions and the complete labels
+    for s, (meld_v, nrm, perfect, oracle) in ((0, (0.2, 0.15, 0.25, 0.4)),
+                                              (1, (0.3, 0.3, 0.2, 0.35))):
+        for run, v in (("meld", meld_v), ("meld_nrm", nrm), ("meld_oracle_nrm", perfect),
+                       ("meld_oracle", oracle)):
+            _eval(tmp_path / f"seed_{s}", run, v)
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    sec = text[text.index("## Labels trained in from scratch"):]
+    _has_lines(sec, "| MELD trained with the oracle's boxes as ignore regions (a perfect NRM) | 2 |",
+               "| perfect NRM > MELD | paper | +5.0, -10.0 | -2.5 ± 10.6 | no |",
+               "| perfect NRM > NRM table | released | +10.0, -10.0 | +0.0 ± 14.1 | no |",
+               "| complete labels > perfect NRM | paper | +15.0, +15.0 | +15.0 ± 0.0 | yes |")
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(tmp_path), "--oracle-scratch", "both", "--results", ""])
+
+
 def test_mined_scratch_commands_and_page(tmp_path, recorded_steps, monkeypatch):
     splits = []
     monkeypatch.setattr(qs, "split_mined", lambda *a, **k: splits.append((a, k)))

@@ -1,7 +1,7 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long|equal] \
-        [--keyslice] [--control] [--oracle] [--oracle-scratch] \
+        [--keyslice] [--control] [--oracle] [--oracle-scratch [positive,ignore]] \
         [--mined-scratch [mam,nrm,both,yield,yield_mam]] [--resume [none,mined,oracle]] \
         [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
         [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
@@ -31,9 +31,11 @@ What runs (each piece resumable: finished steps are skipped when run again):
   finetuned like MELD + NRM, both read against the control (which it runs too): the most MAM and
   NRM could add at this scale, whatever the embedding and the experts; and which unmarked lesions
   the paper's matching within a patient could reach at all.
-* ``--oracle-scratch``: MELD trained from scratch, for every seed, with the oracle's positives as
-  extra labels (complete labels on every mined slice, no added slices): the most label mining could
-  give MELD at this scale.
+* ``--oracle-scratch [AS]``: MELD trained from scratch, for every seed, with the oracle's positives
+  as extra labels (complete labels on every mined slice, no added slices): the most label mining
+  could give MELD at this scale. ``AS`` ``ignore`` trains it with the same boxes as ignore regions
+  instead (a perfect NRM trained in: no lesion the annotations miss among the negatives, no
+  positive added), read against MELD and NRM's own regions trained in the same way.
 * ``--mined-scratch [PARTS]``: MELD trained from scratch, for every seed, with its own mined table
   (MAM's positives and NRM's ignore regions, no bare added slices) in place of the short
   finetuning: the recipe the oracle points to, read against MELD, the finetuned MELD + MAM + NRM
@@ -407,14 +409,17 @@ SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("meld_yield", "MELD trained with its own mined table, MAM at the paper's yield "
                  "(MAM + NRM)"),
                 ("meld_oracle", "MELD trained with the oracle's positives (complete labels on the "
-                 "mined slices)"))
+                 "mined slices)"),
+                ("meld_oracle_nrm", "MELD trained with the oracle's boxes as ignore regions (a "
+                 "perfect NRM)"))
 # --mined-scratch PARTS: part of the mined table (quickstart.split_mined) -> (run, the table's tag)
 SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch"), "nrm": ("meld_nrm", "nrm_scratch"),
                  "both": ("meld_mined", "both_scratch"), "yield": ("meld_yield", "yield_scratch"),
                  "yield_mam": ("meld_yield_mam", "yield_mam_scratch")}
 # the parts taken from the table mined with MAM at the paper's yield -> its part (split_mined)
 YIELD_PARTS = {"yield": "both", "yield_mam": "mam"}
-SCRATCH_RUNS = ("meld_mam", "meld_nrm", "meld_mined", "meld_yield_mam", "meld_yield", "meld_oracle")
+SCRATCH_RUNS = ("meld_mam", "meld_nrm", "meld_mined", "meld_yield_mam", "meld_yield", "meld_oracle",
+                "meld_oracle_nrm")
 SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("MAM table > MELD", "meld_mam", "meld"),
                   ("NRM table > MELD", "meld_nrm", "meld"),
@@ -428,23 +433,36 @@ SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("yield table > yield MAM table", "meld_yield", "meld_yield_mam"),
                   ("yield table > NRM table", "meld_yield", "meld_nrm"),
                   ("yield table > mined table", "meld_yield", "meld_mined"),
-                  ("complete labels > yield table", "meld_oracle", "meld_yield"))
+                  ("complete labels > yield table", "meld_oracle", "meld_yield"),
+                  ("perfect NRM > MELD", "meld_oracle_nrm", "meld"),
+                  ("perfect NRM > NRM table", "meld_oracle_nrm", "meld_nrm"),
+                  ("complete labels > perfect NRM", "meld_oracle", "meld_oracle_nrm"))
+# --oracle-scratch AS: the oracle's boxes as -> (run, the table's tag)
+ORACLE_SCRATCH = {"positive": ("meld_oracle", "oracle_scratch"),
+                  "ignore": ("meld_oracle_nrm", "oracle_nrm_scratch")}
 
 
-def _oracle_scratch_step(q: qs.Quickstart) -> str:
-    """Step ``mine_oracle_scratch``: the oracle's positives on MELD's mined slices, without the
-    bare added slices; returns the table's path."""
-    part = os.path.join(q.run_dir("meld"), "mined_oracle_scratch.npz")
-    q.step("mine_oracle_scratch", [_oracle_cmd(q, part, "--as", "positive", "--without_added")])
+def _oracle_scratch_step(q: qs.Quickstart, as_: str = "positive") -> str:
+    """Step ``mine_<tag>`` (:data:`ORACLE_SCRATCH`): the oracle's boxes on MELD's mined slices, as
+    positives or as ignore regions, without the bare added slices; returns the table's path."""
+    tag = ORACLE_SCRATCH[as_][1]
+    part = os.path.join(q.run_dir("meld"), f"mined_{tag}.npz")
+    q.step(f"mine_{tag}", [_oracle_cmd(q, part, "--as", as_, "--without_added")])
     return part
 
 
-def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
+                       as_: Sequence[str] = ("positive",)) -> None:
+    """Every seed: MELD trained from scratch with the oracle's boxes as each of ``as_``:
+    ``positive`` (complete labels on the mined slices, ``meld_oracle``) or ``ignore`` (a perfect
+    NRM trained in: every lesion the annotations miss kept out of the negatives, no positive
+    added, ``meld_oracle_nrm``)."""
+    _known("--oracle-scratch", "use", as_, ORACLE_SCRATCH)
     for q in _seed_quickstarts(out, recipe, seeds):
-        part = _oracle_scratch_step(q)
-        q.step("meld_oracle", [q.scratch_cmd("meld", "meld_oracle",
-                                             f"--config.data.overlays=('{part}',)")])
-        q.eval_step("meld_oracle")
+        for a in as_:
+            part, run = _oracle_scratch_step(q, a), ORACLE_SCRATCH[a][0]
+            q.step(run, [q.scratch_cmd("meld", run, f"--config.data.overlays=('{part}',)")])
+            q.eval_step(run)
 
 
 def _known(flag: str, kind: str, given: Sequence[str], allowed: Sequence[str]) -> None:
@@ -525,7 +543,7 @@ def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
                 "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined",
-                "meld_yield_mam", "meld_yield", *RESUME_RUNS)
+                "meld_yield_mam", "meld_yield", "meld_oracle_nrm", *RESUME_RUNS)
 HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **qs.ROW_NAMES,
                           **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
 
@@ -863,7 +881,8 @@ def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[st
         "mam,nrm,both` also each part alone, Table 1's ordering with this recipe; `yield` the "
         "table of MELD mined again with MAM's theta raised to the paper's yield, below) or the "
         "oracle's positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle "
-        "--without_added`: the most any mining of labels could give MELD at this scale). The "
+        "--without_added`: the most any mining of labels could give MELD at this scale; "
+        "`--oracle-scratch ignore` the same boxes as ignore regions, a perfect NRM). The "
         "seeds column counts the seeds with the run; a check compares the seeds both of its runs "
         "have.",
         SCRATCH_ROWS, SCRATCH_CHECKS)
@@ -1375,9 +1394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="every seed: a perfect MAM and a perfect NRM from the world's truth "
                    "(uld_jax.mine.oracle), finetuned like MELD + MAM and MELD + NRM, with the "
                    "control")
-    p.add_argument("--oracle-scratch", action="store_true",
-                   help="every seed: MELD trained from scratch with the oracle's positives "
-                   "(complete labels on the mined slices)")
+    p.add_argument("--oracle-scratch", nargs="?", const="positive", default="", metavar="AS",
+                   help="every seed: MELD trained from scratch with the oracle's boxes; AS "
+                   "(comma-separated, default 'positive'): 'positive' as labels (complete labels "
+                   "on the mined slices), 'ignore' as ignore regions (a perfect NRM)")
     p.add_argument("--mined-scratch", nargs="?", const="both", default="", metavar="PARTS",
                    help="every seed: MELD trained from scratch with its own mined table instead of "
                    "finetuned on it; PARTS (comma-separated, default 'both'): 'mam' its MAM "
@@ -1436,6 +1456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return names
 
     scratch_parts = subset("--mined-scratch", a.mined_scratch, "part", SCRATCH_PARTS)
+    oracle_as = subset("--oracle-scratch", a.oracle_scratch, "use", ORACLE_SCRATCH)
     resume_arms = subset("--resume", a.resume, "arm", RESUME_ARMS)
     if a.heldout_checkpoints < 1:
         p.error(f"--heldout-checkpoints: {a.heldout_checkpoints}: give 1 or more")
@@ -1452,7 +1473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.oracle:
             run_oracle(out, r, seeds)
         if a.oracle_scratch:
-            run_oracle_scratch(out, r, seeds)
+            run_oracle_scratch(out, r, seeds, oracle_as)
         if a.mined_scratch:
             run_mined_scratch(out, r, seeds, scratch_parts)
         if a.resume:

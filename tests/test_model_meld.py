@@ -427,3 +427,34 @@ def test_embedding_head_reads_the_location():
     assert float(jnp.linalg.norm(e[0] - e[1])) > 1e-3
     with pytest.raises(ValueError, match="loc"):
         head.apply(v, feat)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(setup):
+    """``model.dtype = 'bfloat16'`` (the accelerators' setting): the same float32 variables drive
+    it, gradients come back float32 and finite, the losses that do not depend on sampled ROIs equal
+    float32's to bfloat16 precision, and inference stays finite."""
+    _, _, variables, step32, _, _ = setup
+    cfg = model_config("tiny")
+    cfg.unlock()
+    cfg.dtype = "bfloat16"
+    cfg.lock()
+    model = MELD(cfg)
+    batch, key = _batch(seed=1), jax.random.PRNGKey(0)
+
+    def f(params):
+        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch,
+                             train=True, rngs={"sample": key}, mutable=["batch_stats"])
+        return losses.meld_loss(out, batch, cfg)
+
+    (t16, logs16), g16 = jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
+    t32, logs32, _, _, _ = step32(variables, batch, key)
+    leaves = jax.tree_util.tree_leaves(g16)
+    assert {x.dtype for x in leaves} == {jnp.dtype(jnp.float32)}
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+    assert np.isfinite(float(t16)) and abs(float(t16) - float(t32)) < 0.25 * float(t32)
+    for k in ("rpn_cls", "rpn_box"):        # anchors' targets do not depend on the model
+        np.testing.assert_allclose(float(logs16[k]), float(logs32[k]), rtol=2e-2, err_msg=k)
+    out = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
+    scores = np.asarray(out["scores"], np.float32)
+    assert np.all(np.isfinite(scores)) and scores.min() >= 0 and scores.max() <= 1
+    assert np.all(np.isfinite(np.asarray(out["boxes"], np.float32)))

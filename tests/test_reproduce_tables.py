@@ -425,6 +425,14 @@ def test_oracle_scratch_ignore_commands_and_page(tmp_path, recorded_steps):
     (tr,) = steps["meld_oracle_nrm"]
     assert "configs/meld.py:tiny" in tr and "--config.init_from.workdir" not in " ".join(tr)
     assert tr[-1] == f"--config.data.overlays=('{meld}/mined_oracle_nrm_scratch.npz',)"
+    recorded_steps.clear()
+    reproduce.run_oracle_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["ignore_key"])
+    steps = _steps_of(recorded_steps, 3)
+    assert steps["mine_oracle_nrm_scratch"] == [cmd]       # the same table (done steps are skipped)
+    (key,) = steps["meld_oracle_nrm_key"]
+    assert key[-2:] == [f"--config.data.overlays=('{meld}/mined_oracle_nrm_scratch.npz',)",
+                        "--config.data.added_ratio=0.0"]
+    assert key[:-1] == [a.replace("runs/meld_oracle_nrm", "runs/meld_oracle_nrm_key") for a in tr]
     with pytest.raises(ValueError, match="--oracle-scratch: unknown use.*'both'"):
         reproduce.run_oracle_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["both"])
     # page: the perfect NRM against MELD, NRM's own regions and the complete labels

@@ -1,7 +1,7 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long|equal] \
-        [--keyslice] [--control] [--oracle] [--oracle-scratch [positive,ignore]] \
+        [--keyslice] [--control] [--oracle] [--oracle-scratch [positive,ignore,ignore_key]] \
         [--mined-scratch [mam,nrm,both,yield,yield_mam]] [--resume [none,mined,oracle]] \
         [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
         [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
@@ -35,7 +35,9 @@ What runs (each piece resumable: finished steps are skipped when run again):
   as extra labels (complete labels on every mined slice, no added slices): the most label mining
   could give MELD at this scale. ``AS`` ``ignore`` trains it with the same boxes as ignore regions
   instead (a perfect NRM trained in: no lesion the annotations miss among the negatives, no
-  positive added), read against MELD and NRM's own regions trained in the same way.
+  positive added), read against MELD and NRM's own regions trained in the same way; ``ignore_key``
+  the same table with no overlay-added slice drawn (``data.added_ratio`` 0), so that only the
+  ignore regions on MELD's own training slices differ from MELD.
 * ``--mined-scratch [PARTS]``: MELD trained from scratch, for every seed, with its own mined table
   (MAM's positives and NRM's ignore regions, no bare added slices) in place of the short
   finetuning: the recipe the oracle points to, read against MELD, the finetuned MELD + MAM + NRM
@@ -411,7 +413,9 @@ SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("meld_oracle", "MELD trained with the oracle's positives (complete labels on the "
                  "mined slices)"),
                 ("meld_oracle_nrm", "MELD trained with the oracle's boxes as ignore regions (a "
-                 "perfect NRM)"))
+                 "perfect NRM)"),
+                ("meld_oracle_nrm_key", "MELD trained with the oracle's boxes as ignore regions, "
+                 "key slices only (a perfect NRM, no added slice drawn)"))
 # --mined-scratch PARTS: part of the mined table (quickstart.split_mined) -> (run, the table's tag)
 SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch"), "nrm": ("meld_nrm", "nrm_scratch"),
                  "both": ("meld_mined", "both_scratch"), "yield": ("meld_yield", "yield_scratch"),
@@ -419,7 +423,7 @@ SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch"), "nrm": ("meld_nrm", "nrm_sc
 # the parts taken from the table mined with MAM at the paper's yield -> its part (split_mined)
 YIELD_PARTS = {"yield": "both", "yield_mam": "mam"}
 SCRATCH_RUNS = ("meld_mam", "meld_nrm", "meld_mined", "meld_yield_mam", "meld_yield", "meld_oracle",
-                "meld_oracle_nrm")
+                "meld_oracle_nrm", "meld_oracle_nrm_key")
 SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("MAM table > MELD", "meld_mam", "meld"),
                   ("NRM table > MELD", "meld_nrm", "meld"),
@@ -436,32 +440,42 @@ SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("complete labels > yield table", "meld_oracle", "meld_yield"),
                   ("perfect NRM > MELD", "meld_oracle_nrm", "meld"),
                   ("perfect NRM > NRM table", "meld_oracle_nrm", "meld_nrm"),
-                  ("complete labels > perfect NRM", "meld_oracle", "meld_oracle_nrm"))
-# --oracle-scratch AS: the oracle's boxes as -> (run, the table's tag)
-ORACLE_SCRATCH = {"positive": ("meld_oracle", "oracle_scratch"),
-                  "ignore": ("meld_oracle_nrm", "oracle_nrm_scratch")}
+                  ("complete labels > perfect NRM", "meld_oracle", "meld_oracle_nrm"),
+                  ("perfect NRM on key slices > MELD", "meld_oracle_nrm_key", "meld"),
+                  ("perfect NRM on key slices > perfect NRM", "meld_oracle_nrm_key",
+                   "meld_oracle_nrm"))
+# --oracle-scratch AS: the oracle's boxes as -> (run, the table's tag, the oracle's --as, extra
+# training flags). A slice holding only ignore regions enters training as an overlay-added slice,
+# drawn data.added_ratio x the key slices per epoch, which MELD never sees; 'ignore_key' draws none
+# (added_ratio 0), so that only the ignore regions on MELD's own slices differ from MELD.
+ORACLE_SCRATCH = {"positive": ("meld_oracle", "oracle_scratch", "positive", ()),
+                  "ignore": ("meld_oracle_nrm", "oracle_nrm_scratch", "ignore", ()),
+                  "ignore_key": ("meld_oracle_nrm_key", "oracle_nrm_scratch", "ignore",
+                                 ("--config.data.added_ratio=0.0",))}
 
 
 def _oracle_scratch_step(q: qs.Quickstart, as_: str = "positive") -> str:
     """Step ``mine_<tag>`` (:data:`ORACLE_SCRATCH`): the oracle's boxes on MELD's mined slices, as
     positives or as ignore regions, without the bare added slices; returns the table's path."""
-    tag = ORACLE_SCRATCH[as_][1]
+    _, tag, use, _ = ORACLE_SCRATCH[as_]
     part = os.path.join(q.run_dir("meld"), f"mined_{tag}.npz")
-    q.step(f"mine_{tag}", [_oracle_cmd(q, part, "--as", as_, "--without_added")])
+    q.step(f"mine_{tag}", [_oracle_cmd(q, part, "--as", use, "--without_added")])
     return part
 
 
 def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
                        as_: Sequence[str] = ("positive",)) -> None:
     """Every seed: MELD trained from scratch with the oracle's boxes as each of ``as_``:
-    ``positive`` (complete labels on the mined slices, ``meld_oracle``) or ``ignore`` (a perfect
+    ``positive`` (complete labels on the mined slices, ``meld_oracle``), ``ignore`` (a perfect
     NRM trained in: every lesion the annotations miss kept out of the negatives, no positive
-    added, ``meld_oracle_nrm``)."""
+    added, ``meld_oracle_nrm``) or ``ignore_key`` (the same table with no overlay-added slice
+    drawn: only the ignore regions on MELD's own training slices act, ``meld_oracle_nrm_key``)."""
     _known("--oracle-scratch", "use", as_, ORACLE_SCRATCH)
     for q in _seed_quickstarts(out, recipe, seeds):
         for a in as_:
-            part, run = _oracle_scratch_step(q, a), ORACLE_SCRATCH[a][0]
-            q.step(run, [q.scratch_cmd("meld", run, f"--config.data.overlays=('{part}',)")])
+            part, (run, _, _, extra) = _oracle_scratch_step(q, a), ORACLE_SCRATCH[a]
+            q.step(run, [q.scratch_cmd("meld", run, f"--config.data.overlays=('{part}',)",
+                                       *extra)])
             q.eval_step(run)
 
 
@@ -543,7 +557,8 @@ def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
 HELDOUT_SEED = 1000            # the held-out world's seed is this plus the first training seed
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
                 "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined",
-                "meld_yield_mam", "meld_yield", "meld_oracle_nrm", *RESUME_RUNS)
+                "meld_yield_mam", "meld_yield", "meld_oracle_nrm", "meld_oracle_nrm_key",
+                *RESUME_RUNS)
 HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **qs.ROW_NAMES,
                           **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
 
@@ -1397,7 +1412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--oracle-scratch", nargs="?", const="positive", default="", metavar="AS",
                    help="every seed: MELD trained from scratch with the oracle's boxes; AS "
                    "(comma-separated, default 'positive'): 'positive' as labels (complete labels "
-                   "on the mined slices), 'ignore' as ignore regions (a perfect NRM)")
+                   "on the mined slices), 'ignore' as ignore regions (a perfect NRM), "
+                   "'ignore_key' the same with no overlay-added slice drawn (only the ignore "
+                   "regions on MELD's own training slices)")
     p.add_argument("--mined-scratch", nargs="?", const="both", default="", metavar="PARTS",
                    help="every seed: MELD trained from scratch with its own mined table instead of "
                    "finetuned on it; PARTS (comma-separated, default 'both'): 'mam' its MAM "

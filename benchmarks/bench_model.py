@@ -3,9 +3,10 @@
 paper config.
 
 For each it prints: compile time, wall time per sample, XLA's FLOP count (``cost_analysis`` of the
-lowered step, the same on every backend), the achieved FLOP/s, and that as a ratio to this machine's matmul peak measured in
-the same run (a large ``jnp.dot`` in the step's compute dtype), plus the compiled peak memory (``memory_analysis``:
-arguments + outputs + temporaries - aliased).
+lowered step, the same on every backend), the achieved FLOP/s, and that as a ratio to this
+machine's matmul peak measured in the same run (a large ``jnp.dot`` in the step's compute dtype),
+plus the compiled peak memory (``memory_analysis``: arguments + outputs + temporaries - aliased).
+With several ``--dtypes`` it also prints each one's speed-up over the first.
 
 Caveat: XLA's cost analysis counts a while-loop body once, so the tiled NMS is under-counted; its
 share of the FLOPs is small next to the convolutions.

@@ -897,7 +897,9 @@ def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[st
         "table of MELD mined again with MAM's theta raised to the paper's yield, below) or the "
         "oracle's positives (`--oracle-scratch`, `python -m uld_jax.mine.oracle "
         "--without_added`: the most any mining of labels could give MELD at this scale; "
-        "`--oracle-scratch ignore` the same boxes as ignore regions, a perfect NRM). The "
+        "`--oracle-scratch ignore` the same boxes as ignore regions, a perfect NRM, and "
+        "`ignore_key` that table with no overlay-added slice drawn, so that only the ignore "
+        "regions on MELD's own training slices differ from MELD). The "
         "seeds column counts the seeds with the run; a check compares the seeds both of its runs "
         "have.",
         SCRATCH_ROWS, SCRATCH_CHECKS)

@@ -164,6 +164,12 @@ def _steps_of(calls, seed):
     return {n: c for o, n, c, _ in calls if o.endswith(f"seed_{seed}")}
 
 
+def _has_lines(text: str, *lines: str) -> None:
+    """Each of ``lines`` is in ``text`` (named in the failure)."""
+    missing = [ln for ln in lines if ln not in text]
+    assert not missing, missing
+
+
 def test_commands_of_the_variants(tmp_path, recorded_steps):
     calls = recorded_steps
     r = qs.RECIPES["smoke"]
@@ -428,7 +434,7 @@ def test_oracle_scratch_ignore_commands_and_page(tmp_path, recorded_steps):
     recorded_steps.clear()
     reproduce.run_oracle_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["ignore_key"])
     steps = _steps_of(recorded_steps, 3)
-    assert steps["mine_oracle_nrm_scratch"] == [cmd]       # the same table (done steps are skipped)
+    assert steps["mine_oracle_nrm_scratch"] == [cmd]       # the table step shared with 'ignore'
     (key,) = steps["meld_oracle_nrm_key"]
     assert key[-2:] == [f"--config.data.overlays=('{meld}/mined_oracle_nrm_scratch.npz',)",
                         "--config.data.added_ratio=0.0"]
@@ -436,17 +442,18 @@ def test_oracle_scratch_ignore_commands_and_page(tmp_path, recorded_steps):
     with pytest.raises(ValueError, match="--oracle-scratch: unknown use.*'both'"):
         reproduce.run_oracle_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["both"])
     # page: the perfect NRM against MELD, NRM's own regions and the complete labels
-    for s, (meld_v, nrm, perfect, oracle) in ((0, (0.2, 0.15, 0.25, 0.4)),
-                                              (1, (0.3, 0.3, 0.2, 0.35))):
-        for run, v in (("meld", meld_v), ("meld_nrm", nrm), ("meld_oracle_nrm", perfect),
-                       ("meld_oracle", oracle)):
-            _eval(tmp_path / f"seed_{s}", run, v)
+    _eval_runs(tmp_path, ("meld", "meld_nrm", "meld_oracle_nrm", "meld_oracle",
+                          "meld_oracle_nrm_key"),
+               {0: (0.2, 0.15, 0.25, 0.4, 0.1), 1: (0.3, 0.3, 0.2, 0.35, 0.35)})
     text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
     sec = text[text.index("## Labels trained in from scratch"):]
     _has_lines(sec, "| MELD trained with the oracle's boxes as ignore regions (a perfect NRM) | 2 |",
                "| perfect NRM > MELD | paper | +5.0, -10.0 | -2.5 ± 10.6 | no |",
                "| perfect NRM > NRM table | released | +10.0, -10.0 | +0.0 ± 14.1 | no |",
-               "| complete labels > perfect NRM | paper | +15.0, +15.0 | +15.0 ± 0.0 | yes |")
+               "| complete labels > perfect NRM | paper | +15.0, +15.0 | +15.0 ± 0.0 | yes |",
+               "| perfect NRM on key slices > MELD | released | -10.0, +5.0 | -2.5 ± 10.6 | no |",
+               "| perfect NRM on key slices > perfect NRM | paper | -15.0, +15.0 | +0.0 ± 21.2 "
+               "| no |")
     with pytest.raises(SystemExit):
         reproduce.main(["--out", str(tmp_path), "--oracle-scratch", "both", "--results", ""])
 
@@ -515,12 +522,6 @@ def test_mined_scratch_parts_commands_and_page(tmp_path, recorded_steps, monkeyp
                "| NRM table > MELD | paper | -5.0, +5.0 | +0.0 ± 7.1 | no |",
                "| mined table > MAM table | released | +5.0, -10.0 | -2.5 ± 10.6 | no |",
                "| mined table > NRM table | paper | +15.0, -5.0 | +5.0 ± 14.1 | no |")
-
-
-def _has_lines(text: str, *lines: str) -> None:
-    """Each of ``lines`` is in ``text`` (named in the failure)."""
-    missing = [ln for ln in lines if ln not in text]
-    assert not missing, missing
 
 
 def test_ordering_checks_pair_runs_by_seed(tmp_path):
@@ -666,7 +667,7 @@ def test_mined_scratch_yield_commands_and_page(tmp_path, recorded_steps, monkeyp
     assert "configs/meld.py:tiny" in tr and "--config.init_from.workdir" not in " ".join(tr)
     assert tr[-1] == f"--config.data.overlays=('{meld}/mined_yield_scratch.npz',)"
     # yield_mam: the same mining and report steps (skipped when done), that table's MAM part
-    del recorded_steps[:]
+    recorded_steps.clear()
     reproduce.run_mined_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["yield_mam"])
     calls = [(n, c, fn) for o, n, c, fn in recorded_steps if o.endswith("seed_3")]
     assert [n for n, _, _ in calls] == ["mine_yield", "report_yield", "mine_yield_mam_scratch",

@@ -415,13 +415,20 @@ SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("meld_oracle_nrm", "MELD trained with the oracle's boxes as ignore regions (a "
                  "perfect NRM)"),
                 ("meld_oracle_nrm_key", "MELD trained with the oracle's boxes as ignore regions, "
-                 "key slices only (a perfect NRM, no added slice drawn)"))
+                 "key slices only (a perfect NRM, no added slice drawn)"),
+                ("meld_added", "MELD trained with the added unlabeled slices, nothing mined"),
+                ("meld_oracle_nrm_added", "MELD trained with the added unlabeled slices and the "
+                 "oracle's boxes as ignore regions (a perfect NRM on every slice)"))
 # --mined-scratch PARTS: part of the mined table (quickstart.split_mined) -> (run, the table's tag)
 SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch"), "nrm": ("meld_nrm", "nrm_scratch"),
                  "both": ("meld_mined", "both_scratch"), "yield": ("meld_yield", "yield_scratch"),
-                 "yield_mam": ("meld_yield_mam", "yield_mam_scratch")}
+                 "yield_mam": ("meld_yield_mam", "yield_mam_scratch"),
+                 "added": ("meld_added", "added_scratch")}
 # the parts taken from the table mined with MAM at the paper's yield -> its part (split_mined)
 YIELD_PARTS = {"yield": "both", "yield_mam": "mam"}
+# the parts that keep the bare added slices -> split_mined's part: 'added' is the table's unlabeled
+# slices alone, what NRM's ignore regions protect in the paper's finetuning
+ADDED_PARTS = {"added": "none"}
 # the from-scratch runs themselves: every row but the two they are read against
 SCRATCH_RUNS = tuple(r for r, _ in SCRATCH_ROWS if r not in ("meld", "ft_both"))
 SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
@@ -443,23 +450,32 @@ SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
                   ("complete labels > perfect NRM", "meld_oracle", "meld_oracle_nrm"),
                   ("perfect NRM on key slices > MELD", "meld_oracle_nrm_key", "meld"),
                   ("perfect NRM on key slices > perfect NRM", "meld_oracle_nrm_key",
-                   "meld_oracle_nrm"))
-# --oracle-scratch AS: the oracle's boxes as -> (run, the table's tag, the oracle's --as, extra
+                   "meld_oracle_nrm"),
+                  ("added slices > MELD", "meld_added", "meld"),
+                  ("perfect NRM with added slices > added slices", "meld_oracle_nrm_added",
+                   "meld_added"),
+                  ("perfect NRM with added slices > MELD", "meld_oracle_nrm_added", "meld"))
+# --oracle-scratch AS: the oracle's boxes as -> (run, the table's tag, the oracle's options, extra
 # training flags). A slice holding only ignore regions enters training as an overlay-added slice,
 # drawn data.added_ratio x the key slices per epoch, which MELD never sees; 'ignore_key' draws none
-# (added_ratio 0), so that only the ignore regions on MELD's own slices differ from MELD.
-ORACLE_SCRATCH = {"positive": ("meld_oracle", "oracle_scratch", "positive", ()),
-                  "ignore": ("meld_oracle_nrm", "oracle_nrm_scratch", "ignore", ()),
-                  "ignore_key": ("meld_oracle_nrm_key", "oracle_nrm_scratch", "ignore",
-                                 ("--config.data.added_ratio=0.0",))}
+# (added_ratio 0), so that only the ignore regions on MELD's own slices differ from MELD;
+# 'ignore_added' keeps every added unlabeled slice of MELD's mining run (the paper's finetuning
+# data), read against the same slices with nothing mined ('--mined-scratch added').
+ORACLE_SCRATCH = {
+    "positive": ("meld_oracle", "oracle_scratch", ("--as", "positive", "--without_added"), ()),
+    "ignore": ("meld_oracle_nrm", "oracle_nrm_scratch", ("--as", "ignore", "--without_added"), ()),
+    "ignore_key": ("meld_oracle_nrm_key", "oracle_nrm_scratch",
+                   ("--as", "ignore", "--without_added"), ("--config.data.added_ratio=0.0",)),
+    "ignore_added": ("meld_oracle_nrm_added", "oracle_nrm_added", ("--as", "ignore"), ())}
 
 
 def _oracle_scratch_step(q: qs.Quickstart, as_: str = "positive") -> str:
     """Step ``mine_<tag>`` (:data:`ORACLE_SCRATCH`): the oracle's boxes on MELD's mined slices, as
-    positives or as ignore regions, without the bare added slices; returns the table's path."""
-    _, tag, use, _ = ORACLE_SCRATCH[as_]
+    positives or as ignore regions, with or without the bare added slices; returns the table's
+    path."""
+    _, tag, opts, _ = ORACLE_SCRATCH[as_]
     part = os.path.join(q.run_dir("meld"), f"mined_{tag}.npz")
-    q.step(f"mine_{tag}", [_oracle_cmd(q, part, "--as", use, "--without_added")])
+    q.step(f"mine_{tag}", [_oracle_cmd(q, part, *opts)])
     return part
 
 
@@ -468,8 +484,10 @@ def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
     """Every seed: MELD trained from scratch with the oracle's boxes as each of ``as_``:
     ``positive`` (complete labels on the mined slices, ``meld_oracle``), ``ignore`` (a perfect
     NRM trained in: every lesion the annotations miss kept out of the negatives, no positive
-    added, ``meld_oracle_nrm``) or ``ignore_key`` (the same table with no overlay-added slice
-    drawn: only the ignore regions on MELD's own training slices act, ``meld_oracle_nrm_key``)."""
+    added, ``meld_oracle_nrm``), ``ignore_key`` (the same table with no overlay-added slice
+    drawn: only the ignore regions on MELD's own training slices act, ``meld_oracle_nrm_key``) or
+    ``ignore_added`` (the perfect NRM with every added unlabeled slice of MELD's mining run drawn,
+    as the paper's finetuning draws them, ``meld_oracle_nrm_added``)."""
     _known("--oracle-scratch", "use", as_, ORACLE_SCRATCH)
     for q in _seed_quickstarts(out, recipe, seeds):
         for a in as_:
@@ -513,6 +531,7 @@ def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
         for part in parts:
             name, tag = SCRATCH_PARTS[part]
             table = (_yield_table(q, tag, YIELD_PARTS[part]) if part in YIELD_PARTS
+                     else _split_step(q, ADDED_PARTS[part], tag) if part in ADDED_PARTS
                      else _split_step(q, part, tag, added=False))
             q.step(name, [q.scratch_cmd("meld", name, f"--config.data.overlays=('{table}',)")])
             q.eval_step(name)
@@ -558,7 +577,7 @@ HELDOUT_SEED = 1000            # the held-out world's seed is this plus the firs
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
                 "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined",
                 "meld_yield_mam", "meld_yield", "meld_oracle_nrm", "meld_oracle_nrm_key",
-                *RESUME_RUNS)
+                "meld_added", "meld_oracle_nrm_added", *RESUME_RUNS)
 HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **qs.ROW_NAMES,
                           **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
 

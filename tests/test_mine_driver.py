@@ -586,3 +586,66 @@ def test_oracle_table_from_a_mining_run(world, tmp_path):
     assert s3["added_slices"] == 0 and a3["kind"].tolist() == [table.KIND_MINED] * 3
     with pytest.raises(ValueError, match="as_kind 'both'"):
         oracle.write_oracle(src, truth, str(world["data"]), ign, as_kind="both")
+
+
+def test_exposure_counts_the_negatives_a_table_keeps_out(world, tmp_path, capsys):
+    """uld_jax.mine.exposure on the run's checkpoint: a region over each training key slice's whole
+    canvas holds (nearly) every sampled negative of those slices, and none of the added slices';
+    the counts follow the epoch's make-up (6 key slices, added_ratio x 6 added ones)."""
+    from uld_jax.mine import exposure
+    src = table.read_overlay(world["summary"]["out"]).arrays
+    unl = src["kind"] == table.KIND_UNLABELED
+    train_cases = [c for c in world["cases"] if c.split == "train"]
+    n = len(train_cases)
+    rows = {"dataset": np.array(["deeplesion"] * n), "case_id": np.array([c.case_id for c in
+                                                                            train_cases]),
+            "slice_index": np.full(n, 5, np.int32), "kind": np.full(n, table.KIND_IGNORE, np.int8),
+            "box": np.tile(np.array([[0, 0, 40, 40]], np.float32), (n, 1)),
+            "score": np.ones(n, np.float32), "expert": np.full(n, -1, np.int8),
+            "lesion_id": np.full(n, -1, np.int64)}
+    rows = {k: np.concatenate([v, src[k][unl]]) for k, v in rows.items()}
+    ov = table.build_overlay(**rows, meta=table.make_meta(checkpoint_step=0, config_hash="t",
+                                                          theta=None, sigma=None))
+    path = str(tmp_path / "canvas.npz")
+    table.write_overlay(path, ov)
+    # 3 batches of 4 = one epoch: the 6 key slices and added_ratio (1.0) x 6 added slices
+    res = exposure.measure(str(world["run"]), path, batches=3, batch_size=4, added_ratio=1.0)
+    key, added = res["counts"]["key"], res["counts"]["added"]
+    assert key["slices"] == 6 and added["slices"] == 6
+    assert key["ignore_regions"] == key["slices_with_regions"] == 6
+    assert added["ignore_regions"] == added["slices_with_regions"] == 0
+    assert added["roi_negatives_in_region"] == added["anchor_negatives_in_region"] == 0
+    assert added["roi_negatives"] > 0 and added["anchor_negatives"] > 0
+    assert added["roi_positives"] == added["anchor_positives"] == 0
+    assert key["roi_positives"] > 0 and key["anchor_positives"] > 0
+    # the region is the 40 x 40 slice inside the 64 x 64 image: anchors and ROIs reaching over the
+    # padding by more than half their area are outside it
+    fr = exposure.fractions(res)["key"]
+    assert fr["anchor_negatives_in_region"] > 0.8 and fr["roi_negatives_in_region"] > 0.8
+    assert 0 <= key["regions_covered"] <= key["ignore_regions"]
+    assert key["roi_negatives_covering"] <= key["roi_negatives_in_region"]
+    assert res["step"] == max(SAVED_STEPS) and res["added_ratio"] == 1.0
+    # the tool's rule is training's: with the regions left on, no sampled negative lies in one
+    import jax
+    from uld_jax import inference
+    loaded = inference.load_model(workdir=str(world["run"]))
+    cfg = exposure.input_config(loaded.data_config, str(world["data"]), path, 4, 0, 0.0)
+    batch = next(iter(ip.make_dataset(cfg)))
+    iobb = float(loaded.model_config.roi.ignore_iobb)
+    got = {keep: jax.device_get(exposure._counter(loaded.model, loaded.model_config, iobb, keep)(
+        loaded.variables, batch, jax.random.key(0))) for keep in (False, True)}
+    assert got[False]["roi_negatives_in_region"].sum() > 0
+    assert got[False]["anchor_negatives_in_region"].sum() > 0
+    assert got[True]["roi_negatives_in_region"].sum() == 0
+    assert got[True]["anchor_negatives_in_region"].sum() == 0
+    # the CLI: a markdown table, the JSON written; a missing table is a one-line error naming it
+    out = str(tmp_path / "exposure.json")
+    assert exposure.main(["--workdir", str(world["run"]), "--overlay", path, "--batches", "3",
+                          "--added_ratio", "1.0", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "| key | 6 | 6 | 6 |" in printed and "| added | 6 | 0 | 0 | 0 |" in printed
+    assert json.load(open(out, encoding="utf-8"))["counts"] == res["counts"]
+    assert exposure.main(["--workdir", str(world["run"]), "--overlay",
+                          str(tmp_path / "none.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "none.npz" in err and "no such file" in err

@@ -458,6 +458,67 @@ def test_oracle_scratch_ignore_commands_and_page(tmp_path, recorded_steps):
         reproduce.main(["--out", str(tmp_path), "--oracle-scratch", "both", "--results", ""])
 
 
+def test_added_slices_arms_commands_exposure_and_page(tmp_path, recorded_steps, monkeypatch):
+    """--mined-scratch added (the mining run's added slices, nothing mined) and --oracle-scratch
+    ignore_added (the perfect NRM with those slices), the exposure step, their page rows, checks
+    and the exposure table."""
+    splits = []
+    monkeypatch.setattr(qs, "split_mined", lambda *a, **k: splits.append((a, k)))
+    reproduce.run_mined_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["added"])
+    reproduce.run_oracle_scratch(str(tmp_path), qs.RECIPES["smoke"], [3], ["ignore_added"])
+    steps = _steps_of(recorded_steps, 3)
+    assert list(steps) == ["mine_added_scratch", "meld_added", "eval_meld_added",
+                           "mine_oracle_nrm_added", "exposure", "meld_oracle_nrm_added",
+                           "eval_meld_oracle_nrm_added"]
+    meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
+    fn = next(f for o, n, _, f in recorded_steps if n == "mine_added_scratch")
+    fn()
+    ((src, part, dst, _), kw), = splits
+    assert (src, part, dst) == (f"{meld}/mined.npz", "none", f"{meld}/mined_added_scratch.npz")
+    assert kw.get("added", True) is True                  # the added slices kept
+    (added,) = steps["meld_added"]
+    assert added[-1] == f"--config.data.overlays=('{meld}/mined_added_scratch.npz',)"
+    (cmd,) = steps["mine_oracle_nrm_added"]
+    assert cmd[cmd.index("--as") + 1] == "ignore" and "--without_added" not in cmd
+    assert cmd[-1] == f"{meld}/mined_oracle_nrm_added.npz"
+    (exp,) = steps["exposure"]
+    assert exp[1:3] == ["-m", "uld_jax.mine.exposure"]
+    assert exp[exp.index("--workdir") + 1] == meld and exp[exp.index("--seed") + 1] == "3"
+    assert exp[exp.index("--overlay") + 1] == f"{meld}/mined_oracle_nrm_added.npz"
+    assert exp[-1] == f"{meld}/exposure.json"
+    (tr,) = steps["meld_oracle_nrm_added"]
+    assert tr == [a.replace("runs/meld_added", "runs/meld_oracle_nrm_added").replace(
+        "mined_added_scratch", "mined_oracle_nrm_added") for a in added]
+    assert {"meld_added", "meld_oracle_nrm_added"} <= set(reproduce.HELDOUT_RUNS)
+    # page: the checks, and the exposure table from each seed's exposure.json
+    _eval_runs(tmp_path, ("meld", "meld_added", "meld_oracle_nrm_added"),
+               {0: (0.2, 0.1, 0.25), 1: (0.3, 0.2, 0.35)})
+    counts = {"key": {"slices": 10, "slices_with_regions": 4, "ignore_regions": 5,
+                      "roi_positives": 12, "roi_negatives": 40, "roi_negatives_in_region": 2,
+                      "roi_negatives_covering": 1, "regions_covered": 1, "anchor_positives": 6,
+                      "anchor_negatives": 400, "anchor_negatives_in_region": 3},
+              "added": {"slices": 5, "slices_with_regions": 3, "ignore_regions": 4,
+                        "roi_positives": 0, "roi_negatives": 20, "roi_negatives_in_region": 5,
+                        "roi_negatives_covering": 2, "regions_covered": 2, "anchor_positives": 0,
+                        "anchor_negatives": 200, "anchor_negatives_in_region": 8}}
+    (tmp_path / "seed_0" / "runs" / "meld").mkdir(parents=True)
+    with open(tmp_path / "seed_0" / "runs" / "meld" / "exposure.json", "w") as f:
+        json.dump({"counts": counts, "overlay": f"{meld}/mined_oracle_nrm_added.npz",
+                   "batches": 100}, f)
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", ["x"])
+    sec = text[text.index("## Labels trained in from scratch"):]
+    _has_lines(sec, "| added slices > MELD | released | -10.0, -10.0 | -10.0 ± 0.0 | no |",
+               "| perfect NRM with added slices > added slices | paper | +15.0, +15.0 | "
+               "+15.0 ± 0.0 | yes |",
+               "| perfect NRM with added slices > MELD | released | +5.0, +5.0 | +5.0 ± 0.0 | yes |")
+    exp_sec = text[text.index("## What a perfect NRM keeps out"):]
+    _has_lines(exp_sec, "--overlay mined_oracle_nrm_added.npz --batches 100`",
+               "| 0 | key | 10 | 4 | 5 | 12 | 40 | 5.0 | 2.5 | 1 | 0.8 |",
+               "| 0 | added | 5 | 3 | 4 | 0 | 20 | 25.0 | 10.0 | 2 | 4.0 |")
+    table_rows = [ln for ln in exp_sec.split("\n## ")[0].splitlines() if ln.startswith("| ")]
+    assert [r.split(" | ")[0] for r in table_rows[1:]] == ["| 0", "| 0"]   # no exposure.json: seed 1
+
+
 def test_mined_scratch_commands_and_page(tmp_path, recorded_steps, monkeypatch):
     splits = []
     monkeypatch.setattr(qs, "split_mined", lambda *a, **k: splits.append((a, k)))

@@ -1,8 +1,9 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long|equal] \
-        [--keyslice] [--control] [--oracle] [--oracle-scratch [positive,ignore,ignore_key]] \
-        [--mined-scratch [mam,nrm,both,yield,yield_mam]] [--resume [none,mined,oracle]] \
+        [--keyslice] [--control] [--oracle] \
+        [--oracle-scratch [positive,ignore,ignore_key,ignore_added]] \
+        [--mined-scratch [mam,nrm,both,yield,yield_mam,added]] [--resume [none,mined,oracle]] \
         [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
         [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
@@ -37,7 +38,10 @@ What runs (each piece resumable: finished steps are skipped when run again):
   instead (a perfect NRM trained in: no lesion the annotations miss among the negatives, no
   positive added), read against MELD and NRM's own regions trained in the same way; ``ignore_key``
   the same table with no overlay-added slice drawn (``data.added_ratio`` 0), so that only the
-  ignore regions on MELD's own training slices differ from MELD.
+  ignore regions on MELD's own training slices differ from MELD; ``ignore_added`` the perfect NRM
+  with every added unlabeled slice of MELD's mining run drawn, as the paper's finetuning draws
+  them (read against ``--mined-scratch added``, the same slices with nothing mined), and how many
+  of MELD's sampled negatives those regions keep out (``uld_jax.mine.exposure``).
 * ``--mined-scratch [PARTS]``: MELD trained from scratch, for every seed, with its own mined table
   (MAM's positives and NRM's ignore regions, no bare added slices) in place of the short
   finetuning: the recipe the oracle points to, read against MELD, the finetuned MELD + MAM + NRM
@@ -46,7 +50,8 @@ What runs (each piece resumable: finished steps are skipped when run again):
   ``yield`` trains it with the table of MELD mined again with MAM's theta raised to the paper's
   yield (``python -m uld_jax.mine --theta_from paper_yield``: as many positives as the paper's
   embedding-only rule mines at theta 0.15, picked by the location rule), ``yield_mam`` with its
-  MAM positives alone (with ``nrm``: Table 1's ordering with that table).
+  MAM positives alone (with ``nrm``: Table 1's ordering with that table); ``added`` trains it
+  with every added unlabeled slice of the mining run and nothing mined.
 * ``--heldout N``: a held-out evaluation world of the same preset (another seed, N DeepLesion
   patients, every one in its test split), on which every seed's finished Table-1, control, oracle
   and from-scratch runs are evaluated too: several times the test lesions of the training world's
@@ -492,9 +497,25 @@ def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
     for q in _seed_quickstarts(out, recipe, seeds):
         for a in as_:
             part, (run, _, _, extra) = _oracle_scratch_step(q, a), ORACLE_SCRATCH[a]
+            if a == "ignore_added":
+                _exposure_step(q, part)
             q.step(run, [q.scratch_cmd("meld", run, f"--config.data.overlays=('{part}',)",
                                        *extra)])
             q.eval_step(run)
+
+
+EXPOSURE_BATCHES = 100          # training batches the exposure of MELD's negatives is counted on
+
+
+def _exposure_step(q: qs.Quickstart, table: str) -> None:
+    """Step ``exposure``: how many of MELD's sampled training negatives, on key slices and on the
+    added slices, the perfect NRM's ``table`` keeps out (``python -m uld_jax.mine.exposure``),
+    into ``runs/meld/exposure.json``."""
+    meld = q.run_dir("meld")
+    q.step("exposure", [[sys.executable, "-m", "uld_jax.mine.exposure", "--workdir", meld,
+                         "--overlay", table, "--data_dir", q.data, "--batches",
+                         str(EXPOSURE_BATCHES), "--seed", str(q.seed), "--out",
+                         os.path.join(meld, "exposure.json")]])
 
 
 def _known(flag: str, kind: str, given: Sequence[str], allowed: Sequence[str]) -> None:
@@ -918,7 +939,10 @@ def _scratch_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[st
         "--without_added`: the most any mining of labels could give MELD at this scale; "
         "`--oracle-scratch ignore` the same boxes as ignore regions, a perfect NRM, and "
         "`ignore_key` that table with no overlay-added slice drawn, so that only the ignore "
-        "regions on MELD's own training slices differ from MELD). The "
+        "regions on MELD's own training slices differ from MELD; `--mined-scratch added` MELD "
+        "with every added unlabeled slice of its mining run drawn as the paper's finetuning draws "
+        "them, nothing mined, and `--oracle-scratch ignore_added` the same slices with the "
+        "perfect NRM, where NRM has the most to protect). The "
         "seeds column counts the seeds with the run; a check compares the seeds both of its runs "
         "have.",
         SCRATCH_ROWS, SCRATCH_CHECKS)
@@ -952,6 +976,42 @@ def _yield_quality_lines(out: str, seeds: Sequence[int]) -> list[str]:
             "| seed | paper's rule at 0.15: mined | location rule at 0.15: mined (precision) | "
             "theta | mined | precision | on unmarked lesions | NRM regions |",
             "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+def _exposure_lines(out: str, seeds: Sequence[int]) -> list[str]:
+    """What the perfect NRM keeps out of MELD's sampled negatives (``runs/meld/exposure.json``,
+    :func:`_exposure_step`), on the seeds that have it."""
+    from uld_jax.mine import exposure
+    rows, cmd = [], None
+    for s in seeds:
+        res = _load(os.path.join(_seed_dir(out, s), "runs", "meld", "exposure.json"))
+        if not res:
+            continue
+        fr = exposure.fractions(res)
+        for kind in exposure.KINDS:
+            c, f = res["counts"][kind], fr[kind]
+            rows.append(
+                f"| {s} | {kind} | {c['slices']} | {c['slices_with_regions']} | "
+                f"{c['ignore_regions']} | {c['roi_positives']} | {c['roi_negatives']} | "
+                f"{_pct(f['roi_negatives_in_region'])} | {_pct(f['roi_negatives_covering'])} | "
+                f"{c['roi_negatives_covering']} | {_pct(f['anchor_negatives_in_region'])} |")
+        cmd = cmd or (f"`python -m uld_jax.mine.exposure --workdir runs/meld --overlay "
+                      f"{os.path.basename(res['overlay'])} --batches {res['batches']}`")
+    if not rows:
+        return []
+    return ["## What a perfect NRM keeps out of MELD's negatives (`uld_jax.mine.exposure`)", "",
+            f"{cmd}: MELD's last checkpoint, its training batches (DeepLesion only, with the "
+            "oracle's boxes of `--oracle-scratch ignore_added` overlaid and the mining run's added "
+            "unlabeled slices drawn as in training) and its training forward with those ignore "
+            "regions switched off, i.e. the negatives MELD was trained with. A sampled negative "
+            "ROI or anchor whose IoBB with a region exceeds `roi.ignore_iobb` is one a perfect NRM "
+            "would have kept out; 'covering' counts the negative ROIs with IoU >= 0.5 with a "
+            "region, a box on the lesion itself. Every region is a lesion cross-section the "
+            "annotations miss.", "",
+            "| seed | slices | n | with unmarked lesions | unmarked lesions | positive ROIs | "
+            "negative ROIs | in a lesion (IoBB) | covering one | covering (n) | negative anchors "
+            "in a lesion |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def _resume_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
@@ -1303,6 +1363,7 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     L += _section_oracle(out, seeds)
     L += _scratch_lines(out, seeds)
     L += _yield_quality_lines(out, seeds)
+    L += _exposure_lines(out, seeds)
     L += _resume_lines(out, seeds)
     L += _section_heldout(out, seeds, checkpoints)
     L += _section_calibrated(out, seeds)
@@ -1435,14 +1496,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(comma-separated, default 'positive'): 'positive' as labels (complete labels "
                    "on the mined slices), 'ignore' as ignore regions (a perfect NRM), "
                    "'ignore_key' the same with no overlay-added slice drawn (only the ignore "
-                   "regions on MELD's own training slices)")
+                   "regions on MELD's own training slices), 'ignore_added' as ignore regions with "
+                   "every added unlabeled slice of MELD's mining run drawn (read against "
+                   "--mined-scratch added; also measures the negatives it keeps out, "
+                   "python -m uld_jax.mine.exposure)")
     p.add_argument("--mined-scratch", nargs="?", const="both", default="", metavar="PARTS",
                    help="every seed: MELD trained from scratch with its own mined table instead of "
                    "finetuned on it; PARTS (comma-separated, default 'both'): 'mam' its MAM "
                    "positives, 'nrm' its NRM ignore regions, 'both' both (Table 1 from scratch: "
                    "mam,nrm,both), 'yield' both with MAM's theta raised to the paper's yield "
                    "(python -m uld_jax.mine --theta_from paper_yield), 'yield_mam' that table's "
-                   "MAM positives alone")
+                   "MAM positives alone, 'added' nothing mined but every added unlabeled slice "
+                   "of the mining run drawn")
     p.add_argument("--resume", nargs="?", const="none,mined,oracle", default="", metavar="ARMS",
                    help="every seed: MELD's second half again (from its checkpoint at half its "
                    "epochs, its own learning rate) with ARMS (comma-separated, default all): "

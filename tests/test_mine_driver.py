@@ -622,6 +622,9 @@ def test_exposure_counts_the_negatives_a_table_keeps_out(world, tmp_path, capsys
     # padding by more than half their area are outside it
     fr = exposure.fractions(res)["key"]
     assert fr["anchor_negatives_in_region"] > 0.8 and fr["roi_negatives_in_region"] > 0.8
+    assert fr["anchor_negative_loss_in_region"] > 0.8 and fr["roi_negative_loss_in_region"] > 0.8
+    for k in ("roi_negative_loss", "anchor_negative_loss"):
+        assert 0 < key[f"{k}_in_region"] <= key[k] and added[f"{k}_in_region"] == 0 < added[k]
     assert 0 <= key["regions_covered"] <= key["ignore_regions"]
     assert key["roi_negatives_covering"] <= key["roi_negatives_in_region"]
     assert res["step"] == max(SAVED_STEPS) and res["added_ratio"] == 1.0
@@ -638,6 +641,9 @@ def test_exposure_counts_the_negatives_a_table_keeps_out(world, tmp_path, capsys
     assert got[False]["anchor_negatives_in_region"].sum() > 0
     assert got[True]["roi_negatives_in_region"].sum() == 0
     assert got[True]["anchor_negatives_in_region"].sum() == 0
+    assert got[True]["roi_negative_loss_in_region"].sum() == 0
+    assert got[True]["anchor_negative_loss_in_region"].sum() == 0
+    assert got[False]["roi_negative_loss_in_region"].sum() > 0
     # the CLI: a markdown table, the JSON written; a missing table is a one-line error naming it
     out = str(tmp_path / "exposure.json")
     assert exposure.main(["--workdir", str(world["run"]), "--overlay", path, "--batches", "3",

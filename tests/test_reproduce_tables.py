@@ -496,11 +496,15 @@ def test_added_slices_arms_commands_exposure_and_page(tmp_path, recorded_steps, 
     counts = {"key": {"slices": 10, "slices_with_regions": 4, "ignore_regions": 5,
                       "roi_positives": 12, "roi_negatives": 40, "roi_negatives_in_region": 2,
                       "roi_negatives_covering": 1, "regions_covered": 1, "anchor_positives": 6,
-                      "anchor_negatives": 400, "anchor_negatives_in_region": 3},
+                      "anchor_negatives": 400, "anchor_negatives_in_region": 3,
+                      "roi_negative_loss": 8.0, "roi_negative_loss_in_region": 2.0,
+                      "anchor_negative_loss": 40.0, "anchor_negative_loss_in_region": 0.5},
               "added": {"slices": 5, "slices_with_regions": 3, "ignore_regions": 4,
                         "roi_positives": 0, "roi_negatives": 20, "roi_negatives_in_region": 5,
                         "roi_negatives_covering": 2, "regions_covered": 2, "anchor_positives": 0,
-                        "anchor_negatives": 200, "anchor_negatives_in_region": 8}}
+                        "anchor_negatives": 200, "anchor_negatives_in_region": 8,
+                        "roi_negative_loss": 4.0, "roi_negative_loss_in_region": 0.0,
+                        "anchor_negative_loss": 20.0, "anchor_negative_loss_in_region": 5.0}}
     (tmp_path / "seed_0" / "runs" / "meld").mkdir(parents=True)
     with open(tmp_path / "seed_0" / "runs" / "meld" / "exposure.json", "w") as f:
         json.dump({"counts": counts, "overlay": f"{meld}/mined_oracle_nrm_added.npz",
@@ -513,8 +517,8 @@ def test_added_slices_arms_commands_exposure_and_page(tmp_path, recorded_steps, 
                "| perfect NRM with added slices > MELD | released | +5.0, +5.0 | +5.0 ± 0.0 | yes |")
     exp_sec = text[text.index("## What a perfect NRM keeps out"):]
     _has_lines(exp_sec, "--overlay mined_oracle_nrm_added.npz --batches 100`",
-               "| 0 | key | 10 | 4 | 5 | 12 | 40 | 5.0 | 2.5 | 1 | 0.8 |",
-               "| 0 | added | 5 | 3 | 4 | 0 | 20 | 25.0 | 10.0 | 2 | 4.0 |")
+               "| 0 | key | 10 | 4 | 5 | 12 | 40 | 5.0 | 2.5 | 1 | 25.0 | 0.8 | 1.2 |",
+               "| 0 | added | 5 | 3 | 4 | 0 | 20 | 25.0 | 10.0 | 2 | 0.0 | 4.0 | 25.0 |")
     table_rows = [ln for ln in exp_sec.split("\n## ")[0].splitlines() if ln.startswith("| ")]
     assert [r.split(" | ")[0] for r in table_rows[1:]] == ["| 0", "| 0"]   # no exposure.json: seed 1
 

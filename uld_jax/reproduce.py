@@ -994,7 +994,9 @@ def _exposure_lines(out: str, seeds: Sequence[int]) -> list[str]:
                 f"| {s} | {kind} | {c['slices']} | {c['slices_with_regions']} | "
                 f"{c['ignore_regions']} | {c['roi_positives']} | {c['roi_negatives']} | "
                 f"{_pct(f['roi_negatives_in_region'])} | {_pct(f['roi_negatives_covering'])} | "
-                f"{c['roi_negatives_covering']} | {_pct(f['anchor_negatives_in_region'])} |")
+                f"{c['roi_negatives_covering']} | {_pct(f['roi_negative_loss_in_region'])} | "
+                f"{_pct(f['anchor_negatives_in_region'])} | "
+                f"{_pct(f['anchor_negative_loss_in_region'])} |")
         cmd = cmd or (f"`python -m uld_jax.mine.exposure --workdir runs/meld --overlay "
                       f"{os.path.basename(res['overlay'])} --batches {res['batches']}`")
     if not rows:
@@ -1006,12 +1008,14 @@ def _exposure_lines(out: str, seeds: Sequence[int]) -> list[str]:
             "regions switched off, i.e. the negatives MELD was trained with. A sampled negative "
             "ROI or anchor whose IoBB with a region exceeds `roi.ignore_iobb` is one a perfect NRM "
             "would have kept out; 'covering' counts the negative ROIs with IoU >= 0.5 with a "
-            "region, a box on the lesion itself. Every region is a lesion cross-section the "
-            "annotations miss.", "",
+            "region, a box on the lesion itself; 'loss' is their share of the negatives' "
+            "classification loss (the training loss's own per-box terms: a hard negative weighs "
+            "more than its count). Every region is a lesion cross-section the annotations miss. "
+            "Percentages of the negatives of the slice kind.", "",
             "| seed | slices | n | with unmarked lesions | unmarked lesions | positive ROIs | "
-            "negative ROIs | in a lesion (IoBB) | covering one | covering (n) | negative anchors "
-            "in a lesion |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+            "negative ROIs | in a lesion (IoBB) | covering one | covering (n) | ROI loss | "
+            "negative anchors in a lesion | anchor loss |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def _resume_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:

@@ -20,8 +20,10 @@ annotations miss):
 
 The output (JSON, and a table on stdout) has, per slice kind: slices, ignore regions, sampled
 positive and negative ROIs and anchors, the negatives inside an ignore region (by IoBB, the rule
-training applies; ROIs also by IoU >= 0.5, a negative that covers the lesion), and the ignore
-regions that at least one sampled negative ROI covered (IoU >= 0.5).
+training applies; ROIs also by IoU >= 0.5, a negative that covers the lesion), the ignore regions
+that at least one sampled negative ROI covered (IoU >= 0.5), and the negatives' classification
+loss (the training loss's own per-box terms) with the part of it inside the regions: a hard
+negative on a lesion weighs more than its count.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ KINDS = ("key", "added")
 FIELDS = ("slices", "slices_with_regions", "ignore_regions", "roi_positives", "roi_negatives",
           "roi_negatives_in_region", "roi_negatives_covering", "regions_covered",
           "anchor_positives", "anchor_negatives", "anchor_negatives_in_region")
+# the classification loss of those negatives (summed; the training loss's own per-box terms: the
+# organ-weighted sigmoid cross-entropy of the ROI heads, the RPN's objectness cross-entropy)
+LOSS_FIELDS = ("roi_negative_loss", "roi_negative_loss_in_region", "anchor_negative_loss",
+               "anchor_negative_loss_in_region")
 
 
 class ExposureError(ValueError):
@@ -74,6 +80,7 @@ def _counter(model, model_config, ignore_iobb: float, keep_regions: bool = False
     sampled negative should lie in one, which the tests check)."""
     import jax
     import jax.numpy as jnp
+    import optax
 
     from uld_jax.core import Keys
     from uld_jax.models import detops
@@ -95,26 +102,39 @@ def _counter(model, model_config, ignore_iobb: float, keep_regions: bool = False
             raise ExposureError(f"{anchors.shape[0]} anchors for {out['rpn_labels'].shape[1]} RPN "
                                 "outputs: the image size is not a multiple of the anchor stride")
 
-        def one(rois, roi_labels, rpn_labels, boxes, valid):
+        # per-box negative losses, as losses.roi_losses / rpn_losses weigh them (target 0)
+        roi_loss = jnp.sum(out["organ_weights"] * optax.sigmoid_binary_cross_entropy(
+            out["cls_logits"], jnp.zeros_like(out["cls_logits"])), -1)          # [B, S]
+        rpn_loss = optax.sigmoid_binary_cross_entropy(
+            out["rpn_logits"], jnp.zeros_like(out["rpn_logits"]))                # [B, N]
+
+        def one(rois, roi_labels, rpn_labels, boxes, valid, rl, al):
             iobb = box_ops.pairwise_iobb(rois, boxes, roi_labels >= 0, valid)
             iou = box_ops.pairwise_iou(rois, boxes, roi_labels >= 0, valid)
             neg = roi_labels == 0
+            r_in = neg & jnp.any(iobb > ignore_iobb, 1)
             covering = neg[:, None] & (iou >= COVER_IOU)
-            a_in = jnp.any(box_ops.pairwise_iobb(anchors, boxes, None, valid) > ignore_iobb, 1)
+            a_neg = rpn_labels == 0
+            a_in = a_neg & jnp.any(
+                box_ops.pairwise_iobb(anchors, boxes, None, valid) > ignore_iobb, 1)
             return {
+                "roi_negative_loss": jnp.sum(jnp.where(neg, rl, 0.0)),
+                "roi_negative_loss_in_region": jnp.sum(jnp.where(r_in, rl, 0.0)),
+                "anchor_negative_loss": jnp.sum(jnp.where(a_neg, al, 0.0)),
+                "anchor_negative_loss_in_region": jnp.sum(jnp.where(a_in, al, 0.0)),
                 "ignore_regions": jnp.sum(valid),
                 "roi_positives": jnp.sum(roi_labels == 1),
                 "roi_negatives": jnp.sum(neg),
-                "roi_negatives_in_region": jnp.sum(neg & jnp.any(iobb > ignore_iobb, 1)),
+                "roi_negatives_in_region": jnp.sum(r_in),
                 "roi_negatives_covering": jnp.sum(jnp.any(covering, 1)),
                 "regions_covered": jnp.sum(jnp.any(covering, 0)),
                 "anchor_positives": jnp.sum(rpn_labels == 1),
-                "anchor_negatives": jnp.sum(rpn_labels == 0),
-                "anchor_negatives_in_region": jnp.sum((rpn_labels == 0) & a_in),
+                "anchor_negatives": jnp.sum(a_neg),
+                "anchor_negatives_in_region": jnp.sum(a_in),
             }
 
         return jax.vmap(one)(out["roi_boxes"], out["roi_labels"], out["rpn_labels"], ign,
-                             ign_valid)
+                             ign_valid, roi_loss, rpn_loss)
 
     return jax.jit(count)
 
@@ -140,7 +160,7 @@ def measure(workdir: str, overlay: str, *, data_dir: str | None = None, step: in
     cfg = input_config(dcfg, data_dir, overlay, batch_size, seed, added_ratio)
     count = _counter(loaded.model, loaded.model_config, float(loaded.model_config.roi.ignore_iobb))
     it = iter(input_pipeline.make_dataset(cfg))
-    totals = {k: dict.fromkeys(FIELDS, 0) for k in KINDS}
+    totals = {k: {**dict.fromkeys(FIELDS, 0), **dict.fromkeys(LOSS_FIELDS, 0.0)} for k in KINDS}
     rng = jax.random.key(seed)
     for i in range(batches):
         batch = next(it)
@@ -153,6 +173,8 @@ def measure(workdir: str, overlay: str, *, data_dir: str | None = None, step: in
             t["slices_with_regions"] += int(got["ignore_regions"][s] > 0)
             for f in FIELDS[2:]:
                 t[f] += int(got[f][s])
+            for f in LOSS_FIELDS:
+                t[f] += float(got[f][s])
     return {"workdir": os.path.abspath(workdir), "step": loaded.step,
             "overlay": os.path.abspath(overlay), "data_dir": os.path.abspath(data_dir),
             "batches": batches, "batch_size": batch_size, "seed": seed,
@@ -173,6 +195,10 @@ def fractions(result: dict[str, Any]) -> dict[str, dict[str, float]]:
                      "anchor_negatives_in_region": ratio("anchor_negatives_in_region",
                                                          "anchor_negatives"),
                      "covering_per_positive": ratio("roi_negatives_covering", "roi_positives"),
+                     "roi_negative_loss_in_region": ratio("roi_negative_loss_in_region",
+                                                          "roi_negative_loss"),
+                     "anchor_negative_loss_in_region": ratio("anchor_negative_loss_in_region",
+                                                             "anchor_negative_loss"),
                      "regions_covered": ratio("regions_covered", "ignore_regions")}
     return out
 
@@ -181,16 +207,18 @@ def markdown(result: dict[str, Any]) -> list[str]:
     """The counts and shares as a markdown table (one row per slice kind)."""
     fr = fractions(result)
     lines = ["| slices | n | with regions | regions | positive ROIs | negative ROIs | in a region "
-             "(IoBB) | covering one (IoU >= 0.5) | negative anchors in a region |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(IoBB) | covering one (IoU >= 0.5) | their share of the negatives' loss | negative "
+             "anchors in a region | their share of the loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in KINDS:
         c, f = result["counts"][kind], fr[kind]
         lines.append(
             f"| {kind} | {c['slices']} | {c['slices_with_regions']} | {c['ignore_regions']} | "
             f"{c['roi_positives']} | {c['roi_negatives']} | {c['roi_negatives_in_region']} "
             f"({f['roi_negatives_in_region']:.1%}) | {c['roi_negatives_covering']} "
-            f"({f['roi_negatives_covering']:.1%}) | {c['anchor_negatives_in_region']} of "
-            f"{c['anchor_negatives']} ({f['anchor_negatives_in_region']:.2%}) |")
+            f"({f['roi_negatives_covering']:.1%}) | {f['roi_negative_loss_in_region']:.1%} | "
+            f"{c['anchor_negatives_in_region']} of {c['anchor_negatives']} "
+            f"({f['anchor_negatives_in_region']:.2%}) | {f['anchor_negative_loss_in_region']:.1%} |")
     return lines
 
 

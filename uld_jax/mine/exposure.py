@@ -29,14 +29,11 @@ negative on a lesion weighs more than its count.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Any, Sequence
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 DATASET = "deeplesion"
 COVER_IOU = 0.5                   # a negative ROI with this IoU with an ignore region covers it
@@ -184,8 +181,9 @@ def measure(workdir: str, overlay: str, *, data_dir: str | None = None, step: in
 
 
 def fractions(result: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per slice kind: the share of sampled negative ROIs / anchors inside an ignore region, the
-    share of ROIs covering one, and those ROIs against the sampled positive ROIs."""
+    """Per slice kind: the share of sampled negative ROIs / anchors inside an ignore region and
+    of their classification loss, the share of negative ROIs covering a region, those ROIs against
+    the sampled positive ROIs, and the share of regions some negative ROI covered."""
     out = {}
     for kind, c in result["counts"].items():
         def ratio(a, b):

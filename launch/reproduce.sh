@@ -7,8 +7,8 @@
 #        --table2 --table4 --unlabeled 0,0.25,1,2
 #        bash launch/reproduce.sh runs/reproduce_long --recipe long --keyslice --calibrated-nrm
 #        bash launch/reproduce.sh runs/reproduce_equal --recipe equal --seeds 0,1,2,3 --keyslice \
-#            --control --oracle --oracle-scratch positive,ignore \
-#            --mined-scratch mam,nrm,both,yield,yield_mam \
+#            --control --oracle --oracle-scratch positive,ignore,ignore_key,ignore_added \
+#            --mined-scratch mam,nrm,both,yield,yield_mam,added \
 #            --heldout 24 --resume --heldout-checkpoints 2
 # A relative --results PATH is taken from the repository root.
 # Resumable: re-run the same command to continue.

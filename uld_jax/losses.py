@@ -59,11 +59,31 @@ def _masked_mean(v: jax.Array, m: jax.Array, axis) -> jax.Array:
     return jnp.sum(v * m, axis=axis) / jnp.maximum(jnp.sum(m, axis=axis), 1.0)
 
 
+def rpn_cls_terms(out: dict) -> jax.Array:
+    """[B, N] each anchor's objectness cross-entropy against its label (1: positive, else 0); the
+    RPN's classification loss is their mean over the sampled anchors."""
+    return optax.sigmoid_binary_cross_entropy(out["rpn_logits"],
+                                              (out["rpn_labels"] == 1).astype(jnp.float32))
+
+
+def roi_cls_terms(out: dict, cfg: Any) -> tuple[jax.Array, jax.Array]:
+    """Each ROI's classification cross-entropy against its label (1: positive, else 0): per head
+    [B, S, H], and summed with the organ weights [B, S] (``gate.stop_gradient_weights``: no
+    gradient into the weights); the ROI classification losses are their means over the sampled
+    ROIs."""
+    tgt = (out["roi_labels"] == 1).astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(out["cls_logits"], tgt[..., None])   # [B, S, H]
+    w = out["organ_weights"]                                                      # [B, S, H]
+    if cfg.gate.stop_gradient_weights:
+        w = jax.lax.stop_gradient(w)
+    return bce, jnp.sum(w * bce, axis=-1)
+
+
 def rpn_losses(out: dict, cfg: Any) -> dict[str, jax.Array]:
     """Per-sample RPN losses [B]: 'rpn_cls', 'rpn_box'."""
     lab = out["rpn_labels"]
     sampled = lab >= 0
-    bce = optax.sigmoid_binary_cross_entropy(out["rpn_logits"], (lab == 1).astype(jnp.float32))
+    bce = rpn_cls_terms(out)
     n = jnp.maximum(jnp.sum(sampled, axis=1), 1).astype(jnp.float32)
     cls = jnp.sum(jnp.where(sampled, bce, 0.0), axis=1) / n
     l1 = jnp.sum(_smooth_l1(out["rpn_deltas"] - out["rpn_box_targets"], cfg.rpn.smooth_l1_beta), -1)
@@ -74,17 +94,11 @@ def rpn_losses(out: dict, cfg: Any) -> dict[str, jax.Array]:
 def roi_losses(out: dict, cfg: Any) -> dict[str, jax.Array]:
     """Per-sample ROI losses [B]: 'roi_cls' (sum_i w_i L_i), 'roi_cls/<head>' (L_i), 'roi_box',
     and 'gate' when the model has a gate."""
-    lab = out["roi_labels"]
-    sampled = lab >= 0
-    tgt = (lab == 1).astype(jnp.float32)
+    sampled = out["roi_labels"] >= 0
     logits = out["cls_logits"]                                     # [B, S, H]
-    per_head = _masked_mean(optax.sigmoid_binary_cross_entropy(logits, tgt[..., None]),
-                            sampled[..., None], axis=1)            # [B, H]
-    w = out["organ_weights"]                                       # [B, S, H]
-    if cfg.gate.stop_gradient_weights:
-        w = jax.lax.stop_gradient(w)
-    bce = optax.sigmoid_binary_cross_entropy(logits, tgt[..., None])
-    weighted = _masked_mean(jnp.sum(w * bce, axis=-1), sampled, axis=1)
+    bce, per_roi = roi_cls_terms(out, cfg)
+    per_head = _masked_mean(bce, sampled[..., None], axis=1)       # [B, H]
+    weighted = _masked_mean(per_roi, sampled, axis=1)
     n = jnp.maximum(jnp.sum(sampled, axis=1), 1).astype(jnp.float32)
     l1 = jnp.sum(_smooth_l1(out["box_deltas"] - out["box_targets"], cfg.roi.smooth_l1_beta), -1)
     box = cfg.roi.box_loss_weight * jnp.sum(jnp.where(out["box_mask"], l1, 0.0), axis=1) / n

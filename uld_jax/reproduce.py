@@ -424,16 +424,17 @@ SCRATCH_ROWS = (("meld", qs.ROW_NAMES["meld"]),
                 ("meld_added", "MELD trained with the added unlabeled slices, nothing mined"),
                 ("meld_oracle_nrm_added", "MELD trained with the added unlabeled slices and the "
                  "oracle's boxes as ignore regions (a perfect NRM on every slice)"))
-# --mined-scratch PARTS: part of the mined table (quickstart.split_mined) -> (run, the table's tag)
-SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch"), "nrm": ("meld_nrm", "nrm_scratch"),
-                 "both": ("meld_mined", "both_scratch"), "yield": ("meld_yield", "yield_scratch"),
-                 "yield_mam": ("meld_yield_mam", "yield_mam_scratch"),
-                 "added": ("meld_added", "added_scratch")}
-# the parts taken from the table mined with MAM at the paper's yield -> its part (split_mined)
-YIELD_PARTS = {"yield": "both", "yield_mam": "mam"}
-# the parts that keep the bare added slices -> split_mined's part: 'added' is the table's unlabeled
-# slices alone, what NRM's ignore regions protect in the paper's finetuning
-ADDED_PARTS = {"added": "none"}
+# --mined-scratch PARTS: part -> (run, the table's tag, its part of the mined table
+# (quickstart.split_mined), whether the table keeps the bare added slices). 'added' is the mining
+# run's unlabeled slices alone, what NRM's ignore regions protect in the paper's finetuning.
+SCRATCH_PARTS = {"mam": ("meld_mam", "mam_scratch", "mam", False),
+                 "nrm": ("meld_nrm", "nrm_scratch", "nrm", False),
+                 "both": ("meld_mined", "both_scratch", "both", False),
+                 "yield": ("meld_yield", "yield_scratch", "both", False),
+                 "yield_mam": ("meld_yield_mam", "yield_mam_scratch", "mam", False),
+                 "added": ("meld_added", "added_scratch", "none", True)}
+# the parts taken from the table mined with MAM at the paper's yield (the others: MELD's own table)
+YIELD_PARTS = ("yield", "yield_mam")
 # the from-scratch runs themselves: every row but the two they are read against
 SCRATCH_RUNS = tuple(r for r, _ in SCRATCH_ROWS if r not in ("meld", "ft_both"))
 SCRATCH_CHECKS = (("complete labels > MELD", "meld_oracle", "meld"),
@@ -545,15 +546,14 @@ def run_mined_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
     """Every seed: MELD's own command trained from scratch with each ``part`` of its mined table
     (:data:`SCRATCH_PARTS`: ``'mam'`` its MAM positives, ``'nrm'`` its NRM ignore regions,
     ``'both'`` both, ``'yield'`` / ``'yield_mam'`` both / the MAM positives of MELD mined again with
-    MAM at the paper's yield, :func:`_yield_table`), without the bare added slices, then
-    evaluated."""
+    MAM at the paper's yield, :func:`_yield_table`), without the bare added slices, or
+    ``'added'`` those slices alone, nothing mined; then evaluated."""
     _known("--mined-scratch", "part", parts, SCRATCH_PARTS)
     for q in _seed_quickstarts(out, recipe, seeds):
         for part in parts:
-            name, tag = SCRATCH_PARTS[part]
-            table = (_yield_table(q, tag, YIELD_PARTS[part]) if part in YIELD_PARTS
-                     else _split_step(q, ADDED_PARTS[part], tag) if part in ADDED_PARTS
-                     else _split_step(q, part, tag, added=False))
+            name, tag, split, added = SCRATCH_PARTS[part]
+            table = (_yield_table(q, tag, split) if part in YIELD_PARTS
+                     else _split_step(q, split, tag, added=added))
             q.step(name, [q.scratch_cmd("meld", name, f"--config.data.overlays=('{table}',)")])
             q.eval_step(name)
 

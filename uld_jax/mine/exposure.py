@@ -77,8 +77,8 @@ def _counter(model, model_config, ignore_iobb: float, keep_regions: bool = False
     sampled negative should lie in one, which the tests check)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
+    from uld_jax import losses
     from uld_jax.core import Keys
     from uld_jax.models import detops
     from uld_jax.ops import boxes as box_ops
@@ -99,11 +99,9 @@ def _counter(model, model_config, ignore_iobb: float, keep_regions: bool = False
             raise ExposureError(f"{anchors.shape[0]} anchors for {out['rpn_labels'].shape[1]} RPN "
                                 "outputs: the image size is not a multiple of the anchor stride")
 
-        # per-box negative losses, as losses.roi_losses / rpn_losses weigh them (target 0)
-        roi_loss = jnp.sum(out["organ_weights"] * optax.sigmoid_binary_cross_entropy(
-            out["cls_logits"], jnp.zeros_like(out["cls_logits"])), -1)          # [B, S]
-        rpn_loss = optax.sigmoid_binary_cross_entropy(
-            out["rpn_logits"], jnp.zeros_like(out["rpn_logits"]))                # [B, N]
+        # the training loss's own per-box classification terms (summed over negatives below)
+        roi_loss = losses.roi_cls_terms(out, model_config)[1]                  # [B, S]
+        rpn_loss = losses.rpn_cls_terms(out)                                     # [B, N]
 
         def one(rois, roi_labels, rpn_labels, boxes, valid, rl, al):
             iobb = box_ops.pairwise_iobb(rois, boxes, roi_labels >= 0, valid)

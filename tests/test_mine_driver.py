@@ -655,3 +655,27 @@ def test_exposure_counts_the_negatives_a_table_keeps_out(world, tmp_path, capsys
                           str(tmp_path / "none.npz")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "none.npz" in err and "no such file" in err
+
+
+def test_suppression_reads_the_driver_store(world):
+    """mine.suppression on a real chunk store: the key slices are those the driver annotated, and
+    every training case's marked key-slice lesion is one key_marked cross-section."""
+    from uld_jax.mine import quality, suppression
+    case_id, box3d = [], []
+    for c in world["cases"][:6]:
+        (les,) = c.lesions
+        y1, x1, y2, x2 = les.box
+        case_id.append(c.case_id)
+        box3d.append([les.slice_index - 1, y1, x1, les.slice_index + 2, y2, x2])
+    truth = quality.LesionTruth(np.asarray(case_id), np.asarray(box3d, np.float64),
+                                np.arange(6, dtype=np.int64), np.ones(6, bool))
+    sdir = os.path.join(world["run"], "mining", "step_4")
+    res = suppression.measure({"run": sdir}, truth, rates=(0.5, 1.0))["run"]
+    assert res["num_slices"] == 30 and res["num_key_slices"] == 6
+    assert res["groups"]["key_marked"]["n"] == 6
+    assert res["groups"]["key_unmarked"]["n"] == 0 and res["groups"]["other_unmarked"]["n"] == 0
+    assert res["groups"]["other_marked"]["n"] == 0     # z 4..7 holds no slice of 0, 3, 8, 10
+    slices, ann, props = store.ChunkStore.open(sdir).load()
+    direct = suppression.found_by_group(truth, slices, ann, props, rates=(0.5, 1.0))
+    assert json.dumps(res["groups"]) == json.dumps(direct["groups"])   # NaN of the empty groups
+    assert res["store"] == os.path.abspath(sdir)

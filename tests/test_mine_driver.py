@@ -678,4 +678,4 @@ def test_suppression_reads_the_driver_store(world):
     slices, ann, props = store.ChunkStore.open(sdir).load()
     direct = suppression.found_by_group(truth, slices, ann, props, rates=(0.5, 1.0))
     assert json.dumps(res["groups"]) == json.dumps(direct["groups"])   # NaN of the empty groups
-    assert res["store"] == os.path.abspath(sdir)
+    assert res["store"] == os.path.abspath(sdir) and res["checkpoint_step"] == 4

@@ -774,3 +774,94 @@ def test_mined_scratch_yield_commands_and_page(tmp_path, recorded_steps, monkeyp
     q = text[text.index("## MAM at the paper's yield"):]
     assert "| 0 | 40 | 5 (80.0) | 0.412 | 30 | 60.0 | 4 | 7 |" in q
     assert "| 1 | 50 | 6 (80.0) | 0.900 (not reached) | 31 | 60.0 | 3 | 7 |" in q
+
+
+def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps, monkeypatch):
+    """--baseline-nrm (the baseline 4x as long, plain and with the perfect NRM on its key slices)
+    and --suppression (each finished run mined at its last checkpoint and measured), their
+    commands, and their page rows and differences against hand-computed values."""
+    from uld_jax import train
+    r = qs.RECIPES["smoke"]
+    reproduce.run_baseline_nrm(str(tmp_path), r, [3])
+    steps = _steps_of(recorded_steps, 3)
+    assert list(steps) == ["mine_oracle_nrm_scratch", "baseline_long", "eval_baseline_long",
+                           "baseline_long_nrm_key", "eval_baseline_long_nrm_key"]
+    meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
+    (plain,), (nrm,) = steps["baseline_long"], steps["baseline_long_nrm_key"]
+    assert "configs/baseline.py:tiny" in plain
+    assert f"--config.num_epochs={4 * r.epochs}" in plain          # 4x the recipe's epochs
+    assert f"--config.steps_per_epoch={r.steps_per_epoch}" in plain
+    assert nrm == [a.replace("runs/baseline_long", "runs/baseline_long_nrm_key") for a in plain] + [
+        f"--config.data.overlays=('{meld}/mined_oracle_nrm_scratch.npz',)",
+        "--config.data.added_ratio=0.0"]
+    # the table is --oracle-scratch ignore_key's, made by the same step
+    recorded_steps.clear()
+    reproduce.run_oracle_scratch(str(tmp_path), r, [3], ["ignore_key"])
+    assert [n for _, n, _, _ in recorded_steps][0] == "mine_oracle_nrm_scratch"
+    assert {"baseline_long", "baseline_long_nrm_key"} <= set(reproduce.HELDOUT_RUNS)
+    # --suppression: only finished runs, each mined at its last checkpoint
+    recorded_steps.clear()
+    (tmp_path / "seed_3" / "state").mkdir(parents=True, exist_ok=True)
+    for run in ("meld", "baseline_long"):
+        (tmp_path / "seed_3" / "state" / f"{run}.json").write_text("{}")
+    monkeypatch.setattr(train, "checkpoint_steps", lambda d: [10, 20] if d.endswith("meld")
+                        else [30, 40])
+    reproduce.run_suppression(str(tmp_path), r, [3])
+    steps = _steps_of(recorded_steps, 3)
+    assert list(steps) == ["suppression_meld", "suppression_baseline_long"]
+    sup = os.path.join(str(tmp_path), "seed_3", "suppression", "baseline_long")
+    mine, measure = steps["suppression_baseline_long"]
+    assert mine[1:3] == ["-m", "uld_jax.mine"] and mine[mine.index("--step") + 1] == "40"
+    assert mine[mine.index("--workdir") + 1].endswith("seed_3/runs/baseline_long")
+    assert mine[mine.index("--store_dir") + 1] == f"{sup}/store"
+    assert mine[mine.index("--out") + 1] == f"{sup}/mined.npz"          # not MELD's mined.npz
+    assert measure[1:3] == ["-m", "uld_jax.mine.suppression"]
+    assert measure[measure.index("--store") + 1] == f"baseline_long={sup}/store"
+    assert measure[-1] == f"{sup}.json"
+    assert steps["suppression_meld"][0][steps["suppression_meld"][0].index("--step") + 1] == "20"
+    # page: the runs' checks and the suppression table and differences
+    _eval_runs(tmp_path, ("baseline_long", "baseline_long_nrm_key"),
+               {0: (0.2, 0.25), 1: (0.3, 0.2)})
+
+    def sup_json(seed, run, found):     # found: key_marked, key_unmarked, other_marked, other_un.
+        d = tmp_path / f"seed_{seed}" / "suppression"
+        d.mkdir(parents=True, exist_ok=True)
+        groups = {g: {"n": 10 + i, "found": [f], "found_mean": f, "median_score": 0.0}
+                  for i, (g, f) in enumerate(zip(("key_marked", "key_unmarked", "other_marked",
+                                                  "other_unmarked"), found))}
+        (d / f"{run}.json").write_text(json.dumps({run: {"rates": [1.0], "groups": groups,
+                                                         "checkpoint_step": 40}}))
+
+    sup_json(0, "baseline_long", (0.6, 0.1, 0.5, 0.3))
+    sup_json(0, "baseline_long_nrm_key", (0.6, 0.35, 0.5, 0.3))
+    sup_json(1, "baseline_long", (0.5, 0.2, 0.4, 0.3))
+    sup_json(1, "baseline_long_nrm_key", (0.5, 0.3, 0.4, 0.3))
+    sup_json(1, "meld", (0.2, 0.1, 0.2, 0.1))
+    text = reproduce.write_results(str(tmp_path), r, [0, 1], "", ["x"])
+    fit = text[text.index("## A perfect NRM on a detector trained 4x as long"):]
+    _has_lines(fit, "| perfect NRM on key slices > baseline (4x epochs) | released | +5.0, -10.0 | "
+               "-2.5 ± 10.6 | no |")
+    sec = text[text.index("## Which lesions a run finds"):]
+    sec = sec[:sec.index("\n## ")]
+    _has_lines(sec, "at which it makes 1 detections per slice on no lesion",
+               "| 0 | Baseline, 4x the recipe's epochs | 40 | 60.0 (10) | 10.0 (11) | 50.0 (12) | "
+               "30.0 (13) |",
+               "| 1 | MELD | 40 | 20.0 (10) | 10.0 (11) | 20.0 (12) | 10.0 (13) |",
+               "| MELD: unmarked, key slices - other slices | +0.0 | +0.0 |",
+               "| Baseline, 4x the recipe's epochs: unmarked, key slices - other slices | -20.0, "
+               "-10.0 | -15.0 ± 7.1 |",
+               "| Baseline, 4x the recipe's epochs, with the oracle's boxes as ignore regions on its "
+               "key slices (a perfect NRM) - Baseline, 4x the recipe's epochs: key slices, unmarked "
+               "| +25.0, +10.0 | +17.5 ± 10.6 |")
+    assert "MELD trained with the oracle's boxes as ignore regions, key slices only (a perfect NRM, no added slice drawn) - MELD" not in sec   # no seed has both
+    # the held-out section lists them in their own subsection, not in the main table
+    for s, lv in ((0, (0.2, 0.25)), (1, (0.3, 0.2))):
+        for run, level in zip(("baseline_long", "baseline_long_nrm_key"), lv):
+            _eval(tmp_path / f"seed_{s}", run, level, sub="eval_heldout")
+    text = reproduce.write_results(str(tmp_path), r, [0, 1], "", ["x"])
+    held = text[text.index("## Table 1 on a held-out"):]
+    main_table = held[:held.index("### Ordering on the held-out world")]
+    assert "Baseline, 4x" not in main_table
+    _has_lines(held[held.index("### A perfect NRM on a detector trained 4x"):],
+               "| perfect NRM on key slices > baseline (4x epochs) | paper | +5.0, -10.0 | "
+               "-2.5 ± 10.6 | no |")

@@ -590,6 +590,68 @@ def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
             q.eval_step(run)
 
 
+# --baseline-nrm: the DeepLesion-only baseline trained LONG_FACTOR x the recipe's epochs (the `long`
+# recipe's length: there it fits its training key slices, which MELD at the recipe's length does
+# not), plain and with the oracle's boxes as ignore regions on its key slices only (the table and
+# flags of `--oracle-scratch ignore_key`): whether a perfect NRM helps a detector that fits its
+# labels, where the unmarked lesions among its negatives could be learned as background.
+LONG_FACTOR = 4
+LONG_ROWS = (("baseline_long", f"Baseline, {LONG_FACTOR}x the recipe's epochs"),
+            ("baseline_long_nrm_key", f"Baseline, {LONG_FACTOR}x the recipe's epochs, with the "
+             "oracle's boxes as ignore regions on its key slices (a perfect NRM)"))
+LONG_RUNS = tuple(r for r, _ in LONG_ROWS)
+LONG_CHECKS = ((f"perfect NRM on key slices > baseline ({LONG_FACTOR}x epochs)",
+               "baseline_long_nrm_key", "baseline_long"),)
+
+
+def long_recipe(recipe: qs.Recipe) -> qs.Recipe:
+    """``recipe`` trained :data:`LONG_FACTOR` x as long (its decays scaled with it)."""
+    return dataclasses.replace(recipe, epochs=recipe.epochs * LONG_FACTOR,
+                               mine_epoch=recipe.mine_epoch * LONG_FACTOR)
+
+
+def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    """Every seed: the baseline for :func:`long_recipe`'s epochs, plain (``baseline_long``) and
+    with the perfect NRM on its key slices (``baseline_long_nrm_key``), then evaluated."""
+    for q in _seed_quickstarts(out, long_recipe(recipe), seeds):
+        table = _oracle_scratch_step(q, "ignore_key")
+        for run, extra in zip(LONG_RUNS, ((), (f"--config.data.overlays=('{table}',)",
+                                              *ORACLE_SCRATCH["ignore_key"][3]))):
+            q.step(run, [q.scratch_cmd("baseline", run, *extra)])
+            q.eval_step(run)
+
+
+# --suppression: each of these runs (when finished) mined at its last checkpoint into its own chunk
+# store, and python -m uld_jax.mine.suppression on it: which lesions it finds on its own training
+# slices, marked or not, on key slices (its positives and negatives) or not. Pairs: a perfect NRM
+# on the key slices against the same run without it.
+SUPPRESSION_RUNS = ("meld", "meld_oracle_nrm_key", *LONG_RUNS)
+SUPPRESSION_PAIRS = (("meld_oracle_nrm_key", "meld"), ("baseline_long_nrm_key", "baseline_long"))
+SUPPRESSION_SUB = "suppression"
+
+
+def run_suppression(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
+    """Every seed: step ``suppression_<run>`` for each finished run of :data:`SUPPRESSION_RUNS`:
+    mined at its last checkpoint (``suppression/<run>/store``, nothing else of the mining is used)
+    and measured into ``suppression/<run>.json``."""
+    from uld_jax import train
+
+    for q in _seed_quickstarts(out, recipe, seeds):
+        for run in SUPPRESSION_RUNS:
+            if not q.done(run):
+                continue
+            d = os.path.join(q.out, SUPPRESSION_SUB, run)
+            step = train.checkpoint_steps(q.run_dir(run))[-1]
+            q.step(f"suppression_{run}", [
+                [sys.executable, "-m", "uld_jax.mine", "--workdir", q.run_dir(run), "--step",
+                 str(step), "--every_mm", str(q.r.mine_every_mm), "--batch_per_device",
+                 str(q.r.eval_batch), "--progress", "off", "--store_dir",
+                 os.path.join(d, "store"), "--out", os.path.join(d, "mined.npz")],
+                [sys.executable, "-m", "uld_jax.mine.suppression", "--store",
+                 f"{run}={os.path.join(d, 'store')}", "--truth", os.path.join(q.world, "truth"),
+                 "--data_dir", q.data, "--out", d + ".json"]])
+
+
 # A held-out evaluation world: the same preset and generator, another seed, every DeepLesion patient
 # in its test split (``data_prep.synthesize --dl-split 0,1``), so that Table 1's comparisons rest on
 # several times the test lesions of the training world's own test split. Every seed's runs are
@@ -598,9 +660,10 @@ HELDOUT_SEED = 1000            # the held-out world's seed is this plus the firs
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
                 "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined",
                 "meld_yield_mam", "meld_yield", "meld_oracle_nrm", "meld_oracle_nrm_key",
-                "meld_added", "meld_oracle_nrm_added", *RESUME_RUNS)
-HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **qs.ROW_NAMES,
-                          **dict(CONTROL_ROWS + ORACLE_ROWS)}[r]) for r in HELDOUT_RUNS)
+                "meld_added", "meld_oracle_nrm_added", *RESUME_RUNS, *LONG_RUNS)
+HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **dict(LONG_ROWS),
+                          **qs.ROW_NAMES, **dict(CONTROL_ROWS + ORACLE_ROWS)}[r])
+                     for r in HELDOUT_RUNS)
 
 
 def heldout_quickstart(out: str, recipe: qs.Recipe, seeds: Sequence[int],
@@ -1032,6 +1095,78 @@ def _resume_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str
         RESUME_ROWS, RESUME_CHECKS)
 
 
+def _long_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
+    """The long-trained baseline with and without a perfect NRM on its key slices."""
+    return _runs_section(
+        out, seeds, sub, LONG_RUNS,
+        f"A perfect NRM on a detector trained {LONG_FACTOR}x as long (`--baseline-nrm`)",
+        f"The DeepLesion-only baseline trained {LONG_FACTOR}x the recipe's epochs (the `long` "
+        "recipe's length, where the baseline fits its own training key slices), plain and with "
+        "the oracle's boxes as ignore regions on its key slices (the table and flags of "
+        "`--oracle-scratch ignore_key`: every lesion the annotations miss kept out of its "
+        "negatives, nothing else changed). The seeds column counts the seeds with the run; a "
+        "check compares the seeds both of its runs have.",
+        LONG_ROWS, LONG_CHECKS)
+
+
+SUPPRESSION_GROUPS = (("key_marked", "key slices, marked"), ("key_unmarked", "key slices, unmarked"),
+                      ("other_marked", "other slices, marked"),
+                      ("other_unmarked", "other slices, unmarked"))
+
+
+def _suppression_lines(out: str, seeds: Sequence[int]) -> list[str]:
+    """Which lesions each run finds on its own training slices (``suppression/<run>.json``,
+    :func:`run_suppression`), and the perfect NRM's difference on the unmarked ones."""
+    res = {(s, r): _load(os.path.join(_seed_dir(out, s), SUPPRESSION_SUB, f"{r}.json"))
+           for s in seeds for r in SUPPRESSION_RUNS}
+    res = {k: v[k[1]] for k, v in res.items() if v and k[1] in v}
+    if not res:
+        return []
+    names = {**dict(SCRATCH_ROWS), **dict(LONG_ROWS)}
+    rates = next(iter(res.values()))["rates"]
+    L = ["## Which lesions a run finds on its own training slices (`--suppression`, "
+         "`uld_jax.mine.suppression`)", "",
+         "Each run mined at its last checkpoint (`python -m uld_jax.mine --step LAST`: the "
+         "DeepLesion expert's detections on the training split's key slices and on its mining "
+         "slices, one every 5 mm), then the lesion cross-sections of the "
+         "world's truth it finds (%), averaged over the score thresholds at which it makes "
+         + ", ".join(f"{r:g}" for r in rates) + " detections per slice on no lesion. Key "
+         "slices hold the annotations: their marked lesions are the run's positives, their "
+         "unmarked ones its negatives (or, with a perfect NRM, its ignore regions); the other "
+         "slices are never the centre of a training sample. A detector that learns its "
+         "negatives as background finds fewer unmarked lesions on key slices than on the other "
+         "slices, and a perfect NRM gives them back.", "",
+         "| seed | run | step | " + " | ".join(f"{n} (n)" for _, n in SUPPRESSION_GROUPS) + " |",
+         "|---|---|---:|" + "---:|" * len(SUPPRESSION_GROUPS)]
+    for (s, r), v in sorted(res.items(), key=lambda kv: (SUPPRESSION_RUNS.index(kv[0][1]),
+                                                         kv[0][0])):
+        L.append(f"| {s} | {names.get(r, r)} | {v.get('checkpoint_step', 'n/a')} | " + " | ".join(
+            f"{_pct(v['groups'][g]['found_mean'])} ({v['groups'][g]['n']})"
+            for g, _ in SUPPRESSION_GROUPS) + " |")
+    L += ["", "| difference (points) | per-seed | mean ± sd |", "|---|---|---:|"]
+
+    def diff_row(title, pairs):
+        d = [100 * (a - b) for a, b in pairs]
+        if d:
+            L.append(f"| {title} | " + ", ".join(f"{x + 0.0:+.1f}" for x in d) + " | "
+                     + (f"{np.mean(d) + 0.0:+.1f} ± {np.std(d, ddof=1):.1f}" if len(d) > 1
+                        else f"{d[0] + 0.0:+.1f}") + " |")
+
+    def found(s, r, g):
+        return res[s, r]["groups"][g]["found_mean"]
+
+    for r in SUPPRESSION_RUNS:
+        diff_row(f"{names.get(r, r)}: unmarked, key slices - other slices",
+                 [(found(s, r, "key_unmarked"), found(s, r, "other_unmarked"))
+                  for s in seeds if (s, r) in res])
+    for a, b in SUPPRESSION_PAIRS:
+        for g, gname in SUPPRESSION_GROUPS:
+            diff_row(f"{names.get(a, a)} - {names.get(b, b)}: {gname}",
+                     [(found(s, a, g), found(s, b, g)) for s in seeds
+                      if (s, a) in res and (s, b) in res])
+    return L + [""]
+
+
 HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,
                   *(c for c in ORACLE_CHECKS if c[0] in ("oracle MAM > control",
                                                          "oracle NRM > control")))
@@ -1096,7 +1231,7 @@ def _section_checkpoints(out: str, seeds: Sequence[int], k: int) -> list[str]:
     verdict = {rule: {run: {s: float(np.mean(x)) for s, x in per.items()}
                       for run, per in vals[rule].items()} for rule in RULES}
     return L + [f"#### Ordering on the mean of the last {k} checkpoints", ""] + _order_lines(
-        verdict, (*HELDOUT_CHECKS, *SCRATCH_CHECKS, *RESUME_CHECKS))
+        verdict, (*HELDOUT_CHECKS, *SCRATCH_CHECKS, *RESUME_CHECKS, *LONG_CHECKS))
 
 
 def _section_heldout(out: str, seeds: Sequence[int], checkpoints: int = 1) -> list[str]:
@@ -1114,12 +1249,13 @@ def _section_heldout(out: str, seeds: Sequence[int], checkpoints: int = 1) -> li
          f"DeepLesion patient in its test split): {n_truth} test lesions against the training "
          f"world's {n_own}, so one lesion weighs less in every number. Same protocol, both hit "
          "rules; no run was trained, tuned or selected on it.", ""]
-    rows = tuple(r for r in HELDOUT_ROWS if r[0] not in SCRATCH_RUNS + RESUME_RUNS)
+    rows = tuple(r for r in HELDOUT_ROWS if r[0] not in SCRATCH_RUNS + RESUME_RUNS + LONG_RUNS)
     lines, verdict = _froc_tables(out, seeds, rows, sub="eval_heldout")
     return (L + lines + ["### Ordering on the held-out world", ""]
             + _order_lines(verdict, HELDOUT_CHECKS)
             + _scratch_lines(out, seeds, sub="eval_heldout")
             + _resume_lines(out, seeds, sub="eval_heldout")
+            + _long_lines(out, seeds, sub="eval_heldout")
             + _section_checkpoints(out, seeds, checkpoints))
 
 
@@ -1369,6 +1505,8 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     L += _yield_quality_lines(out, seeds)
     L += _exposure_lines(out, seeds)
     L += _resume_lines(out, seeds)
+    L += _long_lines(out, seeds)
+    L += _suppression_lines(out, seeds)
     L += _section_heldout(out, seeds, checkpoints)
     L += _section_calibrated(out, seeds)
     L += _section_table2(out, seeds)
@@ -1517,6 +1655,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "epochs, its own learning rate) with ARMS (comma-separated, default all): "
                    "'none' nothing added, 'mined' its own mined table, 'oracle' the oracle's "
                    "positives; paired against 'none'")
+    p.add_argument("--baseline-nrm", action="store_true",
+                   help=f"every seed: the DeepLesion-only baseline trained {LONG_FACTOR}x the "
+                   "recipe's epochs, plain and with the oracle's boxes as ignore regions on its key "
+                   "slices (a perfect NRM on a detector that fits its labels)")
+    p.add_argument("--suppression", action="store_true",
+                   help="every seed: MELD, the perfect NRM on key slices and the --baseline-nrm "
+                   "runs (those finished) mined at their last checkpoint; which lesions each "
+                   "finds on its own training slices (python -m uld_jax.mine.suppression)")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="every seed's finished Table-1, control, oracle and from-scratch runs "
                    "also evaluated on a "
@@ -1585,6 +1731,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_mined_scratch(out, r, seeds, scratch_parts)
         if a.resume:
             run_resume(out, r, seeds, resume_arms)
+        if a.baseline_nrm:
+            run_baseline_nrm(out, r, seeds)
+        if a.suppression:
+            run_suppression(out, r, seeds)
         if a.heldout:
             run_heldout(out, r, seeds, a.heldout, a.heldout_checkpoints)
         if a.calibrated_nrm:

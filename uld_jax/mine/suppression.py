@@ -119,14 +119,17 @@ def found_by_group(truth: quality.LesionTruth, slices: run.SliceTable,
 def measure(stores: Mapping[str, str], truth: quality.LesionTruth, *,
             rates: Sequence[float] = DEFAULT_RATES,
             min_iobb: float = quality.DEFAULT_MIN_IOBB) -> dict[str, dict[str, Any]]:
-    """:func:`found_by_group` of each named chunk store (``{name: directory}``), in order."""
+    """:func:`found_by_group` of each named chunk store (``{name: directory}``), in order, with
+    the store's path and the checkpoint step it was mined at."""
     results = {}
     for name, sdir in stores.items():
         if not os.path.isdir(sdir):
             raise FileNotFoundError(f"--store {name}={sdir}: no such chunk store")
-        slices, ann, props = store.ChunkStore.open(sdir).load()
+        cs = store.ChunkStore.open(sdir)
+        slices, ann, props = cs.load()
         results[name] = dict(found_by_group(truth, slices, ann, props, rates=rates,
-                                            min_iobb=min_iobb), store=os.path.abspath(sdir))
+                                            min_iobb=min_iobb), store=os.path.abspath(sdir),
+                             checkpoint_step=int(cs.meta["checkpoint_step"]))
     return results
 
 

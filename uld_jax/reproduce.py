@@ -4,7 +4,7 @@
         [--keyslice] [--control] [--oracle] \
         [--oracle-scratch [positive,ignore,ignore_key,ignore_added]] \
         [--mined-scratch [mam,nrm,both,yield,yield_mam,added]] [--resume [none,mined,oracle]] \
-        [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
+        [--baseline-nrm] [--suppression] [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
         [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
@@ -52,6 +52,15 @@ What runs (each piece resumable: finished steps are skipped when run again):
   embedding-only rule mines at theta 0.15, picked by the location rule), ``yield_mam`` with its
   MAM positives alone (with ``nrm``: Table 1's ordering with that table); ``added`` trains it
   with every added unlabeled slice of the mining run and nothing mined.
+* ``--baseline-nrm``: the DeepLesion-only baseline trained 4x the recipe's epochs (the ``long``
+  recipe's length, where it fits its training key slices), plain and with the oracle's boxes as
+  ignore regions on its key slices (``--oracle-scratch ignore_key``'s table and flags): a perfect
+  NRM on a detector that fits its labels.
+* ``--suppression``: MELD, the perfect NRM on key slices and the ``--baseline-nrm`` runs (those
+  finished) mined at their last checkpoint, and ``python -m uld_jax.mine.suppression`` on each:
+  which lesions a run finds on its own training slices, marked or not, on the key slices (its
+  positives and negatives) or on the others; whether its negatives taught it to miss the unmarked
+  lesions, and whether a perfect NRM gives them back.
 * ``--heldout N``: a held-out evaluation world of the same preset (another seed, N DeepLesion
   patients, every one in its test split), on which every seed's finished Table-1, control, oracle
   and from-scratch runs are evaluated too: several times the test lesions of the training world's

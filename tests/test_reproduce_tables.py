@@ -815,6 +815,7 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     assert mine[mine.index("--workdir") + 1].endswith("seed_3/runs/baseline_long")
     assert mine[mine.index("--store_dir") + 1] == f"{sup}/store"
     assert mine[mine.index("--out") + 1] == f"{sup}/mined.npz"          # not MELD's mined.npz
+    assert mine[mine.index("--nrm_experts") + 1] == ""        # the baseline has no NRM expert
     assert measure[1:3] == ["-m", "uld_jax.mine.suppression"]
     assert measure[measure.index("--store") + 1] == f"baseline_long={sup}/store"
     assert measure[-1] == f"{sup}.json"

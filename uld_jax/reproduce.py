@@ -641,8 +641,8 @@ SUPPRESSION_SUB = "suppression"
 
 def run_suppression(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     """Every seed: step ``suppression_<run>`` for each finished run of :data:`SUPPRESSION_RUNS`:
-    mined at its last checkpoint (``suppression/<run>/store``, nothing else of the mining is used)
-    and measured into ``suppression/<run>.json``."""
+    mined at its last checkpoint (``suppression/<run>/store``, nothing else of the mining is used;
+    no NRM expert, which the baseline lacks) and measured into ``suppression/<run>.json``."""
     from uld_jax import train
 
     for q in _seed_quickstarts(out, recipe, seeds):
@@ -654,7 +654,7 @@ def run_suppression(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
             q.step(f"suppression_{run}", [
                 [sys.executable, "-m", "uld_jax.mine", "--workdir", q.run_dir(run), "--step",
                  str(step), "--every_mm", str(q.r.mine_every_mm), "--batch_per_device",
-                 str(q.r.eval_batch), "--progress", "off", "--store_dir",
+                 str(q.r.eval_batch), "--nrm_experts", "", "--progress", "off", "--store_dir",
                  os.path.join(d, "store"), "--out", os.path.join(d, "mined.npz")],
                 [sys.executable, "-m", "uld_jax.mine.suppression", "--store",
                  f"{run}={os.path.join(d, 'store')}", "--truth", os.path.join(q.world, "truth"),

@@ -9,7 +9,7 @@
 #        bash launch/reproduce.sh runs/reproduce_equal --recipe equal --seeds 0,1,2,3 --keyslice \
 #            --control --oracle --oracle-scratch positive,ignore,ignore_key,ignore_added \
 #            --mined-scratch mam,nrm,both,yield,yield_mam,added \
-#            --heldout 24 --resume --heldout-checkpoints 2
+#            --heldout 24 --resume --heldout-checkpoints 2 --baseline-nrm --suppression
 # A relative --results PATH is taken from the repository root.
 # Resumable: re-run the same command to continue.
 set -euo pipefail

@@ -22,7 +22,8 @@ def _golden():
                           [4, 60, 60, 7, 80, 80]], np.float64),   # L4
         lesion_id=np.arange(5, dtype=np.int64),
         marked=np.asarray([True, False, False, True, False]))
-    slices = run.SliceTable(dataset=np.asarray(["deeplesion"] * 3), case_id=np.asarray(["A", "A", "B"]),
+    slices = run.SliceTable(dataset=np.asarray(["deeplesion"] * 3),
+                            case_id=np.asarray(["A", "A", "B"]),
                             slice_index=np.asarray([4, 1, 5]), patient_id=np.asarray([1, 1, 2]))
     ann = run.Annotations(slice=np.asarray([0, 2]),
                           box=np.asarray([[10, 10, 30, 30], [20, 20, 40, 40]], np.float64),
@@ -82,7 +83,8 @@ def test_the_pole_of_a_lesion_is_not_a_cross_section():
 
 def test_cli_errors_name_the_store(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        suppression.main(["--store", "nodir", "--truth", str(tmp_path), "--data_dir", str(tmp_path)])
+        suppression.main(["--store", "nodir", "--truth", str(tmp_path),
+                          "--data_dir", str(tmp_path)])
     assert "expected NAME=DIR" in capsys.readouterr().err
     truth, *_ = _golden()
     with pytest.raises(FileNotFoundError, match="--store a=.*missing: no such chunk store"):

@@ -4,8 +4,9 @@
         [--keyslice] [--control] [--oracle] \
         [--oracle-scratch [positive,ignore,ignore_key,ignore_added]] \
         [--mined-scratch [mam,nrm,both,yield,yield_mam,added]] [--resume [none,mined,oracle]] \
-        [--baseline-nrm] [--suppression] [--heldout N [--heldout-checkpoints K]] [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] \
-        [--table2] [--table4] [--unlabeled 0,0.25,1,2] [--results docs/results.md]
+        [--baseline-nrm] [--suppression] [--heldout N [--heldout-checkpoints K]] \
+        [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] [--table4] \
+        [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
 
 What runs (each piece resumable: finished steps are skipped when run again):
@@ -1118,7 +1119,8 @@ def _long_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
         LONG_ROWS, LONG_CHECKS)
 
 
-SUPPRESSION_GROUPS = (("key_marked", "key slices, marked"), ("key_unmarked", "key slices, unmarked"),
+SUPPRESSION_GROUPS = (("key_marked", "key slices, marked"),
+                      ("key_unmarked", "key slices, unmarked"),
                       ("other_marked", "other slices, marked"),
                       ("other_unmarked", "other slices, unmarked"))
 
@@ -1144,7 +1146,10 @@ def _suppression_lines(out: str, seeds: Sequence[int]) -> list[str]:
          "unmarked ones its negatives (or, with a perfect NRM, its ignore regions); the other "
          "slices are never the centre of a training sample. A detector that learns its "
          "negatives as background finds fewer unmarked lesions on key slices than on the other "
-         "slices, and a perfect NRM gives them back.", "",
+         "slices, and a perfect NRM gives them back. The other slices hold partly the same "
+         "lesions 5 mm away, so the first comparison can understate what a detector learnt "
+         "against its negatives; the second (a run against the same run with a perfect NRM) "
+         "cannot.", "",
          "| seed | run | step | " + " | ".join(f"{n} (n)" for _, n in SUPPRESSION_GROUPS) + " |",
          "|---|---|---:|" + "---:|" * len(SUPPRESSION_GROUPS)]
     for (s, r), v in sorted(res.items(), key=lambda kv: (SUPPRESSION_RUNS.index(kv[0][1]),

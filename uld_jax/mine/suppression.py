@@ -22,7 +22,8 @@ cross-sections it finds there, apart for four groups:
 A cross-section is a lesion's in-plane extent on the slice shrunk as an ellipsoid's (the oracle's
 rule, :func:`uld_jax.mine.oracle.cross_sections`; the poles, below ``min_extent``, are left out). A
 detection hits the lesion it overlaps most (IoBB >= 0.3, the mining report's rule,
-:func:`uld_jax.mine.quality.match_to_truth`); a detection that hits none is a detection on no lesion.
+:func:`uld_jax.mine.quality.match_to_truth`); a detection that hits none is a detection on no
+lesion.
 Side by side, two runs that differ only in what their key slices' negatives hold (MELD and MELD
 trained with a perfect NRM) show whether those negatives suppressed the unmarked lesions on the
 slices trained on, and whether that reaches the slices next to them.

@@ -785,8 +785,14 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     reproduce.run_baseline_nrm(str(tmp_path), r, [3])
     steps = _steps_of(recorded_steps, 3)
     assert list(steps) == ["mine_oracle_nrm_scratch", "baseline_long", "eval_baseline_long",
-                           "baseline_long_nrm_key", "eval_baseline_long_nrm_key"]
+                           "baseline_long_nrm_key", "eval_baseline_long_nrm_key",
+                           "exposure_baseline_long"]
     meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
+    (exp,) = steps["exposure_baseline_long"]   # its perfect NRM vs its negatives
+    bl = os.path.join(str(tmp_path), "seed_3", "runs", "baseline_long")
+    assert exp[1:3] == ["-m", "uld_jax.mine.exposure"] and exp[exp.index("--workdir") + 1] == bl
+    assert exp[exp.index("--overlay") + 1] == f"{meld}/mined_oracle_nrm_scratch.npz"
+    assert exp[-1] == f"{bl}/exposure.json" and exp[exp.index("--seed") + 1] == "3"
     (plain,), (nrm,) = steps["baseline_long"], steps["baseline_long_nrm_key"]
     assert "configs/baseline.py:tiny" in plain
     assert f"--config.num_epochs={4 * r.epochs}" in plain          # 4x the recipe's epochs
@@ -857,6 +863,24 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     # no seed has both MELD and the perfect NRM on its key slices: no difference row for them
     assert ("MELD trained with the oracle's boxes as ignore regions, key slices only (a perfect "
             "NRM, no added slice drawn) - MELD") not in sec
+    # the baseline's exposure: its own table under MELD's section (no MELD exposure here)
+    counts = {k: {"slices": 10, "slices_with_regions": 4, "ignore_regions": 5, "roi_positives": 12,
+                  "roi_negatives": 40, "roi_negatives_in_region": 2, "roi_negatives_covering": 1,
+                  "regions_covered": 1, "anchor_positives": 6, "anchor_negatives": 400,
+                  "anchor_negatives_in_region": 3, "roi_negative_loss": 8.0,
+                  "roi_negative_loss_in_region": 2.0, "anchor_negative_loss": 40.0,
+                  "anchor_negative_loss_in_region": 0.5} for k in ("key", "added")}
+    (tmp_path / "seed_1" / "runs" / "baseline_long").mkdir(parents=True)
+    with open(tmp_path / "seed_1" / "runs" / "baseline_long" / "exposure.json", "w") as f:
+        json.dump({"counts": counts, "overlay": f"{meld}/mined_oracle_nrm_scratch.npz",
+                   "batches": 100}, f)
+    text = reproduce.write_results(str(tmp_path), r, [0, 1], "", ["x"])
+    exp_sec = text[text.index("## What a perfect NRM keeps out"):]
+    exp_sec = exp_sec[:exp_sec.index("\n## ")]
+    _has_lines(exp_sec, "`python -m uld_jax.mine.exposure --workdir runs/baseline_long --overlay "
+               "mined_oracle_nrm_scratch.npz --batches 100`",
+               "| 1 | key | 10 | 4 | 5 | 12 | 40 | 5.0 | 2.5 | 1 | 25.0 | 0.8 | 1.2 |")
+    assert "MELD's last checkpoint" not in exp_sec
     # the held-out section lists them in their own subsection, not in the main table
     for s, lv in ((0, (0.2, 0.25)), (1, (0.3, 0.2))):
         for run, level in zip(("baseline_long", "baseline_long_nrm_key"), lv):

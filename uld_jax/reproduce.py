@@ -518,15 +518,15 @@ def run_oracle_scratch(out: str, recipe: qs.Recipe, seeds: Sequence[int],
 EXPOSURE_BATCHES = 100          # training batches the exposure of MELD's negatives is counted on
 
 
-def _exposure_step(q: qs.Quickstart, table: str) -> None:
-    """Step ``exposure``: how many of MELD's sampled training negatives, on key slices and on the
-    added slices, the perfect NRM's ``table`` keeps out (``python -m uld_jax.mine.exposure``),
-    into ``runs/meld/exposure.json``."""
-    meld = q.run_dir("meld")
-    q.step("exposure", [[sys.executable, "-m", "uld_jax.mine.exposure", "--workdir", meld,
-                         "--overlay", table, "--data_dir", q.data, "--batches",
-                         str(EXPOSURE_BATCHES), "--seed", str(q.seed), "--out",
-                         os.path.join(meld, "exposure.json")]])
+def _exposure_step(q: qs.Quickstart, table: str, run: str = "meld") -> None:
+    """Step ``exposure`` (``exposure_<run>`` for a run other than MELD): how many of the run's
+    sampled training negatives, on key slices and on the added slices, the perfect NRM's ``table``
+    keeps out (``python -m uld_jax.mine.exposure``), into ``runs/<run>/exposure.json``."""
+    d = q.run_dir(run)
+    q.step("exposure" if run == "meld" else f"exposure_{run}", [
+        [sys.executable, "-m", "uld_jax.mine.exposure", "--workdir", d, "--overlay", table,
+         "--data_dir", q.data, "--batches", str(EXPOSURE_BATCHES), "--seed", str(q.seed), "--out",
+         os.path.join(d, "exposure.json")]])
 
 
 def _known(flag: str, kind: str, given: Sequence[str], allowed: Sequence[str]) -> None:
@@ -622,13 +622,15 @@ def long_recipe(recipe: qs.Recipe) -> qs.Recipe:
 
 def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     """Every seed: the baseline for :func:`long_recipe`'s epochs, plain (``baseline_long``) and
-    with the perfect NRM on its key slices (``baseline_long_nrm_key``), then evaluated."""
+    with the perfect NRM on its key slices (``baseline_long_nrm_key``), then evaluated; and how
+    many of the plain run's negatives that NRM keeps out (:func:`_exposure_step`)."""
     for q in _seed_quickstarts(out, long_recipe(recipe), seeds):
         table = _oracle_scratch_step(q, "ignore_key")
         for run, extra in zip(LONG_RUNS, ((), (f"--config.data.overlays=('{table}',)",
                                               *ORACLE_SCRATCH["ignore_key"][3]))):
             q.step(run, [q.scratch_cmd("baseline", run, *extra)])
             q.eval_step(run)
+        _exposure_step(q, table, LONG_RUNS[0])
 
 
 # --suppression: each of these runs (when finished) mined at its last checkpoint into its own chunk
@@ -1051,13 +1053,19 @@ def _yield_quality_lines(out: str, seeds: Sequence[int]) -> list[str]:
             "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
-def _exposure_lines(out: str, seeds: Sequence[int]) -> list[str]:
-    """What the perfect NRM keeps out of MELD's sampled negatives (``runs/meld/exposure.json``,
-    :func:`_exposure_step`), on the seeds that have it."""
+EXPOSURE_HEADER = ["| seed | slices | n | with unmarked lesions | unmarked lesions | positive ROIs | "
+                   "negative ROIs | in a lesion (IoBB) | covering one | covering (n) | ROI loss | "
+                   "negative anchors in a lesion | anchor loss |",
+                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def _exposure_rows(out: str, seeds: Sequence[int], run: str) -> tuple[list[str], str | None]:
+    """The exposure table's rows of ``runs/<run>/exposure.json`` on the seeds that have it, and
+    the command that made the first."""
     from uld_jax.mine import exposure
     rows, cmd = [], None
     for s in seeds:
-        res = _load(os.path.join(_seed_dir(out, s), "runs", "meld", "exposure.json"))
+        res = _load(os.path.join(_seed_dir(out, s), "runs", run, "exposure.json"))
         if not res:
             continue
         fr = exposure.fractions(res)
@@ -1070,25 +1078,39 @@ def _exposure_lines(out: str, seeds: Sequence[int]) -> list[str]:
                 f"{c['roi_negatives_covering']} | {_pct(f['roi_negative_loss_in_region'])} | "
                 f"{_pct(f['anchor_negatives_in_region'])} | "
                 f"{_pct(f['anchor_negative_loss_in_region'])} |")
-        cmd = cmd or (f"`python -m uld_jax.mine.exposure --workdir runs/meld --overlay "
+        cmd = cmd or (f"`python -m uld_jax.mine.exposure --workdir runs/{run} --overlay "
                       f"{os.path.basename(res['overlay'])} --batches {res['batches']}`")
-    if not rows:
+    return rows, cmd
+
+
+def _exposure_lines(out: str, seeds: Sequence[int]) -> list[str]:
+    """What the perfect NRM keeps out of MELD's sampled negatives (``runs/meld/exposure.json``,
+    :func:`_exposure_step`), and out of the ``--baseline-nrm`` baseline's, on the seeds that have
+    them."""
+    rows, cmd = _exposure_rows(out, seeds, "meld")
+    brows, bcmd = _exposure_rows(out, seeds, LONG_RUNS[0])
+    if not rows and not brows:
         return []
-    return ["## What a perfect NRM keeps out of MELD's negatives (`uld_jax.mine.exposure`)", "",
-            f"{cmd}: MELD's last checkpoint, its training batches (DeepLesion only, with the "
-            "oracle's boxes of `--oracle-scratch ignore_added` overlaid and the mining run's added "
-            "unlabeled slices drawn as in training) and its training forward with those ignore "
-            "regions switched off, i.e. the negatives MELD was trained with. A sampled negative "
-            "ROI or anchor whose IoBB with a region exceeds `roi.ignore_iobb` is one a perfect NRM "
-            "would have kept out; 'covering' counts the negative ROIs with IoU >= 0.5 with a "
-            "region, a box on the lesion itself; 'loss' is their share of the negatives' "
-            "classification loss (the training loss's own per-box terms: a hard negative weighs "
-            "more than its count). Every region is a lesion cross-section the annotations miss. "
-            "Percentages of the negatives of the slice kind.", "",
-            "| seed | slices | n | with unmarked lesions | unmarked lesions | positive ROIs | "
-            "negative ROIs | in a lesion (IoBB) | covering one | covering (n) | ROI loss | "
-            "negative anchors in a lesion | anchor loss |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+    L = ["## What a perfect NRM keeps out of MELD's negatives (`uld_jax.mine.exposure`)", ""]
+    if rows:
+        L += [f"{cmd}: MELD's last checkpoint, its training batches (DeepLesion only, with the "
+              "oracle's boxes of `--oracle-scratch ignore_added` overlaid and the mining run's "
+              "added unlabeled slices drawn as in training) and its training forward with those "
+              "ignore regions switched off, i.e. the negatives MELD was trained with. A sampled "
+              "negative ROI or anchor whose IoBB with a region exceeds `roi.ignore_iobb` is one a "
+              "perfect NRM would have kept out; 'covering' counts the negative ROIs with IoU >= "
+              "0.5 with a region, a box on the lesion itself; 'loss' is their share of the "
+              "negatives' classification loss (the training loss's own per-box terms: a hard "
+              "negative weighs more than its count). Every region is a lesion cross-section the "
+              "annotations miss. Percentages of the negatives of the slice kind.", "",
+              *EXPOSURE_HEADER, *rows, ""]
+    if brows:
+        L += [f"The same for the baseline trained {LONG_FACTOR}x as long (`--baseline-nrm`), a "
+              f"detector that fits its labels: {bcmd}, the table of its perfect NRM "
+              "(`--oracle-scratch ignore_key`'s). Its key slices are the ones it was trained on; "
+              "the table's other mining slices, drawn here as added slices, were not in its "
+              "training.", "", *EXPOSURE_HEADER, *brows, ""]
+    return L
 
 
 def _resume_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:

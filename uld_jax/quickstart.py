@@ -335,12 +335,14 @@ class Quickstart:
             f"--config.init_from.workdir={self.run_dir('meld')}",
             f"--config.init_from.epoch={half}", self._decays(half), *extra)
 
-    def mine_cmd(self, *extra: str) -> list[str]:
-        """Mining MELD's epoch-``mine_epoch`` checkpoint (its chunk store is shared by every call)."""
+    def mine_cmd(self, *extra: str, run: str = "meld", step: int | None = None) -> list[str]:
+        """Mining MELD's epoch-``mine_epoch`` checkpoint (its chunk store is shared by every call),
+        or ``run``'s checkpoint ``step``."""
         r = self.r
-        return [sys.executable, "-m", "uld_jax.mine", "--workdir", self.run_dir("meld"),
-                "--epoch", str(r.mine_epoch), "--every_mm", str(r.mine_every_mm),
-                "--batch_per_device", str(r.eval_batch), "--progress", "off", *extra]
+        at = ["--epoch", str(r.mine_epoch)] if step is None else ["--step", str(step)]
+        return [sys.executable, "-m", "uld_jax.mine", "--workdir", self.run_dir(run), *at,
+                "--every_mm", str(r.mine_every_mm), "--batch_per_device", str(r.eval_batch),
+                "--progress", "off", *extra]
 
     def eval_cmd(self, run: str, protocol: str = "volumetric", split: str = "test",
                  on: "Quickstart | None" = None, out: str | None = None,

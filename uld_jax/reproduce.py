@@ -655,10 +655,8 @@ def run_suppression(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
             d = os.path.join(q.out, SUPPRESSION_SUB, run)
             step = train.checkpoint_steps(q.run_dir(run))[-1]
             q.step(f"suppression_{run}", [
-                [sys.executable, "-m", "uld_jax.mine", "--workdir", q.run_dir(run), "--step",
-                 str(step), "--every_mm", str(q.r.mine_every_mm), "--batch_per_device",
-                 str(q.r.eval_batch), "--nrm_experts", "", "--progress", "off", "--store_dir",
-                 os.path.join(d, "store"), "--out", os.path.join(d, "mined.npz")],
+                q.mine_cmd("--nrm_experts", "", "--store_dir", os.path.join(d, "store"), "--out",
+                           os.path.join(d, "mined.npz"), run=run, step=step),
                 [sys.executable, "-m", "uld_jax.mine.suppression", "--store",
                  f"{run}={os.path.join(d, 'store')}", "--truth", os.path.join(q.world, "truth"),
                  "--data_dir", q.data, "--out", d + ".json"]])
@@ -1182,11 +1180,10 @@ def _suppression_lines(out: str, seeds: Sequence[int]) -> list[str]:
     L += ["", "| difference (points) | per-seed | mean ± sd |", "|---|---|---:|"]
 
     def diff_row(title, pairs):
-        d = [100 * (a - b) for a, b in pairs]
-        if d:
-            L.append(f"| {title} | " + ", ".join(f"{x + 0.0:+.1f}" for x in d) + " | "
-                     + (f"{np.mean(d) + 0.0:+.1f} ± {np.std(d, ddof=1):.1f}" if len(d) > 1
-                        else f"{d[0] + 0.0:+.1f}") + " |")
+        d = np.asarray([a - b for a, b in pairs])
+        if d.size:
+            L.append(f"| {title} | " + ", ".join(_points(x) for x in d) + f" | {_points(d.mean())}"
+                     + (f" ± {100 * d.std(ddof=1):.1f}" if d.size > 1 else "") + " |")
 
     def found(s, r, g):
         return res[s, r]["groups"][g]["found_mean"]

@@ -223,12 +223,9 @@ def oracle_table(mined: str, truth_dir: str, data_dir: str, out: str, *,
     """:func:`write_oracle` with the world's truth of the training split (``truth_dir``'s
     ``deeplesion_lesions.csv`` mapped into the build's Cases) and its :func:`unmarked_reach`."""
     from uld_jax.mine import report  # pylint: disable=g-import-not-at-top
-    raw = raw or os.path.dirname(os.path.abspath(truth_dir))
-    frames = report.frames_from_build(data_dir, os.path.join(raw, "DeepLesion", "DL_info.csv"))
-    truth_csv = os.path.join(truth_dir, "deeplesion_lesions.csv")
-    truth = report.truth_in_case_frames(report.load_truth_csv(truth_csv, "train"), frames)
-    return write_oracle(mined, truth, data_dir, out, reach=unmarked_reach(truth_csv, "train"),
-                        **kwargs)
+    truth = report.world_truth(truth_dir, data_dir, raw)
+    return write_oracle(mined, truth, data_dir, out, reach=unmarked_reach(
+        os.path.join(truth_dir, "deeplesion_lesions.csv"), "train"), **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

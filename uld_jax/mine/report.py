@@ -117,6 +117,17 @@ def truth_in_case_frames(truth: Mapping[str, Mapping[str, np.ndarray]],
         marked={n: truth[n]["marked"] for n in names})
 
 
+def world_truth(truth_dir: str, data_dir: str, raw: str | None = None,
+                split: str = "train") -> quality.LesionTruth:
+    """The world's truth of ``split`` (``truth_dir/deeplesion_lesions.csv``) in the Case frames of
+    the build ``data_dir``; ``raw`` is the world (default: the parent of ``truth_dir``), whose
+    DL_info.csv gives the source spacing."""
+    raw = raw or os.path.dirname(os.path.abspath(truth_dir))
+    frames = frames_from_build(data_dir, os.path.join(raw, "DeepLesion", "DL_info.csv"))
+    return truth_in_case_frames(
+        load_truth_csv(os.path.join(truth_dir, "deeplesion_lesions.csv"), split), frames)
+
+
 # --------------------------------------------------------------------------------------------------
 # The report.
 # --------------------------------------------------------------------------------------------------
@@ -347,10 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ov, slices, ann, props = load_run_outputs(a.overlay or os.path.join(a.workdir, "mined.npz"),
                                                   a.store_dir, a.embeddings)
         data_dir = a.data_dir or (ov.meta.get("mining") or {}).get("data_dir")
-        raw = a.raw or os.path.dirname(os.path.abspath(a.truth))
-        frames = frames_from_build(data_dir, os.path.join(raw, "DeepLesion", "DL_info.csv"))
-        truth = truth_in_case_frames(
-            load_truth_csv(os.path.join(a.truth, "deeplesion_lesions.csv"), "train"), frames)
+        truth = world_truth(a.truth, data_dir, a.raw)
         rep = quality_report(truth, ov, slices, ann, props,
                              thetas=[float(v) for v in a.thetas.split(",") if v],
                              sigmas=[float(v) for v in a.sigmas.split(",") if v],

@@ -174,12 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         rates = [float(v) for v in a.rates.split(",") if v]
-        raw = a.raw or os.path.dirname(os.path.abspath(a.truth))
-        frames = report.frames_from_build(a.data_dir,
-                                          os.path.join(raw, "DeepLesion", "DL_info.csv"))
-        truth = report.truth_in_case_frames(
-            report.load_truth_csv(os.path.join(a.truth, "deeplesion_lesions.csv"), "train"),
-            frames)
+        truth = report.world_truth(a.truth, a.data_dir, a.raw)
         names = [n for n, _ in a.store]
         if len(set(names)) != len(names):
             raise ValueError(f"--store names repeat: {names}")

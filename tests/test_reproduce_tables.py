@@ -784,9 +784,11 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     r = qs.RECIPES["smoke"]
     reproduce.run_baseline_nrm(str(tmp_path), r, [3])
     steps = _steps_of(recorded_steps, 3)
-    assert list(steps) == ["mine_oracle_nrm_scratch", "baseline_long", "eval_baseline_long",
+    assert list(steps) == ["baseline_long", "eval_baseline_long", "mine_oracle_nrm_scratch",
                            "baseline_long_nrm_key", "eval_baseline_long_nrm_key",
-                           "exposure_baseline_long"]
+                           "exposure_baseline_long", "mine_added_scratch", "baseline_long_added",
+                           "eval_baseline_long_added", "mine_oracle_nrm_added",
+                           "baseline_long_nrm_added", "eval_baseline_long_nrm_added"]
     meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
     (exp,) = steps["exposure_baseline_long"]   # its perfect NRM vs its negatives
     bl = os.path.join(str(tmp_path), "seed_3", "runs", "baseline_long")
@@ -800,11 +802,25 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     assert nrm == [a.replace("runs/baseline_long", "runs/baseline_long_nrm_key") for a in plain] + [
         f"--config.data.overlays=('{meld}/mined_oracle_nrm_scratch.npz',)",
         "--config.data.added_ratio=0.0"]
-    # the table is --oracle-scratch ignore_key's, made by the same step
+    # with the added unlabeled slices: --mined-scratch added's table (every added slice of MELD's
+    # mining run, nothing mined) and --oracle-scratch ignore_added's, at the config's added_ratio
+    (added,), (nrm_added,) = steps["baseline_long_added"], steps["baseline_long_nrm_added"]
+    assert added == [a.replace("runs/baseline_long", "runs/baseline_long_added") for a in plain] + [
+        f"--config.data.overlays=('{meld}/mined_added_scratch.npz',)"]
+    assert nrm_added == [a.replace("runs/baseline_long", "runs/baseline_long_nrm_added")
+                         for a in plain] + [
+        f"--config.data.overlays=('{meld}/mined_oracle_nrm_added.npz',)"]
+    # the tables are --oracle-scratch ignore_key's and --mined-scratch added's, made by the same
+    # steps
     recorded_steps.clear()
     reproduce.run_oracle_scratch(str(tmp_path), r, [3], ["ignore_key"])
     assert [n for _, n, _, _ in recorded_steps][0] == "mine_oracle_nrm_scratch"
-    assert {"baseline_long", "baseline_long_nrm_key"} <= set(reproduce.HELDOUT_RUNS)
+    recorded_steps.clear()
+    reproduce.run_mined_scratch(str(tmp_path), r, [3], ["added"])
+    reproduce.run_oracle_scratch(str(tmp_path), r, [3], ["ignore_added"])
+    names = [n for _, n, _, _ in recorded_steps]
+    assert names[0] == "mine_added_scratch" and "mine_oracle_nrm_added" in names
+    assert set(reproduce.LONG_RUNS) <= set(reproduce.HELDOUT_RUNS)
     # --suppression: only finished runs, each mined at its last checkpoint
     recorded_steps.clear()
     (tmp_path / "seed_3" / "state").mkdir(parents=True, exist_ok=True)
@@ -829,6 +845,8 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     # page: the runs' checks and the suppression table and differences
     _eval_runs(tmp_path, ("baseline_long", "baseline_long_nrm_key"),
                {0: (0.2, 0.25), 1: (0.3, 0.2)})
+    _eval_runs(tmp_path, ("baseline_long_added", "baseline_long_nrm_added"),
+               {0: (0.22, 0.3), 1: (0.26, 0.25)})
 
     def sup_json(seed, run, found):     # found: key_marked, key_unmarked, other_marked, other_un.
         d = tmp_path / f"seed_{seed}" / "suppression"
@@ -844,10 +862,17 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     sup_json(1, "baseline_long", (0.5, 0.2, 0.4, 0.3))
     sup_json(1, "baseline_long_nrm_key", (0.5, 0.3, 0.4, 0.3))
     sup_json(1, "meld", (0.2, 0.1, 0.2, 0.1))
+    sup_json(0, "baseline_long_added", (0.6, 0.3, 0.5, 0.1))
+    sup_json(0, "baseline_long_nrm_added", (0.6, 0.3, 0.5, 0.25))
+    sup_json(1, "baseline_long_added", (0.5, 0.2, 0.4, 0.2))
+    sup_json(1, "baseline_long_nrm_added", (0.5, 0.2, 0.4, 0.3))
     text = reproduce.write_results(str(tmp_path), r, [0, 1], "", ["x"])
     fit = text[text.index("## A perfect NRM on a detector trained 4x as long"):]
     _has_lines(fit, "| perfect NRM on key slices > baseline (4x epochs) | released | +5.0, -10.0 | "
-               "-2.5 ± 10.6 | no |")
+               "-2.5 ± 10.6 | no |",
+               "| perfect NRM with added slices > added slices (4x epochs) | released | +8.0, "
+               "-1.0 | +3.5 ± 6.4 | no |",
+               "| added slices > baseline (4x epochs) | released | +2.0, -4.0 | -1.0 ± 4.2 | no |")
     sec = text[text.index("## Which lesions a run finds"):]
     sec = sec[:sec.index("\n## ")]
     _has_lines(sec, "at which it makes 1 detections per slice on no lesion",
@@ -859,7 +884,13 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
                "-10.0 | -15.0 ± 7.1 |",
                "| Baseline, 4x the recipe's epochs, with the oracle's boxes as ignore regions on its "
                "key slices (a perfect NRM) - Baseline, 4x the recipe's epochs: key slices, unmarked "
-               "| +25.0, +10.0 | +17.5 ± 10.6 |")
+               "| +25.0, +10.0 | +17.5 ± 10.6 |",
+               "| Baseline, 4x the recipe's epochs, with the added unlabeled slices, nothing mined: "
+               "unmarked, key slices - other slices | +20.0, +0.0 | +10.0 ± 14.1 |",
+               "| Baseline, 4x the recipe's epochs, with the added unlabeled slices and the "
+               "oracle's boxes as ignore regions on every slice (a perfect NRM) - Baseline, 4x the "
+               "recipe's epochs, with the added unlabeled slices, nothing mined: other slices, "
+               "unmarked | +15.0, +10.0 | +12.5 ± 3.5 |")
     # no seed has both MELD and the perfect NRM on its key slices: no difference row for them
     assert ("MELD trained with the oracle's boxes as ignore regions, key slices only (a perfect "
             "NRM, no added slice drawn) - MELD") not in sec

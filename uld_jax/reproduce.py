@@ -56,7 +56,10 @@ What runs (each piece resumable: finished steps are skipped when run again):
 * ``--baseline-nrm``: the DeepLesion-only baseline trained 4x the recipe's epochs (the ``long``
   recipe's length, where it fits its training key slices), plain and with the oracle's boxes as
   ignore regions on its key slices (``--oracle-scratch ignore_key``'s table and flags): a perfect
-  NRM on a detector that fits its labels.
+  NRM on a detector that fits its labels; and with every added unlabeled slice of MELD's mining
+  run drawn, with nothing mined (``--mined-scratch added``'s table) and with the oracle's boxes as
+  ignore regions on every slice (``--oracle-scratch ignore_added``'s): a perfect NRM where the
+  paper uses it.
 * ``--suppression``: MELD, the perfect NRM on key slices and the ``--baseline-nrm`` runs (those
   finished) mined at their last checkpoint, and ``python -m uld_jax.mine.suppression`` on each:
   which lesions a run finds on its own training slices, marked or not, on the key slices (its
@@ -604,14 +607,33 @@ def run_resume(out: str, recipe: qs.Recipe, seeds: Sequence[int],
 # recipe's length: there it fits its training key slices, which MELD at the recipe's length does
 # not), plain and with the oracle's boxes as ignore regions on its key slices only (the table and
 # flags of `--oracle-scratch ignore_key`): whether a perfect NRM helps a detector that fits its
-# labels, where the unmarked lesions among its negatives could be learned as background.
+# labels, where the unmarked lesions among its negatives could be learned as background. Then the
+# same where the paper uses NRM: with every added unlabeled slice of MELD's mining run drawn, with
+# nothing mined on them (`--mined-scratch added`'s table) and with the oracle's boxes as ignore
+# regions on every slice (`--oracle-scratch ignore_added`'s table).
 LONG_FACTOR = 4
 LONG_ROWS = (("baseline_long", f"Baseline, {LONG_FACTOR}x the recipe's epochs"),
-            ("baseline_long_nrm_key", f"Baseline, {LONG_FACTOR}x the recipe's epochs, with the "
-             "oracle's boxes as ignore regions on its key slices (a perfect NRM)"))
+             ("baseline_long_nrm_key", f"Baseline, {LONG_FACTOR}x the recipe's epochs, with the "
+              "oracle's boxes as ignore regions on its key slices (a perfect NRM)"),
+             ("baseline_long_added", f"Baseline, {LONG_FACTOR}x the recipe's epochs, with the "
+              "added unlabeled slices, nothing mined"),
+             ("baseline_long_nrm_added", f"Baseline, {LONG_FACTOR}x the recipe's epochs, with the "
+              "added unlabeled slices and the oracle's boxes as ignore regions on every slice (a "
+              "perfect NRM)"))
 LONG_RUNS = tuple(r for r, _ in LONG_ROWS)
+# each run's table: None, or (the step that makes it: 'oracle' (_oracle_scratch_step) or 'split'
+# (_split_step), its argument)
+LONG_TABLES = {"baseline_long": None, "baseline_long_nrm_key": ("oracle", "ignore_key"),
+               "baseline_long_added": ("split", "added"),
+               "baseline_long_nrm_added": ("oracle", "ignore_added")}
 LONG_CHECKS = ((f"perfect NRM on key slices > baseline ({LONG_FACTOR}x epochs)",
-               "baseline_long_nrm_key", "baseline_long"),)
+                "baseline_long_nrm_key", "baseline_long"),
+               (f"added slices > baseline ({LONG_FACTOR}x epochs)",
+                "baseline_long_added", "baseline_long"),
+               (f"perfect NRM with added slices > added slices ({LONG_FACTOR}x epochs)",
+                "baseline_long_nrm_added", "baseline_long_added"),
+               (f"perfect NRM with added slices > baseline ({LONG_FACTOR}x epochs)",
+                "baseline_long_nrm_added", "baseline_long"))
 
 
 def long_recipe(recipe: qs.Recipe) -> qs.Recipe:
@@ -621,16 +643,24 @@ def long_recipe(recipe: qs.Recipe) -> qs.Recipe:
 
 
 def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
-    """Every seed: the baseline for :func:`long_recipe`'s epochs, plain (``baseline_long``) and
-    with the perfect NRM on its key slices (``baseline_long_nrm_key``), then evaluated; and how
-    many of the plain run's negatives that NRM keeps out (:func:`_exposure_step`)."""
+    """Every seed: the baseline for :func:`long_recipe`'s epochs, each of :data:`LONG_RUNS` with
+    its table (:data:`LONG_TABLES`), then evaluated; and how many of the plain run's negatives the
+    perfect NRM on its key slices keeps out (:func:`_exposure_step`)."""
     for q in _seed_quickstarts(out, long_recipe(recipe), seeds):
-        table = _oracle_scratch_step(q, "ignore_key")
-        for run, extra in zip(LONG_RUNS, ((), (f"--config.data.overlays=('{table}',)",
-                                              *ORACLE_SCRATCH["ignore_key"][3]))):
+        for run in LONG_RUNS:
+            extra: tuple[str, ...] = ()
+            if LONG_TABLES[run] is not None:
+                kind, arg = LONG_TABLES[run]
+                if kind == "oracle":
+                    table, flags = _oracle_scratch_step(q, arg), ORACLE_SCRATCH[arg][3]
+                else:
+                    _, tag, part, added = SCRATCH_PARTS[arg]
+                    table, flags = _split_step(q, part, tag, added=added), ()
+                extra = (f"--config.data.overlays=('{table}',)", *flags)
             q.step(run, [q.scratch_cmd("baseline", run, *extra)])
             q.eval_step(run)
-        _exposure_step(q, table, LONG_RUNS[0])
+            if run == "baseline_long_nrm_key":
+                _exposure_step(q, table, LONG_RUNS[0])
 
 
 # --suppression: each of these runs (when finished) mined at its last checkpoint into its own chunk
@@ -638,7 +668,8 @@ def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 # slices, marked or not, on key slices (its positives and negatives) or not. Pairs: a perfect NRM
 # on the key slices against the same run without it.
 SUPPRESSION_RUNS = ("meld", "meld_oracle_nrm_key", *LONG_RUNS)
-SUPPRESSION_PAIRS = (("meld_oracle_nrm_key", "meld"), ("baseline_long_nrm_key", "baseline_long"))
+SUPPRESSION_PAIRS = (("meld_oracle_nrm_key", "meld"), ("baseline_long_nrm_key", "baseline_long"),
+                     ("baseline_long_nrm_added", "baseline_long_added"))
 SUPPRESSION_SUB = "suppression"
 
 
@@ -1126,7 +1157,8 @@ def _resume_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str
 
 
 def _long_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
-    """The long-trained baseline with and without a perfect NRM on its key slices."""
+    """The long-trained baseline with and without a perfect NRM, on its key slices and with the
+    added unlabeled slices."""
     return _runs_section(
         out, seeds, sub, LONG_RUNS,
         f"A perfect NRM on a detector trained {LONG_FACTOR}x as long (`--baseline-nrm`)",
@@ -1134,8 +1166,13 @@ def _long_lines(out: str, seeds: Sequence[int], sub: str = "eval") -> list[str]:
         "recipe's length, where the baseline fits its own training key slices), plain and with "
         "the oracle's boxes as ignore regions on its key slices (the table and flags of "
         "`--oracle-scratch ignore_key`: every lesion the annotations miss kept out of its "
-        "negatives, nothing else changed). The seeds column counts the seeds with the run; a "
-        "check compares the seeds both of its runs have.",
+        "negatives, nothing else changed); then with every added unlabeled slice of MELD's "
+        "mining run drawn (`data.added_ratio` x the key slices per epoch, as the paper's "
+        "finetuning draws them), with nothing mined on them (`--mined-scratch added`'s table: "
+        "every box on them a negative) and with the oracle's boxes as ignore regions on every "
+        "slice (`--oracle-scratch ignore_added`'s table): a perfect NRM where the paper uses "
+        "NRM, on a detector that fits its labels. The seeds column counts the seeds with the "
+        "run; a check compares the seeds both of its runs have.",
         LONG_ROWS, LONG_CHECKS)
 
 
@@ -1164,12 +1201,15 @@ def _suppression_lines(out: str, seeds: Sequence[int]) -> list[str]:
          + ", ".join(f"{r:g}" for r in rates) + " detections per slice on no lesion. Key "
          "slices hold the annotations: their marked lesions are the run's positives, their "
          "unmarked ones its negatives (or, with a perfect NRM, its ignore regions); the other "
-         "slices are never the centre of a training sample. A detector that learns its "
-         "negatives as background finds fewer unmarked lesions on key slices than on the other "
-         "slices, and a perfect NRM gives them back. The other slices hold partly the same "
-         "lesions 5 mm away, so the first comparison can understate what a detector learnt "
-         "against its negatives; the second (a run against the same run with a perfect NRM) "
-         "cannot.", "",
+         "slices are never the centre of a training sample, except in the runs with the added "
+         "unlabeled slices, whose added slices are exactly these other slices: every box on "
+         "them a negative (or, with a perfect NRM, every lesion on them an ignore region). A "
+         "detector that learns its negatives as background finds fewer unmarked lesions on "
+         "key slices than on the other slices (on the other slices than on the key slices, "
+         "where those are its added slices), and a perfect NRM gives them back. The other "
+         "slices hold partly the same lesions 5 mm away, so the first comparison can "
+         "understate what a detector learnt against its negatives; the second (a run against "
+         "the same run with a perfect NRM) cannot.", "",
          "| seed | run | step | " + " | ".join(f"{n} (n)" for _, n in SUPPRESSION_GROUPS) + " |",
          "|---|---|---:|" + "---:|" * len(SUPPRESSION_GROUPS)]
     for (s, r), v in sorted(res.items(), key=lambda kv: (SUPPRESSION_RUNS.index(kv[0][1]),
@@ -1690,8 +1730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "positives; paired against 'none'")
     p.add_argument("--baseline-nrm", action="store_true",
                    help=f"every seed: the DeepLesion-only baseline trained {LONG_FACTOR}x the "
-                   "recipe's epochs, plain and with the oracle's boxes as ignore regions on its key "
-                   "slices (a perfect NRM on a detector that fits its labels)")
+                   "recipe's epochs, plain, with the oracle's boxes as ignore regions on its key "
+                   "slices (a perfect NRM on a detector that fits its labels), and with the added "
+                   "unlabeled slices without and with the oracle's boxes as ignore regions")
     p.add_argument("--suppression", action="store_true",
                    help="every seed: MELD, the perfect NRM on key slices and the --baseline-nrm "
                    "runs (those finished) mined at their last checkpoint; which lesions each "

@@ -788,7 +788,8 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
                            "baseline_long_nrm_key", "eval_baseline_long_nrm_key",
                            "exposure_baseline_long", "mine_added_scratch", "baseline_long_added",
                            "eval_baseline_long_added", "mine_oracle_nrm_added",
-                           "baseline_long_nrm_added", "eval_baseline_long_nrm_added"]
+                           "baseline_long_nrm_added", "eval_baseline_long_nrm_added",
+                           "exposure_baseline_long_added"]
     meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
     (exp,) = steps["exposure_baseline_long"]   # its perfect NRM vs its negatives
     bl = os.path.join(str(tmp_path), "seed_3", "runs", "baseline_long")
@@ -810,6 +811,10 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     assert nrm_added == [a.replace("runs/baseline_long", "runs/baseline_long_nrm_added")
                          for a in plain] + [
         f"--config.data.overlays=('{meld}/mined_oracle_nrm_added.npz',)"]
+    (exp,) = steps["exposure_baseline_long_added"]      # that perfect NRM vs the added run's
+    bla = os.path.join(str(tmp_path), "seed_3", "runs", "baseline_long_added")
+    assert exp[exp.index("--workdir") + 1] == bla and exp[-1] == f"{bla}/exposure.json"
+    assert exp[exp.index("--overlay") + 1] == f"{meld}/mined_oracle_nrm_added.npz"
     # the tables are --oracle-scratch ignore_key's and --mined-scratch added's, made by the same
     # steps
     recorded_steps.clear()
@@ -905,12 +910,23 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     with open(tmp_path / "seed_1" / "runs" / "baseline_long" / "exposure.json", "w") as f:
         json.dump({"counts": counts, "overlay": f"{meld}/mined_oracle_nrm_scratch.npz",
                    "batches": 100}, f)
+    (tmp_path / "seed_0" / "runs" / "baseline_long_added").mkdir(parents=True)
+    with open(tmp_path / "seed_0" / "runs" / "baseline_long_added" / "exposure.json", "w") as f:
+        json.dump({"counts": {**counts, "added": {**counts["added"], "roi_negatives_in_region": 8,
+                                                  "roi_negative_loss_in_region": 4.0}},
+                   "overlay": f"{meld}/mined_oracle_nrm_added.npz", "batches": 100}, f)
     text = reproduce.write_results(str(tmp_path), r, [0, 1], "", ["x"])
     exp_sec = text[text.index("## What a perfect NRM keeps out"):]
     exp_sec = exp_sec[:exp_sec.index("\n## ")]
     _has_lines(exp_sec, "`python -m uld_jax.mine.exposure --workdir runs/baseline_long --overlay "
                "mined_oracle_nrm_scratch.npz --batches 100`",
                "| 1 | key | 10 | 4 | 5 | 12 | 40 | 5.0 | 2.5 | 1 | 25.0 | 0.8 | 1.2 |")
+    added_sec = exp_sec[exp_sec.index("(`baseline_long_added`)"):]
+    _has_lines(added_sec, "`python -m uld_jax.mine.exposure --workdir runs/baseline_long_added "
+               "--overlay mined_oracle_nrm_added.npz --batches 100`",
+               "| 0 | key | 10 | 4 | 5 | 12 | 40 | 5.0 | 2.5 | 1 | 25.0 | 0.8 | 1.2 |",
+               "| 0 | added | 10 | 4 | 5 | 12 | 40 | 20.0 | 2.5 | 1 | 50.0 | 0.8 | 1.2 |")
+    assert not [ln for ln in added_sec.splitlines() if ln.startswith("| 1 |")]   # seed 0 only
     assert "MELD's last checkpoint" not in exp_sec
     # the held-out section lists them in their own subsection, not in the main table
     for s, lv in ((0, (0.2, 0.25)), (1, (0.3, 0.2))):

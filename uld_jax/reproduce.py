@@ -626,6 +626,9 @@ LONG_RUNS = tuple(r for r, _ in LONG_ROWS)
 LONG_TABLES = {"baseline_long": None, "baseline_long_nrm_key": ("oracle", "ignore_key"),
                "baseline_long_added": ("split", "added"),
                "baseline_long_nrm_added": ("oracle", "ignore_added")}
+# the perfect NRM's run -> the run without it whose negatives its table is counted against
+LONG_EXPOSURE = {"baseline_long_nrm_key": "baseline_long",
+                 "baseline_long_nrm_added": "baseline_long_added"}
 LONG_CHECKS = ((f"perfect NRM on key slices > baseline ({LONG_FACTOR}x epochs)",
                 "baseline_long_nrm_key", "baseline_long"),
                (f"added slices > baseline ({LONG_FACTOR}x epochs)",
@@ -644,8 +647,8 @@ def long_recipe(recipe: qs.Recipe) -> qs.Recipe:
 
 def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
     """Every seed: the baseline for :func:`long_recipe`'s epochs, each of :data:`LONG_RUNS` with
-    its table (:data:`LONG_TABLES`), then evaluated; and how many of the plain run's negatives the
-    perfect NRM on its key slices keeps out (:func:`_exposure_step`)."""
+    its table (:data:`LONG_TABLES`), then evaluated; and how many of a run's negatives each
+    perfect NRM's table keeps out (:data:`LONG_EXPOSURE`, :func:`_exposure_step`)."""
     for q in _seed_quickstarts(out, long_recipe(recipe), seeds):
         for run in LONG_RUNS:
             extra: tuple[str, ...] = ()
@@ -659,8 +662,8 @@ def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
                 extra = (f"--config.data.overlays=('{table}',)", *flags)
             q.step(run, [q.scratch_cmd("baseline", run, *extra)])
             q.eval_step(run)
-            if run == "baseline_long_nrm_key":
-                _exposure_step(q, table, LONG_RUNS[0])
+            if run in LONG_EXPOSURE:
+                _exposure_step(q, table, LONG_EXPOSURE[run])
 
 
 # --suppression: each of these runs (when finished) mined at its last checkpoint into its own chunk
@@ -1118,7 +1121,8 @@ def _exposure_lines(out: str, seeds: Sequence[int]) -> list[str]:
     them."""
     rows, cmd = _exposure_rows(out, seeds, "meld")
     brows, bcmd = _exposure_rows(out, seeds, LONG_RUNS[0])
-    if not rows and not brows:
+    arows, acmd = _exposure_rows(out, seeds, "baseline_long_added")
+    if not rows and not brows and not arows:
         return []
     L = ["## What a perfect NRM keeps out of MELD's negatives (`uld_jax.mine.exposure`)", ""]
     if rows:
@@ -1139,6 +1143,11 @@ def _exposure_lines(out: str, seeds: Sequence[int]) -> list[str]:
               "(`--oracle-scratch ignore_key`'s). Its key slices are the ones it was trained on; "
               "the table's other mining slices, drawn here as added slices, were not in its "
               "training.", "", *EXPOSURE_HEADER, *brows, ""]
+    if arows:
+        L += [f"The same baseline trained with the added unlabeled slices, nothing mined "
+              f"(`baseline_long_added`): {acmd}, the table of its perfect NRM (`--oracle-scratch "
+              "ignore_added`'s), its own training slices and batches: the negatives that "
+              "`baseline_long_nrm_added` keeps out.", "", *EXPOSURE_HEADER, *arows, ""]
     return L
 
 

@@ -668,8 +668,8 @@ def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
 
 # --suppression: each of these runs (when finished) mined at its last checkpoint into its own chunk
 # store, and python -m uld_jax.mine.suppression on it: which lesions it finds on its own training
-# slices, marked or not, on key slices (its positives and negatives) or not. Pairs: a perfect NRM
-# on the key slices against the same run without it.
+# slices, marked or not, on key slices (its positives and negatives) or not (for the runs with the
+# added unlabeled slices: on those slices). Pairs: a perfect NRM against the same run without it.
 SUPPRESSION_RUNS = ("meld", "meld_oracle_nrm_key", *LONG_RUNS)
 SUPPRESSION_PAIRS = (("meld_oracle_nrm_key", "meld"), ("baseline_long_nrm_key", "baseline_long"),
                      ("baseline_long_nrm_added", "baseline_long_added"))

@@ -212,6 +212,8 @@ def test_commands_of_the_variants(tmp_path, recorded_steps):
     (["--resume", "none,all"], "--resume: unknown arm(s) ['all']; expected some of none, mined"),
     (["--mined-scratch", "mam,all"], "--mined-scratch: unknown part(s) ['all']"),
     (["--mined-scratch", ","], "--mined-scratch: ',': no part given"),
+    (["--baseline-nrm", "key,ignore"], "--baseline-nrm: unknown arm(s) ['ignore']; expected some "
+     "of key, added"),
 ])
 def test_bad_arguments_are_one_line_errors(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
@@ -815,6 +817,13 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     bla = os.path.join(str(tmp_path), "seed_3", "runs", "baseline_long_added")
     assert exp[exp.index("--workdir") + 1] == bla and exp[-1] == f"{bla}/exposure.json"
     assert exp[exp.index("--overlay") + 1] == f"{meld}/mined_oracle_nrm_added.npz"
+    # WHERE 'added' alone: the plain run and the added pair, nothing of the key-slice NRM
+    recorded_steps.clear()
+    reproduce.run_baseline_nrm(str(tmp_path / "w"), r, [3], ["added"])
+    assert list(_steps_of(recorded_steps, 3)) == [
+        "baseline_long", "eval_baseline_long", "mine_added_scratch", "baseline_long_added",
+        "eval_baseline_long_added", "mine_oracle_nrm_added", "baseline_long_nrm_added",
+        "eval_baseline_long_nrm_added", "exposure_baseline_long_added"]
     # the tables are --oracle-scratch ignore_key's and --mined-scratch added's, made by the same
     # steps
     recorded_steps.clear()

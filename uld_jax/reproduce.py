@@ -4,7 +4,7 @@
         [--keyslice] [--control] [--oracle] \
         [--oracle-scratch [positive,ignore,ignore_key,ignore_added]] \
         [--mined-scratch [mam,nrm,both,yield,yield_mam,added]] [--resume [none,mined,oracle]] \
-        [--baseline-nrm] [--suppression] [--heldout N [--heldout-checkpoints K]] \
+        [--baseline-nrm [key,added]] [--suppression] [--heldout N [--heldout-checkpoints K]] \
         [--calibrated-nrm] [--thetas 0.05,0.1,0.2,0.3] [--table2] [--table4] \
         [--unlabeled 0,0.25,1,2] [--results docs/results.md]
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0 --results-only   # rewrite the page
@@ -53,13 +53,13 @@ What runs (each piece resumable: finished steps are skipped when run again):
   embedding-only rule mines at theta 0.15, picked by the location rule), ``yield_mam`` with its
   MAM positives alone (with ``nrm``: Table 1's ordering with that table); ``added`` trains it
   with every added unlabeled slice of the mining run and nothing mined.
-* ``--baseline-nrm``: the DeepLesion-only baseline trained 4x the recipe's epochs (the ``long``
-  recipe's length, where it fits its training key slices), plain and with the oracle's boxes as
-  ignore regions on its key slices (``--oracle-scratch ignore_key``'s table and flags): a perfect
-  NRM on a detector that fits its labels; and with every added unlabeled slice of MELD's mining
-  run drawn, with nothing mined (``--mined-scratch added``'s table) and with the oracle's boxes as
-  ignore regions on every slice (``--oracle-scratch ignore_added``'s): a perfect NRM where the
-  paper uses it.
+* ``--baseline-nrm [WHERE]``: the DeepLesion-only baseline trained 4x the recipe's epochs (the
+  ``long`` recipe's length, where it fits its training key slices), plain and, for ``key``, with
+  the oracle's boxes as ignore regions on its key slices (``--oracle-scratch ignore_key``'s table
+  and flags): a perfect NRM on a detector that fits its labels; for ``added`` (both by default),
+  with every added unlabeled slice of MELD's mining run drawn, with nothing mined
+  (``--mined-scratch added``'s table) and with the oracle's boxes as ignore regions on every slice
+  (``--oracle-scratch ignore_added``'s): a perfect NRM where the paper uses it.
 * ``--suppression``: MELD, the perfect NRM on key slices and the ``--baseline-nrm`` runs (those
   finished) mined at their last checkpoint, and ``python -m uld_jax.mine.suppression`` on each:
   which lesions a run finds on its own training slices, marked or not, on the key slices (its
@@ -626,6 +626,9 @@ LONG_RUNS = tuple(r for r, _ in LONG_ROWS)
 LONG_TABLES = {"baseline_long": None, "baseline_long_nrm_key": ("oracle", "ignore_key"),
                "baseline_long_added": ("split", "added"),
                "baseline_long_nrm_added": ("oracle", "ignore_added")}
+# --baseline-nrm WHERE: where -> its runs beside the plain baseline_long
+LONG_ARMS = {"key": ("baseline_long_nrm_key",),
+             "added": ("baseline_long_added", "baseline_long_nrm_added")}
 # the perfect NRM's run -> the run without it whose negatives its table is counted against
 LONG_EXPOSURE = {"baseline_long_nrm_key": "baseline_long",
                  "baseline_long_nrm_added": "baseline_long_added"}
@@ -645,12 +648,16 @@ def long_recipe(recipe: qs.Recipe) -> qs.Recipe:
                                mine_epoch=recipe.mine_epoch * LONG_FACTOR)
 
 
-def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
-    """Every seed: the baseline for :func:`long_recipe`'s epochs, each of :data:`LONG_RUNS` with
-    its table (:data:`LONG_TABLES`), then evaluated; and how many of a run's negatives each
-    perfect NRM's table keeps out (:data:`LONG_EXPOSURE`, :func:`_exposure_step`)."""
+def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int],
+                     where: Sequence[str] = tuple(LONG_ARMS)) -> None:
+    """Every seed: the baseline for :func:`long_recipe`'s epochs, plain and the runs of each of
+    ``where`` (:data:`LONG_ARMS`), each with its table (:data:`LONG_TABLES`), then evaluated; and
+    how many of a run's negatives each perfect NRM's table keeps out (:data:`LONG_EXPOSURE`,
+    :func:`_exposure_step`)."""
+    _known("--baseline-nrm", "arm", where, LONG_ARMS)
+    runs = [r for r in LONG_RUNS if r == LONG_RUNS[0] or any(r in LONG_ARMS[w] for w in where)]
     for q in _seed_quickstarts(out, long_recipe(recipe), seeds):
-        for run in LONG_RUNS:
+        for run in runs:
             extra: tuple[str, ...] = ()
             if LONG_TABLES[run] is not None:
                 kind, arg = LONG_TABLES[run]
@@ -1737,10 +1744,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "epochs, its own learning rate) with ARMS (comma-separated, default all): "
                    "'none' nothing added, 'mined' its own mined table, 'oracle' the oracle's "
                    "positives; paired against 'none'")
-    p.add_argument("--baseline-nrm", action="store_true",
+    p.add_argument("--baseline-nrm", nargs="?", const=",".join(LONG_ARMS), default="",
+                   metavar="WHERE",
                    help=f"every seed: the DeepLesion-only baseline trained {LONG_FACTOR}x the "
-                   "recipe's epochs, plain, with the oracle's boxes as ignore regions on its key "
-                   "slices (a perfect NRM on a detector that fits its labels), and with the added "
+                   "recipe's epochs, plain and, for each of WHERE (comma-separated, default "
+                   "both), with a perfect NRM on a detector that fits its labels: 'key' the "
+                   "oracle's boxes as ignore regions on its key slices, 'added' the added "
                    "unlabeled slices without and with the oracle's boxes as ignore regions")
     p.add_argument("--suppression", action="store_true",
                    help="every seed: MELD, the perfect NRM on key slices and the --baseline-nrm "
@@ -1794,6 +1803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch_parts = subset("--mined-scratch", a.mined_scratch, "part", SCRATCH_PARTS)
     oracle_as = subset("--oracle-scratch", a.oracle_scratch, "use", ORACLE_SCRATCH)
     resume_arms = subset("--resume", a.resume, "arm", RESUME_ARMS)
+    long_arms = subset("--baseline-nrm", a.baseline_nrm, "arm", LONG_ARMS)
     if a.heldout_checkpoints < 1:
         p.error(f"--heldout-checkpoints: {a.heldout_checkpoints}: give 1 or more")
     if a.results is None:
@@ -1815,7 +1825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.resume:
             run_resume(out, r, seeds, resume_arms)
         if a.baseline_nrm:
-            run_baseline_nrm(out, r, seeds)
+            run_baseline_nrm(out, r, seeds, long_arms)
         if a.suppression:
             run_suppression(out, r, seeds)
         if a.heldout:

@@ -336,8 +336,8 @@ class Quickstart:
             f"--config.init_from.epoch={half}", self._decays(half), *extra)
 
     def mine_cmd(self, *extra: str, run: str = "meld", step: int | None = None) -> list[str]:
-        """Mining MELD's epoch-``mine_epoch`` checkpoint (its chunk store is shared by every call),
-        or ``run``'s checkpoint ``step``."""
+        """Mining MELD's epoch-``mine_epoch`` checkpoint (its chunk store is shared by every call
+        that does not name its own ``--store_dir``), or ``run``'s checkpoint ``step``."""
         r = self.r
         at = ["--epoch", str(r.mine_epoch)] if step is None else ["--step", str(step)]
         return [sys.executable, "-m", "uld_jax.mine", "--workdir", self.run_dir(run), *at,

@@ -678,8 +678,7 @@ def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int],
 # slices, marked or not, on key slices (its positives and negatives) or not (for the runs with the
 # added unlabeled slices: on those slices). Pairs: a perfect NRM against the same run without it.
 SUPPRESSION_RUNS = ("meld", "meld_oracle_nrm_key", *LONG_RUNS)
-SUPPRESSION_PAIRS = (("meld_oracle_nrm_key", "meld"), ("baseline_long_nrm_key", "baseline_long"),
-                     ("baseline_long_nrm_added", "baseline_long_added"))
+SUPPRESSION_PAIRS = (("meld_oracle_nrm_key", "meld"), *LONG_EXPOSURE.items())
 SUPPRESSION_SUB = "suppression"
 
 

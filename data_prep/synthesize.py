@@ -3,6 +3,7 @@
     python -m data_prep.synthesize --preset {tiny,small,paper} --seed N --out DIR
         [--overwrite] [--stats] [--preview] [--tables-only] [--workers K]
         [--dl-patients N] [--luna N] [--lits N] [--nihln N] [--dl-split VAL,TEST]
+        [--unbiased-marks]
 
 Everything is written into a temporary sibling folder and renamed to DIR at the end, so an
 interrupted or failed run leaves nothing partial behind. The same preset, seed and counts give the
@@ -51,9 +52,16 @@ def _tqdm(iterable, **kw):
 def resolve_preset(preset: str, counts: dict | None) -> Preset:
     """The named preset with optional count overrides (dl_patients, luna_scans, lits_volumes,
     nihln_med, nihln_abd) and DeepLesion split fractions (dl_val_fraction, dl_test_fraction);
-    negative counts or fractions outside [0, 1] raise :class:`PresetError`."""
+    negative counts or fractions outside [0, 1] raise :class:`PresetError`; ``dl_mark_bias``
+    (bool) switches the radiologist's marking bias off (see :class:`Preset`)."""
     p = get_preset(preset)
     if counts:
+        counts = dict(counts)
+        bias = counts.pop("dl_mark_bias", None)
+        if bias is not None:
+            if not isinstance(bias, (bool, np.bool_)):
+                raise PresetError(f"dl_mark_bias must be True or False, got {bias!r}")
+            p = dataclasses.replace(p, dl_mark_bias=bool(bias))
         fractions = {"dl_val_fraction", "dl_test_fraction"}
         unknown = set(counts) - {"dl_patients", "luna_scans", "lits_volumes", "nihln_med",
                                  "nihln_abd"} - fractions
@@ -284,10 +292,16 @@ def main(argv=None) -> int:
     ap.add_argument("--dl-split", default=None, metavar="VAL,TEST",
                     help="fractions of the DeepLesion patients in the val and test splits (default "
                     "0.15,0.15; 0,1: an evaluation-only world, every patient in test)")
+    ap.add_argument("--unbiased-marks", action="store_true",
+                    help="a diagnostic world: DeepLesion marks drawn regardless of lesion size and "
+                    "conspicuity (the radiologist's bias off), so the unmarked lesions are as easy "
+                    "to see as the marked ones")
     a = ap.parse_args(argv)
     # A terminated run unwinds like Ctrl-C, so the temporary output folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = {"dl_patients": a.dl_patients, "luna_scans": a.luna, "lits_volumes": a.lits}
+    if a.unbiased_marks:
+        counts["dl_mark_bias"] = False
     if a.dl_split is not None:
         try:
             fv, ft = (float(v) for v in a.dl_split.split(","))

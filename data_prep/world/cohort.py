@@ -324,8 +324,9 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
                 se0 = ser_list[0]
                 add_lesion(k, (se0.d_of(1) + 10, se0.d_of(se0.n_slices) - 10))
                 continue
-            w = np.array([les.long_mm(k) ** 1.3 * les.ltype.conspicuity
-                          * (5.0 if les.lesion_id in marked_before else 1.0) for les, _ in cands])
+            w = np.array([(les.long_mm(k) ** 1.3 * les.ltype.conspicuity if preset.dl_mark_bias
+                           else 1.0) * (5.0 if les.lesion_id in marked_before else 1.0)
+                          for les, _ in cands])
             les, sis = cands[int(g.choice(len(cands), p=w / w.sum()))]
             si = int(g.choice(sis))
             kk = key_of(les, si)

@@ -43,6 +43,11 @@ class Preset:
     # when above 0), the rest to train; val 0 and test 1 make an evaluation-only world.
     dl_val_fraction: float = 0.15
     dl_test_fraction: float = 0.15
+    # True: the radiologist's marking bias (DESIGN.md section 5): a candidate lesion is drawn with
+    # weight long_diameter^1.3 * its type's conspicuity (x5 if marked at an earlier study). False:
+    # a diagnostic world in which size and conspicuity play no part (only the earlier-study weight
+    # stays), so the unmarked lesions are no harder to see than the marked ones.
+    dl_mark_bias: bool = True
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

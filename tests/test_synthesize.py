@@ -455,3 +455,30 @@ def test_terminated_run_leaves_nothing(tmp_path):
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=60)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unbiased_marks_world(tmp_path):
+    """--unbiased-marks: the marks no longer favour large, conspicuous lesions. In the default world
+    the marked lesions' log marking weight (1.3 log long diameter + log conspicuity, the
+    radiologist's bias) is well above the unmarked lesions'; without the bias it is not."""
+    def gap(world):
+        with open(world / "truth" / "deeplesion_lesions.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        w = np.array([1.3 * np.log(float(r["long_diameter_mm"]))
+                      + np.log(L.LESION_TYPES[r["lesion_type"]].conspicuity) for r in rows])
+        m = np.array([r["marked"] == "1" for r in rows])
+        assert 0.2 < m.mean() < 0.7
+        return w[m].mean() - w[~m].mean()
+    biased = SY.synthesize("small", 0, tmp_path / "b", tables_only=True, progress=False, workers=2)
+    r = _cli("--preset", "small", "--seed", "0", "--out", str(tmp_path / "u"), "--tables-only",
+             "--unbiased-marks")
+    assert r.returncode == 0, r.stderr
+    unbiased = tmp_path / "u"
+    with open(unbiased / "world.json", encoding="utf-8") as f:
+        assert f.read().count('"dl_mark_bias": false') == 1
+    g_b, g_u = gap(biased), gap(unbiased)
+    assert g_b > 0.2 and g_u < 0.05 and g_b - g_u > 0.3, (g_b, g_u)
+    with pytest.raises(SY.PresetError, match="dl_mark_bias must be True or False"):
+        SY.resolve_preset("tiny", {"dl_mark_bias": 0})
+    assert not SY.resolve_preset("tiny", {"dl_mark_bias": False}).dl_mark_bias
+    assert SY.resolve_preset("tiny", None).dl_mark_bias

@@ -1197,11 +1197,13 @@ SUPPRESSION_GROUPS = (("key_marked", "key slices, marked"),
                       ("other_unmarked", "other slices, unmarked"))
 
 
-def _suppression_lines(out: str, seeds: Sequence[int]) -> list[str]:
-    """Which lesions each run finds on its own training slices (``suppression/<run>.json``,
-    :func:`run_suppression`), and the perfect NRM's difference on the unmarked ones."""
+def _suppression_lines(out: str, seeds: Sequence[int],
+                       runs: Sequence[str] = SUPPRESSION_RUNS,
+                       pairs: Sequence[tuple[str, str]] = SUPPRESSION_PAIRS) -> list[str]:
+    """Which lesions each of ``runs`` finds on its own training slices (``suppression/<run>.json``,
+    :func:`run_suppression`), and each pair's (a perfect NRM, the run without it) differences."""
     res = {(s, r): _load(os.path.join(_seed_dir(out, s), SUPPRESSION_SUB, f"{r}.json"))
-           for s in seeds for r in SUPPRESSION_RUNS}
+           for s in seeds for r in runs}
     res = {k: v[k[1]] for k, v in res.items() if v and k[1] in v}
     if not res:
         return []
@@ -1227,8 +1229,7 @@ def _suppression_lines(out: str, seeds: Sequence[int]) -> list[str]:
          "the same run with a perfect NRM) cannot.", "",
          "| seed | run | step | " + " | ".join(f"{n} (n)" for _, n in SUPPRESSION_GROUPS) + " |",
          "|---|---|---:|" + "---:|" * len(SUPPRESSION_GROUPS)]
-    for (s, r), v in sorted(res.items(), key=lambda kv: (SUPPRESSION_RUNS.index(kv[0][1]),
-                                                         kv[0][0])):
+    for (s, r), v in sorted(res.items(), key=lambda kv: (list(runs).index(kv[0][1]), kv[0][0])):
         L.append(f"| {s} | {names.get(r, r)} | {v.get('checkpoint_step', 'n/a')} | " + " | ".join(
             f"{_pct(v['groups'][g]['found_mean'])} ({v['groups'][g]['n']})"
             for g, _ in SUPPRESSION_GROUPS) + " |")
@@ -1243,11 +1244,11 @@ def _suppression_lines(out: str, seeds: Sequence[int]) -> list[str]:
     def found(s, r, g):
         return res[s, r]["groups"][g]["found_mean"]
 
-    for r in SUPPRESSION_RUNS:
+    for r in runs:
         diff_row(f"{names.get(r, r)}: unmarked, key slices - other slices",
                  [(found(s, r, "key_unmarked"), found(s, r, "other_unmarked"))
                   for s in seeds if (s, r) in res])
-    for a, b in SUPPRESSION_PAIRS:
+    for a, b in pairs:
         for g, gname in SUPPRESSION_GROUPS:
             diff_row(f"{names.get(a, a)} - {names.get(b, b)}: {gname}",
                      [(found(s, a, g), found(s, b, g)) for s in seeds

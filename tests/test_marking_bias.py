@@ -1,0 +1,161 @@
+"""python -m uld_jax.marking_bias: its steps and commands (recorded, not run), the label policy's
+gap against a hand-worked case, and its page against hand-computed differences."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from uld_jax import marking_bias as mb
+from uld_jax import quickstart as qs
+from uld_jax import reproduce as rp
+from uld_jax import train
+
+RATES = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+
+
+@pytest.fixture
+def recorded_steps(monkeypatch):
+    """The quick start's steps recorded instead of run: [(seed dir, name, commands)]."""
+    calls = []
+    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
+                        calls.append((str(self.out), name, [list(c) for c in cmds])))
+    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
+    return calls
+
+
+def test_steps_and_commands(tmp_path, recorded_steps, monkeypatch):
+    monkeypatch.setattr(train, "checkpoint_steps", lambda d: [60, 120])
+    r = qs.RECIPES["smoke"]
+    mb.run(str(tmp_path), r, [3, 4])
+    s3 = {n: c for o, n, c in recorded_steps if o.endswith("seed_3")}
+    s4 = {n: c for o, n, c in recorded_steps if o.endswith("seed_4")}
+    assert list(s3) == ["world", "check", "build", "baseline_long", "eval_baseline_long",
+                        "mine_slices", "mine_oracle_nrm_key", "baseline_long_nrm_key",
+                        "eval_baseline_long_nrm_key", "exposure_baseline_long"]
+    # the second seed trains on the first seed's world, with the first seed's table
+    assert list(s4) == ["baseline_long", "eval_baseline_long", "baseline_long_nrm_key",
+                        "eval_baseline_long_nrm_key", "exposure_baseline_long"]
+    (world,) = s3["world"]
+    assert world[world.index("--preset") + 1] == "tiny" and world.count("--unbiased-marks") == 1
+    (plain,), (nrm,) = s3["baseline_long"], s3["baseline_long_nrm_key"]
+    assert "configs/baseline.py:tiny" in plain and f"--config.num_epochs={4 * r.epochs}" in plain
+    d3 = os.path.join(str(tmp_path), "seed_3")
+    table = f"{d3}/runs/slices/mined_oracle_nrm_key.npz"
+    assert nrm == [a.replace("runs/baseline_long", "runs/baseline_long_nrm_key") for a in plain] + [
+        f"--config.data.overlays=('{table}',)", "--config.data.added_ratio=0.0"]
+    assert s4["baseline_long_nrm_key"][0][-2] == f"--config.data.overlays=('{table}',)"
+    assert f"--config.seed=4" in s4["baseline_long"][0]
+    # the slice table: the first seed's plain run at its first checkpoint, no NRM expert
+    (mine,) = s3["mine_slices"]
+    assert mine[1:3] == ["-m", "uld_jax.mine"] and mine[mine.index("--step") + 1] == "60"
+    assert mine[mine.index("--workdir") + 1] == f"{d3}/runs/baseline_long"
+    assert mine[mine.index("--nrm_experts") + 1] == ""
+    assert mine[mine.index("--out") + 1] == f"{d3}/runs/slices/mined.npz"
+    (oracle,) = s3["mine_oracle_nrm_key"]
+    assert oracle[1:3] == ["-m", "uld_jax.mine.oracle"]
+    assert oracle[oracle.index("--mined") + 1] == f"{d3}/runs/slices/mined.npz"
+    assert oracle[oracle.index("--as") + 1] == "ignore" and "--without_added" in oracle
+    assert oracle[-2:] == ["--out", table]
+    (exp,) = s4["exposure_baseline_long"]
+    assert exp[exp.index("--workdir") + 1] == f"{tmp_path}/seed_4/runs/baseline_long"
+    assert exp[exp.index("--overlay") + 1] == table
+    # the recipe: the base recipe's long version with the flag once, whatever it starts from
+    u = mb.unbiased_recipe(qs.RECIPES["quick"])
+    assert u.epochs == qs.RECIPES["long"].epochs and u.world_args.count("--unbiased-marks") == 1
+    assert mb.unbiased_recipe(u).world_args.count("--unbiased-marks") == 1
+
+
+def test_no_checkpoint_to_mine_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "checkpoint_steps", lambda d: [])
+    q0 = qs.Quickstart(str(tmp_path / "seed_0"), mb.unbiased_recipe(qs.RECIPES["smoke"]), quiet=True)
+    with pytest.raises(SystemExit, match="no checkpoint to mine the slice table"):
+        mb.table_step(q0)
+
+
+def _truth(world, rows):
+    d = world / "truth"
+    d.mkdir(parents=True)
+    head = "subvolume,lesion_id,split,lesion_type,long_diameter_mm,marked\n"
+    (d / "deeplesion_lesions.csv").write_text(head + "".join(
+        f"sv{i},{i},{sp},{t},{mm},{m}\n" for i, (sp, t, mm, m) in enumerate(rows)))
+
+
+def test_marking_gap_hand_worked(tmp_path):
+    # training split: a marked liver tumour of 10 mm; unmarked a liver tumour and a bone lesion of
+    # 10 mm (conspicuity 1.0 and 0.6). The diameters cancel: gap = ln 1 - (ln 1 + ln 0.6) / 2.
+    _truth(tmp_path / "w", [("train", "liver_tumour", 10, 1), ("train", "liver_tumour", 10, 0),
+                            ("train", "bone_lesion", 10, 0), ("val", "lung_nodule", 30, 1)])
+    g = mb.marking_gap(str(tmp_path / "w"))
+    assert g["lesions"] == 3 and g["marked_fraction"] == pytest.approx(1 / 3)
+    assert g["log_weight_gap"] == pytest.approx(-0.5 * math.log(0.6))
+    assert g["marked_mm"] == g["unmarked_mm"] == 10
+    _truth(tmp_path / "all", [("train", "liver_tumour", 10, 1)])
+    with pytest.raises(ValueError, match="needs marked and unmarked lesions"):
+        mb.marking_gap(str(tmp_path / "all"))
+
+
+def _eval(seed_dir, sub, run, level):
+    d = seed_dir / sub / run
+    d.mkdir(parents=True, exist_ok=True)
+    tables = {rule: {"title": rule, "fp_rates": RATES, "sensitivity": [level] * 7, "mean": level,
+                     "extra": {}} for rule in ("released", "paper")}
+    (d / "results.json").write_text(json.dumps({"protocol": "volumetric", "tables": tables,
+                                                "strata": {}}))
+
+
+def _suppression(seed_dir, run, found):
+    d = seed_dir / "suppression"
+    d.mkdir(parents=True, exist_ok=True)
+    groups = {g: {"n": 10, "found": [f], "found_mean": f, "median_score": 0.0}
+              for g, f in zip(("key_marked", "key_unmarked", "other_marked", "other_unmarked"),
+                              found)}
+    (d / f"{run}.json").write_text(json.dumps({run: {"rates": [1.0], "groups": groups,
+                                                     "checkpoint_step": 40}}))
+
+
+def test_page(tmp_path):
+    out, ref = tmp_path / "u", tmp_path / "d"
+    for root, lv in ((out, {0: (0.10, 0.15), 1: (0.20, 0.22)}),
+                     (ref, {0: (0.30, 0.25), 1: (0.20, 0.21)})):
+        _truth(root / "seed_0" / "world", [("train", "liver_tumour", 10, 1),
+                                           ("train", "bone_lesion", 10, 0)])
+        for s, (a, b) in lv.items():
+            for sub in ("eval", "eval_heldout"):
+                _eval(root / f"seed_{s}", sub, "baseline_long", a)
+                _eval(root / f"seed_{s}", sub, "baseline_long_nrm_key", b)
+            _suppression(root / f"seed_{s}", "baseline_long", (0.5, 0.1, 0.4, 0.3))
+            _suppression(root / f"seed_{s}", "baseline_long_nrm_key", (0.5, 0.3, 0.4, 0.3))
+        # a run of the default world's page that this page leaves out
+        _suppression(root / "seed_0", "meld", (0.2, 0.2, 0.2, 0.2))
+    text = "\n".join(mb.results_lines(str(out), [0, 1], qs.RECIPES["quick"], str(ref)))
+    check = "| perfect NRM on key slices > baseline (4x epochs) | released |"
+    # unbiased world: +5.0 and +2.0 points, mean 3.5 ± 2.1 (sd of 5 and 2), every seed positive
+    assert f"{check} +5.0, +2.0 | +3.5 ± 2.1 | yes |" in text
+    # default world: -5.0, +1.0
+    assert f"{check} -5.0, +1.0 | -2.0 ± 4.2 | no |" in text
+    assert text.count(check) == 4               # two worlds x (held-out, test split)
+    assert text.count("- Baseline, 4x the recipe's epochs: key slices, unmarked | +20.0, "
+                      "+20.0 | +20.0 ± 0.0 |") == 2
+    assert "MELD" not in text
+    # liver 10 mm marked, bone 10 mm unmarked: gap ln 1 - ln 0.6
+    assert f"minus the unmarked lesions': {-math.log(0.6):+.2f}" in text
+    assert "## Unbiased marks" in text and "## Default marks" in text
+    assert "\n## The training world's own test split" not in text   # a subsection here
+
+
+def test_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        mb.main(["--seeds", "0,0", "--results-only"])
+    assert "--seeds '0,0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mb.main(["--compare", str(tmp_path / "nowhere"), "--results-only"])
+    assert "not a folder" in capsys.readouterr().err
+    page = tmp_path / "p.md"
+    assert mb.main(["--out", str(tmp_path / "empty"), "--results-only", "--results",
+                    str(page), "--note", "a note"]) == 0
+    assert "- a note" in page.read_text() and page.read_text().startswith("# A world without")
+    assert rp.LONG_RUNS[0] == mb.PLAIN

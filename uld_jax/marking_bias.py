@@ -1,0 +1,255 @@
+"""Does NRM's premise depend on the radiologist's marking bias? A diagnostic on the synthetic world.
+
+    python -m uld_jax.marking_bias --out OUT [--recipe long] [--seeds 0,1,2,3] \
+        [--heldout 24] [--heldout-checkpoints 2] [--compare OUT_DEFAULT] \
+        [--results docs/results_unbiased.md] [--results-only]
+
+NRM keeps the lesions the annotations miss out of the negatives. It can only help if a detector
+trained with them among its negatives learns them as background. On the default world a perfect NRM
+(the world's truth as ignore regions) does not help, and a suspected reason is the world's label
+policy: it marks larger and more conspicuous lesions more often (DESIGN.md section 5), so the
+unmarked lesions are the harder ones. This runs the same experiment as ``python -m uld_jax.reproduce
+--baseline-nrm key`` on a world synthesized with ``--unbiased-marks`` (marks drawn regardless of size
+and conspicuity; same anatomy, lesions and images):
+
+1. the world (the recipe's preset and counts plus ``--unbiased-marks``), checked and built;
+2. every seed: the DeepLesion-only baseline for 4x the recipe's epochs (``baseline_long``);
+3. the perfect NRM's table: the first seed's plain run mined at its first checkpoint (only its chunk
+   store's slice table is used: the key slices and one slice every 5 mm), then
+   ``python -m uld_jax.mine.oracle --as ignore --without_added`` on it (step
+   ``mine_oracle_nrm_key``; ``--oracle-scratch ignore_key``'s options, which on the default world
+   take the same slice table from MELD's mining run);
+4. every seed: the same baseline with that table and no added slice drawn
+   (``baseline_long_nrm_key``, ``--oracle-scratch ignore_key``'s flags);
+5. both evaluated on the world's test split and on the held-out world (``--heldout N`` patients:
+   the reproduction's held-out world, synthesized with the default label policy, since the test
+   truth holds every lesion whatever was marked), the negatives the table keeps out
+   (``uld_jax.mine.exposure``) and which lesions each run finds on its own training slices
+   (``uld_jax.mine.suppression``).
+
+Every step is recorded in ``OUT/seed_<s>/state`` and skipped when done, so an interrupted run
+resumes. ``--results PAGE`` writes the tables (with ``--compare``: the same runs of a
+``python -m uld_jax.reproduce --baseline-nrm key --suppression`` output on the default world beside
+them). About 75 minutes a seed for the two runs on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from uld_jax import quickstart as qs
+from uld_jax import reproduce as rp
+from uld_jax.io.atomic import atomic_write
+
+FLAG = "--unbiased-marks"
+PLAIN, NRM = rp.LONG_RUNS[0], "baseline_long_nrm_key"
+RUNS = (PLAIN, NRM)
+ROWS = tuple((r, n) for r, n in rp.LONG_ROWS if r in RUNS)
+CHECKS = tuple(c for c in rp.LONG_CHECKS if c[1:] == (NRM, PLAIN))
+SLICES_RUN = "slices"          # the first seed's mining store of the plain run (its slice table)
+TABLE = "mined_oracle_nrm_key.npz"
+
+
+def unbiased_recipe(recipe: qs.Recipe) -> qs.Recipe:
+    """``recipe`` trained :func:`reproduce.long_recipe`'s epochs on a world with ``--unbiased-marks``."""
+    r = rp.long_recipe(recipe)
+    args = r.world_args if FLAG in r.world_args else (*r.world_args, FLAG)
+    return dataclasses.replace(r, name=f"{recipe.name}_unbiased", world_args=args)
+
+
+def table_path(q0: qs.Quickstart) -> str:
+    return os.path.join(q0.run_dir(SLICES_RUN), TABLE)
+
+
+def table_step(q0: qs.Quickstart) -> str:
+    """Steps ``mine_slices`` and ``mine_oracle_nrm_key`` on the first seed: the perfect NRM's table
+    on the slices a mining run looks at; returns its path."""
+    from uld_jax import train
+
+    d = q0.run_dir(SLICES_RUN)
+    if not q0.done("mine_slices"):
+        steps = train.checkpoint_steps(q0.run_dir(PLAIN))
+        if not steps:
+            raise SystemExit(f"[marking_bias] {q0.run_dir(PLAIN)}: no checkpoint to mine the slice "
+                             "table with (train the first seed's plain run first)")
+        q0.step("mine_slices", [q0.mine_cmd("--nrm_experts", "", "--store_dir",
+                                            os.path.join(d, "store"), "--out",
+                                            os.path.join(d, "mined.npz"), run=PLAIN,
+                                            step=steps[0])])
+    table = table_path(q0)
+    q0.step("mine_oracle_nrm_key", [[
+        sys.executable, "-m", "uld_jax.mine.oracle", "--mined", os.path.join(d, "mined.npz"),
+        "--truth", os.path.join(q0.world, "truth"), "--data_dir", q0.data,
+        *rp.ORACLE_SCRATCH["ignore_key"][2], "--out", table]])
+    return table
+
+
+def run(out: str, recipe: qs.Recipe, seeds: Sequence[int], heldout: int = 0,
+        checkpoints: int = 1) -> None:
+    """Steps 1-5 of the module docstring for ``seeds`` (the first seed's world and table serve
+    every seed); ``recipe`` is the base recipe (:func:`unbiased_recipe` is applied here)."""
+    r = unbiased_recipe(recipe)
+    quicks = list(rp._seed_quickstarts(out, r, seeds))
+    q0 = quicks[0]
+    q0.do_world()
+    q0.do_check_build()
+    flags = rp.ORACLE_SCRATCH["ignore_key"][3]
+    for q in quicks:
+        q.step(PLAIN, [q.scratch_cmd("baseline", PLAIN)])
+        q.eval_step(PLAIN)
+    for q in quicks:
+        table = table_step(q0)
+        q.step(NRM, [q.scratch_cmd("baseline", NRM, f"--config.data.overlays=('{table}',)",
+                                   *flags)])
+        q.eval_step(NRM)
+        rp._exposure_step(q, table, PLAIN)
+    if heldout:
+        rp.run_heldout(out, r, seeds, heldout, checkpoints=checkpoints)
+    rp.run_suppression(out, r, seeds)
+
+
+def marking_gap(world: str, split: str = "train") -> dict[str, float]:
+    """The label policy's bias in ``world``'s truth (``split``'s lesions): the marked lesions' mean
+    log marking weight (1.3 log long diameter + log type conspicuity) minus the unmarked lesions',
+    their mean long diameters (mm) and the fraction marked."""
+    from data_prep.world.lesions import LESION_TYPES
+
+    path = os.path.join(world, "truth", "deeplesion_lesions.csv")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [x for x in csv.DictReader(f) if x["split"] == split]
+    if not rows:
+        raise ValueError(f"{path}: no lesion in the {split} split")
+    d = np.array([float(x["long_diameter_mm"]) for x in rows])
+    w = 1.3 * np.log(d) + np.log([LESION_TYPES[x["lesion_type"]].conspicuity for x in rows])
+    m = np.array([x["marked"] == "1" for x in rows])
+    if m.all() or not m.any():
+        raise ValueError(f"{path}: the {split} split needs marked and unmarked lesions")
+    return {"lesions": int(m.size), "marked_fraction": float(m.mean()),
+            "log_weight_gap": float(w[m].mean() - w[~m].mean()),
+            "marked_mm": float(d[m].mean()), "unmarked_mm": float(d[~m].mean())}
+
+
+def _wall(out: str, seeds: Sequence[int], step: str) -> str:
+    ws = []
+    for s in seeds:
+        p = os.path.join(rp._seed_dir(out, s), "state", f"{step}.json")
+        if os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                ws.append(float(json.load(f)["wall_s"]))
+    return f"{min(ws):.0f}-{max(ws):.0f}" if ws else "not run"
+
+
+def _world_sections(out: str, seeds: Sequence[int], title: str) -> list[str]:
+    """One world's tables: held-out and test split, exposure, suppression."""
+    L = [f"## {title}", ""]
+    w = os.path.join(rp._seed_dir(out, seeds[0]), "world")
+    if os.path.isdir(w):
+        g = marking_gap(w)
+        L += [f"World `{w}`: {g['lesions']} training-split lesions, {100 * g['marked_fraction']:.1f}% "
+              f"marked; marked lesions {g['marked_mm']:.1f} mm long on average, unmarked "
+              f"{g['unmarked_mm']:.1f} mm; the marked lesions' mean log marking weight (1.3 log "
+              f"long diameter + log conspicuity) minus the unmarked lesions': "
+              f"{g['log_weight_gap']:+.2f}.", ""]
+    L += rp._runs_section(out, seeds, "eval_heldout", RUNS, "Held-out world",
+                          "The reproduction's held-out world (every DeepLesion patient in its test "
+                          "split, the default label policy; no run was trained, tuned or selected "
+                          "on it). Seeds column: seeds with the run.", ROWS, CHECKS)
+    split = rp._runs_section(out, seeds, "eval", RUNS, "The training world's own test split",
+                             "The world the runs were trained on, its test split.", ROWS, CHECKS)
+    L += ["#" + x if x.startswith("## ") else x for x in split[:1]] + split[1:]
+    rows, cmd = rp._exposure_rows(out, seeds, PLAIN)
+    if rows:
+        L += ["### What the perfect NRM keeps out of the plain run's negatives", "",
+              f"{cmd}: the plain run's training batches and forward with the perfect NRM's "
+              "ignore regions switched off (docs/mining.md, `uld_jax.mine.exposure`). Key slices "
+              "are its training slices; the table's other mining slices, drawn here as added "
+              "slices, were not in its training.", "", *rp.EXPOSURE_HEADER, *rows, ""]
+    sup = rp._suppression_lines(out, seeds, RUNS, ((NRM, PLAIN),))
+    if sup:
+        L += ["### " + sup[0].lstrip("# ")] + sup[1:]
+    L += [f"Training wall time (s, per run): plain {_wall(out, seeds, PLAIN)}, perfect NRM "
+          f"{_wall(out, seeds, NRM)}.", ""]
+    return L
+
+
+def results_lines(out: str, seeds: Sequence[int], recipe: qs.Recipe,
+                  compare: str | None = None, notes: Sequence[str] = ()) -> list[str]:
+    r = unbiased_recipe(recipe)
+    L = ["# A world without the marking bias: does a perfect NRM help there?", "",
+         f"Written by `python -m uld_jax.marking_bias --recipe {recipe.name} --out {out} --seeds "
+         f"{','.join(map(str, seeds))}` (numbers from the runs' files; module docstring: what it "
+         f"runs). Recipe `{r.name}`: {r.epochs} epochs of {r.steps_per_epoch} steps of "
+         f"{r.batch_size} samples, world `{r.preset}` with `{' '.join(r.world_args)}`.", "",
+         "The DeepLesion-only baseline trained until it fits its labels, plain and with a perfect "
+         "NRM on its key slices (the world's truth as ignore regions: every lesion the "
+         "annotations miss kept out of its negatives, nothing else changed), on a world whose "
+         "marks ignore lesion size and conspicuity, and (with a comparison folder) the same runs "
+         "on the default world, whose radiologist marks larger, more conspicuous lesions more "
+         "often. If the marking bias is what keeps NRM's premise from holding, the perfect NRM "
+         "should gain on the unbiased world.", ""]
+    L += [f"- {n}" for n in notes] + ([""] if notes else [])
+    L += _world_sections(out, seeds, "Unbiased marks (`--unbiased-marks`)")
+    if compare:
+        L += _world_sections(compare, seeds, "Default marks (the radiologist's bias), "
+                             "`python -m uld_jax.reproduce --baseline-nrm key`")
+    return L
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct non-negative "
+                                         "integers, e.g. 0,1,2,3")
+    return seeds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m uld_jax.marking_bias", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/marking_bias")
+    p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="quick",
+                   help="base recipe, trained 4x its epochs (quick: the `long` recipe's length)")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3])
+    p.add_argument("--heldout", type=int, default=24, metavar="N",
+                   help="patients of the held-out world (0: none)")
+    p.add_argument("--heldout-checkpoints", type=int, default=2, metavar="K")
+    p.add_argument("--compare", default=None, metavar="DIR",
+                   help="a `python -m uld_jax.reproduce --baseline-nrm key --suppression` output on "
+                   "the default world, shown beside")
+    p.add_argument("--results", default=None, metavar="PAGE", help="markdown page to write")
+    p.add_argument("--results-only", action="store_true", help="write the page, run nothing")
+    p.add_argument("--note", action="append", default=[], help="a line for the page's notes")
+    a = p.parse_args(argv)
+    if a.heldout < 0 or a.heldout_checkpoints < 1:
+        p.error("--heldout must be >= 0 and --heldout-checkpoints >= 1")
+    if a.compare and not os.path.isdir(a.compare):
+        p.error(f"--compare {a.compare}: not a folder")
+    recipe = qs.RECIPES[a.recipe]
+    t = time.time()
+    if not a.results_only:
+        run(a.out, recipe, a.seeds, a.heldout, a.heldout_checkpoints)
+    lines = results_lines(a.out, a.seeds, recipe, a.compare, a.note)
+    text = "\n".join(lines).rstrip() + "\n"
+    if a.results:
+        atomic_write(a.results, text.encode("utf-8"), makedirs=True)
+        print(f"[marking_bias] wrote {a.results} ({math.ceil(time.time() - t)} s)")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

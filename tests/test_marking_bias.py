@@ -127,17 +127,24 @@ def test_page(tmp_path):
             for sub in ("eval", "eval_heldout"):
                 _eval(root / f"seed_{s}", sub, "baseline_long", a)
                 _eval(root / f"seed_{s}", sub, "baseline_long_nrm_key", b)
+            # the checkpoint before the last: the plain run 0.1 lower, the NRM run unchanged
+            _eval(root / f"seed_{s}", "eval_heldout_steps", "baseline_long/1860", a - 0.1)
+            _eval(root / f"seed_{s}", "eval_heldout_steps", "baseline_long_nrm_key/1860", b)
             _suppression(root / f"seed_{s}", "baseline_long", (0.5, 0.1, 0.4, 0.3))
             _suppression(root / f"seed_{s}", "baseline_long_nrm_key", (0.5, 0.3, 0.4, 0.3))
         # a run of the default world's page that this page leaves out
         _suppression(root / "seed_0", "meld", (0.2, 0.2, 0.2, 0.2))
-    text = "\n".join(mb.results_lines(str(out), [0, 1], qs.RECIPES["quick"], str(ref)))
+    text = "\n".join(mb.results_lines(str(out), [0, 1], qs.RECIPES["quick"], str(ref),
+                                      checkpoints=2))
     check = "| perfect NRM on key slices > baseline (4x epochs) | released |"
     # unbiased world: +5.0 and +2.0 points, mean 3.5 ± 2.1 (sd of 5 and 2), every seed positive
     assert f"{check} +5.0, +2.0 | +3.5 ± 2.1 | yes |" in text
     # default world: -5.0, +1.0
     assert f"{check} -5.0, +1.0 | -2.0 ± 4.2 | no |" in text
-    assert text.count(check) == 4               # two worlds x (held-out, test split)
+    # over the last 2 checkpoints the plain run averages 0.05 lower: +10.0, +7.0 points
+    assert f"{check} +10.0, +7.0 | +8.5 ± 2.1 | yes |" in text
+    assert "(steps 1860 and the last)" in text
+    assert text.count(check) == 6    # two worlds x (held-out, its last 2 checkpoints, test split)
     assert text.count("- Baseline, 4x the recipe's epochs: key slices, unmarked | +20.0, "
                       "+20.0 | +20.0 ± 0.0 |") == 2
     assert "MELD" not in text

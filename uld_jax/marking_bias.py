@@ -30,7 +30,7 @@ and conspicuity; same anatomy, lesions and images):
 Every step is recorded in ``OUT/seed_<s>/state`` and skipped when done, so an interrupted run
 resumes. ``--results PAGE`` writes the tables (with ``--compare``: the same runs of a
 ``python -m uld_jax.reproduce --baseline-nrm key --suppression`` output on the default world beside
-them). About 75 minutes a seed for the two runs on 2 idle cores.
+them). Cost: the eight runs of four seeds took 70-74 minutes each, all sharing 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -149,8 +149,26 @@ def _wall(out: str, seeds: Sequence[int], step: str) -> str:
     return f"{min(ws):.0f}-{max(ws):.0f}" if ws else "not run"
 
 
-def _world_sections(out: str, seeds: Sequence[int], title: str) -> list[str]:
-    """One world's tables: held-out and test split, exposure, suppression."""
+def _checkpoint_lines(out: str, seeds: Sequence[int], k: int) -> list[str]:
+    """The check on the held-out world with each run's mean sensitivity over its last ``k``
+    checkpoints (``reproduce --heldout-checkpoints``), on the seeds that have them all."""
+    if k < 2:
+        return []
+    vals, steps = rp._last_checkpoints(out, seeds, k)
+    verdict = {rule: {r: {s: float(np.mean(v)) for s, v in vals[rule][r].items()}
+                      for r in RUNS if r in vals[rule]} for rule in rp.RULES}
+    if not any(len(v) == len(RUNS) for v in verdict.values()):
+        return []
+    at = ", ".join(map(str, steps.get(PLAIN, [])))
+    return [f"The same check with each run's mean over its last {k} checkpoints (steps {at} and "
+            "the last), which takes out what one checkpoint's position adds to the spread:", "",
+            *rp._order_lines(verdict, CHECKS)]
+
+
+def _world_sections(out: str, seeds: Sequence[int], title: str, checkpoints: int = 1
+                    ) -> list[str]:
+    """One world's tables: held-out (and over its last ``checkpoints``) and test split, exposure,
+    suppression."""
     L = [f"## {title}", ""]
     w = os.path.join(rp._seed_dir(out, seeds[0]), "world")
     if os.path.isdir(w):
@@ -164,6 +182,7 @@ def _world_sections(out: str, seeds: Sequence[int], title: str) -> list[str]:
                           "The reproduction's held-out world (every DeepLesion patient in its test "
                           "split, the default label policy; no run was trained, tuned or selected "
                           "on it). Seeds column: seeds with the run.", ROWS, CHECKS)
+    L += _checkpoint_lines(out, seeds, checkpoints)
     split = rp._runs_section(out, seeds, "eval", RUNS, "The training world's own test split",
                              "The world the runs were trained on, its test split.", ROWS, CHECKS)
     L += ["#" + x if x.startswith("## ") else x for x in split[:1]] + split[1:]
@@ -183,11 +202,13 @@ def _world_sections(out: str, seeds: Sequence[int], title: str) -> list[str]:
 
 
 def results_lines(out: str, seeds: Sequence[int], recipe: qs.Recipe,
-                  compare: str | None = None, notes: Sequence[str] = ()) -> list[str]:
+                  compare: str | None = None, notes: Sequence[str] = (),
+                  checkpoints: int = 1) -> list[str]:
     r = unbiased_recipe(recipe)
     L = ["# A world without the marking bias: does a perfect NRM help there?", "",
          f"Written by `python -m uld_jax.marking_bias --recipe {recipe.name} --out {out} --seeds "
-         f"{','.join(map(str, seeds))}` (numbers from the runs' files; module docstring: what it "
+         f"{','.join(map(str, seeds))}" + (f" --compare {compare}" if compare else "")
+         + "` (numbers from the runs' files; module docstring: what it "
          f"runs). Recipe `{r.name}`: {r.epochs} epochs of {r.steps_per_epoch} steps of "
          f"{r.batch_size} samples, world `{r.preset}` with `{' '.join(r.world_args)}`.", "",
          "The DeepLesion-only baseline trained until it fits its labels, plain and with a perfect "
@@ -198,10 +219,10 @@ def results_lines(out: str, seeds: Sequence[int], recipe: qs.Recipe,
          "often. If the marking bias is what keeps NRM's premise from holding, the perfect NRM "
          "should gain on the unbiased world.", ""]
     L += [f"- {n}" for n in notes] + ([""] if notes else [])
-    L += _world_sections(out, seeds, "Unbiased marks (`--unbiased-marks`)")
+    L += _world_sections(out, seeds, "Unbiased marks (`--unbiased-marks`)", checkpoints)
     if compare:
         L += _world_sections(compare, seeds, "Default marks (the radiologist's bias), "
-                             "`python -m uld_jax.reproduce --baseline-nrm key`")
+                             "`python -m uld_jax.reproduce --baseline-nrm key`", checkpoints)
     return L
 
 
@@ -241,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = time.time()
     if not a.results_only:
         run(a.out, recipe, a.seeds, a.heldout, a.heldout_checkpoints)
-    lines = results_lines(a.out, a.seeds, recipe, a.compare, a.note)
+    lines = results_lines(a.out, a.seeds, recipe, a.compare, a.note, a.heldout_checkpoints)
     text = "\n".join(lines).rstrip() + "\n"
     if a.results:
         atomic_write(a.results, text.encode("utf-8"), makedirs=True)

@@ -470,9 +470,8 @@ def test_unbiased_marks_world(tmp_path):
         assert 0.2 < m.mean() < 0.7
         return w[m].mean() - w[~m].mean()
     biased = SY.synthesize("small", 0, tmp_path / "b", tables_only=True, progress=False, workers=2)
-    r = _cli("--preset", "small", "--seed", "0", "--out", str(tmp_path / "u"), "--tables-only",
-             "--unbiased-marks")
-    assert r.returncode == 0, r.stderr
+    assert SY.main(["--preset", "small", "--seed", "0", "--out", str(tmp_path / "u"),
+                    "--tables-only", "--unbiased-marks"]) == 0
     unbiased = tmp_path / "u"
     with open(unbiased / "world.json", encoding="utf-8") as f:
         assert f.read().count('"dl_mark_bias": false') == 1

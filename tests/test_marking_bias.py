@@ -96,6 +96,10 @@ def test_marking_gap_hand_worked(tmp_path):
     _truth(tmp_path / "all", [("train", "liver_tumour", 10, 1)])
     with pytest.raises(ValueError, match="needs marked and unmarked lesions"):
         mb.marking_gap(str(tmp_path / "all"))
+    _truth(tmp_path / "odd", [("train", "liver_tumour", 10, 1), ("train", "gill_cyst", 10, 0)])
+    with pytest.raises(ValueError, match="odd/truth/deeplesion_lesions.csv: unknown lesion_type "
+                       "'gill_cyst'"):
+        mb.marking_gap(str(tmp_path / "odd"))
 
 
 def _eval(seed_dir, sub, run, level):

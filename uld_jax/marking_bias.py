@@ -73,7 +73,9 @@ def table_path(q0: qs.Quickstart) -> str:
 
 def table_step(q0: qs.Quickstart) -> str:
     """Steps ``mine_slices`` and ``mine_oracle_nrm_key`` on the first seed: the perfect NRM's table
-    on the slices a mining run looks at; returns its path."""
+    on the slices a mining run looks at; returns its path. The plain run's earliest kept
+    checkpoint is mined: every checkpoint gives the same slice table, and the table reads only
+    that."""
     from uld_jax import train
 
     d = q0.run_dir(SLICES_RUN)
@@ -122,6 +124,7 @@ def marking_gap(world: str, split: str = "train") -> dict[str, float]:
     """The label policy's bias in ``world``'s truth (``split``'s lesions): the marked lesions' mean
     log marking weight (1.3 log long diameter + log type conspicuity) minus the unmarked lesions',
     their mean long diameters (mm) and the fraction marked."""
+    from data_prep.world.cohort import MARK_SIZE_POWER
     from data_prep.world.lesions import LESION_TYPES
 
     path = os.path.join(world, "truth", "deeplesion_lesions.csv")
@@ -129,8 +132,12 @@ def marking_gap(world: str, split: str = "train") -> dict[str, float]:
         rows = [x for x in csv.DictReader(f) if x["split"] == split]
     if not rows:
         raise ValueError(f"{path}: no lesion in the {split} split")
+    bad = [x["lesion_type"] for x in rows if x["lesion_type"] not in LESION_TYPES]
+    if bad:
+        raise ValueError(f"{path}: unknown lesion_type {bad[0]!r}")
     d = np.array([float(x["long_diameter_mm"]) for x in rows])
-    w = 1.3 * np.log(d) + np.log([LESION_TYPES[x["lesion_type"]].conspicuity for x in rows])
+    w = (MARK_SIZE_POWER * np.log(d)
+         + np.log([LESION_TYPES[x["lesion_type"]].conspicuity for x in rows]))
     m = np.array([x["marked"] == "1" for x in rows])
     if m.all() or not m.any():
         raise ValueError(f"{path}: the {split} split needs marked and unmarked lesions")

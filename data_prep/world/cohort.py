@@ -37,6 +37,10 @@ WINDOWS_SOFT = (((-175, 275), 0.88), ((-160, 240), 0.05), ((-182.5, 322.5), 0.03
 WINDOWS_LUNG = (((-1500, 500), 0.93), ((-1400, 200), 0.035), ((-1350, 250), 0.035))
 
 
+# the radiologist's weight of a candidate lesion: long diameter ** MARK_SIZE_POWER x conspicuity
+MARK_SIZE_POWER = 1.3
+
+
 def _choice(g, pairs):
     vals = [p[0] for p in pairs]
     probs = np.array([p[1] for p in pairs], float)
@@ -324,7 +328,8 @@ def make_dl_patient(seed: int, preset: Preset, plan: DLPlan, pidx: int) -> DLPat
                 se0 = ser_list[0]
                 add_lesion(k, (se0.d_of(1) + 10, se0.d_of(se0.n_slices) - 10))
                 continue
-            w = np.array([(les.long_mm(k) ** 1.3 * les.ltype.conspicuity if preset.dl_mark_bias
+            w = np.array([(les.long_mm(k) ** MARK_SIZE_POWER * les.ltype.conspicuity
+                            if preset.dl_mark_bias
                            else 1.0) * (5.0 if les.lesion_id in marked_before else 1.0)
                           for les, _ in cands])
             les, sis = cands[int(g.choice(len(cands), p=w / w.sum()))]

@@ -49,19 +49,15 @@ def _tqdm(iterable, **kw):
     return tqdm(iterable, **kw)
 
 
-def resolve_preset(preset: str, counts: dict | None) -> Preset:
+def resolve_preset(preset: str, counts: dict | None, *, mark_bias: bool = True) -> Preset:
     """The named preset with optional count overrides (dl_patients, luna_scans, lits_volumes,
     nihln_med, nihln_abd) and DeepLesion split fractions (dl_val_fraction, dl_test_fraction);
-    negative counts or fractions outside [0, 1] raise :class:`PresetError`; ``dl_mark_bias``
-    (bool) switches the radiologist's marking bias off (see :class:`Preset`)."""
-    p = get_preset(preset)
+    negative counts or fractions outside [0, 1] raise :class:`PresetError`. ``mark_bias`` False
+    switches the radiologist's marking bias off (``Preset.dl_mark_bias``)."""
+    if not isinstance(mark_bias, (bool, np.bool_)):
+        raise PresetError(f"mark_bias must be True or False, got {mark_bias!r}")
+    p = dataclasses.replace(get_preset(preset), dl_mark_bias=bool(mark_bias))
     if counts:
-        counts = dict(counts)
-        bias = counts.pop("dl_mark_bias", None)
-        if bias is not None:
-            if not isinstance(bias, (bool, np.bool_)):
-                raise PresetError(f"dl_mark_bias must be True or False, got {bias!r}")
-            p = dataclasses.replace(p, dl_mark_bias=bool(bias))
         fractions = {"dl_val_fraction", "dl_test_fraction"}
         unknown = set(counts) - {"dl_patients", "luna_scans", "lits_volumes", "nihln_med",
                                  "nihln_abd"} - fractions
@@ -222,7 +218,7 @@ def _generate(preset: Preset, seed: int, tmp: pathlib.Path, tables_only: bool, w
 def synthesize(preset: str = "tiny", seed: int = 0, out: str | os.PathLike = "world",
                overwrite: bool = False, stats: bool = False, preview: bool = False,
                tables_only: bool = False, *, counts: dict | None = None, workers: int = 1,
-               progress: bool = True) -> pathlib.Path:
+               progress: bool = True, mark_bias: bool = True) -> pathlib.Path:
     """Generates the world into ``out`` (see module docstring); returns the output path.
 
     Raises PresetError / SynthesisError (ValueError subclasses, one-line messages) on bad input,
@@ -232,7 +228,7 @@ def synthesize(preset: str = "tiny", seed: int = 0, out: str | os.PathLike = "wo
         raise SynthesisError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(workers, int) or workers < 1:
         raise SynthesisError(f"workers must be a positive integer, got {workers!r}")
-    p = resolve_preset(preset, counts)
+    p = resolve_preset(preset, counts, mark_bias=mark_bias)
     out = pathlib.Path(out).absolute()
     _check_out(out, overwrite)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -300,8 +296,6 @@ def main(argv=None) -> int:
     # A terminated run unwinds like Ctrl-C, so the temporary output folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = {"dl_patients": a.dl_patients, "luna_scans": a.luna, "lits_volumes": a.lits}
-    if a.unbiased_marks:
-        counts["dl_mark_bias"] = False
     if a.dl_split is not None:
         try:
             fv, ft = (float(v) for v in a.dl_split.split(","))
@@ -318,7 +312,7 @@ def main(argv=None) -> int:
     try:
         out = synthesize(a.preset, a.seed, a.out, overwrite=a.overwrite, stats=a.stats,
                          preview=a.preview, tables_only=a.tables_only, counts=counts,
-                         workers=a.workers)
+                         workers=a.workers, mark_bias=not a.unbiased_marks)
     except (PresetError, SynthesisError) as e:
         sys.stderr.write(f"synthesize: error: {e}\n")
         return 2

@@ -36,3 +36,15 @@ def tiny_world(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("world") / "tiny"
     synthesize.synthesize(preset="tiny", seed=0, out=out)
     return out
+
+
+@pytest.fixture
+def recorded_steps(monkeypatch):
+    """The quick start's steps, recorded instead of run: [(seed dir, name, commands, fn)]."""
+    from uld_jax import quickstart as qs
+
+    calls = []
+    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
+                        calls.append((str(self.out), name, [list(c) for c in cmds], fn)))
+    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
+    return calls

@@ -17,22 +17,12 @@ from uld_jax import train
 RATES = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 
 
-@pytest.fixture
-def recorded_steps(monkeypatch):
-    """The quick start's steps recorded instead of run: [(seed dir, name, commands)]."""
-    calls = []
-    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
-                        calls.append((str(self.out), name, [list(c) for c in cmds])))
-    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
-    return calls
-
-
 def test_steps_and_commands(tmp_path, recorded_steps, monkeypatch):
     monkeypatch.setattr(train, "checkpoint_steps", lambda d: [60, 120])
     r = qs.RECIPES["smoke"]
     mb.run(str(tmp_path), r, [3, 4])
-    s3 = {n: c for o, n, c in recorded_steps if o.endswith("seed_3")}
-    s4 = {n: c for o, n, c in recorded_steps if o.endswith("seed_4")}
+    s3 = {n: c for o, n, c, _ in recorded_steps if o.endswith("seed_3")}
+    s4 = {n: c for o, n, c, _ in recorded_steps if o.endswith("seed_4")}
     assert list(s3) == ["world", "check", "build", "baseline_long", "eval_baseline_long",
                         "mine_slices", "mine_oracle_nrm_key", "baseline_long_nrm_key",
                         "eval_baseline_long_nrm_key", "exposure_baseline_long"]
@@ -63,10 +53,25 @@ def test_steps_and_commands(tmp_path, recorded_steps, monkeypatch):
     (exp,) = s4["exposure_baseline_long"]
     assert exp[exp.index("--workdir") + 1] == f"{tmp_path}/seed_4/runs/baseline_long"
     assert exp[exp.index("--overlay") + 1] == table
-    # the recipe: the base recipe's long version with the flag once, whatever it starts from
+    # the same runs, commands and exposure as `reproduce --baseline-nrm key` on a default world,
+    # but for the world's flag and the table's source
+    recorded_steps.clear()
+    reproduce_dir = tmp_path / "r"
+    rp.run_baseline_nrm(str(reproduce_dir), r, [3, 4], ["key"])
+    ref = {n: c for o, n, c, _ in recorded_steps if o.endswith("seed_3")}
+    assert list(ref) == ["baseline_long", "eval_baseline_long", "mine_oracle_nrm_scratch",
+                         "baseline_long_nrm_key", "eval_baseline_long_nrm_key",
+                         "exposure_baseline_long"]
+    meld_table = f"{reproduce_dir}/seed_3/runs/meld/mined_oracle_nrm_scratch.npz"
+    for name in ("baseline_long", "baseline_long_nrm_key", "exposure_baseline_long"):
+        assert [a.replace(meld_table, table).replace(str(reproduce_dir), str(tmp_path))
+                for a in ref[name][0]] == s3[name][0], name
+    # the recipe: the flag once, whatever it starts from
     u = mb.unbiased_recipe(qs.RECIPES["quick"])
-    assert u.epochs == qs.RECIPES["long"].epochs and u.world_args.count("--unbiased-marks") == 1
+    assert u.epochs == qs.RECIPES["quick"].epochs and u.world_args.count("--unbiased-marks") == 1
     assert mb.unbiased_recipe(u).world_args.count("--unbiased-marks") == 1
+    with pytest.raises(ValueError, match="only 'ignore_key'"):
+        mb.table_step(qs.Quickstart(str(tmp_path / "x"), u, quiet=True), "ignore_added")
 
 
 def test_no_checkpoint_to_mine_is_a_clear_error(tmp_path, monkeypatch):
@@ -161,7 +166,7 @@ def test_page(tmp_path):
 def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mb.main(["--seeds", "0,0", "--results-only"])
-    assert "--seeds '0,0'" in capsys.readouterr().err
+    assert "--seeds: '0,0': give one or more distinct seeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         mb.main(["--compare", str(tmp_path / "nowhere"), "--results-only"])
     assert "not a folder" in capsys.readouterr().err

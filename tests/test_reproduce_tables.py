@@ -150,16 +150,6 @@ def test_split_mined_keeps_mam_nrm_both_or_no_rows_and_the_added_slices(tmp_path
         qs.split_mined(src, "all", str(tmp_path / "x.npz"), str(tmp_path))
 
 
-@pytest.fixture
-def recorded_steps(monkeypatch):
-    """The quick start's steps, recorded instead of run: [(seed dir, name, commands, fn)]."""
-    calls = []
-    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
-                        calls.append((str(self.out), name, [list(c) for c in cmds], fn)))
-    monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
-    return calls
-
-
 def _steps_of(calls, seed):
     return {n: c for o, n, c, _ in calls if o.endswith(f"seed_{seed}")}
 

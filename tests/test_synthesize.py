@@ -477,7 +477,7 @@ def test_unbiased_marks_world(tmp_path):
         assert f.read().count('"dl_mark_bias": false') == 1
     g_b, g_u = gap(biased), gap(unbiased)
     assert g_b > 0.2 and g_u < 0.05 and g_b - g_u > 0.3, (g_b, g_u)
-    with pytest.raises(SY.PresetError, match="dl_mark_bias must be True or False"):
-        SY.resolve_preset("tiny", {"dl_mark_bias": 0})
-    assert not SY.resolve_preset("tiny", {"dl_mark_bias": False}).dl_mark_bias
+    with pytest.raises(SY.PresetError, match="mark_bias must be True or False"):
+        SY.resolve_preset("tiny", None, mark_bias=0)
+    assert not SY.resolve_preset("tiny", {"dl_patients": 5}, mark_bias=False).dl_mark_bias
     assert SY.resolve_preset("tiny", None).dl_mark_bias

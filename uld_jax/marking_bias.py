@@ -13,19 +13,18 @@ unmarked lesions are the harder ones. This runs the same experiment as ``python 
 and conspicuity; same anatomy, lesions and images):
 
 1. the world (the recipe's preset and counts plus ``--unbiased-marks``), checked and built;
-2. every seed: the DeepLesion-only baseline for 4x the recipe's epochs (``baseline_long``);
-3. the perfect NRM's table: the first seed's plain run mined at its first checkpoint (only its chunk
-   store's slice table is used: the key slices and one slice every 5 mm), then
-   ``python -m uld_jax.mine.oracle --as ignore --without_added`` on it (step
-   ``mine_oracle_nrm_key``; ``--oracle-scratch ignore_key``'s options, which on the default world
-   take the same slice table from MELD's mining run);
-4. every seed: the same baseline with that table and no added slice drawn
-   (``baseline_long_nrm_key``, ``--oracle-scratch ignore_key``'s flags);
-5. both evaluated on the world's test split and on the held-out world (``--heldout N`` patients:
+2. every seed, by :func:`reproduce.run_baseline_nrm` with ``key``: the DeepLesion-only baseline
+   for 4x the recipe's epochs (``baseline_long``), then the same with the perfect NRM's table and
+   no added slice drawn (``baseline_long_nrm_key``, ``--oracle-scratch ignore_key``'s flags), and
+   the negatives that table keeps out of the plain run's (``uld_jax.mine.exposure``);
+3. the table (once, for every seed; :func:`table_step` in place of the reproduction's, which needs
+   a MELD run): the first seed's plain run mined at a checkpoint (only its chunk store's slice
+   table is used: the key slices and one slice every 5 mm), then ``python -m uld_jax.mine.oracle
+   --as ignore --without_added`` on it (step ``mine_oracle_nrm_key``);
+4. both evaluated on the world's test split and on the held-out world (``--heldout N`` patients:
    the reproduction's held-out world, synthesized with the default label policy, since the test
-   truth holds every lesion whatever was marked), the negatives the table keeps out
-   (``uld_jax.mine.exposure``) and which lesions each run finds on its own training slices
-   (``uld_jax.mine.suppression``).
+   truth holds every lesion whatever was marked), and which lesions each run finds on its own
+   training slices (``uld_jax.mine.suppression``).
 
 Every step is recorded in ``OUT/seed_<s>/state`` and skipped when done, so an interrupted run
 resumes. ``--results PAGE`` writes the tables (with ``--compare``: the same runs of a
@@ -61,23 +60,25 @@ TABLE = "mined_oracle_nrm_key.npz"
 
 
 def unbiased_recipe(recipe: qs.Recipe) -> qs.Recipe:
-    """``recipe`` trained :func:`reproduce.long_recipe`'s epochs on a world with ``--unbiased-marks``."""
-    r = rp.long_recipe(recipe)
-    args = r.world_args if FLAG in r.world_args else (*r.world_args, FLAG)
-    return dataclasses.replace(r, name=f"{recipe.name}_unbiased", world_args=args)
+    """``recipe`` on a world with ``--unbiased-marks`` (:func:`reproduce.run_baseline_nrm` trains it
+    :func:`reproduce.long_recipe`'s epochs)."""
+    args = recipe.world_args if FLAG in recipe.world_args else (*recipe.world_args, FLAG)
+    return dataclasses.replace(recipe, name=f"{recipe.name}_unbiased", world_args=args)
 
 
 def table_path(q0: qs.Quickstart) -> str:
     return os.path.join(q0.run_dir(SLICES_RUN), TABLE)
 
 
-def table_step(q0: qs.Quickstart) -> str:
+def table_step(q0: qs.Quickstart, as_: str = "ignore_key") -> str:
     """Steps ``mine_slices`` and ``mine_oracle_nrm_key`` on the first seed: the perfect NRM's table
-    on the slices a mining run looks at; returns its path. The plain run's earliest kept
-    checkpoint is mined: every checkpoint gives the same slice table, and the table reads only
-    that."""
+    (``--oracle-scratch ignore_key``'s oracle options, the only ``as_`` this takes) on the slices
+    a mining run looks at; returns its path. The plain run's earliest kept checkpoint is mined:
+    every checkpoint gives the same slice table, and the table reads only that."""
     from uld_jax import train
 
+    if as_ != "ignore_key":
+        raise ValueError(f"marking_bias: no oracle table {as_!r} (only 'ignore_key')")
     d = q0.run_dir(SLICES_RUN)
     if not q0.done("mine_slices"):
         steps = train.checkpoint_steps(q0.run_dir(PLAIN))
@@ -92,29 +93,19 @@ def table_step(q0: qs.Quickstart) -> str:
     q0.step("mine_oracle_nrm_key", [[
         sys.executable, "-m", "uld_jax.mine.oracle", "--mined", os.path.join(d, "mined.npz"),
         "--truth", os.path.join(q0.world, "truth"), "--data_dir", q0.data,
-        *rp.ORACLE_SCRATCH["ignore_key"][2], "--out", table]])
+        *rp.ORACLE_SCRATCH[as_][2], "--out", table]])
     return table
 
 
 def run(out: str, recipe: qs.Recipe, seeds: Sequence[int], heldout: int = 0,
         checkpoints: int = 1) -> None:
-    """Steps 1-5 of the module docstring for ``seeds`` (the first seed's world and table serve
+    """Steps 1-4 of the module docstring for ``seeds`` (the first seed's world and table serve
     every seed); ``recipe`` is the base recipe (:func:`unbiased_recipe` is applied here)."""
     r = unbiased_recipe(recipe)
-    quicks = list(rp._seed_quickstarts(out, r, seeds))
-    q0 = quicks[0]
+    q0 = rp._first_seed(out, r, seeds)
     q0.do_world()
     q0.do_check_build()
-    flags = rp.ORACLE_SCRATCH["ignore_key"][3]
-    for q in quicks:
-        q.step(PLAIN, [q.scratch_cmd("baseline", PLAIN)])
-        q.eval_step(PLAIN)
-    for q in quicks:
-        table = table_step(q0)
-        q.step(NRM, [q.scratch_cmd("baseline", NRM, f"--config.data.overlays=('{table}',)",
-                                   *flags)])
-        q.eval_step(NRM)
-        rp._exposure_step(q, table, PLAIN)
+    rp.run_baseline_nrm(out, r, seeds, ["key"], oracle_table=lambda q, as_: table_step(q0, as_))
     if heldout:
         rp.run_heldout(out, r, seeds, heldout, checkpoints=checkpoints)
     rp.run_suppression(out, r, seeds)
@@ -162,8 +153,8 @@ def _checkpoint_lines(out: str, seeds: Sequence[int], k: int) -> list[str]:
     if k < 2:
         return []
     vals, steps = rp._last_checkpoints(out, seeds, k)
-    verdict = {rule: {r: {s: float(np.mean(v)) for s, v in vals[rule][r].items()}
-                      for r in RUNS if r in vals[rule]} for rule in rp.RULES}
+    verdict = {rule: {r: v for r, v in per.items() if r in RUNS}
+               for rule, per in rp.checkpoint_verdict(vals).items()}
     if not any(len(v) == len(RUNS) for v in verdict.values()):
         return []
     at = ", ".join(map(str, steps.get(PLAIN, [])))
@@ -211,7 +202,7 @@ def _world_sections(out: str, seeds: Sequence[int], title: str, checkpoints: int
 def results_lines(out: str, seeds: Sequence[int], recipe: qs.Recipe,
                   compare: str | None = None, notes: Sequence[str] = (),
                   checkpoints: int = 1) -> list[str]:
-    r = unbiased_recipe(recipe)
+    r = rp.long_recipe(unbiased_recipe(recipe))
     L = ["# A world without the marking bias: does a perfect NRM help there?", "",
          f"Written by `python -m uld_jax.marking_bias --recipe {recipe.name} --out {out} --seeds "
          f"{','.join(map(str, seeds))}" + (f" --compare {compare}" if compare else "")
@@ -235,13 +226,9 @@ def results_lines(out: str, seeds: Sequence[int], recipe: qs.Recipe,
 
 def _seeds(text: str) -> list[int]:
     try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct non-negative "
-                                         "integers, e.g. 0,1,2,3")
-    return seeds
+        return rp.parse_seeds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -250,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="runs/marking_bias")
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="quick",
                    help="base recipe, trained 4x its epochs (quick: the `long` recipe's length)")
-    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3])
+    p.add_argument("--seeds", type=_seeds, default="0,1,2,3")
     p.add_argument("--heldout", type=int, default=24, metavar="N",
                    help="patients of the held-out world (0: none)")
     p.add_argument("--heldout-checkpoints", type=int, default=2, metavar="K")

@@ -114,7 +114,7 @@ import platform
 import shlex
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -649,12 +649,15 @@ def long_recipe(recipe: qs.Recipe) -> qs.Recipe:
 
 
 def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int],
-                     where: Sequence[str] = tuple(LONG_ARMS)) -> None:
+                     where: Sequence[str] = tuple(LONG_ARMS),
+                     oracle_table: Callable[[qs.Quickstart, str], str] | None = None) -> None:
     """Every seed: the baseline for :func:`long_recipe`'s epochs, plain and the runs of each of
     ``where`` (:data:`LONG_ARMS`), each with its table (:data:`LONG_TABLES`), then evaluated; and
     how many of a run's negatives each perfect NRM's table keeps out (:data:`LONG_EXPOSURE`,
-    :func:`_exposure_step`)."""
+    :func:`_exposure_step`). ``oracle_table(q, as_)`` makes an oracle table and returns its path
+    (default :func:`_oracle_scratch_step`: from the seed's MELD mining run)."""
     _known("--baseline-nrm", "arm", where, LONG_ARMS)
+    oracle_table = oracle_table or _oracle_scratch_step
     runs = [r for r in LONG_RUNS if r == LONG_RUNS[0] or any(r in LONG_ARMS[w] for w in where)]
     for q in _seed_quickstarts(out, long_recipe(recipe), seeds):
         for run in runs:
@@ -662,7 +665,7 @@ def run_baseline_nrm(out: str, recipe: qs.Recipe, seeds: Sequence[int],
             if LONG_TABLES[run] is not None:
                 kind, arg = LONG_TABLES[run]
                 if kind == "oracle":
-                    table, flags = _oracle_scratch_step(q, arg), ORACLE_SCRATCH[arg][3]
+                    table, flags = oracle_table(q, arg), ORACLE_SCRATCH[arg][3]
                 else:
                     _, tag, part, added = SCRATCH_PARTS[arg]
                     table, flags = _split_step(q, part, tag, added=added), ()
@@ -1317,10 +1320,15 @@ def _section_checkpoints(out: str, seeds: Sequence[int], k: int) -> list[str]:
                      f"{_mean_sd(list(v[:, -1]))} | {100 * within:.1f} | "
                      f"{_mean_sd(list(v.mean(axis=1)))} |")
         L.append("")
-    verdict = {rule: {run: {s: float(np.mean(x)) for s, x in per.items()}
-                      for run, per in vals[rule].items()} for rule in RULES}
     return L + [f"#### Ordering on the mean of the last {k} checkpoints", ""] + _order_lines(
-        verdict, (*HELDOUT_CHECKS, *SCRATCH_CHECKS, *RESUME_CHECKS, *LONG_CHECKS))
+        checkpoint_verdict(vals), (*HELDOUT_CHECKS, *SCRATCH_CHECKS, *RESUME_CHECKS, *LONG_CHECKS))
+
+
+def checkpoint_verdict(vals: Curves) -> dict[str, dict[str, dict[int, float]]]:
+    """:func:`_last_checkpoints`' curves as the ordering checks' input: per hit rule, run and seed,
+    the mean over the run's last checkpoints."""
+    return {rule: {run: {s: float(np.mean(x)) for s, x in per.items()}
+                   for run, per in vals[rule].items()} for rule in vals}
 
 
 def _section_heldout(out: str, seeds: Sequence[int], checkpoints: int = 1) -> list[str]:
@@ -1706,6 +1714,17 @@ def _number_list(flag: str, low: float, strict: bool = False):
     return parse
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: one or more distinct integers, comma-separated (ValueError naming the flag)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: {text!r}: give one or more distinct seeds")
+    return seeds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m uld_jax.reproduce", description=__doc__,
@@ -1785,11 +1804,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = os.path.abspath(a.out)
     r = qs.RECIPES[a.recipe]
     try:
-        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--seeds: {a.seeds!r} is not a comma-separated list of integers")
-    if not seeds or len(set(seeds)) != len(seeds):
-        p.error(f"--seeds: {a.seeds!r}: give one or more distinct seeds")
+        seeds = parse_seeds(a.seeds)
+    except ValueError as e:
+        p.error(str(e))
     def subset(flag: str, value: str, kind: str, allowed: Sequence[str]) -> list[str]:
         names = [v.strip() for v in value.split(",") if v.strip()]
         try:

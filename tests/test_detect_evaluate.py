@@ -218,10 +218,28 @@ def test_volumetric_from_workdir_cli(workdir, built_luna, tmp_path, capsys):
     labels.write_text(json.dumps({uid: ["lung"]}))
     rc = ev_main.main(["--workdir", workdir, "--data", data, "--protocol", "volumetric", "--truth",
                        str(truth), "--datasets", "luna16", "--labels", str(labels),
-                       "--out", str(tmp_path / "ev"), "--no-plot"])
+                       "--out", str(tmp_path / "ev"), "--no-plot", "--save-pred", str(tmp_path / "p.npz")])
     assert rc == 0, capsys.readouterr().err
     res = json.load(open(tmp_path / "ev" / "results.json", encoding="utf-8"))
     assert res["protocol"] == "volumetric" and set(res["tables"]) == {"released", "paper"}
+    # --save-pred: the detections that were evaluated, re-read offline, give the same tables
+    rc = ev_main.main(["--pred", str(tmp_path / "p.npz"), "--pred-2d", "--truth", str(truth),
+                       "--out", str(tmp_path / "ev2"), "--no-plot"])
+    assert rc == 0, capsys.readouterr().err
+    res2 = json.load(open(tmp_path / "ev2" / "results.json", encoding="utf-8"))
+    assert res2["tables"] == res["tables"] and res2["info"]["counts"] == res["info"]["counts"]
+    assert res["info"]["counts"]["detections"] > 0
+    with np.load(tmp_path / "p.npz") as z:
+        assert z.files == [uid] and z[uid].ndim == 2 and z[uid].shape[1] == 6
+    # --save-pred without a run to infer, or for key slices, or not .npz: one-line errors
+    rc = ev_main.main(["--pred", str(tmp_path / "p.npz"), "--pred-2d", "--truth", str(truth),
+                       "--save-pred", str(tmp_path / "q.npz")])
+    assert rc == 2 and "--save-pred needs --workdir" in capsys.readouterr().err
+    rc = ev_main.main(["--workdir", workdir, "--data", data, "--save-pred", str(tmp_path / "q.npz")])
+    assert rc == 2 and "not keyslice" in capsys.readouterr().err
+    rc = ev_main.main(["--workdir", workdir, "--data", data, "--protocol", "volumetric", "--truth",
+                       str(truth), "--datasets", "luna16", "--save-pred", str(tmp_path / "q.pkl")])
+    assert rc == 2 and "q.pkl" in capsys.readouterr().err and not (tmp_path / "q.pkl").exists()
     assert res["info"]["counts"]["truths"] == 1 and res["info"]["counts"]["volumes"] == 1
     # organ strata from --labels: the one lesion is the lung stratum and the overall one
     assert res["strata"]["lung"]["num_truths"] == 1 and res["strata"]["liver"]["num_truths"] == 0

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=None, help="with --workdir: comma-separated built datasets")
     p.add_argument("--expert", default=None, help="with --workdir: dataset expert (default: each dataset's own)")
     p.add_argument("--batch-size", type=int, default=4, help="with --workdir: images per compiled batch")
+    p.add_argument("--save-pred", default=None,
+                   help="with --workdir, volumetric: also write the per-slice detections to this .npz "
+                        "(re-read with --pred FILE --pred-2d, or by python -m uld_jax.evaluate.bootstrap)")
     p.add_argument("--truth", default=None, help="truth file (1K-set structure), or LUNA16 annotations.csv / folder")
     p.add_argument("--protocol", choices=("volumetric", "keyslice", "luna16"), default=None,
                    help="default: luna16 when --pred is a .csv, else volumetric")
@@ -89,7 +92,8 @@ def _run_workdir(args: argparse.Namespace):
                             protocol=args.protocol, truth=args.truth,
                             datasets=args.datasets.split(",") if args.datasets else None, expert=args.expert,
                             batch_size=args.batch_size, dl_info=args.dl_info, stack_iou=args.stack_iou,
-                            fp_rates=rates, max_marks=args.max_marks, labels=args.labels)
+                            fp_rates=rates, max_marks=args.max_marks, labels=args.labels,
+                            save_pred=args.save_pred)
     return reps
 
 
@@ -152,6 +156,9 @@ def _run(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.save_pred and not (args.workdir or args.checkpoint):
+            raise EvaluationInputError("--save-pred needs --workdir or --checkpoint "
+                                       "(with --pred the detections are already in a file)")
         reps = _run_workdir(args) if (args.workdir or args.checkpoint) else [_run(args)]
     except EvaluationInputError as e:
         print(f"error: {e}", file=sys.stderr)

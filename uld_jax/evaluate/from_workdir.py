@@ -355,20 +355,38 @@ def luna_candidates(sd: SplitDetections, data_dir: str, stack_iou: float = 0.5):
     return cand, [str(c) for c in t.case_id]
 
 
+def _check_npz_name(path: str) -> None:
+    if not str(path).endswith(".npz"):
+        raise EvaluationInputError(f"{path}: detections are written as .npz; give a name ending in .npz")
+
+
+def write_volume_npz(path: str, arrays: dict) -> None:
+    """{name: array} to an .npz (atomically; the names become the archive's keys)."""
+    from uld_jax.io.atomic import atomic_write
+
+    _check_npz_name(path)
+    atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v, np.float64) for k, v in arrays.items()}),
+                 makedirs=True)
+
+
 def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | None = None,
                      split: str = "test", protocol: str | None = None, truth: str | None = None,
                      datasets: Sequence[str] | None = None, expert: str | None = None,
                      batch_size: int = 4, dl_info: str | None = None, stack_iou: float = 0.5,
                      step: int | None = None, progress: bool = True,
                      fp_rates: Sequence[float] | None = None, max_marks: int = 100,
-                     labels: str | None = None) -> list:
+                     labels: str | None = None, save_pred: str | None = None) -> list:
     """Runs inference and the protocol; returns a list of ``EvaluationReport`` (one per dataset for
     key slices, one otherwise). ``labels``: volumetric only, a file of organ labels per truth box
     ``{name: [label, ...]}`` for the organ strata (default: from ``dl_info``'s marked lesions when
-    given)."""
+    given). ``save_pred``: volumetric only, also write the per-slice 2D detections that were
+    evaluated to this .npz ({sub-volume: n x 6 ``[z, x1, y1, x2, y2, score]``}, the input of
+    ``python -m uld_jax.evaluate --pred FILE --pred-2d`` and of :mod:`uld_jax.evaluate.bootstrap`)."""
     from uld_jax import inference, slice_data
     from uld_jax.evaluate import inputs, report
 
+    if save_pred is not None:
+        _check_npz_name(save_pred)
     try:
         loaded = inference.cached_model(os.path.abspath(workdir) if workdir else None,
                                         os.path.abspath(checkpoint) if checkpoint else None, step, None)
@@ -385,6 +403,8 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
     if not datasets:
         raise EvaluationInputError(f"{data_dir}: none of the run's datasets "
                                    f"{tuple(loaded.data_config.datasets)} is built there")
+    if save_pred is not None and protocol != "volumetric":
+        raise EvaluationInputError(f"--save-pred writes volumetric detections, not {protocol}")
     if labels is not None and protocol != "volumetric":
         raise EvaluationInputError("--labels (organ strata per truth box) applies to the volumetric "
                                    f"protocol, not {protocol}")
@@ -418,6 +438,8 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
             truth_labels, _ = organ_labels_from_dl_info(tr, dl_info)
         sd = infer_split(loaded, data_dir, datasets[0], split, every_slice=True, **kw)
         per_slice = volumetric_pred(sd, data_dir, dl_rows, stack_iou)
+        if save_pred is not None:
+            write_volume_npz(save_pred, per_slice)
         extra = {"fp_rates": tuple(fp_rates)} if fp_rates else {}
         rep = report.evaluate_predictions(tr, slice_detections=per_slice, stack_iou=stack_iou,
                                           pred_source=f"{loaded.source} ({sd.expert} expert)",

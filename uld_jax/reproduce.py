@@ -720,13 +720,14 @@ HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **dict(LONG
 
 
 def heldout_quickstart(out: str, recipe: qs.Recipe, seeds: Sequence[int],
-                       patients: int = 0) -> qs.Quickstart:
-    """The held-out world's quick start (``OUT/heldout``): ``patients`` DeepLesion patients, all in
-    test, no single-type data, seed :data:`HELDOUT_SEED` + the first training seed."""
+                       patients: int = 0, name: str = "heldout", offset: int = 0) -> qs.Quickstart:
+    """The held-out world's quick start (``OUT/<name>``, by default ``OUT/heldout``): ``patients``
+    DeepLesion patients, all in test, no single-type data, seed :data:`HELDOUT_SEED` + the first
+    training seed + ``offset`` (another ``offset``: another world from the same generator)."""
     r = dataclasses.replace(recipe, world_args=(
         "--dl-patients", str(patients), "--luna", "0", "--lits", "0", "--nihln", "0",
         "--dl-split", "0,1"))
-    return qs.Quickstart(os.path.join(out, "heldout"), r, seed=HELDOUT_SEED + seeds[0])
+    return qs.Quickstart(os.path.join(out, name), r, seed=HELDOUT_SEED + seeds[0] + offset)
 
 
 def run_heldout(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int,

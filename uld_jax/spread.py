@@ -75,3 +75,187 @@ def run(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int, runs: 
                 p = pred_path(q, name, r)
                 q.step(f"{SUB}_{name}_{r}", [q.eval_cmd(r, on=h, out=os.path.dirname(p))
                                              + ["--save-pred", p, "--no-plot"]])
+
+
+def checks_of(runs: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The ordering checks (name, a, b: ``a`` should beat ``b``) between two of ``runs``."""
+    seen, out = set(), []
+    for name, a, b in ALL_CHECKS:
+        if a in runs and b in runs and name not in seen:
+            seen.add(name)
+            out.append((name, a, b))
+    return out
+
+
+def analyse(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int, runs: Sequence[str],
+            samples: int = 2000, boot_seed: int = 0) -> dict:
+    """Per world: its size, each run's and each check's per-seed observed value and bootstrap
+    values (the same patient draws for every run and seed of a world), summarised."""
+    from uld_jax.evaluate import bootstrap as bs
+    from uld_jax.evaluate.froc import RULES
+    from uld_jax.evaluate.inputs import load_volume_dict
+
+    res: dict = {"samples": samples, "boot_seed": boot_seed, "worlds": {}}
+    qs_ = list(rp._seed_quickstarts(out, recipe, seeds))
+    for name, h in worlds(out, recipe, seeds, patients).items():
+        if not os.path.isfile(h.truth):
+            continue
+        truth = load_volume_dict(h.truth, split="test")
+        keys = list(truth)
+        w = bs.resample_weights(keys, samples, boot_seed)
+        ones = np.ones((1, len(keys)))
+        vals: dict = {}
+        for q in qs_:
+            for r in runs:
+                p = pred_path(q, name, r)
+                if not os.path.isfile(p):
+                    continue
+                det = load_volume_dict(p)
+                for rule in RULES:
+                    parts = bs.curve_parts(truth, slice_detections=det, rule=rule, pred_source=p)
+                    vals[q.seed, r, rule] = (float(bs.weighted_mean_sensitivity(parts, ones)[0]),
+                                             bs.weighted_mean_sensitivity(parts, w))
+        wr: dict = {"patients": len({bs.patient_of(k) for k in keys}), "volumes": len(keys),
+                    "truths": int(sum(len(np.reshape(v, (-1, 6))) for v in truth.values())),
+                    "seed": h.seed, "runs": {}, "checks": {}}
+        for rule in RULES:
+            for r in runs:
+                ss = [s for s in seeds if (s, r, rule) in vals]
+                if ss:
+                    wr["runs"].setdefault(r, {})[rule] = {
+                        "observed": {s: vals[s, r, rule][0] for s in ss},
+                        "boot_sd": {s: float(np.nanstd(vals[s, r, rule][1], ddof=1)) for s in ss}}
+            for cname, a, b in checks_of(runs):
+                ss = [s for s in seeds if (s, a, rule) in vals and (s, b, rule) in vals]
+                if not ss:
+                    continue
+                obs = {s: vals[s, a, rule][0] - vals[s, b, rule][0] for s in ss}
+                diffs = np.stack([vals[s, a, rule][1] - vals[s, b, rule][1] for s in ss])   # [S, B]
+                c = {"observed": obs,
+                     "boot_sd": {s: float(np.nanstd(d, ddof=1)) for s, d in zip(ss, diffs)},
+                     # the test set's sd of the seeds' mean difference (the same draws for all seeds)
+                     "boot_sd_mean": float(np.nanstd(diffs.mean(axis=0), ddof=1))}
+                if len(ss) > 1:
+                    # what redrawing the test set adds to the variance across seeds: each seed's
+                    # move from its observed difference, their variance across seeds, averaged
+                    # over the draws (a move all seeds share changes the mean, not the spread)
+                    dev = diffs - np.asarray([obs[s] for s in ss])[:, None]
+                    c["noise_var"] = float(np.nanmean(np.var(dev, axis=0, ddof=1)))
+                wr["checks"].setdefault(cname, {})[rule] = c
+        res["worlds"][name] = wr
+    return res
+
+
+def _p(x: float) -> str:
+    return f"{100 * x + 0.0:+.1f}"
+
+
+def page_lines(res: dict, argv: Sequence[str], notes: Sequence[str] = ()) -> list[str]:
+    import platform
+    import time
+
+    L = ["# Is the seeds' spread on the held-out world the test set's luck?", "",
+         "Written by `python -m uld_jax.spread` from the runs' saved detections (module docstring: "
+         "what it runs and reads); do not edit by hand.", "",
+         f"- command: `python -m uld_jax.spread {' '.join(argv)}`",
+         f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
+         f"{platform.python_version()}, no accelerator",
+         f"- bootstrap: {res['samples']} resamples of each world's test patients (with replacement, "
+         f"a patient's sub-volumes together), draw seed {res['boot_seed']}; the same draws for "
+         "every run and training seed of a world, so differences are paired"]
+    L += [f"- note: {n}" for n in notes] + ["", "## The held-out worlds", "",
+                                            "| world | generator seed | patients | sub-volumes | lesions |",
+                                            "|---|---:|---:|---:|---:|"]
+    for name, wr in res["worlds"].items():
+        L.append(f"| {name} | {wr['seed']} | {wr['patients']} | {wr['volumes']} | {wr['truths']} |")
+    L += ["", "## Each run's mean sensitivity", "",
+          "Per world and hit rule: the run's mean sensitivity (points) over seeds (mean ± sd "
+          "across seeds), and the sd one run's value has over the test-set resamples (root mean "
+          "square over seeds).", "", "| run | world | rule | seeds: mean ± sd | test-set sd of one run |",
+          "|---|---|---|---:|---:|"]
+    names = list(res["worlds"])
+    runs = list(dict.fromkeys(r for wr in res["worlds"].values() for r in wr["runs"]))
+    for r in runs:
+        for name in names:
+            for rule, v in res["worlds"][name]["runs"].get(r, {}).items():
+                o = np.asarray(list(v["observed"].values()))
+                sd = f" ± {100 * o.std(ddof=1):.1f}" if len(o) > 1 else ""
+                b = np.asarray(list(v["boot_sd"].values()))
+                L.append(f"| {r} | {name} | {rule} | {100 * o.mean():.1f}{sd} | "
+                         f"{100 * np.sqrt(np.mean(b ** 2)):.1f} |")
+    L += ["", "## The ordering checks", "",
+          "Per check, world and hit rule: each seed's difference (points); their mean ± sd across "
+          "seeds; the sd of one seed's difference over the test-set resamples (root mean square "
+          "over seeds); the sd across seeds that redrawing the test set alone gives (each seed's "
+          "move from its observed difference, their variance across seeds averaged over the "
+          "resamples) and its share of the observed variance across seeds; the test-set sd of the "
+          "seeds' mean difference; and whether the check holds (reproduce's rule: every seed "
+          "positive and the mean above the sd).", "",
+          "| check | world | rule | per-seed differences | mean ± sd | test-set sd, one seed | "
+          "test-set sd across seeds (share of the variance) | test-set sd of the mean | holds |",
+          "|---|---|---|---|---:|---:|---:|---:|---|"]
+    cnames = list(dict.fromkeys(c for wr in res["worlds"].values() for c in wr["checks"]))
+    for c in cnames:
+        for name in names:
+            for rule, v in res["worlds"][name]["checks"].get(c, {}).items():
+                d = np.asarray(list(v["observed"].values()))
+                bsd = np.asarray(list(v["boot_sd"].values()))
+                sd = d.std(ddof=1) if len(d) > 1 else float("nan")
+                holds = bool((d > 0).all() and len(d) > 1 and d.mean() > sd)
+                noise = "n/a"
+                if "noise_var" in v:
+                    share = f"{v['noise_var'] / sd ** 2:.2f}" if sd > 0 else "n/a"
+                    noise = f"{100 * np.sqrt(v['noise_var']):.1f} ({share})"
+                L.append(f"| {c} | {name} | {rule} | {', '.join(_p(x) for x in d)} | {_p(d.mean())}"
+                         + (f" ± {100 * sd:.1f}" if len(d) > 1 else "")
+                         + f" | {100 * np.sqrt(np.mean(bsd ** 2)):.1f} | {noise} | "
+                         + f"{100 * v['boot_sd_mean']:.1f} | {'yes' if holds else 'no'} |")
+    return L + [""]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from uld_jax.io.atomic import atomic_write
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m uld_jax.spread", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="a python -m uld_jax.reproduce output folder")
+    p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="equal")
+    p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--patients", type=int, default=96, help="patients of the larger held-out world")
+    p.add_argument("--runs", required=True, help="comma-separated runs to evaluate and compare")
+    p.add_argument("--worlds", default=None, help="only these worlds (comma-separated) are evaluated")
+    p.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--results", default=None, metavar="PAGE", help="markdown page to write")
+    p.add_argument("--results-only", action="store_true", help="write the page, run nothing")
+    p.add_argument("--note", action="append", default=[], help="a line for the page's notes")
+    a = p.parse_args(argv)
+    try:
+        seeds = rp.parse_seeds(a.seeds)
+    except ValueError as e:
+        p.error(str(e))
+    runs = [r for r in a.runs.split(",") if r]
+    unknown = [r for r in runs if r not in rp.HELDOUT_RUNS]
+    if unknown:
+        p.error(f"--runs: unknown run(s) {unknown}; known: {', '.join(rp.HELDOUT_RUNS)}")
+    if a.patients < 1 or a.samples < 2:
+        p.error("--patients must be >= 1 and --samples >= 2")
+    if not os.path.isdir(a.out):
+        p.error(f"--out {a.out}: not a folder")
+    recipe = qs.RECIPES[a.recipe]
+    if not a.results_only:
+        run(a.out, recipe, seeds, a.patients, runs, a.worlds.split(",") if a.worlds else None)
+    res = analyse(a.out, recipe, seeds, a.patients, runs, a.samples)
+    atomic_write(os.path.join(a.out, "spread.json"), (json.dumps(res, indent=1) + "\n").encode())
+    text = "\n".join(page_lines(res, argv, a.note))
+    if a.results:
+        atomic_write(a.results, text.encode("utf-8"), makedirs=True)
+        print(f"[spread] wrote {a.results}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

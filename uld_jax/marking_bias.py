@@ -48,7 +48,6 @@ import numpy as np
 
 from uld_jax import quickstart as qs
 from uld_jax import reproduce as rp
-from uld_jax.io.atomic import atomic_write
 
 FLAG = "--unbiased-marks"
 PLAIN, NRM = rp.LONG_RUNS[0], "baseline_long_nrm_key"
@@ -257,12 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.results_only:
         run(a.out, recipe, a.seeds, a.heldout, a.heldout_checkpoints)
     lines = results_lines(a.out, a.seeds, recipe, a.compare, a.note, a.heldout_checkpoints)
-    text = "\n".join(lines).rstrip() + "\n"
-    if a.results:
-        atomic_write(a.results, text.encode("utf-8"), makedirs=True)
-        print(f"[marking_bias] wrote {a.results} ({math.ceil(time.time() - t)} s)")
-    else:
-        print(text)
+    rp.write_or_print(a.results, lines, "marking_bias", f" ({math.ceil(time.time() - t)} s)")
     return 0
 
 

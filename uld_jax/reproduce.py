@@ -1715,6 +1715,16 @@ def _number_list(flag: str, low: float, strict: bool = False):
     return parse
 
 
+def write_or_print(path: str | None, lines: Sequence[str], tag: str, suffix: str = "") -> None:
+    """A page's lines written to ``path`` (atomically) when given, else printed."""
+    text = "\n".join(lines).rstrip() + "\n"
+    if path:
+        atomic_write(path, text.encode("utf-8"), makedirs=True)
+        print(f"[{tag}] wrote {path}{suffix}")
+    else:
+        print(text)
+
+
 def parse_seeds(text: str) -> list[int]:
     """``--seeds``: one or more distinct integers, comma-separated (ValueError naming the flag)."""
     try:

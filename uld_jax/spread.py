@@ -248,12 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(a.out, recipe, seeds, a.patients, runs, a.worlds.split(",") if a.worlds else None)
     res = analyse(a.out, recipe, seeds, a.patients, runs, a.samples)
     atomic_write(os.path.join(a.out, "spread.json"), (json.dumps(res, indent=1) + "\n").encode())
-    text = "\n".join(page_lines(res, argv, a.note))
-    if a.results:
-        atomic_write(a.results, text.encode("utf-8"), makedirs=True)
-        print(f"[spread] wrote {a.results}")
-    else:
-        print(text)
+    rp.write_or_print(a.results, page_lines(res, argv, a.note), "spread")
     return 0
 
 

@@ -103,6 +103,9 @@ def test_analysis_and_page(tmp_path):
     assert cells[6] == f"{100 * np.sqrt(nv):.1f} ({nv / (0.25 ** 2 / 2):.2f})"
     assert "| heldout_4 | 1001 | 4 | 4 | 4 |" in text          # seed: 1000 + first seed + 1
     assert "| meld | heldout_4 | released | 87.5 ± 17.7 |" in text
+    # the summary: both rules' rows, sd 17.7 each, the pooled share of the variance
+    pooled = np.mean([wr["checks"]["MELD > baseline"][r]["noise_var"] for r in ("released", "paper")]) / (0.25 ** 2 / 2)
+    assert f"| heldout_4 | 2 | 17.7 .. 17.7 | {pooled:.2f} |  |" in text
 
 
 def test_cli(tmp_path, capsys):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -157,7 +158,7 @@ def page_lines(res: dict, argv: Sequence[str], notes: Sequence[str] = ()) -> lis
     L = ["# Is the seeds' spread on the held-out world the test set's luck?", "",
          "Written by `python -m uld_jax.spread` from the runs' saved detections (module docstring: "
          "what it runs and reads); do not edit by hand.", "",
-         f"- command: `python -m uld_jax.spread {' '.join(argv)}`",
+         f"- command: `python -m uld_jax.spread {shlex.join(argv)}`",
          f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
          f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
          f"{platform.python_version()}, no accelerator",
@@ -211,6 +212,39 @@ def page_lines(res: dict, argv: Sequence[str], notes: Sequence[str] = ()) -> lis
                          + (f" ± {100 * sd:.1f}" if len(d) > 1 else "")
                          + f" | {100 * np.sqrt(np.mean(bsd ** 2)):.1f} | {noise} | "
                          + f"{100 * v['boot_sd_mean']:.1f} | {'yes' if holds else 'no'} |")
+    return L + [""] + summary_lines(res)
+
+
+def summary_lines(res: dict) -> list[str]:
+    """Over every check and hit rule with several seeds, per world: the range of the sd across
+    seeds, the test set's pooled share of the variance across seeds (sum of the test-set parts /
+    sum of the observed variances), and each world's sd against the first world's (median ratio)."""
+    per: dict[str, dict] = {}
+    for name, wr in res["worlds"].items():
+        for c, rules in wr["checks"].items():
+            for rule, v in rules.items():
+                if "noise_var" in v:
+                    d = np.asarray(list(v["observed"].values()))
+                    per.setdefault(name, {})[c, rule] = (float(d.var(ddof=1)), v["noise_var"])
+    if not per:
+        return []
+    first = next(iter(per))
+    L = ["## Over all checks", "",
+         "Per world, over every check and hit rule above: the sd across seeds (range, points), the "
+         "test set's pooled share of the variance across seeds (sum of the test-set parts over sum "
+         f"of the observed variances), and the median ratio of the first world's ({first}) sd "
+         "across seeds to this world's, on the rows both have.", "",
+         "| world | rows | sd across seeds | test-set share of the variance | sd ratio, first / this |",
+         "|---|---:|---|---:|---:|"]
+    for name, rows in per.items():
+        var = np.asarray([v for v, _ in rows.values()])
+        noise = np.asarray([n for _, n in rows.values()])
+        common = [k for k in rows if k in per[first] and rows[k][0] > 0]
+        ratio = (f"{np.median([np.sqrt(per[first][k][0] / rows[k][0]) for k in common]):.2f}"
+                 if common and name != first else "")
+        share = f"{noise.sum() / var.sum():.2f}" if var.sum() > 0 else "n/a"
+        L.append(f"| {name} | {len(rows)} | {100 * np.sqrt(var.min()):.1f} .. "
+                 f"{100 * np.sqrt(var.max()):.1f} | {share} | {ratio} |")
     return L + [""]
 
 

@@ -1787,8 +1787,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "finds on its own training slices (python -m uld_jax.mine.suppression)")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="every seed's finished Table-1, control, oracle and from-scratch runs "
-                   "also evaluated on a "
-                   "held-out world of N DeepLesion patients, all in test (e.g. 24)")
+                   "also evaluated on a held-out world of N DeepLesion patients, all in test "
+                   "(96 or more: at 24 about half of the seeds' spread is the test set's, "
+                   "docs/results_spread.md)")
     p.add_argument("--heldout-checkpoints", type=int, default=1, metavar="K",
                    help="with --heldout: also each run's K - 1 checkpoints before its last on "
                    "the held-out world; the page reads the spread between a run's last K "

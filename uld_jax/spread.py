@@ -104,7 +104,6 @@ def analyse(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int, ru
         truth = load_volume_dict(h.truth, split="test")
         keys = list(truth)
         w = bs.resample_weights(keys, samples, boot_seed)
-        ones = np.ones((1, len(keys)))
         vals: dict = {}
         for q in qs_:
             for r in runs:
@@ -113,11 +112,9 @@ def analyse(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int, ru
                     continue
                 det = load_volume_dict(p)
                 for rule in RULES:
-                    parts = bs.curve_parts(truth, slice_detections=det, rule=rule, pred_source=p)
-                    vals[q.seed, r, rule] = (float(bs.weighted_mean_sensitivity(parts, ones)[0]),
-                                             bs.weighted_mean_sensitivity(parts, w))
+                    vals[q.seed, r, rule] = bs.run_values(truth, det, w, rule=rule, source=p)
         wr: dict = {"patients": len({bs.patient_of(k) for k in keys}), "volumes": len(keys),
-                    "truths": int(sum(len(np.reshape(v, (-1, 6))) for v in truth.values())),
+                    "truths": bs.count_truths(truth),
                     "seed": h.seed, "runs": {}, "checks": {}}
         for rule in RULES:
             for r in runs:

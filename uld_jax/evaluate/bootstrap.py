@@ -111,6 +111,21 @@ def weighted_mean_sensitivity(parts: CurveParts, weights: np.ndarray,
     return out
 
 
+def run_values(truth: Mapping[str, Any], det: Mapping[str, Any], weights: np.ndarray, *,
+               rule: str, slice_2d: bool = True, source: str = "<pred>",
+               fp_rates: Sequence[float] = froc.VOLUMETRIC_FP_RATES) -> tuple[float, np.ndarray]:
+    """One run's observed mean sensitivity on ``truth`` and its values on the resamples
+    ``weights`` [B, V]; ``det`` per-slice 2D detections (``slice_2d``) or 3D boxes."""
+    kw = {"slice_detections": det} if slice_2d else {"pred": det}
+    parts = curve_parts(truth, rule=rule, pred_source=source, **kw)
+    observed = weighted_mean_sensitivity(parts, np.ones((1, len(parts.keys))), fp_rates)[0]
+    return float(observed), weighted_mean_sensitivity(parts, weights, fp_rates)
+
+
+def count_truths(truth: Mapping[str, Any]) -> int:
+    return int(sum(len(np.reshape(v, (-1, 6))) for v in truth.values()))
+
+
 def patient_of(name: str) -> str:
     """The patient of a sub-volume name ``PPPPPP_SS_RR_AAA-BBB`` (its first field); a name of
     another form is its own group."""
@@ -151,18 +166,15 @@ def paired_bootstrap(truth: Mapping[str, Any], runs: Mapping[str, Mapping[str, A
         raise ValueError("no runs to bootstrap")
     keys = list(truth.keys())
     w = resample_weights(keys, samples, seed, by)
-    full = np.ones((1, len(keys)))
     out: dict[str, Any] = {"samples": samples, "seed": seed, "by": by, "volumes": len(keys),
                            "groups": len({patient_of(k) if by == "patient" else k for k in keys}),
-                           "truths": int(sum(len(np.reshape(v, (-1, 6))) for v in truth.values()))}
+                           "truths": count_truths(truth)}
     names = list(runs)
     for rule in rules:
         vals, obs = {}, {}
         for n in names:
-            kw = {"slice_detections": runs[n]} if slice_2d else {"pred": runs[n]}
-            parts = curve_parts(truth, rule=rule, pred_source=n, **kw)
-            vals[n] = weighted_mean_sensitivity(parts, w, fp_rates)
-            obs[n] = float(weighted_mean_sensitivity(parts, full, fp_rates)[0])
+            obs[n], vals[n] = run_values(truth, runs[n], w, rule=rule, slice_2d=slice_2d, source=n,
+                                         fp_rates=fp_rates)
         res = {"runs": {n: {"observed": 100.0 * obs[n], **summary(vals[n])} for n in names},
                "differences": {}}
         for n in names[1:]:

@@ -81,6 +81,7 @@ def test_analysis_and_page(tmp_path):
     _write(tmp_path, {0: {"meld": (1, 2, 3), "baseline": (1, 2)}, 1: {"meld": (1, 2, 3, 4), "baseline": (1, 2)}})
     res = spread.analyse(str(tmp_path), qs.RECIPES["smoke"], [0, 1], 4, ["meld", "baseline"], samples=4000)
     wr = res["worlds"]["heldout_4"]
+    assert list(res["worlds"]) == ["heldout_4"] and not (tmp_path / "heldout").exists()
     assert (wr["patients"], wr["volumes"], wr["truths"]) == (4, 4, 4)
     for rule in ("released", "paper"):
         # no false positive: every FP rate reads the last sensitivity

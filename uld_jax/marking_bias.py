@@ -223,20 +223,13 @@ def results_lines(out: str, seeds: Sequence[int], recipe: qs.Recipe,
     return L
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        return rp.parse_seeds(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m uld_jax.marking_bias", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/marking_bias")
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="quick",
                    help="base recipe, trained 4x its epochs (quick: the `long` recipe's length)")
-    p.add_argument("--seeds", type=_seeds, default="0,1,2,3")
+    p.add_argument("--seeds", type=rp.seeds_arg, default="0,1,2,3")
     p.add_argument("--heldout", type=int, default=24, metavar="N",
                    help="patients of the held-out world (0: none)")
     p.add_argument("--heldout-checkpoints", type=int, default=2, metavar="K")

@@ -1736,6 +1736,14 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def seeds_arg(text: str) -> list[int]:
+    """:func:`parse_seeds` as an argparse ``type`` (its message becomes the usage error)."""
+    try:
+        return parse_seeds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m uld_jax.reproduce", description=__doc__,

@@ -47,9 +47,8 @@ ALL_CHECKS = (*rp.HELDOUT_CHECKS, *rp.SCRATCH_CHECKS, *rp.LONG_CHECKS)
 def worlds(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int) -> dict[str, qs.Quickstart]:
     """The held-out worlds: reproduce's ``OUT/heldout`` (when built) and ``OUT/heldout_<patients>``."""
     w = {}
-    h = rp.heldout_quickstart(out, recipe, seeds)
-    if h.done("build"):
-        w["heldout"] = h
+    if os.path.isfile(os.path.join(out, "heldout", "state", "build.json")):
+        w["heldout"] = rp.heldout_quickstart(out, recipe, seeds)   # (a Quickstart makes its folders)
     name = f"heldout_{patients}"
     w[name] = rp.heldout_quickstart(out, recipe, seeds, patients, name=name, offset=1)
     return w
@@ -253,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="a python -m uld_jax.reproduce output folder")
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="equal")
-    p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--seeds", type=rp.seeds_arg, default="0,1,2,3")
     p.add_argument("--patients", type=int, default=96, help="patients of the larger held-out world")
     p.add_argument("--runs", required=True, help="comma-separated runs to evaluate and compare")
     p.add_argument("--worlds", default=None, help="only these worlds (comma-separated) are evaluated")
@@ -262,10 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results-only", action="store_true", help="write the page, run nothing")
     p.add_argument("--note", action="append", default=[], help="a line for the page's notes")
     a = p.parse_args(argv)
-    try:
-        seeds = rp.parse_seeds(a.seeds)
-    except ValueError as e:
-        p.error(str(e))
+    seeds = a.seeds
     runs = [r for r in a.runs.split(",") if r]
     unknown = [r for r in runs if r not in rp.HELDOUT_RUNS]
     if unknown:

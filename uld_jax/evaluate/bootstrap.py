@@ -96,18 +96,17 @@ def weighted_mean_sensitivity(parts: CurveParts, weights: np.ndarray,
     w = np.asarray(weights, np.float64)
     if w.ndim != 2 or w.shape[1] != len(parts.keys):
         raise ValueError(f"weights must be [B, {len(parts.keys)}], got {w.shape}")
-    wd = w[:, parts.det_volume]                                     # [B, D]
-    tp = np.cumsum(wd * parts.new_truths, axis=1)
-    fp = np.cumsum(wd * parts.is_fp, axis=1)
     ntru = w[:, parts.truth_volume].sum(axis=1)
     nvol = w.sum(axis=1)
     out = np.full(len(w), np.nan)
-    for b in range(len(w)):
+    for b in range(len(w)):        # one row at a time: memory O(D), not O(B x D)
         if ntru[b] <= 0:
             continue
+        wd = w[b, parts.det_volume]
         # a detection of an undrawn volume repeats the point before it (or adds (0, 0) in front,
         # which the left-of-curve rule reads as 0 anyway): the reading equals the curve without it
-        out[b] = froc.sensitivity_at_fp(fp[b] / nvol[b], tp[b] / ntru[b], fp_rates).mean()
+        out[b] = froc.sensitivity_at_fp(np.cumsum(wd * parts.is_fp) / nvol[b],
+                                        np.cumsum(wd * parts.new_truths) / ntru[b], fp_rates).mean()
     return out
 
 

@@ -657,6 +657,46 @@ def test_exposure_counts_the_negatives_a_table_keeps_out(world, tmp_path, capsys
     assert err.count("\n") == 0 and "none.npz" in err and "no such file" in err
 
 
+def test_exposure_under_another_sampling(world, tmp_path, capsys):
+    """--sample: the same checkpoint's training forward drawing more anchors and ROIs; the sampled
+    counts follow the sizes given (every slice fills its samples: the tiny RPN keeps 64 proposals),
+    the result records the sizes, the checkpoint's own config is untouched, and a key that is not a
+    sampling size or a bad value is a one-line error naming it."""
+    from uld_jax import inference
+    from uld_jax.mine import exposure
+    path = world["summary"]["out"]
+    base = inference.load_model(workdir=str(world["run"])).model_config
+    runs = {}
+    for name, sample in (("default", []), ("dense", ["--sample", "roi.batch_per_image=32",
+                                                     "--sample", "rpn.batch_per_image=64"])):
+        out = str(tmp_path / f"{name}.json")
+        assert exposure.main(["--workdir", str(world["run"]), "--overlay", path, "--batches", "2",
+                              "--added_ratio", "0", "--out", out, *sample]) == 0
+        runs[name] = json.load(open(out, encoding="utf-8"))
+    capsys.readouterr()
+    for name, (rois, anchors) in (("default", (base.roi.batch_per_image, base.rpn.batch_per_image)),
+                                  ("dense", (32, 64))):
+        k = runs[name]["counts"]["key"]
+        assert k["slices"] == 8
+        assert k["roi_positives"] + k["roi_negatives"] == rois * 8
+        assert k["anchor_positives"] + k["anchor_negatives"] == anchors * 8
+        assert runs[name]["sampling"]["roi.batch_per_image"] == rois
+        assert runs[name]["sampling"]["rpn.post_nms_train"] == base.rpn.post_nms_train
+    assert (base.roi.batch_per_image, base.rpn.batch_per_image) == (16, 32)   # not changed in place
+    assert exposure.parse_sampling(["roi.positive_fraction=0.5", "rpn.pre_nms_train=100"]) == {
+        "roi.positive_fraction": 0.5, "rpn.pre_nms_train": 100}
+    for bad, words in ((["roi.fg_iou=0.3"], ("roi.fg_iou", "roi.batch_per_image")),
+                       (["roi.batch_per_image=2.5"], ("2.5", "integer")),
+                       (["roi.positive_fraction=1.5"], ("(0, 1]",)),
+                       (["rpn.batch_per_image=0"], ("> 0",)),
+                       (["roi.batch_per_image"], ("KEY=VALUE",)),
+                       (["rpn.batch_per_image=8", "rpn.batch_per_image=9"], ("given twice",))):
+        assert exposure.main(["--workdir", str(world["run"]), "--overlay", path,
+                              *[x for b in bad for x in ("--sample", b)]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and all(w in err for w in words), err
+
+
 def test_suppression_reads_the_driver_store(world):
     """mine.suppression on a real chunk store: the key slices are those the driver annotated, and
     every training case's marked key-slice lesion is one key_marked cross-section."""

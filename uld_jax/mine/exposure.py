@@ -16,7 +16,12 @@ annotations miss):
   table would have kept out of the negatives. Counted apart on key slices and on added slices.
 
     python -m uld_jax.mine.exposure --workdir RUN --overlay TABLE.npz [--batches 100] \\
-        [--added_ratio 0.5] [--out exposure.json]
+        [--added_ratio 0.5] [--sample roi.batch_per_image=64 ...] [--out exposure.json]
+
+``--sample KEY=VALUE`` (repeatable) measures the same checkpoint under another sampling of the
+training forward: how many anchors and proposals are drawn and kept (``SAMPLING_KEYS``; none of
+them changes a parameter's shape). The question it answers: would a recipe that samples more of the
+proposals as ROIs, as the paper's does, put more of its negatives on the unmarked lesions?
 
 The output (JSON, and a table on stdout) has, per slice kind: slices, ignore regions, sampled
 positive and negative ROIs and anchors, the negatives inside an ignore region (by IoBB, the rule
@@ -47,8 +52,55 @@ LOSS_FIELDS = ("roi_negative_loss", "roi_negative_loss_in_region", "anchor_negat
                "anchor_negative_loss_in_region")
 
 
+# the model config's sampling sizes that --sample may change (the parameters do not depend on them)
+SAMPLING_KEYS = {"rpn.batch_per_image": int, "rpn.positive_fraction": float,
+                 "rpn.pre_nms_train": int, "rpn.post_nms_train": int,
+                 "roi.batch_per_image": int, "roi.positive_fraction": float}
+
+
 class ExposureError(ValueError):
     """Input that cannot be measured; the message names the file or option."""
+
+
+def parse_sampling(items: Sequence[str]) -> dict[str, int | float]:
+    """``['roi.batch_per_image=64', ...]`` -> ``{'roi.batch_per_image': 64, ...}``; a key outside
+    ``SAMPLING_KEYS``, a value that is not a positive number (a fraction in (0, 1]) or a key given
+    twice is an :class:`ExposureError` naming it."""
+    out: dict[str, int | float] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in SAMPLING_KEYS:
+            raise ExposureError(f"--sample {item!r}: expected KEY=VALUE with KEY one of "
+                                f"{', '.join(sorted(SAMPLING_KEYS))}")
+        if key in out:
+            raise ExposureError(f"--sample {key}: given twice")
+        kind = SAMPLING_KEYS[key]
+        try:
+            v = kind(value)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ExposureError(f"--sample {item!r}: {value!r} is not {what}") from None
+        if not (v > 0 and (kind is int or v <= 1)):
+            raise ExposureError(f"--sample {item!r}: must be {'> 0' if kind is int else 'in (0, 1]'}")
+        out[key] = v
+    return out
+
+
+def with_sampling(loaded, sampling: dict[str, int | float]):
+    """``loaded`` (an ``inference.LoadedModel``) with its model rebuilt under ``sampling``'s sizes;
+    the variables are the same (no sampling size changes a parameter's shape)."""
+    import dataclasses
+
+    from uld_jax.models.meld import MELD
+
+    if not sampling:
+        return loaded
+    mcfg = loaded.model_config.copy_and_resolve_references()
+    for key, v in sampling.items():
+        group, name = key.split(".")
+        mcfg[group][name] = v
+    return dataclasses.replace(loaded, model=MELD(mcfg), model_config=mcfg)
 
 
 def input_config(data_config, data_dir: str, overlay: str, batch_size: int, seed: int,
@@ -136,8 +188,10 @@ def _counter(model, model_config, ignore_iobb: float, keep_regions: bool = False
 
 def measure(workdir: str, overlay: str, *, data_dir: str | None = None, step: int | None = None,
             batches: int = 100, batch_size: int = 4, seed: int = 0,
-            added_ratio: float | None = None) -> dict[str, Any]:
-    """The counts (module docstring) over ``batches`` training batches of ``batch_size``."""
+            added_ratio: float | None = None,
+            sampling: dict[str, int | float] | None = None) -> dict[str, Any]:
+    """The counts (module docstring) over ``batches`` training batches of ``batch_size``, with the
+    model's sampling sizes changed by ``sampling`` (``parse_sampling``'s output) if given."""
     import jax
 
     from uld_jax import inference, input_pipeline
@@ -147,7 +201,7 @@ def measure(workdir: str, overlay: str, *, data_dir: str | None = None, step: in
     if batches < 1 or batch_size < 1:
         raise ExposureError(f"--batches {batches} / --batch_size {batch_size}: must be >= 1")
     table.read_overlay(overlay)                  # names the file and field on a bad table
-    loaded = inference.load_model(workdir=workdir, step=step)
+    loaded = with_sampling(inference.load_model(workdir=workdir, step=step), sampling or {})
     dcfg = loaded.data_config
     data_dir = data_dir or str(dcfg.get("data_dir", "") or "")
     if not data_dir:
@@ -175,6 +229,8 @@ def measure(workdir: str, overlay: str, *, data_dir: str | None = None, step: in
             "batches": batches, "batch_size": batch_size, "seed": seed,
             "added_ratio": float(cfg.added_ratio),
             "ignore_iobb": float(loaded.model_config.roi.ignore_iobb), "cover_iou": COVER_IOU,
+            "sampling": {k: loaded.model_config[k.split(".")[0]][k.split(".")[1]]
+                         for k in sorted(SAMPLING_KEYS)},
             "counts": totals}
 
 
@@ -230,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--added_ratio", type=float, default=None,
                    help="added slices per key slice drawn (default: the run's data.added_ratio)")
+    p.add_argument("--sample", action="append", default=[], metavar="KEY=VALUE",
+                   help="measure under another sampling size of the training forward (repeatable; "
+                   f"KEY one of {', '.join(sorted(SAMPLING_KEYS))})")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     a = p.parse_args(argv)
     from uld_jax.inference import ModelLoadError
@@ -237,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from uld_jax.mine.table import OverlayError
     try:
         res = measure(a.workdir, a.overlay, data_dir=a.data_dir, step=a.step, batches=a.batches,
-                      batch_size=a.batch_size, seed=a.seed, added_ratio=a.added_ratio)
+                      batch_size=a.batch_size, seed=a.seed, added_ratio=a.added_ratio,
+                      sampling=parse_sampling(a.sample))
     except (ExposureError, ModelLoadError, OverlayError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -82,7 +82,8 @@ def parse_sampling(items: Sequence[str]) -> dict[str, int | float]:
             what = "an integer" if kind is int else "a number"
             raise ExposureError(f"--sample {item!r}: {value!r} is not {what}") from None
         if not (v > 0 and (kind is int or v <= 1)):
-            raise ExposureError(f"--sample {item!r}: must be {'> 0' if kind is int else 'in (0, 1]'}")
+            bound = "> 0" if kind is int else "in (0, 1]"
+            raise ExposureError(f"--sample {item!r}: must be {bound}")
         out[key] = v
     return out
 

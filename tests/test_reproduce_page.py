@@ -20,7 +20,8 @@ def _write_eval(root, run, level):
                      "mean": level + 0.03, "extra": {}} for rule in ("released", "paper")}
     (d / "results.json").write_text(json.dumps({"protocol": "volumetric", "fp_unit": "sub-volume",
                                                 "tables": tables, "strata": {},
-                                                "info": {"counts": {"volumes": 3, "truths": 7}}}))
+                                                "info": {"counts": {"volumes": 3, "truths": 7,
+                                                                    "detections": 40 + len(run)}}}))
 
 
 def _fake_seed(root, levels):
@@ -51,6 +52,8 @@ def test_results_page_mean_spread_and_ordering(tmp_path):
     assert "| MELD > baseline | released | +10.0, +20.0 | +15.0 ± 7.1 | yes |" in text
     assert "| MAM > MELD | released | +10.0, -10.0 |" in text and text.count("| no |") >= 1
     assert "not run" in text  # mining reports absent
+    # the split's counts, not one run's detection count standing for every run's
+    assert "Test split: volumes 3, truths 7." in text and "truths 7, detections" not in text
     assert os.path.basename(str(page)) == "results.md"
 
 

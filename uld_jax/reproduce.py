@@ -1461,7 +1461,10 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     counts = next((per[s][r].get("info", {}).get("counts") for s in seeds for r in qs.RUNS
                    if per[s][r] and per[s][r].get("info", {}).get("counts")), None)
     if counts:
-        L += ["Test split: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."]
+        # the split's own counts (a run's detection count is not the split's: the first run found
+        # would stand for all of them)
+        L += ["Test split: " + ", ".join(f"{k} {v}" for k, v in counts.items()
+                                         if k != "detections") + "."]
         nt = counts.get("truths")
         if isinstance(nt, int) and nt > 0:
             L.append(f"Resolution: one test lesion found or missed moves a sensitivity by "

@@ -682,7 +682,14 @@ def test_exposure_under_another_sampling(world, tmp_path, capsys):
         assert k["anchor_positives"] + k["anchor_negatives"] == anchors * 8
         assert runs[name]["sampling"]["roi.batch_per_image"] == rois
         assert runs[name]["sampling"]["rpn.post_nms_train"] == base.rpn.post_nms_train
-    assert (base.roi.batch_per_image, base.rpn.batch_per_image) == (16, 32)   # not changed in place
+    # the rebuilt model has its own config; the loaded one is not changed in place
+    loaded = inference.load_model(workdir=str(world["run"]))
+    dense = exposure.with_sampling(loaded, {"roi.batch_per_image": 32, "rpn.post_nms_train": 48})
+    assert (loaded.model_config.roi.batch_per_image, loaded.model_config.rpn.post_nms_train) == (
+        base.roi.batch_per_image, base.rpn.post_nms_train) == (16, 64)
+    assert (dense.model.cfg.roi.batch_per_image, dense.model_config.rpn.post_nms_train) == (32, 48)
+    assert dense.variables is loaded.variables
+    assert exposure.with_sampling(loaded, {}) is loaded
     assert exposure.parse_sampling(["roi.positive_fraction=0.5", "rpn.pre_nms_train=100"]) == {
         "roi.positive_fraction": 0.5, "rpn.pre_nms_train": 100}
     for bad, words in ((["roi.fg_iou=0.3"], ("roi.fg_iou", "roi.batch_per_image")),

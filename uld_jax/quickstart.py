@@ -160,6 +160,12 @@ def split_mined(src: str, part: str, dst: str, data_dir: str,
             "added": int((sel & (kind == KIND_ADDED)).sum())}
 
 
+def state_file(out: str, step: str) -> str:
+    """The record of quick-start output ``out``'s finished ``step`` (its existence = done); read
+    without building a :class:`Quickstart`, which creates its folders."""
+    return os.path.join(out, "state", f"{step}.json")
+
+
 class Quickstart:
     def __init__(self, out: str, recipe: Recipe, seed: int = 0, quiet: bool = False,
                  data_from: str | None = None):
@@ -185,7 +191,7 @@ class Quickstart:
             print(f"[quickstart {time.time() - self.t0:7.1f}s] {msg}", flush=True)
 
     def _state(self, step: str) -> str:
-        return os.path.join(self.out, "state", f"{step}.json")
+        return state_file(self.out, step)
 
     def done(self, step: str) -> bool:
         return os.path.isfile(self._state(step))

@@ -128,6 +128,10 @@ ORDER_CHECKS = (("MELD > baseline", "meld", "baseline"), ("MAM > MELD", "ft_mam"
                 ("MAM+NRM > NRM", "ft_both", "ft_nrm"))
 
 
+# the counts of an evaluation's ``info`` that describe the test split (volumetric / key-slice)
+SPLIT_COUNTS = ("volumes", "images", "truths")
+
+
 def _seed_dir(out: str, seed: int) -> str:
     return os.path.join(out, f"seed_{seed}")
 
@@ -1461,10 +1465,10 @@ def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, 
     counts = next((per[s][r].get("info", {}).get("counts") for s in seeds for r in qs.RUNS
                    if per[s][r] and per[s][r].get("info", {}).get("counts")), None)
     if counts:
-        # the split's own counts (a run's detection count is not the split's: the first run found
-        # would stand for all of them)
-        L += ["Test split: " + ", ".join(f"{k} {v}" for k, v in counts.items()
-                                         if k != "detections") + "."]
+        # the split's own counts only: they come from the first run with results, whose
+        # detection count is its own, not every run's
+        L += ["Test split: " + ", ".join(f"{k} {counts[k]}" for k in SPLIT_COUNTS if k in counts)
+              + "."]
         nt = counts.get("truths")
         if isinstance(nt, int) and nt > 0:
             L.append(f"Resolution: one test lesion found or missed moves a sensitivity by "
@@ -1753,7 +1757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="quick")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", type=seeds_arg, default="0,1,2")
     p.add_argument("--keyslice", action="store_true", help="Table 3 analog for every run")
     p.add_argument("--thetas", default="", type=_number_list("--thetas", 0.0, strict=True),
                    help="comma-separated thetas for the Fig. 5 sweep")
@@ -1826,10 +1830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     out = os.path.abspath(a.out)
     r = qs.RECIPES[a.recipe]
-    try:
-        seeds = parse_seeds(a.seeds)
-    except ValueError as e:
-        p.error(str(e))
+    seeds = a.seeds
     def subset(flag: str, value: str, kind: str, allowed: Sequence[str]) -> list[str]:
         names = [v.strip() for v in value.split(",") if v.strip()]
         try:

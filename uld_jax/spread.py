@@ -47,8 +47,8 @@ ALL_CHECKS = (*rp.HELDOUT_CHECKS, *rp.SCRATCH_CHECKS, *rp.LONG_CHECKS)
 def worlds(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int) -> dict[str, qs.Quickstart]:
     """The held-out worlds: reproduce's ``OUT/heldout`` (when built) and ``OUT/heldout_<patients>``."""
     w = {}
-    if os.path.isfile(os.path.join(out, "heldout", "state", "build.json")):
-        w["heldout"] = rp.heldout_quickstart(out, recipe, seeds)   # (a Quickstart makes its folders)
+    if os.path.isfile(qs.state_file(os.path.join(out, "heldout"), "build")):
+        w["heldout"] = rp.heldout_quickstart(out, recipe, seeds)
     name = f"heldout_{patients}"
     w[name] = rp.heldout_quickstart(out, recipe, seeds, patients, name=name, offset=1)
     return w

@@ -122,6 +122,7 @@ def run_values(truth: Mapping[str, Any], det: Mapping[str, Any], weights: np.nda
 
 
 def count_truths(truth: Mapping[str, Any]) -> int:
+    """The number of lesion boxes in a ``{volume: [n, 6]}`` truth dict."""
     return int(sum(len(np.reshape(v, (-1, 6))) for v in truth.values()))
 
 

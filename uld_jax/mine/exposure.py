@@ -104,6 +104,11 @@ def with_sampling(loaded, sampling: dict[str, int | float]):
     return dataclasses.replace(loaded, model=MELD(mcfg), model_config=mcfg)
 
 
+def sampling_of(model_config) -> dict[str, int | float]:
+    """The model config's values of every ``SAMPLING_KEYS`` entry (recorded with a result)."""
+    return {k: model_config[k.split(".")[0]][k.split(".")[1]] for k in sorted(SAMPLING_KEYS)}
+
+
 def input_config(data_config, data_dir: str, overlay: str, batch_size: int, seed: int,
                  added_ratio: float | None):
     """The run's training input config, DeepLesion only, with ``overlay`` as its only table."""
@@ -230,8 +235,7 @@ def measure(workdir: str, overlay: str, *, data_dir: str | None = None, step: in
             "batches": batches, "batch_size": batch_size, "seed": seed,
             "added_ratio": float(cfg.added_ratio),
             "ignore_iobb": float(loaded.model_config.roi.ignore_iobb), "cover_iou": COVER_IOU,
-            "sampling": {k: loaded.model_config[k.split(".")[0]][k.split(".")[1]]
-                         for k in sorted(SAMPLING_KEYS)},
+            "sampling": sampling_of(loaded.model_config),
             "counts": totals}
 
 

@@ -68,9 +68,32 @@ def test_page_has_tables_2_and_4_and_the_added_slices_sweep(tmp_path):
     assert "| MELD | 2 | 25.0 ± 7.1 |" in t4 and "**25.0 ± 7.1**" in t4
     assert "| MELD + NRM, suspicious regions as positives | 0 | not run |" in t4
     f5 = text[text.index("## Fig. 5 analog"):text.index("## Wall time")]
-    assert "| 2 | 12 (30) | 40 | 45.0 | 45.0 | 4.8 |" in f5
-    assert "| 0 | not run | not run | not run | not run | not run |" in f5
+    assert "| 2 | 12 (30) | 40 | 1 | 45.0 | 45.0 | 4.8 |" in f5
+    assert "| 0 | not run | not run | 0 | not run | not run | not run |" in f5
+    assert "With the finetuning control" not in f5                   # no control run: no table
     assert "concat 50, mine_nrm_luna16 3" in text and "## Missing" not in text
+
+
+def test_the_added_slices_sweep_with_its_control_on_the_page(tmp_path):
+    # MELD 20/30 (seeds 0/1); the default ratio's control and MAM + NRM from Table 1's runs; at
+    # ratio 2 the control gains 10 points on both seeds and MAM + NRM 1 and 3 more
+    for s, shift in ((0, 0.0), (1, 0.1)):
+        sd = tmp_path / f"seed_{s}"
+        for run, lv in (("meld", 0.2), ("ft_none", 0.25), ("ft_both", 0.25), ("ft_none_added2", 0.3),
+                        ("ft_both_added2", 0.31 + 0.02 * s)):
+            _eval(sd, run, lv + shift)
+    text = reproduce.write_results(str(tmp_path), qs.RECIPES["smoke"], [0, 1], "", [],
+                                   unlabeled=[2.0])
+    f5 = text[text.index("## Fig. 5 analog"):text.index("## Wall time")]
+    _has_lines(f5, "| 0.5 | not run | not run | 2 | 30.0 ± 7.1 | 30.0 ± 7.1 | not run |",
+               "| 2 | not run | not run | 2 | 37.0 ± 8.5 | 37.0 ± 8.5 | not run |",
+               "### With the finetuning control at each ratio (`--unlabeled ... --control`)",
+               "| control (nothing mined), added_ratio 2 | 2 |",
+               "| control (added_ratio 2) > MELD | released | +10.0, +10.0 | +10.0 ± 0.0 | yes |",
+               "| control (added_ratio 2) > control (added_ratio 0.5) | paper | +5.0, +5.0 | "
+               "+5.0 ± 0.0 | yes |",
+               "| MAM+NRM > control (added_ratio 2) | released | +1.0, +3.0 | +2.0 ± 1.4 | yes |",
+               "| MAM+NRM > control (added_ratio 0.5) | released | +0.0, +0.0 | +0.0 ± 0.0 | no |")
 
 
 def test_page_without_the_extra_runs_says_not_run(tmp_path):
@@ -165,7 +188,9 @@ def test_commands_of_the_variants(tmp_path, recorded_steps):
     r = qs.RECIPES["smoke"]
     reproduce.run_table2(str(tmp_path), r, [3, 4])
     reproduce.run_table4(str(tmp_path), r, [3, 4])
+    n_first = len(calls)
     reproduce.run_unlabeled(str(tmp_path), r, [3, 4], [2.0])
+    unlabeled_calls = calls[n_first:]
     steps = _steps_of(calls, 3)
     meld = os.path.join(str(tmp_path), "seed_3", "runs", "meld")
     for e in ("luna16", "lits", "nihln"):
@@ -189,7 +214,30 @@ def test_commands_of_the_variants(tmp_path, recorded_steps):
     assert "ft_both" not in steps and "mix_ft_both" in steps
     (ft,) = steps["ft_both_added2"]
     assert "--config.data.added_ratio=2.0" in ft and f"--config.data.overlays=('{meld}/mined.npz',)" in ft
-    assert all(o.endswith("seed_3") for o, *_ in calls)                         # first seed only
+    assert all(o.endswith("seed_3") for o, *_ in calls[:n_first])     # Tables 2 and 4: first seed
+    # Fig. 5 runs on every seed, and without --control no control run
+    assert {n for o, n, *_ in unlabeled_calls if o.endswith("seed_4")} == {
+        n for o, n, *_ in unlabeled_calls if o.endswith("seed_3")} == {
+        "ft_both_added2", "eval_ft_both_added2", "mix_ft_both_added2", "mix_ft_both"}
+
+
+def test_the_added_slices_sweep_with_its_control(tmp_path, recorded_steps):
+    reproduce.run_unlabeled(str(tmp_path), qs.RECIPES["smoke"], [3, 4], [0.0, 2.0], control=True)
+    for seed in (3, 4):
+        steps = _steps_of(recorded_steps, seed)
+        meld = os.path.join(str(tmp_path), f"seed_{seed}", "runs", "meld")
+        # the control's overlay: MELD's table with nothing mined, the added slices kept
+        assert "mine_none" in steps
+        for ratio, tag in ((0.0, "0"), (2.0, "2")):
+            (ft,) = steps[f"ft_none_added{tag}"]
+            assert f"--config.data.added_ratio={ratio}" in ft
+            assert f"--config.data.overlays=('{meld}/mined_none.npz',)" in ft
+            (ft,) = steps[f"ft_both_added{tag}"]
+            assert f"--config.data.overlays=('{meld}/mined.npz',)" in ft
+            assert {f"eval_ft_none_added{tag}", f"mix_ft_none_added{tag}"} <= set(steps)
+        # the default ratio is Table 1's and the control's own runs: not trained again
+        assert "ft_none" not in steps and "ft_both" not in steps
+        assert {"mix_ft_none", "mix_ft_both"} <= set(steps)
 
 
 @pytest.mark.parametrize("args, msg", [

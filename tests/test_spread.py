@@ -126,3 +126,19 @@ def test_cli(tmp_path, capsys):
         with pytest.raises(SystemExit):
             spread.main(["--out", str(tmp_path), *argv])
         assert msg in capsys.readouterr().err
+
+
+def test_checks_of_the_added_slices_sweep():
+    # the Fig. 5 runs named in --runs bring their checks: against MELD, against the default
+    # ratio's control, and MAM + NRM against the control at the same ratio
+    runs = ["meld", "ft_none", "ft_both", "ft_none_added2", "ft_both_added2", "ft_none_added0p25"]
+    checks = spread.checks_of(runs)
+    assert ("control > MELD", "ft_none", "meld") in checks
+    assert ("MAM+NRM > control (added_ratio 2)", "ft_both_added2", "ft_none_added2") in checks
+    assert ("control (added_ratio 2) > control (added_ratio 0.5)", "ft_none_added2",
+            "ft_none") in checks
+    assert ("control (added_ratio 0.25) > MELD", "ft_none_added0p25", "meld") in checks
+    # a pair with a run not given is left out; the default's pair is named once
+    assert not any(b == "ft_none_added0p25" for _, _, b in checks)
+    assert len({n for n, _, _ in checks}) == len(checks)
+    assert not any("added_ratio 0.5) > MELD" in n for n, _, _ in checks)

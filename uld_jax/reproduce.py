@@ -95,9 +95,11 @@ mining again repeats no inference), each step of the same resumable kind:
   ``data.merge_datasets``), concatenation with positive-only single-type datasets
   (``data.positive_only``), multi-task (an expert per dataset, no organ heads or gate); and NRM's
   suspicious regions as positives (``--nrm_as_positive``) against ignored (Table 1's MELD + NRM).
-* ``--unlabeled R1,R2,...``: Fig. 5's number of added unlabeled slices: MELD + MAM + NRM finetuned
-  with ``data.added_ratio = R`` (Table 1's run at the config's default, always in the sweep), with
-  the slices drawn per epoch (``runs/<run>/epoch_mix.json``).
+* ``--unlabeled R1,R2,...``: Fig. 5's number of added unlabeled slices, on every seed: MELD + MAM +
+  NRM finetuned with ``data.added_ratio = R`` (``ft_both_added<R>``; Table 1's run at the config's
+  default, always in the sweep), with the slices drawn per epoch (``runs/<run>/epoch_mix.json``).
+  With ``--control`` as well, the finetuning control at each ratio too (``ft_none_added<R>``: the
+  same added slices, nothing mined), so that what the mining adds is read at every ratio.
 
 The page is generated: every number comes from the runs' ``results.json`` / ``mining_report.json``
 / ``epoch_mix.json`` / step records; nothing is typed by hand. A row without its results reads
@@ -111,6 +113,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -817,19 +820,52 @@ def default_added_ratio() -> float:
     return float(finetune.get_config("tiny").data.added_ratio)
 
 
-def unlabeled_run(ratio: float) -> str:
-    """The finetuning run of ``ratio``: the quick start's ft_both at the config's default."""
-    return "ft_both" if ratio == default_added_ratio() else f"ft_both_added{_tag(ratio)}"
+def unlabeled_run(ratio: float, control: bool = False) -> str:
+    """The finetuning run of ``ratio``: MELD + MAM + NRM, or with ``control`` the same finetuning
+    with nothing mined; at the config's default, the quick start's ft_both and the control's
+    ft_none."""
+    base = "ft_none" if control else "ft_both"
+    return base if ratio == default_added_ratio() else f"{base}_added{_tag(ratio)}"
 
 
-def run_unlabeled(out: str, recipe: qs.Recipe, seeds: Sequence[int], ratios: Sequence[float]) -> None:
-    q = _first_seed(out, recipe, seeds)
-    mined = os.path.join(q.run_dir("meld"), "mined.npz")
-    for ratio in sorted(set(ratios) | {default_added_ratio()}):     # Table 1's run: the reference
-        run = unlabeled_run(ratio)
-        if run != "ft_both":
-            _finetune_eval(q, run, mined, f"--config.data.added_ratio={ratio}")
-        q.step(f"mix_{run}", fn=lambda run=run, ratio=ratio: write_epoch_mix(q, run, mined, ratio))
+def unlabeled_ratios(runs: Sequence[str]) -> list[float]:
+    """The ratios (other than the default) of the Fig. 5 runs among ``runs``, sorted."""
+    found = set()
+    for r in runs:
+        m = re.fullmatch(r"ft_(?:both|none)_added(\d+(?:p\d+)?)", r)
+        if m:
+            found.add(float(m.group(1).replace("p", ".")))
+    return sorted(found)
+
+
+def unlabeled_checks(ratios: Sequence[float]) -> list[tuple[str, str, str]]:
+    """The ordering checks of the Fig. 5 sweep at each of ``ratios``: the control against MELD and,
+    at a ratio other than the default, against the default's control; then MAM + NRM against the
+    control at the same ratio (at the default ratio, CONTROL_CHECKS' pairs under names that carry
+    the ratio)."""
+    rs, d = sorted(set(float(r) for r in ratios)), default_added_ratio()
+    return ([(f"control (added_ratio {r:g}) > MELD", unlabeled_run(r, control=True), "meld")
+             for r in rs]
+            + [(f"control (added_ratio {r:g}) > control (added_ratio {d:g})",
+                unlabeled_run(r, control=True), unlabeled_run(d, control=True))
+               for r in rs if r != d]
+            + [(f"MAM+NRM > control (added_ratio {r:g})", unlabeled_run(r),
+                unlabeled_run(r, control=True)) for r in rs])
+
+
+def run_unlabeled(out: str, recipe: qs.Recipe, seeds: Sequence[int], ratios: Sequence[float],
+                  control: bool = False) -> None:
+    for q in _seed_quickstarts(out, recipe, seeds):
+        arms = [(False, os.path.join(q.run_dir("meld"), "mined.npz"))]
+        if control:
+            arms.append((True, _split_step(q, "none", "none")))
+        for ratio in sorted(set(ratios) | {default_added_ratio()}):  # Table 1's runs: the reference
+            for ctl, overlay in arms:
+                run = unlabeled_run(ratio, ctl)
+                if ratio != default_added_ratio():
+                    _finetune_eval(q, run, overlay, f"--config.data.added_ratio={ratio}")
+                q.step(f"mix_{run}", fn=lambda q=q, run=run, overlay=overlay, ratio=ratio:
+                       write_epoch_mix(q, run, overlay, ratio))
 
 
 def write_epoch_mix(q: qs.Quickstart, run: str, overlay: str, ratio: float) -> dict:
@@ -1408,34 +1444,53 @@ def _section_table4(out: str, seeds: Sequence[int]) -> list[str]:
 
 
 def _section_unlabeled(out: str, seeds: Sequence[int], ratios: Sequence[float]) -> list[str]:
+    """Fig. 5's section: the first seed's mixing epoch at each ratio, then every seed's MELD + MAM +
+    NRM (and, where run, the control) at each ratio, mean ± sd, and the checks between them."""
     sd0 = _seed_dir(out, seeds[0])
     runs_dir = os.path.join(sd0, "runs")
     found = {}
     for name in (sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []):
         mix = _load(os.path.join(runs_dir, name, "epoch_mix.json"))
-        if mix:
+        if mix and name == unlabeled_run(float(mix["added_ratio"])):
             found[float(mix["added_ratio"])] = mix
     ratios = sorted(set(found) | {float(r) for r in ratios})
+    if ratios:
+        ratios = sorted(set(ratios) | {default_added_ratio()})     # Table 1's runs: the reference
     L = ["## Fig. 5 analog: number of added unlabeled slices (MELD + MAM + NRM finetuning)", "",
-         f"Seed {seeds[0]} only. `added_ratio` R: unlabeled slices (from mining) drawn per mixing "
-         "epoch = R x the positive slices, fresh each epoch (configs/finetune.py's default, "
-         f"{default_added_ratio():g}, is Table 1's MELD + MAM + NRM). Mean sensitivity (%) over "
-         "0.125 ... 8 FPs per sub-volume. The finetuning trains on a fixed number of samples (the "
-         "recipe's steps x batch), so the last column is how many of them are expected to be added "
-         "slices.", ""]
+         "`added_ratio` R: unlabeled slices (from mining) drawn per mixing epoch = R x the positive "
+         "slices, fresh each epoch (configs/finetune.py's default, "
+         f"{default_added_ratio():g}, is Table 1's MELD + MAM + NRM). The finetuning trains on a "
+         "fixed number of samples (the recipe's steps x batch), so the last column is how many of "
+         f"them are expected to be added slices (seed {seeds[0]}'s mixing epoch). Mean sensitivity "
+         "(%) over 0.125 ... 8 FPs per sub-volume, mean ± sd over the seeds with the run "
+         "(`seeds`).", ""]
     if not ratios:
         return L + ["Not run (`--unlabeled R1,R2,...`).", ""]
-    L += ["| added_ratio | added slices per epoch (pool) | epoch length | " + " | ".join(RULES)
-          + " | added slices expected in training |", "|---:|---:|---:|" + "---:|" * (len(RULES) + 1)]
+    L += ["| added_ratio | added slices per epoch (pool) | epoch length | seeds | "
+          + " | ".join(RULES) + " | added slices expected in training |",
+          "|---:|---:|---:|---:|" + "---:|" * (len(RULES) + 1)]
     for ratio in ratios:
-        mix, res = found.get(ratio), _result(out, seeds[0], unlabeled_run(ratio))
-        sens = [_pct(res["tables"][r]["mean"]) if res and r in res.get("tables", {}) else "not run"
-                for r in RULES]
+        mix = found.get(ratio)
+        res = [x for x in (_result(out, s, unlabeled_run(ratio)) for s in seeds) if x]
+        sens = [_mean_sd([x["tables"][r]["mean"] for x in res if r in x.get("tables", {})])
+                if res else "not run" for r in RULES]
         mix_cols = ([f"{mix['added_per_epoch']} ({mix['added_pool']})", str(mix["epoch_length"])]
                     if mix else ["not run", "not run"])
-        L.append(f"| {ratio:g} | " + " | ".join(mix_cols + sens)
+        L.append(f"| {ratio:g} | " + " | ".join(mix_cols + [str(len(res))] + sens)
                  + f" | {mix['expected_added_trained'] if mix else 'not run'} |")
-    return L + [""]
+    L.append("")
+    if not any(_result(out, s, unlabeled_run(r, control=True)) for s in seeds for r in ratios):
+        return L
+    rows = [("meld", qs.ROW_NAMES["meld"])]
+    for r in ratios:
+        rows += [(unlabeled_run(r, control=True), f"control (nothing mined), added_ratio {r:g}"),
+                 (unlabeled_run(r), f"MELD + MAM + NRM, added_ratio {r:g}")]
+    lines, verdict = _froc_tables(out, seeds, rows, seeds_column=True)
+    return (L + ["### With the finetuning control at each ratio (`--unlabeled ... --control`)", "",
+                 "The control is the same finetuning with the same added slices and nothing mined "
+                 "(Table 1's control at the default ratio): what the mining adds is the difference "
+                 "at the same ratio.", ""] + lines
+            + _order_lines(verdict, unlabeled_checks(ratios)))
 
 
 def write_results(out: str, recipe: qs.Recipe, seeds: Sequence[int], path: str, argv: Sequence[str],
@@ -1880,7 +1935,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.table4:
             run_table4(out, r, seeds)
         if a.unlabeled:
-            run_unlabeled(out, r, seeds, a.unlabeled)
+            run_unlabeled(out, r, seeds, a.unlabeled, control=a.control)
     text = write_results(out, r, seeds, results, argv, notes=a.note, unlabeled=a.unlabeled or (),
                          checkpoints=a.heldout_checkpoints)
     print(text)

@@ -80,7 +80,7 @@ def run(out: str, recipe: qs.Recipe, seeds: Sequence[int], patients: int, runs: 
 def checks_of(runs: Sequence[str]) -> list[tuple[str, str, str]]:
     """The ordering checks (name, a, b: ``a`` should beat ``b``) between two of ``runs``."""
     seen, out = set(), []
-    for name, a, b in ALL_CHECKS:
+    for name, a, b in (*ALL_CHECKS, *rp.unlabeled_checks(rp.unlabeled_ratios(runs))):
         if a in runs and b in runs and name not in seen:
             seen.add(name)
             out.append((name, a, b))

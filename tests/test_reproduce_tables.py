@@ -986,3 +986,23 @@ def test_baseline_nrm_and_suppression_commands_and_page(tmp_path, recorded_steps
     _has_lines(held[held.index("### A perfect NRM on a detector trained 4x"):],
                "| perfect NRM on key slices > baseline (4x epochs) | paper | +5.0, -10.0 | "
                "-2.5 ± 10.6 | no |")
+
+
+def test_epoch_mix_counts_the_finetunings_own_steps(tmp_path, monkeypatch):
+    # under equal_passes the finetuning's steps per epoch are the recipe's scaled by the mixing
+    # epoch's length; the samples it trains on (and the added slices expected among them) follow
+    from uld_jax import input_pipeline as ip
+
+    comp = {"deeplesion": {"positive": 10, "negative": 0, "added": 20, "added_pool": 50},
+            "lits": {"positive": 10, "negative": 10, "added": 0, "added_pool": 0}}
+    monkeypatch.setattr(ip, "epoch_composition", lambda config: comp)
+    r = qs.RECIPES["equal"]
+    q = qs.Quickstart(str(tmp_path / "seed_0"), r, seed=0)
+    steps = {"finetune": 3 * r.steps_per_epoch + 1}
+    monkeypatch.setattr(qs.Quickstart, "steps_per_epoch", lambda self, config: steps[config])
+    info = reproduce.write_epoch_mix(q, "ft_both_added2", str(tmp_path / "mined.npz"), 2.0)
+    trained = steps["finetune"] * r.batch_size * (r.epochs - r.mine_epoch)
+    assert info["training_samples"] == trained and info["epoch_length"] == 50
+    assert info["expected_added_trained"] == round(trained * 20 / 50, 1)
+    on_disk = json.loads((tmp_path / "seed_0" / "runs" / "ft_both_added2" / "epoch_mix.json").read_text())
+    assert on_disk == info

@@ -880,7 +880,8 @@ def write_epoch_mix(q: qs.Quickstart, run: str, overlay: str, ratio: float) -> d
     comp = ip.epoch_composition(c)
     length = ip.epoch_length(comp)
     added = sum(d["added"] for d in comp.values())
-    trained = q.r.steps_per_epoch * q.r.batch_size * (q.r.epochs - q.r.mine_epoch)
+    # the finetuning command's own steps (the recipe's, scaled for equal_passes)
+    trained = q.steps_per_epoch("finetune") * q.r.batch_size * (q.r.epochs - q.r.mine_epoch)
     info = {"run": run, "added_ratio": float(ratio), "composition": comp, "epoch_length": length,
             "added_per_epoch": added, "added_pool": sum(d["added_pool"] for d in comp.values()),
             "training_samples": trained,

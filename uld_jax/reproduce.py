@@ -829,7 +829,8 @@ def unlabeled_run(ratio: float, control: bool = False) -> str:
 
 
 def unlabeled_ratios(runs: Sequence[str]) -> list[float]:
-    """The ratios (other than the default) of the Fig. 5 runs among ``runs``, sorted."""
+    """The ratios of the Fig. 5 runs named ``ft_both_added<R>`` / ``ft_none_added<R>`` among
+    ``runs``, sorted (the default ratio's runs, ft_both and ft_none, carry none)."""
     found = set()
     for r in runs:
         m = re.fullmatch(r"ft_(?:both|none)_added(\d+(?:p\d+)?)", r)
@@ -1461,7 +1462,7 @@ def _section_unlabeled(out: str, seeds: Sequence[int], ratios: Sequence[float]) 
          "`added_ratio` R: unlabeled slices (from mining) drawn per mixing epoch = R x the positive "
          "slices, fresh each epoch (configs/finetune.py's default, "
          f"{default_added_ratio():g}, is Table 1's MELD + MAM + NRM). The finetuning trains on a "
-         "fixed number of samples (the recipe's steps x batch), so the last column is how many of "
+         "fixed number of samples (its command's steps x batch), so the last column is how many of "
          f"them are expected to be added slices (seed {seeds[0]}'s mixing epoch). Mean sensitivity "
          "(%) over 0.125 ... 8 FPs per sub-volume, mean ± sd over the seeds with the run "
          "(`seeds`).", ""]

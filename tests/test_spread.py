@@ -121,7 +121,12 @@ def test_cli(tmp_path, capsys):
     assert "| n/a |" in text                    # one seed: no spread across seeds to split
     res = json.load(open(tmp_path / "spread.json", encoding="utf-8"))
     assert res["samples"] == 50 and "heldout_4" in res["worlds"]
-    for argv, msg in ((["--runs", "meld,nope"], "unknown run"), (["--runs", "meld", "--samples", "1"], "--samples"),
+    # Fig. 5's runs are known by their pattern (this one has no detections: no row)
+    assert spread.main(["--out", str(tmp_path), "--recipe", "smoke", "--seeds", "0", "--patients",
+                        "4", "--runs", "meld,ft_both_added2", "--results-only", "--samples", "50",
+                        "--results", str(tmp_path / "page2.md")]) == 0
+    for argv, msg in ((["--runs", "meld,nope"], "unknown run"), (["--runs", "ft_both_added"], "unknown run"),
+                      (["--runs", "meld", "--samples", "1"], "--samples"),
                       (["--runs", "meld", "--seeds", "x"], "seeds")):
         with pytest.raises(SystemExit):
             spread.main(["--out", str(tmp_path), *argv])

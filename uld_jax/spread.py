@@ -263,9 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     seeds = a.seeds
     runs = [r for r in a.runs.split(",") if r]
-    unknown = [r for r in runs if r not in rp.HELDOUT_RUNS]
+    unknown = [r for r in runs if r not in rp.HELDOUT_RUNS and not rp.unlabeled_ratios([r])]
     if unknown:
-        p.error(f"--runs: unknown run(s) {unknown}; known: {', '.join(rp.HELDOUT_RUNS)}")
+        p.error(f"--runs: unknown run(s) {unknown}; known: {', '.join(rp.HELDOUT_RUNS)}, and "
+                "Fig. 5's ft_both_added<R> / ft_none_added<R> (reproduce --unlabeled)")
     if a.patients < 1 or a.samples < 2:
         p.error("--patients must be >= 1 and --samples >= 2")
     if not os.path.isdir(a.out):

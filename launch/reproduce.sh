@@ -9,7 +9,8 @@
 #        bash launch/reproduce.sh runs/reproduce_equal --recipe equal --seeds 0,1,2,3 --keyslice \
 #            --control --oracle --oracle-scratch positive,ignore,ignore_key,ignore_added \
 #            --mined-scratch mam,nrm,both,yield,yield_mam,added \
-#            --heldout 96 --resume --heldout-checkpoints 2 --baseline-nrm --suppression
+#            --heldout 96 --resume --heldout-checkpoints 2 --baseline-nrm --suppression \
+#            --unlabeled 0,2,4
 #   (the pages of the runs in docs/ used --heldout 24; python -m uld_jax.spread evaluates such an
 #    output on a second, larger held-out world too: docs/results_spread.md)
 # A relative --results PATH is taken from the repository root.

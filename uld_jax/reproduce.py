@@ -1873,7 +1873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--table4", action="store_true", help="Table 4 analog (first seed)")
     p.add_argument("--unlabeled", default="", type=_number_list("--unlabeled", 0.0),
                    help="comma-separated data.added_ratio values for Fig. 5's added unlabeled "
-                   "slices (first seed)")
+                   "slices (every seed; with --control, the control at each ratio too)")
     p.add_argument("--results", default=None, help="page to write ('' = none; default "
                    "docs/results.md, or docs/results_<recipe>.md for a recipe other than quick)")
     p.add_argument("--results-only", action="store_true", help="only rewrite the page")

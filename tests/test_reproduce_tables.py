@@ -209,16 +209,19 @@ def test_commands_of_the_variants(tmp_path, recorded_steps):
     assert "--config.model.use_gate=False" in mt and not any("num_datasets" in a for a in mt)
     (mine,) = steps["mine_nrm_pos"]
     assert "--nrm_as_positive" in mine
-    # the default ratio (always in the sweep) reuses Table 1's MELD + MAM + NRM; another one
-    # finetunes anew
-    assert "ft_both" not in steps and "mix_ft_both" in steps
+    # the default ratio (always in the sweep) is Table 1's MELD + MAM + NRM: the quick start's own
+    # step and command (done before: skipped); another one finetunes anew
+    (ft,) = steps["ft_both"]
+    assert ft == qs.Quickstart(os.path.join(str(tmp_path), "seed_3"), r, seed=3).finetune_cmd(
+        "ft_both", f"{meld}/mined.npz") and "mix_ft_both" in steps
     (ft,) = steps["ft_both_added2"]
     assert "--config.data.added_ratio=2.0" in ft and f"--config.data.overlays=('{meld}/mined.npz',)" in ft
     assert all(o.endswith("seed_3") for o, *_ in calls[:n_first])     # Tables 2 and 4: first seed
     # Fig. 5 runs on every seed, and without --control no control run
     assert {n for o, n, *_ in unlabeled_calls if o.endswith("seed_4")} == {
         n for o, n, *_ in unlabeled_calls if o.endswith("seed_3")} == {
-        "ft_both_added2", "eval_ft_both_added2", "mix_ft_both_added2", "mix_ft_both"}
+        "ft_both_added2", "eval_ft_both_added2", "mix_ft_both_added2",
+        "ft_both", "eval_ft_both", "mix_ft_both"}
 
 
 def test_the_added_slices_sweep_with_its_control(tmp_path, recorded_steps):
@@ -235,9 +238,28 @@ def test_the_added_slices_sweep_with_its_control(tmp_path, recorded_steps):
             (ft,) = steps[f"ft_both_added{tag}"]
             assert f"--config.data.overlays=('{meld}/mined.npz',)" in ft
             assert {f"eval_ft_none_added{tag}", f"mix_ft_none_added{tag}"} <= set(steps)
-        # the default ratio is Table 1's and the control's own runs: not trained again
-        assert "ft_none" not in steps and "ft_both" not in steps
+        # the default ratio is the control's own run: the same step and command as --control's
         assert {"mix_ft_none", "mix_ft_both"} <= set(steps)
+        assert "--config.data.added_ratio" not in " ".join(steps["ft_none"][0])
+    n = len(recorded_steps)
+    reproduce.run_control(str(tmp_path), qs.RECIPES["smoke"], [3, 4])
+    control = {(o, name): c for o, name, c, _ in recorded_steps[n:]}
+    sweep = {(o, name): c for o, name, c, _ in recorded_steps[:n]}
+    assert {k for k in control if k[1] == "ft_none"} == {k for k in sweep if k[1] == "ft_none"}
+    assert all(sweep[k] == c for k, c in control.items())
+
+
+def test_names_of_the_sweeps_runs_round_trip():
+    for ratio in (0.0, 0.25, 1.0, 2.0, 1e-05):
+        for control in (False, True):
+            run = reproduce.unlabeled_run(ratio, control)
+            assert reproduce.unlabeled_ratio_of(run) == ratio, run
+    # the default ratio's runs are Table 1's and the control's; names no sweep makes are not runs
+    for name in ("ft_both", "ft_none", "ft_both_added0.5", "ft_both_added0p50", "ft_both_added",
+                 "ft_both_addedx", "ft_mam_added2", "ft_both_added2_x"):
+        assert reproduce.unlabeled_ratio_of(name) is None, name
+    assert reproduce.unlabeled_ratios(["ft_none_added2", "meld", "ft_both_added0p25",
+                                       "ft_both_added2"]) == [0.25, 2.0]
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -1001,7 +1023,12 @@ def test_epoch_mix_counts_the_finetunings_own_steps(tmp_path, monkeypatch):
     steps = {"finetune": 3 * r.steps_per_epoch + 1}
     monkeypatch.setattr(qs.Quickstart, "steps_per_epoch", lambda self, config: steps[config])
     info = reproduce.write_epoch_mix(q, "ft_both_added2", str(tmp_path / "mined.npz"), 2.0)
-    trained = steps["finetune"] * r.batch_size * (r.epochs - r.mine_epoch)
+    # the reference: the steps, batch and epochs the finetuning's own command trains with
+    cmd = q.finetune_cmd("ft_both_added2", str(tmp_path / "mined.npz"))
+    flag = {a.split("=")[0]: a.split("=", 1)[1] for a in cmd if a.startswith("--config.")}
+    trained = (int(flag["--config.steps_per_epoch"]) * int(flag["--config.batch_size"])
+               * int(flag["--config.num_epochs"]))
+    assert trained != r.steps_per_epoch * r.batch_size * (r.epochs - r.mine_epoch)
     assert info["training_samples"] == trained and info["epoch_length"] == 50
     assert info["expected_added_trained"] == round(trained * 20 / 50, 1)
     on_disk = json.loads((tmp_path / "seed_0" / "runs" / "ft_both_added2" / "epoch_mix.json").read_text())

@@ -113,7 +113,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -820,23 +819,35 @@ def default_added_ratio() -> float:
     return float(finetune.get_config("tiny").data.added_ratio)
 
 
+UNLABELED_BASES = {False: "ft_both", True: "ft_none"}     # MELD + MAM + NRM; the control
+
+
 def unlabeled_run(ratio: float, control: bool = False) -> str:
     """The finetuning run of ``ratio``: MELD + MAM + NRM, or with ``control`` the same finetuning
     with nothing mined; at the config's default, the quick start's ft_both and the control's
     ft_none."""
-    base = "ft_none" if control else "ft_both"
+    base = UNLABELED_BASES[control]
     return base if ratio == default_added_ratio() else f"{base}_added{_tag(ratio)}"
 
 
+def unlabeled_ratio_of(run: str) -> float | None:
+    """The ratio of a Fig. 5 run named by :func:`unlabeled_run` at a ratio other than the default
+    (``ft_both_added<R>`` / ``ft_none_added<R>``); None for any other name (the name must be the
+    one :func:`unlabeled_run` gives its ratio, so the parse cannot drift from ``_tag``)."""
+    for control, base in UNLABELED_BASES.items():
+        head = f"{base}_added"
+        if run.startswith(head):
+            try:
+                ratio = float(run[len(head):].replace("p", "."))
+            except ValueError:
+                return None
+            return ratio if unlabeled_run(ratio, control) == run else None
+    return None
+
+
 def unlabeled_ratios(runs: Sequence[str]) -> list[float]:
-    """The ratios of the Fig. 5 runs named ``ft_both_added<R>`` / ``ft_none_added<R>`` among
-    ``runs``, sorted (the default ratio's runs, ft_both and ft_none, carry none)."""
-    found = set()
-    for r in runs:
-        m = re.fullmatch(r"ft_(?:both|none)_added(\d+(?:p\d+)?)", r)
-        if m:
-            found.add(float(m.group(1).replace("p", ".")))
-    return sorted(found)
+    """The ratios of the Fig. 5 runs among ``runs`` (:func:`unlabeled_ratio_of`), sorted."""
+    return sorted({x for x in map(unlabeled_ratio_of, runs) if x is not None})
 
 
 def unlabeled_checks(ratios: Sequence[float]) -> list[tuple[str, str, str]]:
@@ -861,10 +872,12 @@ def run_unlabeled(out: str, recipe: qs.Recipe, seeds: Sequence[int], ratios: Seq
         if control:
             arms.append((True, _split_step(q, "none", "none")))
         for ratio in sorted(set(ratios) | {default_added_ratio()}):  # Table 1's runs: the reference
+            # at the default, the quick start's ft_both and the control's ft_none: the same command
+            # and step, so done before means skipped here
+            extra = () if ratio == default_added_ratio() else (f"--config.data.added_ratio={ratio}",)
             for ctl, overlay in arms:
                 run = unlabeled_run(ratio, ctl)
-                if ratio != default_added_ratio():
-                    _finetune_eval(q, run, overlay, f"--config.data.added_ratio={ratio}")
+                _finetune_eval(q, run, overlay, *extra)
                 q.step(f"mix_{run}", fn=lambda q=q, run=run, overlay=overlay, ratio=ratio:
                        write_epoch_mix(q, run, overlay, ratio))
 
@@ -1455,9 +1468,8 @@ def _section_unlabeled(out: str, seeds: Sequence[int], ratios: Sequence[float]) 
         mix = _load(os.path.join(runs_dir, name, "epoch_mix.json"))
         if mix and name == unlabeled_run(float(mix["added_ratio"])):
             found[float(mix["added_ratio"])] = mix
-    ratios = sorted(set(found) | {float(r) for r in ratios})
-    if ratios:
-        ratios = sorted(set(ratios) | {default_added_ratio()})     # Table 1's runs: the reference
+    given = set(found) | {float(r) for r in ratios}
+    ratios = sorted(given | {default_added_ratio()}) if given else []   # Table 1's: the reference
     L = ["## Fig. 5 analog: number of added unlabeled slices (MELD + MAM + NRM finetuning)", "",
          "`added_ratio` R: unlabeled slices (from mining) drawn per mixing epoch = R x the positive "
          "slices, fresh each epoch (configs/finetune.py's default, "

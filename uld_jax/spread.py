@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     seeds = a.seeds
     runs = [r for r in a.runs.split(",") if r]
-    unknown = [r for r in runs if r not in rp.HELDOUT_RUNS and not rp.unlabeled_ratios([r])]
+    unknown = [r for r in runs if r not in rp.HELDOUT_RUNS and rp.unlabeled_ratio_of(r) is None]
     if unknown:
         p.error(f"--runs: unknown run(s) {unknown}; known: {', '.join(rp.HELDOUT_RUNS)}, and "
                 "Fig. 5's ft_both_added<R> / ft_none_added<R> (reproduce --unlabeled)")

@@ -3,7 +3,7 @@
     python -m data_prep.synthesize --preset {tiny,small,paper} --seed N --out DIR
         [--overwrite] [--stats] [--preview] [--tables-only] [--workers K]
         [--dl-patients N] [--luna N] [--lits N] [--nihln N] [--dl-split VAL,TEST]
-        [--unbiased-marks]
+        [--unbiased-marks] [--extra-lesions M]
 
 Everything is written into a temporary sibling folder and renamed to DIR at the end, so an
 interrupted or failed run leaves nothing partial behind. The same preset, seed and counts give the
@@ -49,14 +49,23 @@ def _tqdm(iterable, **kw):
     return tqdm(iterable, **kw)
 
 
-def resolve_preset(preset: str, counts: dict | None, *, mark_bias: bool = True) -> Preset:
+def resolve_preset(preset: str, counts: dict | None, *, mark_bias: bool = True,
+                   extra_lesions: float | None = None) -> Preset:
     """The named preset with optional count overrides (dl_patients, luna_scans, lits_volumes,
     nihln_med, nihln_abd) and DeepLesion split fractions (dl_val_fraction, dl_test_fraction);
     negative counts or fractions outside [0, 1] raise :class:`PresetError`. ``mark_bias`` False
-    switches the radiologist's marking bias off (``Preset.dl_mark_bias``)."""
+    switches the radiologist's marking bias off (``Preset.dl_mark_bias``). ``extra_lesions``
+    replaces the mean number of lesions per DeepLesion patient beyond its marked ones
+    (``Preset.dl_extra_lesions``; None: the preset's): the marks per study stay, so a larger value
+    leaves more lesions unmarked."""
     if not isinstance(mark_bias, (bool, np.bool_)):
         raise PresetError(f"mark_bias must be True or False, got {mark_bias!r}")
     p = dataclasses.replace(get_preset(preset), dl_mark_bias=bool(mark_bias))
+    if extra_lesions is not None:
+        if isinstance(extra_lesions, bool) or not isinstance(extra_lesions, (int, float, np.number)) \
+                or not np.isfinite(extra_lesions) or extra_lesions < 0:
+            raise PresetError(f"extra_lesions must be a finite number >= 0, got {extra_lesions!r}")
+        p = dataclasses.replace(p, dl_extra_lesions=float(extra_lesions))
     if counts:
         fractions = {"dl_val_fraction", "dl_test_fraction"}
         unknown = set(counts) - {"dl_patients", "luna_scans", "lits_volumes", "nihln_med",
@@ -218,7 +227,8 @@ def _generate(preset: Preset, seed: int, tmp: pathlib.Path, tables_only: bool, w
 def synthesize(preset: str = "tiny", seed: int = 0, out: str | os.PathLike = "world",
                overwrite: bool = False, stats: bool = False, preview: bool = False,
                tables_only: bool = False, *, counts: dict | None = None, workers: int = 1,
-               progress: bool = True, mark_bias: bool = True) -> pathlib.Path:
+               progress: bool = True, mark_bias: bool = True,
+               extra_lesions: float | None = None) -> pathlib.Path:
     """Generates the world into ``out`` (see module docstring); returns the output path.
 
     Raises PresetError / SynthesisError (ValueError subclasses, one-line messages) on bad input,
@@ -228,7 +238,7 @@ def synthesize(preset: str = "tiny", seed: int = 0, out: str | os.PathLike = "wo
         raise SynthesisError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(workers, int) or workers < 1:
         raise SynthesisError(f"workers must be a positive integer, got {workers!r}")
-    p = resolve_preset(preset, counts, mark_bias=mark_bias)
+    p = resolve_preset(preset, counts, mark_bias=mark_bias, extra_lesions=extra_lesions)
     out = pathlib.Path(out).absolute()
     _check_out(out, overwrite)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -292,6 +302,10 @@ def main(argv=None) -> int:
                     help="a diagnostic world: DeepLesion marks drawn regardless of lesion size and "
                     "conspicuity (the radiologist's bias off), so the unmarked lesions are as easy "
                     "to see as the marked ones")
+    ap.add_argument("--extra-lesions", type=float, default=None, metavar="M",
+                    help="mean lesions per DeepLesion patient beyond its marked ones (default: the "
+                    "preset's, 10 on small); the marks stay as many, so a larger M makes a world "
+                    "with more unmarked lesions per slice")
     a = ap.parse_args(argv)
     # A terminated run unwinds like Ctrl-C, so the temporary output folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -312,7 +326,8 @@ def main(argv=None) -> int:
     try:
         out = synthesize(a.preset, a.seed, a.out, overwrite=a.overwrite, stats=a.stats,
                          preview=a.preview, tables_only=a.tables_only, counts=counts,
-                         workers=a.workers, mark_bias=not a.unbiased_marks)
+                         workers=a.workers, mark_bias=not a.unbiased_marks,
+                         extra_lesions=a.extra_lesions)
     except (PresetError, SynthesisError) as e:
         sys.stderr.write(f"synthesize: error: {e}\n")
         return 2

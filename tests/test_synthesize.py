@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import hashlib
 import os
+import json
 import pathlib
 import re
 import subprocess
@@ -481,3 +482,31 @@ def test_unbiased_marks_world(tmp_path):
         SY.resolve_preset("tiny", None, mark_bias=0)
     assert not SY.resolve_preset("tiny", {"dl_patients": 5}, mark_bias=False).dl_mark_bias
     assert SY.resolve_preset("tiny", None).dl_mark_bias
+
+
+def test_extra_lesions_world(tmp_path):
+    """--extra-lesions M: more lesions per patient, the same marks, so more of them unmarked; the
+    value is recorded in world.json and bad values are refused before anything is written."""
+    def lesions(world):
+        with open(world / "truth" / "deeplesion_lesions.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return len(rows), sum(r["marked"] == "1" for r in rows)
+    default = SY.synthesize("small", 0, tmp_path / "d", tables_only=True, progress=False,
+                            counts={"dl_patients": 12})
+    assert SY.main(["--preset", "small", "--seed", "0", "--out", str(tmp_path / "x"),
+                    "--tables-only", "--dl-patients", "12", "--extra-lesions", "40"]) == 0
+    dense = tmp_path / "x"
+    with open(dense / "world.json", encoding="utf-8") as f:
+        assert json.load(f)["preset_values"]["dl_extra_lesions"] == 40.0
+    (n_d, m_d), (n_x, m_x) = lesions(default), lesions(dense)
+    with open(dense / "DeepLesion" / "DL_info.csv", newline="", encoding="utf-8") as f1, \
+            open(default / "DeepLesion" / "DL_info.csv", newline="", encoding="utf-8") as f2:
+        assert len(list(csv.DictReader(f1))) == len(list(csv.DictReader(f2)))
+    assert n_x > 2 * n_d and m_x / n_x < 0.6 * m_d / n_d, (n_d, m_d, n_x, m_x)
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(SY.PresetError, match="extra_lesions must be a finite number"):
+            SY.resolve_preset("small", None, extra_lesions=bad)
+    assert SY.resolve_preset("small", None).dl_extra_lesions == 10.0
+    assert SY.main(["--preset", "small", "--out", str(tmp_path / "bad"), "--tables-only",
+                    "--extra-lesions", "-2"]) == 2
+    assert not (tmp_path / "bad").exists()

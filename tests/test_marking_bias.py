@@ -74,6 +74,38 @@ def test_steps_and_commands(tmp_path, recorded_steps, monkeypatch):
         mb.table_step(qs.Quickstart(str(tmp_path / "x"), u, quiet=True), "ignore_added")
 
 
+def test_dense_variant(tmp_path, recorded_steps, monkeypatch):
+    """--variant dense: the same steps and commands on a world with --extra-lesions 40 (only the
+    world's command differs), and its own page heading."""
+    monkeypatch.setattr(train, "checkpoint_steps", lambda d: [60, 120])
+    r = qs.RECIPES["smoke"]
+    mb.run(str(tmp_path / "u"), r, [3])
+    unbiased = {n: c for o, n, c, _ in recorded_steps}
+    recorded_steps.clear()
+    mb.run(str(tmp_path / "d"), r, [3], variant="dense")
+    dense = {n: c for o, n, c, _ in recorded_steps}
+    assert list(dense) == list(unbiased)
+    (world,) = dense["world"]
+    assert world[-2:] == ["--extra-lesions", "40"] and "--unbiased-marks" not in world
+    for name in dense:
+        if name != "world":
+            assert [[a.replace(str(tmp_path / "u"), str(tmp_path / "d")) for a in c]
+                    for c in unbiased[name]] == dense[name], name
+    d = mb.variant_recipe(qs.RECIPES["quick"], "dense")
+    assert d.name == "quick_dense" and mb.variant_recipe(d, "dense") == d
+    assert d.world_args == (*qs.RECIPES["quick"].world_args, "--extra-lesions", "40")
+    with pytest.raises(ValueError, match="unknown variant 'sparse'; choose one of unbiased, dense"):
+        mb.variant_recipe(d, "sparse")
+    page = tmp_path / "p.md"
+    assert mb.main(["--variant", "dense", "--out", str(tmp_path / "empty"), "--results-only",
+                    "--results", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# A world with more unmarked lesions")
+    assert "marking_bias --variant dense --recipe quick" in text
+    assert "world `small` with `--dl-patients 36 --luna 8 --lits 4 --nihln 4 --extra-lesions 40`" \
+        in text and "## More unmarked lesions (`--extra-lesions 40`)" in text
+
+
 def test_no_checkpoint_to_mine_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "checkpoint_steps", lambda d: [])
     q0 = qs.Quickstart(str(tmp_path / "seed_0"), mb.unbiased_recipe(qs.RECIPES["smoke"]), quiet=True)

@@ -1,18 +1,25 @@
-"""Does NRM's premise depend on the radiologist's marking bias? A diagnostic on the synthetic world.
+"""Does NRM's premise depend on the world's label policy? A diagnostic on the synthetic world.
 
-    python -m uld_jax.marking_bias --out OUT [--recipe long] [--seeds 0,1,2,3] \
-        [--heldout 24] [--heldout-checkpoints 2] [--compare OUT_DEFAULT] \
+    python -m uld_jax.marking_bias --out OUT [--variant unbiased|dense] [--recipe quick] \
+        [--seeds 0,1,2,3] [--heldout 24] [--heldout-checkpoints 2] [--compare OUT_DEFAULT] \
         [--results docs/results_unbiased.md] [--results-only]
 
 NRM keeps the lesions the annotations miss out of the negatives. It can only help if a detector
 trained with them among its negatives learns them as background. On the default world a perfect NRM
-(the world's truth as ignore regions) does not help, and a suspected reason is the world's label
-policy: it marks larger and more conspicuous lesions more often (DESIGN.md section 5), so the
-unmarked lesions are the harder ones. This runs the same experiment as ``python -m uld_jax.reproduce
---baseline-nrm key`` on a world synthesized with ``--unbiased-marks`` (marks drawn regardless of size
-and conspicuity; same anatomy, lesions and images):
+(the world's truth as ignore regions) does not help. Two suspected reasons are the world's label
+policy, each tested by a world variant (:data:`VARIANTS`):
 
-1. the world (the recipe's preset and counts plus ``--unbiased-marks``), checked and built;
+- ``unbiased`` (``--unbiased-marks``): the default world marks larger and more conspicuous lesions
+  more often (DESIGN.md section 5), so the unmarked lesions are the harder ones; this world's marks
+  are drawn regardless of size and conspicuity (same anatomy, lesions and images);
+- ``dense`` (``--extra-lesions 40``): on the default world the unmarked lesions are a few percent
+  of the negatives' loss (about one unmarked cross-section a key slice); this world draws 40
+  lesions per patient beyond the marked ones instead of 10, with the same marks, so several times
+  as many lesions go unmarked on every slice.
+
+Each runs the same experiment as ``python -m uld_jax.reproduce --baseline-nrm key`` on its world:
+
+1. the world (the recipe's preset and counts plus the variant's flags), checked and built;
 2. every seed, by :func:`reproduce.run_baseline_nrm` with ``key``: the DeepLesion-only baseline
    for 4x the recipe's epochs (``baseline_long``), then the same with the perfect NRM's table and
    no added slice drawn (``baseline_long_nrm_key``, ``--oracle-scratch ignore_key``'s flags), and
@@ -22,9 +29,9 @@ and conspicuity; same anatomy, lesions and images):
    table is used: the key slices and one slice every 5 mm), then ``python -m uld_jax.mine.oracle
    --as ignore --without_added`` on it (step ``mine_oracle_nrm_key``);
 4. both evaluated on the world's test split and on the held-out world (``--heldout N`` patients:
-   the reproduction's held-out world, synthesized with the default label policy, since the test
-   truth holds every lesion whatever was marked), and which lesions each run finds on its own
-   training slices (``uld_jax.mine.suppression``).
+   the reproduction's held-out world, synthesized with the default generator arguments, so every
+   variant and the default world are read on the same lesions), and which lesions each run finds
+   on its own training slices (``uld_jax.mine.suppression``).
 
 Every step is recorded in ``OUT/seed_<s>/state`` and skipped when done, so an interrupted run
 resumes. ``--results PAGE`` writes the tables (with ``--compare``: the same runs of a
@@ -49,7 +56,6 @@ import numpy as np
 from uld_jax import quickstart as qs
 from uld_jax import reproduce as rp
 
-FLAG = "--unbiased-marks"
 PLAIN, NRM = rp.LONG_RUNS[0], "baseline_long_nrm_key"
 RUNS = (PLAIN, NRM)
 ROWS = tuple((r, n) for r, n in rp.LONG_ROWS if r in RUNS)
@@ -58,11 +64,54 @@ SLICES_RUN = "slices"          # the first seed's mining store of the plain run 
 TABLE = "mined_oracle_nrm_key.npz"
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A world variant: its ``data_prep.synthesize`` flags and its page's words."""
+    flags: tuple[str, ...]
+    title: str                 # the page's title
+    section: str               # the heading of this world's tables
+    question: str              # the page's paragraph: what it tests and what would show it
+    default_section: str = ("The default world, `python -m uld_jax.reproduce --baseline-nrm key`")
+
+
+VARIANTS = {
+    "unbiased": Variant(
+        ("--unbiased-marks",), "A world without the marking bias: does a perfect NRM help there?",
+        "Unbiased marks (`--unbiased-marks`)",
+        "on a world whose marks ignore lesion size and conspicuity, and (with a comparison folder) "
+        "the same runs on the default world, whose radiologist marks larger, more conspicuous "
+        "lesions more often. If the marking bias is what keeps NRM's premise from holding, the "
+        "perfect NRM should gain on the unbiased world.",
+        "Default marks (the radiologist's bias), `python -m uld_jax.reproduce --baseline-nrm key`"),
+    "dense": Variant(
+        ("--extra-lesions", "40"),
+        "A world with more unmarked lesions: does a perfect NRM help there?",
+        "More unmarked lesions (`--extra-lesions 40`)",
+        "on a world with 40 lesions per patient beyond the marked ones instead of the default "
+        "world's 10 (the same marks, so several times as many unmarked lesions on every slice), "
+        "and (with a comparison folder) the same runs on the default world. If NRM's premise fails "
+        "on the default world because its unmarked lesions are too few a share of the negatives, "
+        "the perfect NRM should gain on the dense world."),
+}
+
+
+def variant_recipe(recipe: qs.Recipe, variant: str = "unbiased") -> qs.Recipe:
+    """``recipe`` on the world of ``variant`` (:data:`VARIANTS`; its flags added once, the name
+    suffixed with the variant); :func:`reproduce.run_baseline_nrm` trains it
+    :func:`reproduce.long_recipe`'s epochs."""
+    if variant not in VARIANTS:
+        raise ValueError(f"marking_bias: unknown variant {variant!r}; choose one of "
+                         f"{', '.join(VARIANTS)}")
+    flags = VARIANTS[variant].flags
+    if flags[0] in recipe.world_args:
+        return recipe
+    return dataclasses.replace(recipe, name=f"{recipe.name}_{variant}",
+                               world_args=(*recipe.world_args, *flags))
+
+
 def unbiased_recipe(recipe: qs.Recipe) -> qs.Recipe:
-    """``recipe`` on a world with ``--unbiased-marks`` (:func:`reproduce.run_baseline_nrm` trains it
-    :func:`reproduce.long_recipe`'s epochs)."""
-    args = recipe.world_args if FLAG in recipe.world_args else (*recipe.world_args, FLAG)
-    return dataclasses.replace(recipe, name=f"{recipe.name}_unbiased", world_args=args)
+    """``recipe`` on a world with ``--unbiased-marks``."""
+    return variant_recipe(recipe, "unbiased")
 
 
 def table_path(q0: qs.Quickstart) -> str:
@@ -97,10 +146,10 @@ def table_step(q0: qs.Quickstart, as_: str = "ignore_key") -> str:
 
 
 def run(out: str, recipe: qs.Recipe, seeds: Sequence[int], heldout: int = 0,
-        checkpoints: int = 1) -> None:
+        checkpoints: int = 1, variant: str = "unbiased") -> None:
     """Steps 1-4 of the module docstring for ``seeds`` (the first seed's world and table serve
-    every seed); ``recipe`` is the base recipe (:func:`unbiased_recipe` is applied here)."""
-    r = unbiased_recipe(recipe)
+    every seed); ``recipe`` is the base recipe (:func:`variant_recipe` is applied here)."""
+    r = variant_recipe(recipe, variant)
     q0 = rp._first_seed(out, r, seeds)
     q0.do_world()
     q0.do_check_build()
@@ -177,8 +226,9 @@ def _world_sections(out: str, seeds: Sequence[int], title: str, checkpoints: int
               f"{g['log_weight_gap']:+.2f}.", ""]
     L += rp._runs_section(out, seeds, "eval_heldout", RUNS, "Held-out world",
                           "The reproduction's held-out world (every DeepLesion patient in its test "
-                          "split, the default label policy; no run was trained, tuned or selected "
-                          "on it). Seeds column: seeds with the run.", ROWS, CHECKS)
+                          "split, the default world's generator arguments; no run was trained, "
+                          "tuned or selected on it). Seeds column: seeds with the run.", ROWS,
+                          CHECKS)
     L += _checkpoint_lines(out, seeds, checkpoints)
     split = rp._runs_section(out, seeds, "eval", RUNS, "The training world's own test split",
                              "The world the runs were trained on, its test split.", ROWS, CHECKS)
@@ -200,26 +250,23 @@ def _world_sections(out: str, seeds: Sequence[int], title: str, checkpoints: int
 
 def results_lines(out: str, seeds: Sequence[int], recipe: qs.Recipe,
                   compare: str | None = None, notes: Sequence[str] = (),
-                  checkpoints: int = 1) -> list[str]:
-    r = rp.long_recipe(unbiased_recipe(recipe))
-    L = ["# A world without the marking bias: does a perfect NRM help there?", "",
-         f"Written by `python -m uld_jax.marking_bias --recipe {recipe.name} --out {out} --seeds "
-         f"{','.join(map(str, seeds))}" + (f" --compare {compare}" if compare else "")
+                  checkpoints: int = 1, variant: str = "unbiased") -> list[str]:
+    r = rp.long_recipe(variant_recipe(recipe, variant))
+    v = VARIANTS[variant]
+    flag = "" if variant == "unbiased" else f" --variant {variant}"
+    L = [f"# {v.title}", "",
+         f"Written by `python -m uld_jax.marking_bias{flag} --recipe {recipe.name} --out {out} "
+         f"--seeds {','.join(map(str, seeds))}" + (f" --compare {compare}" if compare else "")
          + "` (numbers from the runs' files; module docstring: what it "
          f"runs). Recipe `{r.name}`: {r.epochs} epochs of {r.steps_per_epoch} steps of "
          f"{r.batch_size} samples, world `{r.preset}` with `{' '.join(r.world_args)}`.", "",
          "The DeepLesion-only baseline trained until it fits its labels, plain and with a perfect "
          "NRM on its key slices (the world's truth as ignore regions: every lesion the "
-         "annotations miss kept out of its negatives, nothing else changed), on a world whose "
-         "marks ignore lesion size and conspicuity, and (with a comparison folder) the same runs "
-         "on the default world, whose radiologist marks larger, more conspicuous lesions more "
-         "often. If the marking bias is what keeps NRM's premise from holding, the perfect NRM "
-         "should gain on the unbiased world.", ""]
+         "annotations miss kept out of its negatives, nothing else changed), " + v.question, ""]
     L += [f"- {n}" for n in notes] + ([""] if notes else [])
-    L += _world_sections(out, seeds, "Unbiased marks (`--unbiased-marks`)", checkpoints)
+    L += _world_sections(out, seeds, v.section, checkpoints)
     if compare:
-        L += _world_sections(compare, seeds, "Default marks (the radiologist's bias), "
-                             "`python -m uld_jax.reproduce --baseline-nrm key`", checkpoints)
+        L += _world_sections(compare, seeds, v.default_section, checkpoints)
     return L
 
 
@@ -227,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m uld_jax.marking_bias", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/marking_bias")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="unbiased",
+                   help="the world: unbiased (--unbiased-marks) or dense (--extra-lesions 40); "
+                   "the module docstring says what each tests")
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="quick",
                    help="base recipe, trained 4x its epochs (quick: the `long` recipe's length)")
     p.add_argument("--seeds", type=rp.seeds_arg, default="0,1,2,3")
@@ -247,8 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = qs.RECIPES[a.recipe]
     t = time.time()
     if not a.results_only:
-        run(a.out, recipe, a.seeds, a.heldout, a.heldout_checkpoints)
-    lines = results_lines(a.out, a.seeds, recipe, a.compare, a.note, a.heldout_checkpoints)
+        run(a.out, recipe, a.seeds, a.heldout, a.heldout_checkpoints, a.variant)
+    lines = results_lines(a.out, a.seeds, recipe, a.compare, a.note, a.heldout_checkpoints,
+                          a.variant)
     rp.write_or_print(a.results, lines, "marking_bias", f" ({math.ceil(time.time() - t)} s)")
     return 0
 

@@ -6,15 +6,15 @@
 
 NRM keeps the lesions the annotations miss out of the negatives. It can only help if a detector
 trained with them among its negatives learns them as background. On the default world a perfect NRM
-(the world's truth as ignore regions) does not help. Two suspected reasons are the world's label
-policy, each tested by a world variant (:data:`VARIANTS`):
+(the world's truth as ignore regions) does not help. Two suspected reasons lie in how the world is
+drawn, each tested by a world variant (:data:`VARIANTS`):
 
 - ``unbiased`` (``--unbiased-marks``): the default world marks larger and more conspicuous lesions
   more often (DESIGN.md section 5), so the unmarked lesions are the harder ones; this world's marks
   are drawn regardless of size and conspicuity (same anatomy, lesions and images);
 - ``dense`` (``--extra-lesions 40``): on the default world the unmarked lesions are a few percent
   of the negatives' loss (about one unmarked cross-section a key slice); this world draws 40
-  lesions per patient beyond the marked ones instead of 10, with the same marks, so several times
+  lesions per patient beyond the marked ones instead of 10, with as many marks, so several times
   as many lesions go unmarked on every slice.
 
 Each runs the same experiment as ``python -m uld_jax.reproduce --baseline-nrm key`` on its world:
@@ -88,7 +88,7 @@ VARIANTS = {
         "A world with more unmarked lesions: does a perfect NRM help there?",
         "More unmarked lesions (`--extra-lesions 40`)",
         "on a world with 40 lesions per patient beyond the marked ones instead of the default "
-        "world's 10 (the same marks, so several times as many unmarked lesions on every slice), "
+        "world's 10 (as many marks, so several times as many unmarked lesions on every slice), "
         "and (with a comparison folder) the same runs on the default world. If NRM's premise fails "
         "on the default world because its unmarked lesions are too few a share of the negatives, "
         "the perfect NRM should gain on the dense world."),

@@ -36,7 +36,9 @@ Each runs the same experiment as ``python -m uld_jax.reproduce --baseline-nrm ke
 Every step is recorded in ``OUT/seed_<s>/state`` and skipped when done, so an interrupted run
 resumes. ``--results PAGE`` writes the tables (with ``--compare``: the same runs of a
 ``python -m uld_jax.reproduce --baseline-nrm key --suppression`` output on the default world beside
-them). Cost: the eight runs of four seeds took 70-74 minutes each, all sharing 2 CPU cores.
+them). Cost on 2 CPU cores: ``unbiased``'s eight runs of four seeds took 70-74 minutes each, all
+eight at once; ``dense``'s six runs of seeds 0-2 took 52-55 minutes each, six at once, and seed
+3's two 18 minutes each, two at once.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ gap against a hand-worked case, and its page against hand-computed differences."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -96,6 +97,11 @@ def test_dense_variant(tmp_path, recorded_steps, monkeypatch):
     assert d.world_args == (*qs.RECIPES["quick"].world_args, "--extra-lesions", "40")
     with pytest.raises(ValueError, match="unknown variant 'sparse'; choose one of unbiased, dense"):
         mb.variant_recipe(d, "sparse")
+    other = dataclasses.replace(d, world_args=(*qs.RECIPES["quick"].world_args,
+                                               "--extra-lesions", "20"))
+    with pytest.raises(ValueError, match="already sets --extra-lesions otherwise than the dense "
+                       "variant"):
+        mb.variant_recipe(other, "dense")
     page = tmp_path / "p.md"
     assert mb.main(["--variant", "dense", "--out", str(tmp_path / "empty"), "--results-only",
                     "--results", str(page)]) == 0

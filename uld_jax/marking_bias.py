@@ -104,9 +104,12 @@ def variant_recipe(recipe: qs.Recipe, variant: str = "unbiased") -> qs.Recipe:
     if variant not in VARIANTS:
         raise ValueError(f"marking_bias: unknown variant {variant!r}; choose one of "
                          f"{', '.join(VARIANTS)}")
-    flags = VARIANTS[variant].flags
-    if flags[0] in recipe.world_args:
+    flags, args = VARIANTS[variant].flags, recipe.world_args
+    if any(args[i:i + len(flags)] == flags for i in range(len(args))):
         return recipe
+    if flags[0] in args:
+        raise ValueError(f"marking_bias: recipe {recipe.name!r} already sets {flags[0]} otherwise "
+                         f"than the {variant} variant ({' '.join(flags)}): {' '.join(args)}")
     return dataclasses.replace(recipe, name=f"{recipe.name}_{variant}",
                                world_args=(*recipe.world_args, *flags))
 

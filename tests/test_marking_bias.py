@@ -68,9 +68,9 @@ def test_steps_and_commands(tmp_path, recorded_steps, monkeypatch):
         assert [a.replace(meld_table, table).replace(str(reproduce_dir), str(tmp_path))
                 for a in ref[name][0]] == s3[name][0], name
     # the recipe: the flag once, whatever it starts from
-    u = mb.unbiased_recipe(qs.RECIPES["quick"])
+    u = mb.variant_recipe(qs.RECIPES["quick"], "unbiased")
     assert u.epochs == qs.RECIPES["quick"].epochs and u.world_args.count("--unbiased-marks") == 1
-    assert mb.unbiased_recipe(u).world_args.count("--unbiased-marks") == 1
+    assert mb.variant_recipe(u, "unbiased").world_args.count("--unbiased-marks") == 1
     with pytest.raises(ValueError, match="only 'ignore_key'"):
         mb.table_step(qs.Quickstart(str(tmp_path / "x"), u, quiet=True), "ignore_added")
 
@@ -114,7 +114,8 @@ def test_dense_variant(tmp_path, recorded_steps, monkeypatch):
 
 def test_no_checkpoint_to_mine_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "checkpoint_steps", lambda d: [])
-    q0 = qs.Quickstart(str(tmp_path / "seed_0"), mb.unbiased_recipe(qs.RECIPES["smoke"]), quiet=True)
+    q0 = qs.Quickstart(str(tmp_path / "seed_0"), mb.variant_recipe(qs.RECIPES["smoke"], "unbiased"),
+                       quiet=True)
     with pytest.raises(SystemExit, match="no checkpoint to mine the slice table"):
         mb.table_step(q0)
 

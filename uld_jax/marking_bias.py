@@ -73,9 +73,10 @@ class Variant:
     title: str                 # the page's title
     section: str               # the heading of this world's tables
     question: str              # the page's paragraph: what it tests and what would show it
-    default_section: str = ("The default world, `python -m uld_jax.reproduce --baseline-nrm key`")
+    default_section: str = "The default world, `python -m uld_jax.reproduce --baseline-nrm key`"
 
 
+DEFAULT_VARIANT = "unbiased"   # the module's first experiment; its page's command omits --variant
 VARIANTS = {
     "unbiased": Variant(
         ("--unbiased-marks",), "A world without the marking bias: does a perfect NRM help there?",
@@ -97,7 +98,7 @@ VARIANTS = {
 }
 
 
-def variant_recipe(recipe: qs.Recipe, variant: str = "unbiased") -> qs.Recipe:
+def variant_recipe(recipe: qs.Recipe, variant: str = DEFAULT_VARIANT) -> qs.Recipe:
     """``recipe`` on the world of ``variant`` (:data:`VARIANTS`; its flags added once, the name
     suffixed with the variant); :func:`reproduce.run_baseline_nrm` trains it
     :func:`reproduce.long_recipe`'s epochs."""
@@ -112,11 +113,6 @@ def variant_recipe(recipe: qs.Recipe, variant: str = "unbiased") -> qs.Recipe:
                          f"than the {variant} variant ({' '.join(flags)}): {' '.join(args)}")
     return dataclasses.replace(recipe, name=f"{recipe.name}_{variant}",
                                world_args=(*recipe.world_args, *flags))
-
-
-def unbiased_recipe(recipe: qs.Recipe) -> qs.Recipe:
-    """``recipe`` on a world with ``--unbiased-marks``."""
-    return variant_recipe(recipe, "unbiased")
 
 
 def table_path(q0: qs.Quickstart) -> str:
@@ -151,7 +147,7 @@ def table_step(q0: qs.Quickstart, as_: str = "ignore_key") -> str:
 
 
 def run(out: str, recipe: qs.Recipe, seeds: Sequence[int], heldout: int = 0,
-        checkpoints: int = 1, variant: str = "unbiased") -> None:
+        checkpoints: int = 1, variant: str = DEFAULT_VARIANT) -> None:
     """Steps 1-4 of the module docstring for ``seeds`` (the first seed's world and table serve
     every seed); ``recipe`` is the base recipe (:func:`variant_recipe` is applied here)."""
     r = variant_recipe(recipe, variant)
@@ -255,10 +251,10 @@ def _world_sections(out: str, seeds: Sequence[int], title: str, checkpoints: int
 
 def results_lines(out: str, seeds: Sequence[int], recipe: qs.Recipe,
                   compare: str | None = None, notes: Sequence[str] = (),
-                  checkpoints: int = 1, variant: str = "unbiased") -> list[str]:
+                  checkpoints: int = 1, variant: str = DEFAULT_VARIANT) -> list[str]:
     r = rp.long_recipe(variant_recipe(recipe, variant))
     v = VARIANTS[variant]
-    flag = "" if variant == "unbiased" else f" --variant {variant}"
+    flag = "" if variant == DEFAULT_VARIANT else f" --variant {variant}"
     L = [f"# {v.title}", "",
          f"Written by `python -m uld_jax.marking_bias{flag} --recipe {recipe.name} --out {out} "
          f"--seeds {','.join(map(str, seeds))}" + (f" --compare {compare}" if compare else "")
@@ -279,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m uld_jax.marking_bias", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/marking_bias")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default="unbiased",
+    p.add_argument("--variant", choices=sorted(VARIANTS), default=DEFAULT_VARIANT,
                    help="the world: unbiased (--unbiased-marks) or dense (--extra-lesions 40); "
                    "the module docstring says what each tests")
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="quick",

@@ -214,3 +214,23 @@ def test_cli(tmp_path, capsys):
                     str(page), "--note", "a note"]) == 0
     assert "- a note" in page.read_text() and page.read_text().startswith("# A world without")
     assert rp.LONG_RUNS[0] == mb.PLAIN
+
+
+def test_reproduce_runs_a_variant(tmp_path, monkeypatch):
+    """reproduce --variant dense: Table 1's chain on the dense world's recipe, and its own page."""
+    seen = {}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rp, "run_seeds", lambda out, r, seeds: seen.update(run=(out, r, seeds)))
+    monkeypatch.setattr(rp, "run_control", lambda out, r, seeds: seen.update(control=r))
+    monkeypatch.setattr(rp, "write_results", lambda out, r, seeds, path, argv, **k:
+                        seen.update(page=(r, path)) or "")
+    assert rp.main(["--out", str(tmp_path), "--variant", "dense", "--seeds", "0,1",
+                    "--control"]) == 0
+    dense = mb.variant_recipe(qs.RECIPES["quick"], "dense")
+    assert seen["run"] == (str(tmp_path), dense, [0, 1]) and seen["control"] == dense
+    assert seen["page"] == (dense, str(tmp_path / "docs" / "results_quick_dense.md"))
+    seen.clear()
+    monkeypatch.chdir(tmp_path)                        # main moved to the repository
+    assert rp.main(["--out", str(tmp_path), "--recipe", "equal", "--seeds", "0"]) == 0
+    assert seen["run"][1] == qs.RECIPES["equal"]
+    assert seen["page"] == (qs.RECIPES["equal"], str(tmp_path / "docs" / "results_equal.md"))

@@ -274,6 +274,8 @@ def test_names_of_the_sweeps_runs_round_trip():
     (["--mined-scratch", ","], "--mined-scratch: ',': no part given"),
     (["--baseline-nrm", "key,ignore"], "--baseline-nrm: unknown arm(s) ['ignore']; expected some "
      "of key, added"),
+    (["--variant", "sparse"], "--variant: marking_bias: unknown variant 'sparse'; choose one of "
+     "unbiased, dense"),
 ])
 def test_bad_arguments_are_one_line_errors(args, msg, capsys):
     with pytest.raises(SystemExit) as e:

@@ -1,7 +1,7 @@
 """The paper's experiments on the synthetic world, and docs/results.md written from their outputs.
 
     python -m uld_jax.reproduce --out runs/reproduce --seeds 0,1,2 [--recipe quick|long|equal] \
-        [--keyslice] [--control] [--oracle] \
+        [--variant unbiased|dense] [--keyslice] [--control] [--oracle] \
         [--oracle-scratch [positive,ignore,ignore_key,ignore_added]] \
         [--mined-scratch [mam,nrm,both,yield,yield_mam,added]] [--resume [none,mined,oracle]] \
         [--baseline-nrm [key,added]] [--suppression] [--heldout N [--heldout-checkpoints K]] \
@@ -80,6 +80,10 @@ What runs (each piece resumable: finished steps are skipped when run again):
 * ``--recipe long``: the quick recipe's world and model trained 4x as long (32 epochs, mining at
   24), where the detector fits its training lesions; write its page with ``--results
   docs/results_long.md``.
+* ``--variant WORLD``: every run on a variant of the recipe's world (``uld_jax.marking_bias``'s
+  variants: ``unbiased`` marks that ignore size and conspicuity, ``dense`` 40 unmarked lesions per
+  patient beyond the marks instead of 10), the recipe named ``<recipe>_<variant>``; the held-out
+  worlds keep the default generator, so that runs on different worlds are read on the same test.
 
 On the first seed only (its world, build and MELD run; the chunk store of MELD's mining is reused, so
 mining again repeats no inference), each step of the same resumable kind:
@@ -1827,6 +1831,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="quick")
     p.add_argument("--seeds", type=seeds_arg, default="0,1,2")
+    p.add_argument("--variant", default="", metavar="WORLD",
+                   help="train on a variant of the recipe's world (uld_jax.marking_bias.VARIANTS: "
+                        "unbiased = marks that ignore size and conspicuity, dense = 40 unmarked "
+                        "lesions per patient beyond the marks); the recipe's name gets the suffix, "
+                        "the default page is docs/results_<recipe>_<variant>.md; held-out worlds "
+                        "keep the default generator")
     p.add_argument("--keyslice", action="store_true", help="Table 3 analog for every run")
     p.add_argument("--thetas", default="", type=_number_list("--thetas", 0.0, strict=True),
                    help="comma-separated thetas for the Fig. 5 sweep")
@@ -1899,6 +1909,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     out = os.path.abspath(a.out)
     r = qs.RECIPES[a.recipe]
+    if a.variant:
+        from uld_jax import marking_bias   # it builds on this module
+        try:
+            r = marking_bias.variant_recipe(r, a.variant)
+        except ValueError as e:
+            p.error(f"--variant: {e}")
     seeds = a.seeds
     def subset(flag: str, value: str, kind: str, allowed: Sequence[str]) -> list[str]:
         names = [v.strip() for v in value.split(",") if v.strip()]
@@ -1917,7 +1933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.heldout_checkpoints < 1:
         p.error(f"--heldout-checkpoints: {a.heldout_checkpoints}: give 1 or more")
     if a.results is None:
-        a.results = ("docs/results.md" if a.recipe == "quick" else f"docs/results_{a.recipe}.md")
+        a.results = ("docs/results.md" if r.name == "quick" else f"docs/results_{r.name}.md")
     results = os.path.abspath(a.results) if a.results else ""
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not a.results_only:

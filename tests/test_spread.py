@@ -119,6 +119,12 @@ def test_cli(tmp_path, capsys):
     text = page.read_text(encoding="utf-8")
     assert "| MELD > baseline | heldout_4 | released | -25.0 | -25.0 |" in text
     assert "| n/a |" in text                    # one seed: no spread across seeds to split
+    # a world variant's runs read the same way (the variant names the recipe the runs were made by)
+    assert spread.main(["--out", str(tmp_path), "--recipe", "smoke", "--variant", "dense", "--seeds",
+                        "0", "--patients", "4", "--runs", "meld,baseline", "--results-only",
+                        "--samples", "50", "--results", str(tmp_path / "dense.md")]) == 0
+    assert "| MELD > baseline | heldout_4 | released | -25.0 | -25.0 |" in (
+        tmp_path / "dense.md").read_text(encoding="utf-8")
     res = json.load(open(tmp_path / "spread.json", encoding="utf-8"))
     assert res["samples"] == 50 and "heldout_4" in res["worlds"]
     # Fig. 5's runs are known by their pattern (this one has no detections: no row)
@@ -127,7 +133,9 @@ def test_cli(tmp_path, capsys):
                         "--results", str(tmp_path / "page2.md")]) == 0
     for argv, msg in ((["--runs", "meld,nope"], "unknown run"), (["--runs", "ft_both_added"], "unknown run"),
                       (["--runs", "meld", "--samples", "1"], "--samples"),
-                      (["--runs", "meld", "--seeds", "x"], "seeds")):
+                      (["--runs", "meld", "--seeds", "x"], "seeds"),
+                      (["--runs", "meld", "--variant", "sparse"],
+                       "--variant: marking_bias: unknown variant 'sparse'")):
         with pytest.raises(SystemExit):
             spread.main(["--out", str(tmp_path), *argv])
         assert msg in capsys.readouterr().err

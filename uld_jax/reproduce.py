@@ -1824,6 +1824,27 @@ def seeds_arg(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_variant_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """The ``--variant WORLD`` option (read by :func:`recipe_of_args`)."""
+    p.add_argument("--variant", default="", metavar="WORLD",
+                   help=f"{what} (uld_jax.marking_bias.VARIANTS: unbiased = marks that ignore size "
+                        "and conspicuity, dense = 40 unmarked lesions per patient beyond the "
+                        "marks); the recipe's name gets the suffix; held-out worlds keep the "
+                        "default generator")
+
+
+def recipe_of_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> qs.Recipe:
+    """``--recipe`` on the world of ``--variant`` (a one-line usage error when it is unknown)."""
+    r = qs.RECIPES[a.recipe]
+    if a.variant:
+        from uld_jax import marking_bias   # it builds on this module
+        try:
+            r = marking_bias.variant_recipe(r, a.variant)
+        except ValueError as e:
+            p.error(f"--variant: {e}")
+    return r
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m uld_jax.reproduce", description=__doc__,
@@ -1831,12 +1852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="quick")
     p.add_argument("--seeds", type=seeds_arg, default="0,1,2")
-    p.add_argument("--variant", default="", metavar="WORLD",
-                   help="train on a variant of the recipe's world (uld_jax.marking_bias.VARIANTS: "
-                        "unbiased = marks that ignore size and conspicuity, dense = 40 unmarked "
-                        "lesions per patient beyond the marks); the recipe's name gets the suffix, "
-                        "the default page is docs/results_<recipe>_<variant>.md; held-out worlds "
-                        "keep the default generator")
+    add_variant_arg(p, "train on a variant of the recipe's world")
     p.add_argument("--keyslice", action="store_true", help="Table 3 analog for every run")
     p.add_argument("--thetas", default="", type=_number_list("--thetas", 0.0, strict=True),
                    help="comma-separated thetas for the Fig. 5 sweep")
@@ -1908,13 +1924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(config_table())
         return 0
     out = os.path.abspath(a.out)
-    r = qs.RECIPES[a.recipe]
-    if a.variant:
-        from uld_jax import marking_bias   # it builds on this module
-        try:
-            r = marking_bias.variant_recipe(r, a.variant)
-        except ValueError as e:
-            p.error(f"--variant: {e}")
+    r = recipe_of_args(p, a)
     seeds = a.seeds
     def subset(flag: str, value: str, kind: str, allowed: Sequence[str]) -> list[str]:
         names = [v.strip() for v in value.split(",") if v.strip()]

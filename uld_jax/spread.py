@@ -17,8 +17,8 @@ two detectors that find different lesions differ by chance. This module separate
 
 Command::
 
-    python -m uld_jax.spread --out OUT --recipe equal --seeds 0,1,2,3 --patients 96
-        --runs meld,meld_yield_mam,... [--samples 2000] [--results PAGE.md] [--worlds heldout,...]
+    python -m uld_jax.spread --out OUT --recipe equal [--variant dense] --seeds 0,1,2,3
+        --patients 96 --runs meld,meld_yield_mam,... [--samples 2000] [--results PAGE.md] [--worlds heldout,...]
 
 ``OUT`` is a ``python -m uld_jax.reproduce`` output whose runs are trained (and, for the first
 world, whose ``--heldout`` world is built). Steps are resumable like reproduce's.
@@ -253,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="a python -m uld_jax.reproduce output folder")
     p.add_argument("--recipe", choices=sorted(qs.RECIPES), default="equal")
     p.add_argument("--seeds", type=rp.seeds_arg, default="0,1,2,3")
+    rp.add_variant_arg(p, "the runs' world variant (reproduce --variant)")
     p.add_argument("--patients", type=int, default=96, help="patients of the larger held-out world")
     p.add_argument("--runs", required=True, help="comma-separated runs to evaluate and compare")
     p.add_argument("--worlds", default=None, help="only these worlds (comma-separated) are evaluated")
@@ -271,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--patients must be >= 1 and --samples >= 2")
     if not os.path.isdir(a.out):
         p.error(f"--out {a.out}: not a folder")
-    recipe = qs.RECIPES[a.recipe]
+    recipe = rp.recipe_of_args(p, a)
     if not a.results_only:
         run(a.out, recipe, seeds, a.patients, runs, a.worlds.split(",") if a.worlds else None)
     res = analyse(a.out, recipe, seeds, a.patients, runs, a.samples)

@@ -11,6 +11,9 @@
 #            --mined-scratch mam,nrm,both,yield,yield_mam,added \
 #            --heldout 96 --resume --heldout-checkpoints 2 --baseline-nrm --suppression \
 #            --unlabeled 0,2,4
+#        bash launch/reproduce.sh runs/reproduce_dense --variant dense --seeds 0,1,2 --control
+#            (Table 1 and the control on the world with 40 unmarked lesions per patient beyond
+#             the marks: docs/results_quick_dense.md)
 #   (the pages of the runs in docs/ used --heldout 24; python -m uld_jax.spread evaluates such an
 #    output on a second, larger held-out world too: docs/results_spread.md)
 # A relative --results PATH is taken from the repository root.
@@ -21,5 +24,6 @@ shift || true
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-# the page: docs/results.md (docs/results_<recipe>.md with --recipe other than quick; --results PATH)
+# the page: docs/results.md (docs/results_<recipe>.md with --recipe other than quick,
+# docs/results_<recipe>_<variant>.md with --variant; --results PATH)
 exec python3 -m uld_jax.reproduce --out "$OUT" "$@"

@@ -226,8 +226,12 @@ def test_reproduce_runs_a_variant(tmp_path, monkeypatch):
                         seen.update(page=(r, path)) or "")
     assert rp.main(["--out", str(tmp_path), "--variant", "dense", "--seeds", "0,1",
                     "--control"]) == 0
-    dense = mb.variant_recipe(qs.RECIPES["quick"], "dense")
-    assert seen["run"] == (str(tmp_path), dense, [0, 1]) and seen["control"] == dense
+    dense = seen["run"][1]          # read against the quick recipe itself, not variant_recipe
+    assert dense.name == "quick_dense" and seen["control"] == dense
+    assert dense.world_args == (*qs.RECIPES["quick"].world_args, "--extra-lesions", "40")
+    assert dense == dataclasses.replace(qs.RECIPES["quick"], name="quick_dense",
+                                        world_args=dense.world_args)
+    assert seen["run"][0::2] == (str(tmp_path), [0, 1])
     assert seen["page"] == (dense, str(tmp_path / "docs" / "results_quick_dense.md"))
     seen.clear()
     monkeypatch.chdir(tmp_path)                        # main moved to the repository

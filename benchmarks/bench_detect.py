@@ -16,11 +16,14 @@ Compilation is excluded from both and reported separately.
     python benchmarks/bench_detect.py                           # tiny (160 px), about a minute
     python benchmarks/bench_detect.py --paper --max-slices 16   # + paper (512 px, ~1 s / slice on CPU)
     python benchmarks/bench_detect.py --scan path/to/scan.nii.gz --batch-size 8
+    python benchmarks/bench_detect.py --paper --skip-tiny --paper-max-slices 0 --batch-size 8 \
+        --dtypes float32,bfloat16 --json detect.json        # on a GPU: the whole scan, both dtypes
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -40,11 +43,12 @@ REAL_SCAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                          "real", "ct", "example_ct.nii.gz")
 
 
-def _loaded(variant: str) -> inference.LoadedModel:
+def _loaded(variant: str, dtype: str = "float32") -> inference.LoadedModel:
     c = meld.get_config(variant)
+    c.model.dtype = dtype
     model = MELD(c.model)
     return inference.LoadedModel(model=model, variables=init_variables(model, 0), model_config=c.model,
-                                 data_config=c.data, step=0, source=f"random init ({variant})")
+                                 data_config=c.data, step=0, source=f"random init ({variant}, {dtype})")
 
 
 def _crop(vol: Volume, max_slices: int | None) -> Volume:
@@ -55,8 +59,9 @@ def _crop(vol: Volume, max_slices: int | None) -> Volume:
     return Volume(vol.hu[:keep], vol.spacing_zyx, vol.origin_xyz, vol.direction, vol.source)
 
 
-def bench(variant: str, scan_path: str, batch_size: int, max_slices: int | None, reps: int) -> dict:
-    loaded = _loaded(variant)
+def bench(variant: str, scan_path: str, batch_size: int, max_slices: int | None, reps: int,
+          dtype: str = "float32") -> dict:
+    loaded = _loaded(variant, dtype)
     pred = inference.Predictor(loaded, batch_size, "deeplesion", with_masks=False)
     vol = _crop(read_scan(scan_path), max_slices)
     scan = detect.prepare_scan(vol, loaded.data_config)
@@ -93,7 +98,8 @@ def bench(variant: str, scan_path: str, batch_size: int, max_slices: int | None,
             fn()
             times.append(time.perf_counter() - t)
         best[name] = min(times)
-    return {"variant": variant, "image": loaded.image_size[0], "slices": n, "batch": batch_size,
+    return {"variant": variant, "dtype": dtype, "image": loaded.image_size[0], "slices": n,
+            "batch": batch_size,
             "compile_s": compile_s, "forward_sps": n / best["forward"], "detect_sps": n / best["detect"],
             "traces": pred.num_traces}
 
@@ -105,21 +111,54 @@ def main(argv=None) -> int:
     p.add_argument("--paper", action="store_true", help="also the paper config (512 px; slow on CPU)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-slices", type=int, default=None, help="limit the scan to about this many slices")
-    p.add_argument("--paper-max-slices", type=int, default=16, help="slice limit for the paper config")
+    p.add_argument("--paper-max-slices", type=int, default=16,
+                   help="slice limit for the paper config (0: the whole scan)")
     p.add_argument("--reps", type=int, default=2, help="repetitions (best is reported)")
+    p.add_argument("--paper-reps", type=int, default=1, help="repetitions for the paper config")
+    p.add_argument("--paper-batch-size", type=int, default=None, help="paper batch (default --batch-size)")
+    p.add_argument("--dtypes", default="float32",
+                   help="comma-separated compute dtypes (config.model.dtype), e.g. float32,bfloat16")
+    p.add_argument("--skip-tiny", action="store_true", help="only the paper config (with --paper)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args(argv)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs); scan {a.scan}")
-    rows = [bench("tiny", a.scan, a.batch_size, a.max_slices, a.reps)]
-    if a.paper:
-        rows.append(bench("paper", a.scan, a.batch_size, a.paper_max_slices, 1))
+    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16"):
+            p.error(f"--dtypes: unknown dtype {d!r} (float32, bfloat16, float16)")
+    if a.skip_tiny and not a.paper:
+        p.error("--skip-tiny leaves nothing to measure without --paper")
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}; {os.cpu_count()} CPUs); "
+          f"scan {a.scan}")
+    rows = []
+    for d in dtypes:
+        runs = [] if a.skip_tiny else [("tiny", a.batch_size, a.max_slices, a.reps)]
+        if a.paper:
+            runs.append(("paper", a.paper_batch_size or a.batch_size, a.paper_max_slices or None,
+                         a.paper_reps))
+        for variant, batch, max_slices, reps in runs:
+            rows.append(bench(variant, a.scan, batch, max_slices, reps, d))
+            print(f"measured: {rows[-1]}", flush=True)
     print()
-    print("| config | input px | slices | batch | compile s | forward alone slices/s | "
-          "detect loop slices/s | detect / forward | traces |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | dtype | input px | slices | batch | compile s | forward alone slices/s | "
+          "detect loop slices/s | detect / forward | detect ms/slice | traces |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['image']} | {r['slices']} | {r['batch']} | {r['compile_s']:.1f} | "
-              f"{r['forward_sps']:.2f} | {r['detect_sps']:.2f} | {r['detect_sps'] / r['forward_sps']:.2f} | "
-              f"{r['traces']} |")
+        print(f"| {r['variant']} | {r['dtype']} | {r['image']} | {r['slices']} | {r['batch']} | "
+              f"{r['compile_s']:.1f} | {r['forward_sps']:.2f} | {r['detect_sps']:.2f} | "
+              f"{r['detect_sps'] / r['forward_sps']:.2f} | {1000 / r['detect_sps']:.1f} | {r['traces']} |")
+    if len(dtypes) > 1:
+        for r in rows:
+            base = next(b for b in rows if b["variant"] == r["variant"] and b["dtype"] == dtypes[0])
+            if r is not base:
+                print(f"{r['variant']} {r['dtype']} vs {dtypes[0]}: forward x"
+                      f"{r['forward_sps'] / base['forward_sps']:.2f}, detect loop x"
+                      f"{r['detect_sps'] / base['detect_sps']:.2f}")
+    if a.json:
+        with open(a.json + ".tmp", "w") as f:
+            json.dump({"jax": jax.__version__, "platform": dev.platform, "device_kind": dev.device_kind,
+                       "cpus": os.cpu_count(), "scan": a.scan, "rows": rows}, f, indent=1)
+        os.replace(a.json + ".tmp", a.json)
     return 0
 
 

@@ -155,3 +155,19 @@ def test_checks_of_the_added_slices_sweep():
     assert not any(b == "ft_none_added0p25" for _, _, b in checks)
     assert len({n for n, _, _ in checks}) == len(checks)
     assert not any("added_ratio 0.5) > MELD" in n for n, _, _ in checks)
+
+
+def test_calibrated_nrm_runs_are_held_out_runs_with_their_checks():
+    # reproduce --calibrated-nrm's two runs can be named in --runs; they bring their own checks
+    # (against MELD, MELD + MAM and each other), and keep their rows' names without renaming the
+    # paper-rule NRM run
+    from uld_jax import reproduce as rp
+    runs = ["meld", "ft_mam", "ft_nrm", "ft_nrm_cal", "ft_both_cal"]
+    checks = spread.checks_of(runs)
+    assert ("NRM (precision) > MELD", "ft_nrm_cal", "meld") in checks
+    assert ("MAM+NRM (precision) > MAM", "ft_both_cal", "ft_mam") in checks
+    assert ("MAM+NRM (precision) > NRM (precision)", "ft_both_cal", "ft_nrm_cal") in checks
+    rows = dict(rp.HELDOUT_ROWS)
+    assert rows["ft_nrm_cal"] == "MELD + NRM (sigma: precision 0.5)"
+    assert rows["ft_nrm"] == qs.ROW_NAMES["ft_nrm"]
+    assert all("precision" not in n for n, _, _ in spread.checks_of(["meld", "ft_mam"]))

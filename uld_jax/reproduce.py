@@ -723,8 +723,10 @@ HELDOUT_SEED = 1000            # the held-out world's seed is this plus the firs
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
                 "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined",
                 "meld_yield_mam", "meld_yield", "meld_oracle_nrm", "meld_oracle_nrm_key",
-                "meld_added", "meld_oracle_nrm_added", *RESUME_RUNS, *LONG_RUNS)
-HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **dict(LONG_ROWS),
+                "meld_added", "meld_oracle_nrm_added", "ft_nrm_cal", "ft_both_cal", *RESUME_RUNS,
+                *LONG_RUNS)
+HELDOUT_ROWS = tuple((r, {**dict(CALIBRATED_ROWS), **dict(SCRATCH_ROWS), **dict(RESUME_ROWS),
+                          **dict(LONG_ROWS),
                           **qs.ROW_NAMES, **dict(CONTROL_ROWS + ORACLE_ROWS)}[r])
                      for r in HELDOUT_RUNS)
 
@@ -1319,7 +1321,7 @@ def _suppression_lines(out: str, seeds: Sequence[int],
     return L + [""]
 
 
-HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS,
+HELDOUT_CHECKS = (*ORDER_CHECKS, *CONTROL_CHECKS, *CALIBRATED_CHECKS,
                   *(c for c in ORACLE_CHECKS if c[0] in ("oracle MAM > control",
                                                          "oracle NRM > control")))
 

@@ -3,33 +3,16 @@
 The real reference files live in ``../shared/data/real`` next to the checkout; tests that need them
 use the ``real_data`` fixture and skip with a clear message where the folder is absent.
 Multi-device tests run on 8 forced host (CPU) devices; the flag must be set before jax is imported.
-
-The test run is dominated by XLA compiling tiny models, not by running them, so by default (each
-setting only where the environment does not set it already):
-* XLA's CPU backend compiles without LLVM optimisation (``--xla_backend_optimization_level=0``):
-  about a quarter less compile time, the same results;
-* one persistent compilation cache serves the whole session, subprocesses included (a temporary
-  folder removed at exit): a program compiled by one test or CLI run is not compiled again by
-  another.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import pathlib
-import shutil
-import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                                   "--xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _XLA_CACHE = tempfile.mkdtemp(prefix="uld_jax_tests_xla_cache_")
-    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 

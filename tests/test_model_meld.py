@@ -119,8 +119,10 @@ def test_selected_experts_equal_the_full_forward(setup):
     cfg, model, variables, _, infer, _ = setup
     batch = _batch(seed=3)
     full = jax.tree.map(np.asarray, infer(variables, batch))
-    for sel in ((0,), (2,), (3, 1)):
-        part = jax.tree.map(np.asarray, model.apply(variables, batch, train=False, experts=sel))
+    for sel in ((2,), (3, 1)):          # one expert; two, out of order
+        # jitted, as the predictor runs it (an eager forward takes far longer than its compile)
+        part = jax.tree.map(np.asarray, jax.jit(
+            lambda v, b, sel=sel: model.apply(v, b, train=False, experts=sel))(variables, batch))
         assert part["boxes"].shape[1] == len(sel)
         for key in ("boxes", "scores", "valid", "head_scores", "organ_weights", "masks",
                     "embeddings", "proposals", "proposal_valid"):

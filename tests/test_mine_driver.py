@@ -657,6 +657,7 @@ def test_exposure_counts_the_negatives_a_table_keeps_out(world, tmp_path, capsys
     assert err.count("\n") == 0 and "none.npz" in err and "no such file" in err
 
 
+@pytest.mark.slow          # a diagnostic option; the default sampling's counts are tested above
 def test_exposure_under_another_sampling(world, tmp_path, capsys):
     """--sample: the same checkpoint's training forward drawing more anchors and ROIs; the sampled
     counts follow the sizes given (every slice fills its samples: the tiny RPN keeps 64 proposals),

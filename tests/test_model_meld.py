@@ -401,10 +401,10 @@ def test_lesion_proxies_and_location_behind_their_switches(setup):
     g = np.asarray(grads["embed_head"]["proxies"])
     assert np.all(np.abs(g[np.unique(ident[valid])]).sum(1) > 0)
     assert np.any(np.asarray(grads["embed_head"]["loc"]["kernel"]) != 0)
-    # inference neither needs nor computes the proxies
-    inf = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
+    # inference neither needs nor computes the proxies (traced, not compiled: only its outputs'
+    # shapes are read; test_inference_outputs_static_and_consistent runs inference for values)
+    inf = jax.eval_shape(lambda v, b: model.apply(v, b, train=False), variables, batch)
     assert "proxy_logits" not in inf and inf["embeddings"].shape[-1] == on.embedding.dim
-    assert np.all(np.isfinite(inf["embeddings"]))
     with pytest.raises(ValueError, match="num_proxies"):
         roi_heads.EmbeddingHead(4, 8, 3, 0.1).init(jax.random.PRNGKey(0), jnp.zeros((1, 5)),
                                                    proxies=True)

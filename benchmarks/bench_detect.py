@@ -23,7 +23,6 @@ Compilation is excluded from both and reported separately.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -37,7 +36,10 @@ from configs import meld  # noqa: E402
 from data_prep.readers.scan import read_scan  # noqa: E402
 from data_prep.types import Volume  # noqa: E402
 from uld_jax import detect, inference  # noqa: E402
+from uld_jax.io.atomic import atomic_write_json  # noqa: E402
 from uld_jax.models.meld import MELD, init_variables  # noqa: E402
+
+from bench_model import parse_dtypes  # noqa: E402  (the script's own folder is on sys.path)
 
 REAL_SCAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
                          "real", "ct", "example_ct.nii.gz")
@@ -119,12 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated compute dtypes (config.model.dtype), e.g. float32,bfloat16")
     p.add_argument("--skip-tiny", action="store_true", help="only the paper config (with --paper)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--json", default=None,
+                   help="also write the rows here (rewritten after each row)")
     a = p.parse_args(argv)
-    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-    for d in dtypes:
-        if d not in ("float32", "bfloat16", "float16"):
-            p.error(f"--dtypes: unknown dtype {d!r} (float32, bfloat16, float16)")
+    dtypes = parse_dtypes(p, a.dtypes)
     if a.skip_tiny and not a.paper:
         p.error("--skip-tiny leaves nothing to measure without --paper")
     dev = jax.devices()[0]
@@ -139,6 +139,10 @@ def main(argv=None) -> int:
         for variant, batch, max_slices, reps in runs:
             rows.append(bench(variant, a.scan, batch, max_slices, reps, d))
             print(f"measured: {rows[-1]}", flush=True)
+            if a.json:          # after each row: a run cut off by a time limit keeps what it measured
+                atomic_write_json(a.json, {"jax": jax.__version__, "platform": dev.platform,
+                                           "device_kind": dev.device_kind, "cpus": os.cpu_count(),
+                                           "scan": a.scan, "rows": rows}, indent=1)
     print()
     print("| config | dtype | input px | slices | batch | compile s | forward alone slices/s | "
           "detect loop slices/s | detect / forward | detect ms/slice | traces |")
@@ -154,11 +158,6 @@ def main(argv=None) -> int:
                 print(f"{r['variant']} {r['dtype']} vs {dtypes[0]}: forward x"
                       f"{r['forward_sps'] / base['forward_sps']:.2f}, detect loop x"
                       f"{r['detect_sps'] / base['detect_sps']:.2f}")
-    if a.json:
-        with open(a.json + ".tmp", "w") as f:
-            json.dump({"jax": jax.__version__, "platform": dev.platform, "device_kind": dev.device_kind,
-                       "cpus": os.cpu_count(), "scan": a.scan, "rows": rows}, f, indent=1)
-        os.replace(a.json + ".tmp", a.json)
     return 0
 
 

@@ -21,7 +21,6 @@ share of the FLOPs is small next to the convolutions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,9 +33,22 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from uld_jax import losses  # noqa: E402
+from uld_jax.io.atomic import atomic_write_json  # noqa: E402
 from uld_jax.models.config import model_config  # noqa: E402
 from uld_jax.models.fake_batch import synthetic_batch  # noqa: E402
 from uld_jax.models.meld import MELD, init_variables  # noqa: E402
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtypes(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--dtypes`` (comma-separated compute dtypes) as a list; an unknown one is a usage error."""
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in COMPUTE_DTYPES:
+            parser.error(f"--dtypes: unknown dtype {d!r} ({', '.join(COMPUTE_DTYPES)})")
+    return dtypes
 
 
 def matmul_peak(n: int | None = None, reps: int = 10, dtype: str = "float32") -> float:
@@ -188,10 +200,7 @@ def main(argv=None):
                     help="write the rows here (rewritten after each row, so a cut-off run keeps "
                          "what it measured)")
     a = ap.parse_args(argv)
-    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-    for d in dtypes:
-        if d not in ("float32", "bfloat16", "float16"):
-            ap.error(f"--dtypes: unknown dtype {d!r} (float32, bfloat16, float16)")
+    dtypes = parse_dtypes(ap, a.dtypes)
     # Shared CPUs: measure the peak before and after and keep the best (the machine's capability).
     peaks = {d: matmul_peak(dtype=d) for d in dtypes}
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  matmul peak (jnp.dot): "
@@ -200,12 +209,9 @@ def main(argv=None):
 
     def dump():
         if a.json:
-            tmp = a.json + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"device": jax.devices()[0].device_kind,
-                           "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
-                           "rows": rows}, f, indent=1)
-            os.replace(tmp, a.json)
+            atomic_write_json(a.json, {"device": jax.devices()[0].device_kind,
+                                       "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
+                                       "rows": rows}, indent=1)
 
     for d in dtypes:
         if not a.skip_tiny:

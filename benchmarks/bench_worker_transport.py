@@ -19,10 +19,15 @@ near 45-65 samples/s whatever the workers do.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import grain
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from uld_jax.input_pipeline import worker_prefetch  # noqa: E402
 
 BATCH, SIDE, CONTEXT, BOXES, CROP = 4, 512, 9, 16, 28
 
@@ -54,7 +59,7 @@ def rate(layout: str, workers: int, batches: int) -> float:
     ds = grain.MapDataset.range(10**9).map(_MakeBatch(layout)).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if workers:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+        ds = worker_prefetch(ds, workers, 2)        # the pipeline's own worker set-up
     it = iter(ds)
     try:
         next(it)
@@ -73,9 +78,6 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
     p.add_argument("--layouts", default="current,slim")
     a = p.parse_args(argv)
-    from absl import flags   # grain's worker start reads absl flags; take their defaults
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
     workers = sorted({int(w) for w in a.workers.split(",") if w.strip()} | {0})
     layouts = [x.strip() for x in a.layouts.split(",") if x.strip()]
     unknown = [x for x in layouts if x not in LAYOUTS]

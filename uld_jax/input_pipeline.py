@@ -693,14 +693,21 @@ def make_dataset(config: ml_collections.ConfigDict, *, tables=None, stores=None,
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(config.read_threads),
                                                  prefetch_buffer_size=int(config.prefetch_buffer_size)))
     if config.num_workers > 0:
-        # grain's worker start reads absl flags (--grain_enable_multiprocess_worker_profiling); a
-        # program not started through absl.app has not parsed them, so take their defaults.
-        from absl import flags  # pylint: disable=g-import-not-at-top
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=int(config.num_workers), per_worker_buffer_size=int(config.worker_buffer_size)))
+        it_ds = worker_prefetch(it_ds, int(config.num_workers), int(config.worker_buffer_size))
     return it_ds
+
+
+def worker_prefetch(it_ds: grain.IterDataset, num_workers: int,
+                    buffer_size: int) -> grain.IterDataset:
+    """``it_ds`` made by ``num_workers`` worker processes (each holding up to ``buffer_size``
+    elements), as the pipeline runs it."""
+    # grain's worker start reads absl flags (--grain_enable_multiprocess_worker_profiling); a
+    # program not started through absl.app has not parsed them, so take their defaults.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                          per_worker_buffer_size=buffer_size))
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, tables=None,

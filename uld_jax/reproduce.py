@@ -349,6 +349,7 @@ CALIBRATED_ROWS = (("meld", "MELD"), ("ft_mam", "MELD + MAM"),
 CALIBRATED_CHECKS = (("NRM (precision) > MELD", "ft_nrm_cal", "meld"),
                      ("MAM+NRM (precision) > MAM", "ft_both_cal", "ft_mam"),
                      ("MAM+NRM (precision) > NRM (precision)", "ft_both_cal", "ft_nrm_cal"))
+CALIBRATED_RUNS = tuple(r for r, _ in CALIBRATED_ROWS if r.endswith("_cal"))   # its own runs
 
 
 def run_calibrated(out: str, recipe: qs.Recipe, seeds: Sequence[int]) -> None:
@@ -723,10 +724,9 @@ HELDOUT_SEED = 1000            # the held-out world's seed is this plus the firs
 HELDOUT_RUNS = ("baseline", "meld", "ft_none", "ft_mam", "ft_nrm", "ft_both", "ft_oracle",
                 "ft_oracle_nrm", "meld_oracle", "meld_mam", "meld_nrm", "meld_mined",
                 "meld_yield_mam", "meld_yield", "meld_oracle_nrm", "meld_oracle_nrm_key",
-                "meld_added", "meld_oracle_nrm_added", "ft_nrm_cal", "ft_both_cal", *RESUME_RUNS,
-                *LONG_RUNS)
-HELDOUT_ROWS = tuple((r, {**dict(CALIBRATED_ROWS), **dict(SCRATCH_ROWS), **dict(RESUME_ROWS),
-                          **dict(LONG_ROWS),
+                "meld_added", "meld_oracle_nrm_added", *CALIBRATED_RUNS, *RESUME_RUNS, *LONG_RUNS)
+HELDOUT_ROWS = tuple((r, {**dict(SCRATCH_ROWS), **dict(RESUME_ROWS), **dict(LONG_ROWS),
+                          **{c: n for c, n in CALIBRATED_ROWS if c in CALIBRATED_RUNS},
                           **qs.ROW_NAMES, **dict(CONTROL_ROWS + ORACLE_ROWS)}[r])
                      for r in HELDOUT_RUNS)
 
@@ -1013,8 +1013,7 @@ def _order_lines(verdict: dict[str, dict[str, dict[int, float]]],
 
 
 def _section_calibrated(out: str, seeds: Sequence[int]) -> list[str]:
-    runs = [r for r, _ in CALIBRATED_ROWS if r.endswith("_cal")]
-    if not any(_result(out, s, r) for s in seeds for r in runs):
+    if not any(_result(out, s, r) for s in seeds for r in CALIBRATED_RUNS):
         return []
     L = ["## NRM with sigma as a precision level (`python -m uld_jax.reproduce --calibrated-nrm`)",
          "", "MELD mined again with `python -m uld_jax.mine --sigma_from precision` (each single-type "

@@ -8,13 +8,19 @@ import pytest
 from data_prep import build as build_lib
 from data_prep import case_factory as cf
 from uld_jax import input_pipeline as ip
-from uld_jax.core import DATASET_ID, Keys, Provenance
+from uld_jax.core import DATASET_ID, Keys, Provenance, decode_image
 
 H = W = 64
 
 
 def _window(hu):
-    return float(ip.window(np.asarray([hu], np.int16))[0])
+    """The batch's value for ``hu`` (decoded): windowed, then rounded to the batch's fixed point."""
+    return float(decode_image(ip.encode_image(ip.window(np.asarray([hu], np.int16))))[0])
+
+
+def _canvas(batch, b):
+    """[G, H, W] whole-image masks of sample b (the batch holds crops over mask boxes)."""
+    return ip.canvas_masks(batch[Keys.MASKS][b], batch[Keys.MASK_BOXES][b], (H, W))
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +71,11 @@ def test_shapes_dtypes_and_padding(data):
     c = _config(out)
     (batch,), _ = _batches(c, 1)
     G, R, B = c.max_boxes, c.max_ignore, 4
-    expect = {Keys.IMAGE: ((B, H, W, 9), np.float32), Keys.IMAGE_VALID: ((B, H, W), np.bool_),
+    M = c.mask_crop
+    expect = {Keys.IMAGE: ((B, H, W, 9), np.int16), Keys.IMAGE_VALID: ((B, H, W), np.bool_),
               Keys.DATASET_ID: ((B,), np.int32), Keys.BOXES: ((B, G, 4), np.float32),
-              Keys.BOX_VALID: ((B, G), np.bool_), Keys.MASKS: ((B, G, H, W), np.uint8),
+              Keys.BOX_VALID: ((B, G), np.bool_), Keys.MASKS: ((B, G, M, M), np.uint8),
+              Keys.MASK_BOXES: ((B, G, 4), np.float32),
               Keys.PROVENANCE: ((B, G), np.int32), Keys.LESION_TYPE: ((B, G), np.int32),
               Keys.LESION_ID: ((B, G), np.int64), Keys.ORGAN_TARGET: ((B, G, 3), np.float32),
               Keys.ORGAN_VALID: ((B, G, 3), np.bool_), Keys.IGNORE_BOXES: ((B, R, 4), np.float32),
@@ -76,12 +84,13 @@ def test_shapes_dtypes_and_padding(data):
     assert set(batch) == set(expect)
     for k, (shape, dtype) in expect.items():
         assert batch[k].shape == shape and batch[k].dtype == dtype, k
-    img, valid = batch[Keys.IMAGE], batch[Keys.IMAGE_VALID]
-    assert np.all(img[~valid] == ip.PAD_VALUE)
+    img, valid = decode_image(batch[Keys.IMAGE]), batch[Keys.IMAGE_VALID]
+    assert np.all(img[~valid] == ip.PAD_VALUE) and np.all(batch[Keys.IMAGE][~valid] == ip.PAD_CODE)
     assert valid.any(axis=(1, 2)).all() and not valid.all()       # 48x40 / 40x48 slices in 64x64
     assert np.all(batch[Keys.BOXES][~batch[Keys.BOX_VALID]] == 0)
     assert np.all(batch[Keys.LESION_ID][~batch[Keys.BOX_VALID]] == -1)
     assert np.all(batch[Keys.MASKS][~batch[Keys.BOX_VALID]] == 0)
+    assert np.all(batch[Keys.MASK_BOXES][~batch[Keys.BOX_VALID]] == 0)
 
 
 def test_boxes_and_masks_land_on_lesion_pixels_under_augmentation(data):
@@ -94,7 +103,7 @@ def test_boxes_and_masks_land_on_lesion_pixels_under_augmentation(data):
     for batch in batches:
         for b in range(4):
             assert 0.8 / 1.2 - 1e-5 <= batch[Keys.PIXEL_MM][b] <= 0.8 / 0.8 + 1e-5
-            centre = batch[Keys.IMAGE][b, :, :, 4]
+            centre = decode_image(batch[Keys.IMAGE][b, :, :, 4])
             valid = batch[Keys.IMAGE_VALID][b]
             for g in np.flatnonzero(batch[Keys.BOX_VALID][b]):
                 y1, x1, y2, x2 = batch[Keys.BOXES][b, g]
@@ -104,7 +113,7 @@ def test_boxes_and_masks_land_on_lesion_pixels_under_augmentation(data):
                 assert inner.any() and outer.any()
                 np.testing.assert_allclose(centre[inner], lesion, atol=1e-3)
                 assert np.all(np.abs(centre[outer] - lesion) > 50)
-                m = batch[Keys.MASKS][b, g].astype(bool)
+                m = _canvas(batch, b)[g].astype(bool)
                 assert m[inner].all() and not m[outer].any()
                 checked += 1
     assert checked >= 10
@@ -124,14 +133,15 @@ def test_context_channels_are_the_neighbour_slices_with_edge_replication(data):
             k, case = cases[cid]
             n = case.slices.shape[0]
             valid = batch[Keys.IMAGE_VALID][b]
-            bg = valid & ~batch[Keys.MASKS][b].any(axis=0).astype(bool)
+            bg = valid & ~_canvas(batch, b).any(axis=0).astype(bool)
             ys, xs = np.nonzero(bg)
             y, x = ys[0], xs[0]                  # top-left visible pixel: background on every slice
             expect = [_window(cf.slice_hu(k, int(np.clip(z + d, 0, n - 1)))) for d in range(-4, 5)]
-            np.testing.assert_allclose(batch[Keys.IMAGE][b, y, x], expect, atol=1e-3)
+            np.testing.assert_allclose(decode_image(batch[Keys.IMAGE][b, y, x]), expect, atol=1e-5)
             ys, xs = np.nonzero(valid)
             crop = batch[Keys.IMAGE][b, ys.min():ys.max() + 1, xs.min():xs.max() + 1, 4]
-            np.testing.assert_array_equal(crop, ip.window(case.slices[z]))   # exact copy at scale 1
+            # an exact copy at scale 1 (then in the batch's fixed point)
+            np.testing.assert_array_equal(crop, ip.encode_image(ip.window(case.slices[z])))
             edge_seen += z < 4 or z > n - 5
             assert batch[Keys.PIXEL_MM][b] == pytest.approx(0.8)
     assert edge_seen > 0
@@ -403,8 +413,8 @@ def test_positives_beyond_max_boxes_become_ignore_regions(tmp_path, caplog):
 def _centre_slice(batch, b, k, n):
     """The slice index whose background HU the centre channel of sample b shows (case number k)."""
     valid = batch[Keys.IMAGE_VALID][b]
-    ys, xs = np.nonzero(valid & ~batch[Keys.MASKS][b].any(axis=0).astype(bool))
-    v = batch[Keys.IMAGE][b, ys[0], xs[0], 4]
+    ys, xs = np.nonzero(valid & ~_canvas(batch, b).any(axis=0).astype(bool))
+    v = decode_image(batch[Keys.IMAGE][b, ys[0], xs[0], 4])
     hits = [z for z in range(n) if abs(_window(cf.slice_hu(k, z)) - v) < 1e-3]
     assert len(hits) == 1
     return hits[0]
@@ -458,3 +468,18 @@ def test_image_boxes_in_slice_clips_and_flags_boxes_outside_the_slice():
     np.testing.assert_allclose(sb, [[[0, 0, 0, 8], [0, 0, 10, 10], [1, 2, 5, 30]],
                                     [[20, 3, 20, 8], [2, 30, 5, 30], [0, 0, 20, 30]]])
     np.testing.assert_array_equal(inside, [[False, True, True], [False, False, True]])
+
+
+def test_image_fixed_point_round_trip():
+    # every windowed value the pipeline can make (HU -1024..3071 minus the mean, interpolated)
+    x = np.linspace(-ip.PIXEL_MEAN - 1, 255.0 - ip.PIXEL_MEAN + 1, 100_001, dtype=np.float32)
+    code = ip.encode_image(x)
+    assert code.dtype == ip.IMAGE_DTYPE == np.int16
+    back = decode_image(code)
+    assert back.dtype == np.float32
+    assert np.abs(back - x).max() <= 0.5 / ip.IMAGE_SCALE + 1e-6      # 1/128 unit: 0.13 HU
+    assert decode_image(np.int16([ip.PAD_CODE]))[0] == ip.PAD_VALUE
+    f = np.float32([[1.25, -3.0]])
+    np.testing.assert_array_equal(decode_image(f), f)            # float images pass through
+    import jax.numpy as jnp
+    np.testing.assert_array_equal(np.asarray(decode_image(jnp.asarray(code))), back)

@@ -128,6 +128,44 @@ def test_crop_masks_golden():
     np.testing.assert_allclose(R.crop_masks(bool_masks, boxes, np.array([1, 1, 2])), got, atol=1e-6)
 
 
+def test_crop_box_masks_equal_whole_image_masks():
+    # Two ellipses on a 64 x 64 image, stored as crops over their mask rectangles (away from the
+    # image's border). With one crop cell per pixel the crop is the image's mask exactly, so the
+    # targets must be the whole-image ones: the zero ring stands for the pixels outside the rect.
+    yy, xx = np.mgrid[:64, :64] + 0.5
+    full = np.zeros((2, 64, 64), np.uint8)
+    full[0] = ((yy - 24) / 9) ** 2 + ((xx - 30) / 13) ** 2 <= 1
+    full[1] = ((yy - 44) / 6) ** 2 + ((xx - 20) / 6) ** 2 <= 1
+    rects = np.array([[14, 16, 36, 44], [37, 13, 51, 27]], np.float32)      # 22 x 28, 14 x 14
+    side = 28
+    crops = np.zeros((2, side, side), np.uint8)
+    boxes_c = rects.copy()
+    for g, (y1, x1, y2, x2) in enumerate(rects.astype(int)):
+        crops[g, : y2 - y1, : x2 - x1] = full[g, y1:y2, x1:x2]
+        boxes_c[g, 2:] = boxes_c[g, :2] + side     # the grid covers side x side pixels from (y1, x1)
+    rng = np.random.default_rng(0)
+    centre = rng.uniform(12, 52, (40, 2))
+    half = rng.uniform(3, 20, (40, 2))
+    rois = np.concatenate([centre - half, centre + half], 1).astype(np.float32)
+    which = rng.integers(0, 2, 40)
+    fn = jax.jit(R.crop_box_masks, static_argnums=4)
+    got = np.asarray(fn(crops, boxes_c, rois, which, 14))
+    want = np.asarray(R.crop_masks(full, rois, which, 14))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Resampled crops (the pipeline's layout: M x M over the rectangle itself) give nearly the same
+    # binary targets; a row without a mask (zero box) gives zeros, not NaN.
+    from uld_jax import input_pipeline as ip
+    crops2 = np.stack([ip.resize_mask(full[g, int(y1):int(y2), int(x1):int(x2)], 56)
+                       for g, (y1, x1, y2, x2) in enumerate(rects)])
+    got2 = np.asarray(fn(crops2, rects, rois, which, 14)) >= 0.5
+    assert (got2 == (want >= 0.5)).mean() > 0.98
+    np.testing.assert_array_equal(
+        ip.canvas_masks(crops2, rects, (64, 64)), full)        # nearest back onto the image: exact
+    empty = np.asarray(fn(np.zeros((1, 8, 8), np.uint8), np.zeros((1, 4), np.float32), rois,
+                          np.zeros(40, np.int32), 14))
+    assert np.isfinite(empty).all() and not empty.any()
+
+
 def test_roi_chunk_equals_unchunked_and_empty_masks():
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(8, 8, 2)).astype(np.float32)

@@ -184,7 +184,7 @@ def test_mining_pass_over_added_slices(data):
             valid = b[Keys.IMAGE_VALID][i]
             ys, xs = np.nonzero(valid)
             crop = b[Keys.IMAGE][i, ys.min():ys.max() + 1, xs.min():xs.max() + 1, 4]
-            np.testing.assert_array_equal(crop, ip.window(case.slices[z]))
+            np.testing.assert_array_equal(crop, ip.encode_image(ip.window(case.slices[z])))
 
 
 def test_slices_with_mined_positives_are_drawn_every_epoch(data, tmp_path):

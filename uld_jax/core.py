@@ -77,6 +77,17 @@ class Provenance(enum.IntEnum):
 # --------------------------------------------------------------------------------------------------
 HU_WINDOW: tuple[float, float] = (-1024.0, 3071.0)
 PIXEL_MEAN: float = 50.0
+# The input pipeline hands the image over as int16 fixed point: round(value * IMAGE_SCALE), value in
+# window units ([0, 255] minus PIXEL_MEAN), so steps of 1/64 unit (0.25 HU) and half float32's bytes.
+IMAGE_SCALE: int = 64
+
+
+def decode_image(image):
+    """A batch image (numpy or JAX) -> float32 window units: the pipeline's int16 fixed point divided
+    by IMAGE_SCALE; a float image (detect, user batches) as it is, in float32."""
+    if np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float32) * np.float32(1.0 / IMAGE_SCALE)
+    return image.astype(np.float32)
 TARGET_PIXEL_MM: float = 0.8
 TARGET_SLICE_MM: float = 2.0
 NUM_CONTEXT_SLICES: int = 9     # 9 slices at 2 mm: +-8 mm around the central slice
@@ -89,12 +100,15 @@ DEEPLESION_HU_OFFSET: int = 32768  # DeepLesion 16-bit PNG value = HU + 32768
 # R (max ignore regions), M (mask side).
 # --------------------------------------------------------------------------------------------------
 class Keys:
-    IMAGE = "image"                  # [B, H, W, 9] float32, windowed to [0, 255] minus PIXEL_MEAN
+    IMAGE = "image"                  # [B, H, W, 9] windowed to [0, 255] minus PIXEL_MEAN: int16
+                                     # fixed point (pipeline; decode_image) or float32
     IMAGE_VALID = "image_valid"      # [B, H, W] bool, False on padding
     DATASET_ID = "dataset_id"        # [B] int32, index into DATASETS
     BOXES = "boxes"                  # [B, G, 4] float32, internal box format
     BOX_VALID = "box_valid"          # [B, G] bool
-    MASKS = "masks"                  # [B, G, H, W] uint8 (weak or real masks)
+    MASKS = "masks"                  # [B, G, M, M] uint8 crops (weak or real masks), each laid
+                                     # over its MASK_BOXES row; or [B, G, H, W] whole-image masks
+    MASK_BOXES = "mask_boxes"        # [B, G, 4] float32, the image-pixel box each mask crop covers
     PROVENANCE = "provenance"        # [B, G] int32, Provenance
     LESION_TYPE = "lesion_type"      # [B, G] int32, coarse type code (-1 unknown)
     LESION_ID = "lesion_id"          # [B, G] int64, identity across studies (-1 unknown)

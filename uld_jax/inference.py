@@ -317,9 +317,10 @@ def pad_batch(images: np.ndarray, image_valid: np.ndarray, batch_size: int):
     if n == batch_size:
         return images, image_valid, sv
     pad = batch_size - n
-    from uld_jax.input_pipeline import PAD_VALUE
+    from uld_jax.input_pipeline import PAD_CODE, PAD_VALUE
 
-    images = np.concatenate([images, np.full((pad,) + images.shape[1:], PAD_VALUE, np.float32)])
+    fill = PAD_CODE if np.issubdtype(images.dtype, np.integer) else PAD_VALUE   # the same encoding
+    images = np.concatenate([images, np.full((pad,) + images.shape[1:], fill, images.dtype)])
     image_valid = np.concatenate([image_valid, np.zeros((pad,) + image_valid.shape[1:], bool)])
     return images, image_valid, sv
 

@@ -306,7 +306,7 @@ class ChunkMiner:
     def _load_batch(self, rows: np.ndarray) -> _Batch:
         B, A = self.batch, self.max_ann
         H, W = self.image_size
-        image = np.full((B, H, W, int(self.config.context_slices)), ip.PAD_VALUE, np.float32)
+        image = np.full((B, H, W, int(self.config.context_slices)), ip.PAD_CODE, ip.IMAGE_DTYPE)
         valid = np.zeros((B, H, W), bool)
         ann = np.zeros((B, A, 4), np.float32)
         ann[..., 2:] = 1.0                      # padding boxes: a 1-pixel box, embedding ignored

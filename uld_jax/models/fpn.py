@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uld_jax.core import decode_image
 from uld_jax.models import densenet
 
 
@@ -75,7 +76,7 @@ class DenseNetFPN(nn.Module):
         if s % 3:
             raise ValueError(f"number of slices must be a multiple of 3, got {s}")
         n_img = s // 3
-        image = image * cfg.input_scale
+        image = decode_image(image) * cfg.input_scale     # the pipeline's int16, or a float image
         if cfg.context_fusion:
             # [B, H, W, n_img, 3] -> [B, n_img, H, W, 3] -> [B * n_img, H, W, 3]
             x = image.reshape(b, h, w, n_img, 3).transpose(0, 3, 1, 2, 4).reshape(b * n_img, h, w, 3)

@@ -14,8 +14,10 @@ Usage::
 Batch keys consumed (``uld_jax.core.Keys``; B samples, G boxes, R ignore regions):
 training: IMAGE [B, H, W, 9], DATASET_ID [B], optional IMAGE_VALID [B, H, W] (anchors centred on
 padding are not sampled), BOXES [B, G, 4], BOX_VALID [B, G], PROVENANCE [B, G],
-optional MASKS [B, G, H, W], LESION_TYPE [B, G], LESION_ID [B, G], ORGAN_TARGET / ORGAN_VALID
-[B, G, 3], IGNORE_BOXES [B, R, 4] / IGNORE_VALID [B, R]. Inference: IMAGE only.
+optional MASKS [B, G, M, M] with MASK_BOXES [B, G, 4] (per-lesion crops, the input pipeline's
+layout) or MASKS [B, G, H, W] alone (whole-image masks), LESION_TYPE [B, G], LESION_ID [B, G],
+ORGAN_TARGET / ORGAN_VALID [B, G, 3], IGNORE_BOXES [B, R, 4] / IGNORE_VALID [B, R]. Inference:
+IMAGE only (the pipeline's int16 fixed point or float; ``core.decode_image``).
 
 Shapes are static: every variable-length set is a fixed-size array with a validity mask; no host
 synchronisation happens inside (no boolean indexing, no Python branching on values).
@@ -184,6 +186,7 @@ class MELD(nn.Module):
         mask_kw = {}
         if cfg.use_mask and masks is not None:
             mask_kw = {"gt_masks": masks, "gt_mask_valid": jnp.any(masks > 0, axis=(2, 3)),
+                       "gt_mask_boxes": batch.get(Keys.MASK_BOXES),
                        "mask_size": cfg.mask.resolution}
         tt = target_ops.batch_roi_targets(
             props.boxes, props.valid, gt, gt_valid, k_roi, gt_no_box_regression=no_reg,

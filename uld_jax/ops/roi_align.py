@@ -179,6 +179,47 @@ def crop_masks(
     return jnp.einsum("kjw,kiw->kij", ax, rows, precision=precision)
 
 
+def crop_box_masks(
+    masks: Array,
+    mask_boxes: Array,
+    boxes: Array,
+    mask_index: Array,
+    output_size: int = 28,
+    sampling_ratio: int = 2,
+    precision: jax.lax.PrecisionLike = None,
+) -> Array:
+    """:func:`crop_masks` for masks stored as per-lesion crops (the input pipeline's layout).
+
+    Mask g is an ``[M, M]`` grid laid over the input-pixel box ``mask_boxes[g]`` (cell j of a side
+    covers ``[lo + j * side / M, lo + (j + 1) * side / M]``); the lesion is 0 outside that box. The
+    grid is framed by a ring of zero cells and each ROI is expressed in the framed grid's cells, so
+    sample points just outside the box read 0 rather than the crop's border (the box's outside is
+    background, not "unknown"), and points farther out read 0 by the ROIAlign boundary rule.
+
+    Args:
+      masks: [G, M, M] crops (uint8/bool/float; values in [0, 1]).
+      mask_boxes: [G, 4] input-pixel box each crop covers (may reach beyond the image).
+      boxes, mask_index, output_size, sampling_ratio, precision: as in :func:`crop_masks`.
+
+    Returns:
+      [K, output_size, output_size] float32 soft masks in [0, 1].
+    """
+    masks = jnp.asarray(masks)
+    boxes = jnp.asarray(boxes, jnp.float32)
+    g, mh, mw = masks.shape
+    if g == 0:
+        return jnp.zeros((boxes.shape[0], output_size, output_size), jnp.float32)
+    idx = jnp.clip(jnp.asarray(mask_index, jnp.int32), 0, g - 1)
+    mb = jnp.take(jnp.asarray(mask_boxes, jnp.float32), idx, axis=0)          # [K, 4]
+    # cells per input pixel; a degenerate box (a row without a mask) maps every ROI far outside
+    cy = mh / jnp.maximum(mb[:, 2] - mb[:, 0], 1e-3)
+    cx = mw / jnp.maximum(mb[:, 3] - mb[:, 1], 1e-3)
+    framed = jnp.stack([(boxes[:, 0] - mb[:, 0]) * cy, (boxes[:, 1] - mb[:, 1]) * cx,
+                        (boxes[:, 2] - mb[:, 0]) * cy, (boxes[:, 3] - mb[:, 1]) * cx], axis=-1) + 1.0
+    ringed = jnp.pad(masks, ((0, 0), (1, 1), (1, 1)))
+    return crop_masks(ringed, framed, idx, output_size, sampling_ratio, True, precision)
+
+
 def paste_masks(
     masks: Array,
     boxes: Array,

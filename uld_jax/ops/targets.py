@@ -186,6 +186,7 @@ def roi_targets(
     *,
     gt_masks: Array | None = None,
     gt_mask_valid: Array | None = None,
+    gt_mask_boxes: Array | None = None,
     gt_no_box_regression: Array | None = None,
     ignore_boxes: Array | None = None,
     ignore_valid: Array | None = None,
@@ -206,8 +207,11 @@ def roi_targets(
       proposals: [P, 4] input pixels; proposal_valid: [P] bool.
       gt_boxes: [G, 4]; gt_valid: [G] bool.
       key: PRNG key for the sampling.
-      gt_masks: optional [G, H, W] masks at input resolution (weak or real; values in [0, 1]).
+      gt_masks: optional [G, H, W] masks at input resolution (weak or real; values in [0, 1]),
+        or with ``gt_mask_boxes`` [G, M, M] crops (the input pipeline's layout).
       gt_mask_valid: optional [G] bool, rows whose mask is usable (all, if masks are given).
+      gt_mask_boxes: optional [G, 4] input-pixel box each crop of ``gt_masks`` covers
+        (:func:`roi_align.crop_box_masks`); None: ``gt_masks`` are whole-image masks.
       gt_no_box_regression: optional [G] bool (mined positives: classification only).
       ignore_boxes / ignore_valid: optional [R, 4] / [R] ignore regions.
       append_gt: add the valid GT boxes to the proposals first (standard Faster R-CNN training).
@@ -248,7 +252,11 @@ def roi_targets(
         mask_weight = jnp.zeros((num_samples,), jnp.float32)
     else:
         has_mask = gt_valid if gt_mask_valid is None else gt_valid & jnp.asarray(gt_mask_valid, bool)
-        soft = roi_align.crop_masks(gt_masks, s_rois, s_gt, mask_size, mask_sampling_ratio)
+        if gt_mask_boxes is None:
+            soft = roi_align.crop_masks(gt_masks, s_rois, s_gt, mask_size, mask_sampling_ratio)
+        else:
+            soft = roi_align.crop_box_masks(gt_masks, gt_mask_boxes, s_rois, s_gt, mask_size,
+                                            mask_sampling_ratio)
         mask_ok = pos & has_mask[s_gt]
         mask_targets = jnp.where(mask_ok[:, None, None], (soft >= 0.5).astype(jnp.float32), 0.0)
         mask_weight = mask_ok.astype(jnp.float32)
@@ -312,6 +320,7 @@ def batch_roi_targets(
     *,
     gt_masks: Array | None = None,
     gt_mask_valid: Array | None = None,
+    gt_mask_boxes: Array | None = None,
     gt_no_box_regression: Array | None = None,
     ignore_boxes: Array | None = None,
     ignore_valid: Array | None = None,
@@ -324,6 +333,6 @@ def batch_roi_targets(
         lambda *a, **kw: roi_targets(*a, **kw, **kwargs),
         {"proposals": proposals, "proposal_valid": proposal_valid, "gt_boxes": gt_boxes,
          "gt_valid": gt_valid, "key": sampling.per_image_keys(key, proposals.shape[0])},
-        {"gt_masks": gt_masks, "gt_mask_valid": gt_mask_valid,
+        {"gt_masks": gt_masks, "gt_mask_valid": gt_mask_valid, "gt_mask_boxes": gt_mask_boxes,
          "gt_no_box_regression": gt_no_box_regression, "ignore_boxes": ignore_boxes,
          "ignore_valid": ignore_valid})

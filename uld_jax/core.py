@@ -80,6 +80,11 @@ PIXEL_MEAN: float = 50.0
 # The input pipeline hands the image over as int16 fixed point: round(value * IMAGE_SCALE), value in
 # window units ([0, 255] minus PIXEL_MEAN), so steps of 1/64 unit (0.25 HU) and half float32's bytes.
 IMAGE_SCALE: int = 64
+TARGET_PIXEL_MM: float = 0.8
+TARGET_SLICE_MM: float = 2.0
+NUM_CONTEXT_SLICES: int = 9     # 9 slices at 2 mm: +-8 mm around the central slice
+MAX_IMAGE_SIDE: int = 512
+DEEPLESION_HU_OFFSET: int = 32768  # DeepLesion 16-bit PNG value = HU + 32768
 
 
 def decode_image(image):
@@ -88,11 +93,6 @@ def decode_image(image):
     if np.issubdtype(image.dtype, np.integer):
         return image.astype(np.float32) * np.float32(1.0 / IMAGE_SCALE)
     return image.astype(np.float32)
-TARGET_PIXEL_MM: float = 0.8
-TARGET_SLICE_MM: float = 2.0
-NUM_CONTEXT_SLICES: int = 9     # 9 slices at 2 mm: +-8 mm around the central slice
-MAX_IMAGE_SIDE: int = 512
-DEEPLESION_HU_OFFSET: int = 32768  # DeepLesion 16-bit PNG value = HU + 32768
 
 
 # --------------------------------------------------------------------------------------------------

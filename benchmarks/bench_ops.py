@@ -4,9 +4,15 @@
   full [N, N] IoU matrix and walks the sorted boxes one by one, and (b) a NumPy greedy loop.
 * ROIAlign: the separable-matrix einsum (``uld_jax.ops.roi_align``) against a JAX version that
   gathers the four neighbours of every sample point.
+* Mask targets of a training batch: from the input pipeline's per-lesion mask crops
+  (``roi_align.crop_box_masks``, ``--mask-crop`` cells a side) against whole-image masks
+  (``roi_align.crop_masks``, the pipeline's earlier layout), vmapped over ``--mask-batch`` images
+  of ``--mask-side`` pixels with ``--mask-boxes`` lesions and ``--mask-rois`` sampled ROIs each.
 
 Prints milliseconds per call (best of ``--repeats`` after a warm-up/compile call) and the ratios.
-Usage: ``python benchmarks/bench_ops.py [--n 2000] [--rois 300] [--channels 64] [--side 128]``.
+Usage: ``python benchmarks/bench_ops.py [--n 2000] [--rois 300] [--channels 64] [--side 128]``
+(the paper's training batch for the mask targets: ``--mask-batch 4 --mask-side 512 --mask-boxes 16
+--mask-rois 128``, the defaults).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uld_jax import input_pipeline as ip
 from uld_jax.ops import boxes as box_ops
 from uld_jax.ops import nms as nms_ops
 from uld_jax.ops import roi_align as roi_ops
@@ -105,6 +112,11 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--side", type=int, default=128, help="feature map side (stride-4 of 4x input)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mask-batch", type=int, default=4)
+    ap.add_argument("--mask-side", type=int, default=512)
+    ap.add_argument("--mask-boxes", type=int, default=16)
+    ap.add_argument("--mask-rois", type=int, default=128)
+    ap.add_argument("--mask-crop", type=int, default=56)
     args = ap.parse_args()
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
 
@@ -141,6 +153,44 @@ def main() -> None:
     print(f"ROIAlign K={args.rois} {args.side}x{args.side}x{args.channels} -> 7x7: separable einsum "
           f"{t_sep:.2f} ms | gather {t_gat:.2f} ms | gather/separable {t_gat / t_sep:.2f}x | "
           f"max |diff| {err:.2e}")
+
+    mask_targets(args, rng)
+
+
+def mask_targets(args, rng) -> None:
+    """Whole-image masks against crops for the same elliptical lesions and ROIs (positives around
+    the lesions), each jitted and vmapped over the batch; also the bytes each layout moves."""
+    B, S, G, K, M = args.mask_batch, args.mask_side, args.mask_boxes, args.mask_rois, args.mask_crop
+    yy, xx = np.mgrid[:S, :S] + 0.5
+    whole = np.zeros((B, G, S, S), np.uint8)
+    crops = np.zeros((B, G, M, M), np.uint8)
+    rects = np.zeros((B, G, 4), np.float32)
+    rois = np.zeros((B, K, 4), np.float32)
+    which = rng.integers(0, G, (B, K)).astype(np.int32)
+    for b in range(B):
+        for g in range(G):
+            r = rng.uniform(4, 48, 2)
+            cy, cx = rng.uniform(r.max() + 1, S - r.max() - 1, 2)
+            ell = ((yy - cy) / r[0]) ** 2 + ((xx - cx) / r[1]) ** 2 <= 1
+            ys, xs = np.nonzero(ell)
+            rects[b, g] = [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
+            whole[b, g] = ell
+            crops[b, g] = ip.resize_mask(ell[ys.min():ys.max() + 1, xs.min():xs.max() + 1], M)
+        for k in range(K):     # a ROI of IoU ~0.5-1 with its lesion's box
+            y1, x1, y2, x2 = rects[b, which[b, k]]
+            j = rng.uniform(-0.15, 0.15, 4) * np.array([y2 - y1, x2 - x1, y2 - y1, x2 - x1])
+            rois[b, k] = np.array([y1, x1, y2, x2]) + j
+    size = 28
+    f_whole = jax.jit(jax.vmap(lambda m, r, i: roi_ops.crop_masks(m, r, i, size)))
+    f_crops = jax.jit(jax.vmap(lambda m, mb, r, i: roi_ops.crop_box_masks(m, mb, r, i, size)))
+    t_whole = _time(f_whole, whole, rois, which, repeats=args.repeats)
+    t_crops = _time(f_crops, crops, rects, rois, which, repeats=args.repeats)
+    a = np.asarray(f_whole(whole, rois, which)) >= 0.5
+    c = np.asarray(f_crops(crops, rects, rois, which)) >= 0.5
+    print(f"mask targets B={B} {S}x{S} G={G} K={K} -> {size}x{size}: whole-image masks "
+          f"{t_whole:.2f} ms ({whole.nbytes / 1e6:.1f} MB) | {M}x{M} crops {t_crops:.2f} ms "
+          f"({(crops.nbytes + rects.nbytes) / 1e6:.2f} MB) | whole/crops {t_whole / t_crops:.2f}x | "
+          f"binary targets agree on {100 * (a == c).mean():.2f}% of cells")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import detect_helpers
 from data_prep import build as build_lib
 from data_prep import case_factory as cf
 from uld_jax import core, inference, input_pipeline as ip
-from uld_jax.core import Keys
+from uld_jax.core import Keys, decode_image
 from uld_jax.evaluate import __main__ as ev_main
 from uld_jax.evaluate import from_workdir
 
@@ -63,6 +63,10 @@ def test_split_detections_are_the_predictors_in_stored_slice_pixels(workdir, bui
         imgs = np.repeat(ex[Keys.IMAGE][None], 4, axis=0)
         val = np.repeat(ex[Keys.IMAGE_VALID][None], 4, axis=0)
         out = pred(imgs, val)
+        assert imgs.dtype == ip.IMAGE_DTYPE    # the batch's fixed point, which the predictor decodes
+        same = pred(decode_image(imgs), val)
+        np.testing.assert_array_equal(out["boxes"], same["boxes"])
+        np.testing.assert_array_equal(out["scores"], same["scores"])
         keep = out["valid"][0]
         h, w = t.case_hw[t.case_row[row]]
         size = cfg.image_size

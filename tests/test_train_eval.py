@@ -31,14 +31,13 @@ RATE_TAGS = ("sens@0.5fp", "sens@1fp", "sens@2fp", "sens@4fp", "froc_mean")
 
 
 def _cases(dataset: str, split: str, first: int, n: int):
-    """Cases of 48 x 40 px (0.8 mm) with lesions over most of the slice (so that even an untrained
-    detector's top boxes hit some: the FROC numbers are not all 0; with lesions about half as large
-    that hung on near-tied scores, and the image's 0.25 HU rounding emptied it) on two key slices,
-    and one lesion-free sample slice each (not evaluated: key slices only)."""
+    """Cases of 48 x 40 px (0.8 mm) with large lesions (so that even an untrained detector's top
+    boxes hit some: the FROC numbers are not all 0) on two key slices, and one lesion-free sample
+    slice each (not evaluated: key slices only)."""
     out = []
     for k in range(first, first + n):
-        y, x = 3 + k % 3, 2 + k % 4
-        boxes = [[y, x, y + 40, x + 34], [y + 2, x + 2, y + 36, x + 30]]
+        y, x = 6 + k % 5, 4 + (2 * k) % 7
+        boxes = [[y, x, y + 26, x + 24], [y + 4, x + 2, y + 24, x + 20]]
         out.append(cf.make_case(dataset, k, num_slices=8, height=48, width=40, split=split,
                                 lesion_slices=(2, 5), boxes=boxes, negatives=(7,)))
     return out

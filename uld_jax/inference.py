@@ -280,8 +280,9 @@ class Predictor:
         return res
 
     def device_call(self, images: np.ndarray, image_valid: np.ndarray, sample_valid: np.ndarray):
-        """Dispatches one batch (asynchronously); returns device arrays."""
-        return self._fn(self.loaded.variables, jnp.asarray(images, jnp.float32),
+        """Dispatches one batch (asynchronously); returns device arrays. The input pipeline's int16
+        fixed-point images are decoded first, so that one compiled function serves both kinds."""
+        return self._fn(self.loaded.variables, jnp.asarray(core.decode_image(images), jnp.float32),
                         jnp.asarray(image_valid, bool), jnp.asarray(sample_valid, bool))
 
     def __call__(self, images: np.ndarray, image_valid: np.ndarray,
@@ -289,7 +290,8 @@ class Predictor:
         """Runs one batch.
 
         Args:
-          images: [B, H, W, 9] float32, the loader's windowed image (HU window -> [0, 255] - 50).
+          images: [B, H, W, 9] the loader's windowed image (HU window -> [0, 255] - 50): float, or
+            the batch's int16 fixed point (``core.decode_image``).
           image_valid: [B, H, W] bool, False on padding.
           sample_valid: [B] bool, False for padding samples of a last batch (their detections come
             back invalid).

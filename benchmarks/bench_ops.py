@@ -12,22 +12,25 @@
 Prints milliseconds per call (best of ``--repeats`` after a warm-up/compile call) and the ratios.
 Usage: ``python benchmarks/bench_ops.py [--n 2000] [--rois 300] [--channels 64] [--side 128]``
 (the paper's training batch for the mask targets: ``--mask-batch 4 --mask-side 512 --mask-boxes 16
---mask-rois 128``, the defaults).
+--mask-rois 64``, the defaults).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uld_jax import input_pipeline as ip
-from uld_jax.ops import boxes as box_ops
-from uld_jax.ops import nms as nms_ops
-from uld_jax.ops import roi_align as roi_ops
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from uld_jax import input_pipeline as ip  # noqa: E402
+from uld_jax.ops import boxes as box_ops  # noqa: E402
+from uld_jax.ops import nms as nms_ops  # noqa: E402
+from uld_jax.ops import roi_align as roi_ops  # noqa: E402
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -115,7 +118,7 @@ def main() -> None:
     ap.add_argument("--mask-batch", type=int, default=4)
     ap.add_argument("--mask-side", type=int, default=512)
     ap.add_argument("--mask-boxes", type=int, default=16)
-    ap.add_argument("--mask-rois", type=int, default=128)
+    ap.add_argument("--mask-rois", type=int, default=64)
     ap.add_argument("--mask-crop", type=int, default=56)
     args = ap.parse_args()
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")

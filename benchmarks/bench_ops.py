@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--mask-side", type=int, default=512)
     ap.add_argument("--mask-boxes", type=int, default=16)
     ap.add_argument("--mask-rois", type=int, default=64)
-    ap.add_argument("--mask-crop", type=int, default=56)
+    ap.add_argument("--mask-crop", type=int, default=ip.MASK_CROP)
     args = ap.parse_args()
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
 

@@ -93,6 +93,8 @@ def test_config_checks(data):
         ip.check_config(_config(data, positive_only=("luna",)))
     with pytest.raises(ValueError, match="positive_only: unknown"):
         ip.load_tables(_config(data, positive_only=("luna",)))
+    with pytest.raises(ValueError, match="config.mask_crop: 0"):
+        ip.check_config(_config(data, mask_crop=0))
     # the trainer's task reports a mismatch as a ConfigError before building anything
     from configs import meld
     from uld_jax import tasks, train

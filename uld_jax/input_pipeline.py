@@ -98,6 +98,7 @@ from uld_jax.core import (DATASET_ID, DATASETS, HU_WINDOW, IMAGE_SCALE, NUM_CONT
 
 PAD_VALUE = -PIXEL_MEAN   # windowed value of air (-1024 HU), used on padding
 IMAGE_DTYPE = np.int16    # the batch's image: fixed point (encode_image / core.decode_image)
+MASK_CROP = 56            # default side of each lesion's mask crop (2x the 28 x 28 mask targets)
 
 
 def encode_image(x: np.ndarray) -> np.ndarray:
@@ -145,7 +146,7 @@ def default_input_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.positive_only = ()                 # datasets that teach positives only (whole-canvas ignore
                                          # region, lesion-free slices not drawn)
     c.mined_as_base = True               # slices holding a mined positive are drawn every epoch
-    c.mask_crop = 56                     # side M of each lesion's mask crop (2x the mask targets)
+    c.mask_crop = MASK_CROP              # side M of each lesion's mask crop (``mask_boxes``)
     if variant == "tiny":
         c.pixel_mm = 2.0
         c.image_size = (160, 160)
@@ -174,7 +175,7 @@ def check_config(config: ml_collections.ConfigDict, num_datasets: int | None = N
     """Raises ValueError, naming the keys, when ``datasets`` / ``positive_only`` name unknown
     datasets or (``num_datasets``: the model's expert count) the dataset ids the pipeline
     emits have no expert in the model."""
-    if int(config.get("mask_crop", 56)) < 1:
+    if int(config.get("mask_crop", MASK_CROP)) < 1:
         raise ValueError(f"config.mask_crop: {config.mask_crop}; expected a positive mask side")
     names = tuple(config.datasets)
     unknown = [d for d in names if d not in DATASET_ID]
@@ -543,7 +544,7 @@ class SampleLoader(grain.transforms.Map):
         self.seed = int(config.seed)
         self.merge_datasets = bool(config.get("merge_datasets", False))
         self.positive_only = frozenset(config.get("positive_only", ()))
-        self.mask_crop = int(config.get("mask_crop", 56))
+        self.mask_crop = int(config.get("mask_crop", MASK_CROP))   # configs saved before it
 
     def whole_canvas_region(self) -> np.ndarray:
         """[4] the ignore region of a ``positive_only`` sample: the canvas and a margin of one

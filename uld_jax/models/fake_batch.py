@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from uld_jax.core import NUM_CONTEXT_SLICES, PIXEL_MEAN, Keys, Provenance
-from uld_jax.input_pipeline import resize_mask
+from uld_jax.input_pipeline import MASK_CROP, resize_mask
 
 
 def synthetic_batch(batch_size: int, image_size: int, max_boxes: int = 4, num_ignore: int = 2,
                     num_datasets: int = 4, boxes_per_image=None, dataset_ids=None, seed: int = 0,
-                    lesion_sizes=(12.0, 28.0), mask_crop: int = 56) -> dict[str, np.ndarray]:
+                    lesion_sizes=(12.0, 28.0), mask_crop: int = MASK_CROP) -> dict[str, np.ndarray]:
     """A batch dict (numpy) with every training key, masks as the pipeline's ``mask_crop`` x
     ``mask_crop`` crops over their boxes (the image stays float32; the model takes either).
 

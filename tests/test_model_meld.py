@@ -360,6 +360,8 @@ def test_minimal_batch_traces(setup):
     assert det["boxes"].shape == (B, cfg.num_datasets, cfg.roi.detections_per_image, 4)
 
 
+# an option off by default (embedding.num_proxies / location); about 70 s of compiles on 2 cores
+@pytest.mark.slow
 def test_lesion_proxies_and_location_behind_their_switches(setup):
     # one model with both embedding options on (one compilation for both)
     cfg, _, _, _, _, _ = setup
@@ -431,6 +433,8 @@ def test_embedding_head_reads_the_location():
         head.apply(v, feat)
 
 
+# the accelerators' setting (model.dtype); about 70 s of compiles on 2 cores
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters(setup):
     """``model.dtype = 'bfloat16'`` (the accelerators' setting): the same float32 variables drive
     it, gradients come back float32 and finite, the losses that do not depend on sampled ROIs equal

@@ -480,6 +480,7 @@ def test_image_fixed_point_round_trip():
     assert np.abs(back - x).max() <= 0.5 / ip.IMAGE_SCALE + 1e-6      # 1/128 unit: 0.13 HU
     assert decode_image(np.int16([ip.PAD_CODE]))[0] == ip.PAD_VALUE
     f = np.float32([[1.25, -3.0]])
-    np.testing.assert_array_equal(decode_image(f), f)            # float images pass through
+    assert decode_image(f) is f                     # float32 images pass through, not copied
+    np.testing.assert_array_equal(decode_image(f.astype(np.float64)), f)
     import jax.numpy as jnp
     np.testing.assert_array_equal(np.asarray(decode_image(jnp.asarray(code))), back)

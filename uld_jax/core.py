@@ -92,6 +92,8 @@ def decode_image(image):
     by IMAGE_SCALE; a float image (detect, user batches) as it is, in float32."""
     if np.issubdtype(image.dtype, np.integer):
         return image.astype(np.float32) * np.float32(1.0 / IMAGE_SCALE)
+    if image.dtype == np.float32:
+        return image                  # no copy: detect's batches are float32 already
     return image.astype(np.float32)
 
 

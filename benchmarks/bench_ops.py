@@ -28,6 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from uld_jax import input_pipeline as ip  # noqa: E402
+from uld_jax.core import Keys  # noqa: E402
+from uld_jax.models.fake_batch import synthetic_batch  # noqa: E402
 from uld_jax.ops import boxes as box_ops  # noqa: E402
 from uld_jax.ops import nms as nms_ops  # noqa: E402
 from uld_jax.ops import roi_align as roi_ops  # noqa: E402
@@ -161,40 +163,30 @@ def main() -> None:
 
 
 def mask_targets(args, rng) -> None:
-    """Whole-image masks against crops for the same elliptical lesions and ROIs (positives around
-    the lesions), each jitted and vmapped over the batch; also the bytes each layout moves."""
+    """Whole-image masks against crops for the same lesions (``fake_batch``'s, their crops pasted
+    onto the image for the whole-image layout) and ROIs (around the lesions), each jitted and
+    vmapped over the batch; also the bytes each layout moves."""
     B, S, G, K, M = args.mask_batch, args.mask_side, args.mask_boxes, args.mask_rois, args.mask_crop
-    yy, xx = np.mgrid[:S, :S] + 0.5
-    whole = np.zeros((B, G, S, S), np.uint8)
-    crops = np.zeros((B, G, M, M), np.uint8)
-    rects = np.zeros((B, G, 4), np.float32)
-    rois = np.zeros((B, K, 4), np.float32)
+    batch = synthetic_batch(B, S, max_boxes=G, boxes_per_image=[G] * B, lesion_sizes=(8.0, 96.0),
+                            mask_crop=M)
+    crops, rects = batch[Keys.MASKS], batch[Keys.MASK_BOXES]
+    whole = (np.asarray(jax.vmap(lambda m, b: roi_ops.paste_masks(m, b, S, S))(crops, rects))
+             >= 0.5).astype(np.uint8)
     which = rng.integers(0, G, (B, K)).astype(np.int32)
-    for b in range(B):
-        for g in range(G):
-            r = rng.uniform(4, 48, 2)
-            cy, cx = rng.uniform(r.max() + 1, S - r.max() - 1, 2)
-            ell = ((yy - cy) / r[0]) ** 2 + ((xx - cx) / r[1]) ** 2 <= 1
-            ys, xs = np.nonzero(ell)
-            rects[b, g] = [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
-            whole[b, g] = ell
-            crops[b, g] = ip.resize_mask(ell[ys.min():ys.max() + 1, xs.min():xs.max() + 1], M)
-        for k in range(K):     # a ROI of IoU ~0.5-1 with its lesion's box
-            y1, x1, y2, x2 = rects[b, which[b, k]]
-            j = rng.uniform(-0.15, 0.15, 4) * np.array([y2 - y1, x2 - x1, y2 - y1, x2 - x1])
-            rois[b, k] = np.array([y1, x1, y2, x2]) + j
-    size = 28
-    f_whole = jax.jit(jax.vmap(lambda m, r, i: roi_ops.crop_masks(m, r, i, size)))
-    f_crops = jax.jit(jax.vmap(lambda m, mb, r, i: roi_ops.crop_box_masks(m, mb, r, i, size)))
+    box = np.take_along_axis(rects, which[..., None], axis=1)            # [B, K, 4]
+    size = np.concatenate([box[..., 2:] - box[..., :2]] * 2, axis=-1)
+    rois = (box + rng.uniform(-0.15, 0.15, box.shape) * size).astype(np.float32)  # IoU ~0.5-1
+    out = 28
+    f_whole = jax.jit(jax.vmap(lambda m, r, i: roi_ops.crop_masks(m, r, i, out)))
+    f_crops = jax.jit(jax.vmap(lambda m, mb, r, i: roi_ops.crop_box_masks(m, mb, r, i, out)))
     t_whole = _time(f_whole, whole, rois, which, repeats=args.repeats)
     t_crops = _time(f_crops, crops, rects, rois, which, repeats=args.repeats)
     a = np.asarray(f_whole(whole, rois, which)) >= 0.5
     c = np.asarray(f_crops(crops, rects, rois, which)) >= 0.5
-    print(f"mask targets B={B} {S}x{S} G={G} K={K} -> {size}x{size}: whole-image masks "
+    print(f"mask targets B={B} {S}x{S} G={G} K={K} -> {out}x{out}: whole-image masks "
           f"{t_whole:.2f} ms ({whole.nbytes / 1e6:.1f} MB) | {M}x{M} crops {t_crops:.2f} ms "
           f"({(crops.nbytes + rects.nbytes) / 1e6:.2f} MB) | whole/crops {t_whole / t_crops:.2f}x | "
           f"binary targets agree on {100 * (a == c).mean():.2f}% of cells")
-
 
 if __name__ == "__main__":
     main()

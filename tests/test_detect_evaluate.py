@@ -63,8 +63,8 @@ def test_split_detections_are_the_predictors_in_stored_slice_pixels(workdir, bui
         imgs = np.repeat(ex[Keys.IMAGE][None], 4, axis=0)
         val = np.repeat(ex[Keys.IMAGE_VALID][None], 4, axis=0)
         out = pred(imgs, val)
-        assert imgs.dtype == ip.IMAGE_DTYPE    # the batch's fixed point, which the predictor decodes
-        same = pred(decode_image(imgs), val)
+        assert imgs.dtype == ip.IMAGE_DTYPE    # the batch's fixed point, decoded by the model
+        same = pred(decode_image(imgs), val)   # the image in float, decoded independently here
         np.testing.assert_array_equal(out["boxes"], same["boxes"])
         np.testing.assert_array_equal(out["scores"], same["scores"])
         keep = out["valid"][0]

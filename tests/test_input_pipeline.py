@@ -9,6 +9,7 @@ from data_prep import build as build_lib
 from data_prep import case_factory as cf
 from uld_jax import input_pipeline as ip
 from uld_jax.core import DATASET_ID, Keys, Provenance, decode_image
+from uld_jax.ops import roi_align
 
 H = W = 64
 
@@ -19,8 +20,10 @@ def _window(hu):
 
 
 def _canvas(batch, b):
-    """[G, H, W] whole-image masks of sample b (the batch holds crops over mask boxes)."""
-    return ip.canvas_masks(batch[Keys.MASKS][b], batch[Keys.MASK_BOXES][b], (H, W))
+    """[G, H, W] whole-image masks of sample b: the batch's crops pasted over their mask boxes by
+    the model's paste rule (``roi_align.paste_masks``), thresholded at 0.5."""
+    return np.asarray(roi_align.paste_masks(batch[Keys.MASKS][b], batch[Keys.MASK_BOXES][b],
+                                            H, W)) >= 0.5
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +116,7 @@ def test_boxes_and_masks_land_on_lesion_pixels_under_augmentation(data):
                 assert inner.any() and outer.any()
                 np.testing.assert_allclose(centre[inner], lesion, atol=1e-3)
                 assert np.all(np.abs(centre[outer] - lesion) > 50)
-                m = _canvas(batch, b)[g].astype(bool)
+                m = _canvas(batch, b)[g]
                 assert m[inner].all() and not m[outer].any()
                 checked += 1
     assert checked >= 10
@@ -133,7 +136,7 @@ def test_context_channels_are_the_neighbour_slices_with_edge_replication(data):
             k, case = cases[cid]
             n = case.slices.shape[0]
             valid = batch[Keys.IMAGE_VALID][b]
-            bg = valid & ~_canvas(batch, b).any(axis=0).astype(bool)
+            bg = valid & ~_canvas(batch, b).any(axis=0)
             ys, xs = np.nonzero(bg)
             y, x = ys[0], xs[0]                  # top-left visible pixel: background on every slice
             expect = [_window(cf.slice_hu(k, int(np.clip(z + d, 0, n - 1)))) for d in range(-4, 5)]
@@ -413,7 +416,7 @@ def test_positives_beyond_max_boxes_become_ignore_regions(tmp_path, caplog):
 def _centre_slice(batch, b, k, n):
     """The slice index whose background HU the centre channel of sample b shows (case number k)."""
     valid = batch[Keys.IMAGE_VALID][b]
-    ys, xs = np.nonzero(valid & ~_canvas(batch, b).any(axis=0).astype(bool))
+    ys, xs = np.nonzero(valid & ~_canvas(batch, b).any(axis=0))
     v = decode_image(batch[Keys.IMAGE][b, ys[0], xs[0], 4])
     hits = [z for z in range(n) if abs(_window(cf.slice_hu(k, z)) - v) < 1e-3]
     assert len(hits) == 1

@@ -159,8 +159,8 @@ def test_crop_box_masks_equal_whole_image_masks():
                        for g, (y1, x1, y2, x2) in enumerate(rects)])
     got2 = np.asarray(fn(crops2, rects, rois, which, 14)) >= 0.5
     assert (got2 == (want >= 0.5)).mean() > 0.98
-    np.testing.assert_array_equal(
-        ip.canvas_masks(crops2, rects, (64, 64)), full)        # nearest back onto the image: exact
+    np.testing.assert_array_equal(                 # pasted back onto the image: the ellipses
+        np.asarray(R.paste_masks(crops2, rects, 64, 64)) >= 0.5, full.astype(bool))
     empty = np.asarray(fn(np.zeros((1, 8, 8), np.uint8), np.zeros((1, 4), np.float32), rois,
                           np.zeros(40, np.int32), 14))
     assert np.isfinite(empty).all() and not empty.any()

@@ -454,34 +454,12 @@ def warp_boxes(boxes: np.ndarray, p: Placement, h: int, w: int, image_size: tupl
 def resize_mask(crop: np.ndarray, side: int) -> np.ndarray:
     """[h, w] mask crop -> [side, side] uint8, nearest (cell j of an axis reads source pixel
     floor((j + 0.5) * n / side)); an empty crop gives zeros."""
-    out = np.zeros((side, side), np.uint8)
     h, w = crop.shape[:2]
     if h == 0 or w == 0:
-        return out
+        return np.zeros((side, side), np.uint8)
     sy = np.minimum(((np.arange(side) + 0.5) * h / side).astype(np.int64), h - 1)
     sx = np.minimum(((np.arange(side) + 0.5) * w / side).astype(np.int64), w - 1)
-    out[:] = crop[np.ix_(sy, sx)] != 0
-    return out
-
-
-def canvas_masks(masks: np.ndarray, mask_boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """[..., M, M] mask crops over [..., 4] boxes -> [..., H, W] uint8 whole-image masks (nearest:
-    pixel y reads cell floor((y + 0.5 - y1) * M / (y2 - y1)); 0 outside the box). For looking at a
-    batch on the host; the model samples the crops directly (``roi_align.crop_box_masks``)."""
-    masks = np.asarray(masks)
-    lead, (m, n) = masks.shape[:-2], masks.shape[-2:]
-    flat_m, flat_b = masks.reshape(-1, m, n), np.asarray(mask_boxes, np.float64).reshape(-1, 4)
-    H, W = image_size
-    out = np.zeros((len(flat_m), H, W), np.uint8)
-    for k, (crop, (y1, x1, y2, x2)) in enumerate(zip(flat_m, flat_b)):
-        if y2 <= y1 or x2 <= x1:
-            continue
-        cy = np.floor((np.arange(H) + 0.5 - y1) * m / (y2 - y1)).astype(np.int64)
-        cx = np.floor((np.arange(W) + 0.5 - x1) * n / (x2 - x1)).astype(np.int64)
-        ry, rx = np.flatnonzero((cy >= 0) & (cy < m)), np.flatnonzero((cx >= 0) & (cx < n))
-        if ry.size and rx.size:
-            out[k][np.ix_(ry, rx)] = crop[np.ix_(cy[ry], cx[rx])]
-    return out.reshape(*lead, H, W)
+    return (crop[np.ix_(sy, sx)] != 0).astype(np.uint8)
 
 
 def unaugmented_placement(table: sd.SampleTable, row: int,

@@ -6,7 +6,9 @@ For each it prints: compile time, wall time per sample, XLA's FLOP count (``cost
 lowered step, the same on every backend), the achieved FLOP/s, and that as a ratio to this
 machine's matmul peak measured in the same run (a large ``jnp.dot`` in the step's compute dtype),
 plus the compiled peak memory (``memory_analysis``: arguments + outputs + temporaries - aliased).
-With several ``--dtypes`` it also prints each one's speed-up over the first.
+With several ``--dtypes`` it also prints each one's speed-up over the first, and with several
+``--layer-impls`` (``model.layer_impl``: how convolutions and max pooling are written,
+uld_jax/models/layers.py) each one's speed-up over the first, in the same run.
 
 Caveat: XLA's cost analysis counts a while-loop body once, so the tiled NMS is under-counted; its
 share of the FLOPs is small next to the convolutions.
@@ -16,6 +18,7 @@ share of the FLOPs is small next to the convolutions.
     python benchmarks/bench_model.py --paper --paper-size 256 --steps 2
     python benchmarks/bench_model.py --paper --skip-tiny --paper-batch 4 --paper-steps 10 \
         --dtypes float32,bfloat16 --json bench.json       # on a GPU / TPU
+    python benchmarks/bench_model.py --layer-impls xla,cpu   # XLA's ops vs the CPU formulations
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from uld_jax import losses  # noqa: E402
 from uld_jax.io.atomic import atomic_write_json  # noqa: E402
 from uld_jax.models.config import model_config  # noqa: E402
 from uld_jax.models.fake_batch import synthetic_batch  # noqa: E402
+from uld_jax.models.layers import IMPLS, resolve_impl  # noqa: E402
 from uld_jax.models.meld import MELD, init_variables  # noqa: E402
 
 
@@ -120,12 +124,13 @@ def _time(fn, args, steps: int) -> float:
 
 
 def bench(variant: str, batch_size: int, steps: int, image_size: int | None, peak: float,
-          dtype: str = "float32") -> list:
+          dtype: str = "float32", layer_impl: str = "auto") -> list:
     cfg = model_config(variant)
     cfg.unlock()
     if image_size:
         cfg.image_size = image_size
     cfg.dtype = dtype
+    cfg.layer_impl = layer_impl
     cfg.lock()
     model = MELD(cfg)
     t = time.perf_counter()
@@ -164,7 +169,7 @@ def bench(variant: str, batch_size: int, steps: int, image_size: int | None, pea
         flops, flops_source = _flops(fn, args, lowered, compiled)
         rows.append({
             "variant": variant, "image": cfg.image_size, "batch": batch_size, "what": name,
-            "dtype": dtype, "flops_source": flops_source,
+            "dtype": dtype, "layer_impl": resolve_impl(layer_impl), "flops_source": flops_source,
             "init_s": round(t_init, 1), "compile_s": round(t_compile, 1),
             "s_per_sample": sec / batch_size, "gflop_per_sample": flops / batch_size / 1e9,
             "gflops_achieved": flops / sec / 1e9, "ratio_to_peak": flops / sec / peak,
@@ -176,7 +181,8 @@ def bench(variant: str, batch_size: int, steps: int, image_size: int | None, pea
 
 
 def _fmt(r: dict) -> str:
-    return (f"{r['variant']:>6} {r['image']:>4}px b{r['batch']} {r['dtype']:<8} {r['what']:<10} "
+    return (f"{r['variant']:>6} {r['image']:>4}px b{r['batch']} {r['dtype']:<8} "
+            f"{r['layer_impl']:<3} {r['what']:<10} "
             f"compile {r['compile_s']:6.1f}s  {r['s_per_sample'] * 1e3:9.1f} ms/sample  "
             f"{r['gflop_per_sample']:8.2f} GFLOP/sample  {r['gflops_achieved']:7.1f} GFLOP/s  "
             f"ratio to matmul peak {r['ratio_to_peak']:.3f}  peak mem {r['peak_mem_mib']:8.1f} MiB  "
@@ -195,12 +201,19 @@ def main(argv=None):
     ap.add_argument("--dtypes", type=str, default="float32",
                     help="comma-separated compute dtypes, e.g. float32,bfloat16; each is measured "
                          "against the matmul peak of its own dtype")
+    ap.add_argument("--layer-impls", type=str, default="auto",
+                    help="comma-separated model.layer_impl values (auto, xla, cpu); each is "
+                         "measured, and timed against the first")
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--json", type=str, default=None,
                     help="write the rows here (rewritten after each row, so a cut-off run keeps "
                          "what it measured)")
     a = ap.parse_args(argv)
     dtypes = parse_dtypes(ap, a.dtypes)
+    impls = [v.strip() for v in a.layer_impls.split(",") if v.strip()]
+    for v in impls:
+        if v not in IMPLS:
+            ap.error(f"--layer-impls: unknown value {v!r} ({', '.join(IMPLS)})")
     # Shared CPUs: measure the peak before and after and keep the best (the machine's capability).
     peaks = {d: matmul_peak(dtype=d) for d in dtypes}
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  matmul peak (jnp.dot): "
@@ -214,12 +227,14 @@ def main(argv=None):
                                        "rows": rows}, indent=1)
 
     for d in dtypes:
-        if not a.skip_tiny:
-            rows += bench("tiny", a.batch, a.steps, None, peaks[d], d)
-            dump()
-        if a.paper:
-            rows += bench("paper", a.paper_batch, max(1, a.paper_steps), a.paper_size, peaks[d], d)
-            dump()
+        for impl in impls:
+            if not a.skip_tiny:
+                rows += bench("tiny", a.batch, a.steps, None, peaks[d], d, impl)
+                dump()
+            if a.paper:
+                rows += bench("paper", a.paper_batch, max(1, a.paper_steps), a.paper_size,
+                              peaks[d], d, impl)
+                dump()
     for d in dtypes:
         p2 = matmul_peak(dtype=d)
         if p2 > peaks[d]:
@@ -230,16 +245,27 @@ def main(argv=None):
                     r["ratio_to_peak"] *= peaks[d] / p2
                     print(_fmt(r))
             peaks[d] = p2
-    base = {(r["variant"], r["image"], r["batch"], r["what"]): r for r in rows
+    first_impl = resolve_impl(impls[0])
+    base = {(r["variant"], r["image"], r["batch"], r["what"], r["layer_impl"]): r for r in rows
             if r["dtype"] == dtypes[0]}
     for r in rows:
-        b = base.get((r["variant"], r["image"], r["batch"], r["what"]))
+        b = base.get((r["variant"], r["image"], r["batch"], r["what"], r["layer_impl"]))
         if b is not None and r is not b:
             r[f"speedup_vs_{dtypes[0]}"] = b["s_per_sample"] / r["s_per_sample"]
             print(f"{r['variant']:>6} {r['what']:<10} {r['dtype']} vs {dtypes[0]}: "
                   f"{b['s_per_sample'] * 1e3:.2f} -> {r['s_per_sample'] * 1e3:.2f} ms/sample, "
                   f"x{r[f'speedup_vs_{dtypes[0]}']:.2f}; peak mem {b['peak_mem_mib']:.0f} -> "
                   f"{r['peak_mem_mib']:.0f} MiB", flush=True)
+    base = {(r["variant"], r["image"], r["batch"], r["what"], r["dtype"]): r for r in rows
+            if r["layer_impl"] == first_impl}
+    for r in rows:
+        b = base.get((r["variant"], r["image"], r["batch"], r["what"], r["dtype"]))
+        if b is not None and r is not b:
+            r[f"speedup_vs_{first_impl}"] = b["s_per_sample"] / r["s_per_sample"]
+            print(f"{r['variant']:>6} {r['what']:<10} {r['dtype']} layer_impl {r['layer_impl']} vs "
+                  f"{first_impl}: {b['s_per_sample'] * 1e3:.2f} -> {r['s_per_sample'] * 1e3:.2f} "
+                  f"ms/sample, x{r[f'speedup_vs_{first_impl}']:.2f}; compile "
+                  f"{b['compile_s']:.1f} -> {r['compile_s']:.1f} s", flush=True)
     dump()
 
 

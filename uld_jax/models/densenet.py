@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uld_jax.models import layers
+
 
 class _BN:
     """BatchNorm with the frozen/batch policy above (builds an ``nn.BatchNorm`` named ``name``)."""
@@ -37,10 +39,11 @@ class _BN:
                             dtype=self.dtype, name=self.name)(x)
 
 
-def _conv(features: int, k: int, stride: int = 1, name: str | None = None, dtype=jnp.float32):
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=[(k // 2, k // 2)] * 2,
-                   use_bias=False, dtype=dtype, kernel_init=nn.initializers.kaiming_normal(),
-                   name=name)
+def _conv(features: int, k: int, stride: int = 1, name: str | None = None, dtype=jnp.float32,
+          impl: str = "xla"):
+    return layers.conv(features, (k, k), impl, strides=(stride, stride),
+                       padding=[(k // 2, k // 2)] * 2, use_bias=False, dtype=dtype,
+                       kernel_init=nn.initializers.kaiming_normal(), name=name)
 
 
 class DenseLayer(nn.Module):
@@ -51,13 +54,15 @@ class DenseLayer(nn.Module):
     bn_mode: str
     bn_momentum: float
     dtype: Any = jnp.float32
+    impl: str = "xla"               # models/layers.py: 'xla' | 'cpu'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         y = nn.relu(_BN(self.bn_mode, self.bn_momentum, self.dtype, name="norm1")(x, train))
-        y = _conv(self.bn_size * self.growth_rate, 1, name="conv1", dtype=self.dtype)(y)
+        y = _conv(self.bn_size * self.growth_rate, 1, name="conv1", dtype=self.dtype,
+                  impl=self.impl)(y)
         y = nn.relu(_BN(self.bn_mode, self.bn_momentum, self.dtype, name="norm2")(y, train))
-        return _conv(self.growth_rate, 3, name="conv2", dtype=self.dtype)(y)
+        return _conv(self.growth_rate, 3, name="conv2", dtype=self.dtype, impl=self.impl)(y)
 
 
 class DenseBlock(nn.Module):
@@ -67,13 +72,15 @@ class DenseBlock(nn.Module):
     bn_mode: str
     bn_momentum: float
     dtype: Any = jnp.float32
+    impl: str = "xla"               # models/layers.py: 'xla' | 'cpu'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         feats = [x]
         for j in range(self.num_layers):
             new = DenseLayer(self.growth_rate, self.bn_size, self.bn_mode, self.bn_momentum,
-                             self.dtype, name=f"denselayer{j + 1}")(jnp.concatenate(feats, -1), train)
+                             self.dtype, self.impl, name=f"denselayer{j + 1}")(
+                                 jnp.concatenate(feats, -1), train)
             feats.append(new)
         return jnp.concatenate(feats, -1)
 
@@ -85,11 +92,12 @@ class Transition(nn.Module):
     bn_mode: str
     bn_momentum: float
     dtype: Any = jnp.float32
+    impl: str = "xla"               # models/layers.py: 'xla' | 'cpu'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
         a = nn.relu(_BN(self.bn_mode, self.bn_momentum, self.dtype, name="norm")(x, train))
-        y = _conv(self.out_features, 1, name="conv", dtype=self.dtype)(a)
+        y = _conv(self.out_features, 1, name="conv", dtype=self.dtype, impl=self.impl)(a)
         return a, nn.avg_pool(y, (2, 2), strides=(2, 2))
 
 
@@ -109,19 +117,21 @@ class DenseNetStem(nn.Module):
     bn_mode: str
     bn_momentum: float
     dtype: Any = jnp.float32
+    impl: str = "xla"               # models/layers.py: 'xla' | 'cpu'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
         bn = lambda name: _BN(self.bn_mode, self.bn_momentum, self.dtype, name=name)  # noqa: E731
-        x = _conv(self.num_init_features, 7, 2, name="conv0", dtype=self.dtype)(x.astype(self.dtype))
+        x = _conv(self.num_init_features, 7, 2, name="conv0", dtype=self.dtype,
+                  impl=self.impl)(x.astype(self.dtype))
         x = nn.relu(bn("norm0")(x, train))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), self.impl)
         c = self.num_init_features
         out = {}
         for k in (1, 2):
             x = self._block(k, x, train)
             c = c + self.block_layers[k - 1] * self.growth_rate
-            a, x = Transition(c // 2, self.bn_mode, self.bn_momentum, self.dtype,
+            a, x = Transition(c // 2, self.bn_mode, self.bn_momentum, self.dtype, self.impl,
                               name=f"transition{k}")(x, train)
             c = c // 2
             out["c2" if k == 1 else "c3"] = a
@@ -130,7 +140,7 @@ class DenseNetStem(nn.Module):
 
     def _block(self, k: int, x, train):
         return DenseBlock(self.block_layers[k - 1], self.growth_rate, self.bn_size, self.bn_mode,
-                          self.bn_momentum, self.dtype, name=f"denseblock{k}")(x, train)
+                          self.bn_momentum, self.dtype, self.impl, name=f"denseblock{k}")(x, train)
 
 
 class DenseNetBlock3(nn.Module):
@@ -142,11 +152,12 @@ class DenseNetBlock3(nn.Module):
     bn_mode: str
     bn_momentum: float
     dtype: Any = jnp.float32
+    impl: str = "xla"               # models/layers.py: 'xla' | 'cpu'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = DenseBlock(self.num_layers, self.growth_rate, self.bn_size, self.bn_mode,
-                       self.bn_momentum, self.dtype, name="denseblock3")(x, train)
+                       self.bn_momentum, self.dtype, self.impl, name="denseblock3")(x, train)
         # transition3.norm, i.e. the pre-activation of the (dropped) transition 3.
         return nn.relu(_TransitionNormOnly(self.bn_mode, self.bn_momentum, self.dtype,
                                            name="transition3")(x, train))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from uld_jax.core import decode_image
-from uld_jax.models import densenet
+from uld_jax.models import densenet, layers
 
 
 def _central_identity_init(num_images: int, channels: int):
@@ -45,14 +45,15 @@ class ContextFusion(nn.Module):
 
     num_images: int = 3
     dtype: Any = jnp.float32
+    impl: str = "xla"                  # models/layers.py: 'xla' | 'cpu'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, c = x.shape
         b = n // self.num_images
         x = x.reshape(b, self.num_images, h, w, c).transpose(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return nn.Conv(c, (1, 1), use_bias=True, dtype=self.dtype,
-                       kernel_init=_central_identity_init(self.num_images, c), name="conv")(x)
+        return layers.conv(c, (1, 1), self.impl, use_bias=True, dtype=self.dtype,
+                           kernel_init=_central_identity_init(self.num_images, c), name="conv")(x)
 
 
 def _up2(x: jax.Array) -> jax.Array:
@@ -66,6 +67,7 @@ class DenseNetFPN(nn.Module):
 
     cfg: Any  # the model ConfigDict
     dtype: Any = jnp.float32
+    impl: str = "xla"                  # models/layers.py: 'xla' | 'cpu'
 
     @nn.compact
     def __call__(self, image: jax.Array, train: bool) -> jax.Array:
@@ -85,19 +87,21 @@ class DenseNetFPN(nn.Module):
             x, n_img = image[..., c0:c0 + 3], 1
         stem = densenet.DenseNetStem(bc.growth_rate, tuple(bc.block_layers), bc.num_init_features,
                                      bc.bn_size, bc.bn_mode, bc.bn_momentum, self.dtype,
-                                     name="backbone")
+                                     self.impl, name="backbone")
         f = stem(x, train)
         t2 = f["t2"]
         if n_img > 1:
-            t2 = ContextFusion(n_img, self.dtype, name="fuse_t2")(t2)
+            t2 = ContextFusion(n_img, self.dtype, self.impl, name="fuse_t2")(t2)
         c4 = densenet.DenseNetBlock3(bc.growth_rate, bc.block_layers[2], bc.bn_size, bc.bn_mode,
-                                     bc.bn_momentum, self.dtype, name="backbone_block3")(t2, train)
+                                     bc.bn_momentum, self.dtype, self.impl,
+                                     name="backbone_block3")(t2, train)
         d = cfg.fpn_dim
-        lat = lambda name: nn.Conv(d, (1, 1), dtype=self.dtype, name=name)  # noqa: E731
+        lat = lambda name: layers.conv(d, (1, 1), self.impl, dtype=self.dtype, name=name)  # noqa: E731
         p4 = lat("lateral4")(c4)                                    # [B, H/16, W/16, d]
         p4 = jnp.repeat(p4, n_img, axis=0)                          # to every image
         p3 = lat("lateral3")(f["c3"]) + _up2(p4)                    # [nB, H/8, W/8, d]
         p2 = lat("lateral2")(f["c2"]) + _up2(p3)                    # [nB, H/4, W/4, d]
         if n_img > 1:
-            p2 = ContextFusion(n_img, self.dtype, name="fuse_fpn")(p2)
-        return nn.Conv(d, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype, name="output")(p2)
+            p2 = ContextFusion(n_img, self.dtype, self.impl, name="fuse_fpn")(p2)
+        return layers.conv(d, (3, 3), self.impl, padding=[(1, 1), (1, 1)], dtype=self.dtype,
+                           name="output")(p2)

@@ -34,6 +34,7 @@ import numpy as np
 
 from uld_jax.core import Keys
 from uld_jax.models import detops as ops
+from uld_jax.models import layers
 from uld_jax.ops import detections as detection_ops
 from uld_jax.ops import proposals as proposal_ops
 from uld_jax.ops import targets as target_ops
@@ -67,15 +68,16 @@ class MELD(nn.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         self.num_anchors = len(cfg.anchors.sizes) * len(cfg.anchors.ratios)
-        self.backbone = DenseNetFPN(cfg, dt)
-        self.rpn = DatasetRPN(cfg.num_datasets, self.num_anchors, cfg.rpn.conv_dim, dt)
+        impl = layers.resolve_impl(str(cfg.get("layer_impl", "auto")))
+        self.backbone = DenseNetFPN(cfg, dt, impl)
+        self.rpn = DatasetRPN(cfg.num_datasets, self.num_anchors, cfg.rpn.conv_dim, dt, impl)
         self.box_head = BoxHead(tuple(cfg.roi.box_head_dims), cfg.num_datasets, dt)
         self.cls_heads = OrganClassifierHeads(cfg.num_organ_heads, cfg.num_datasets,
                                               tuple(cfg.cls_head.dims), dt)
         if cfg.use_gate and cfg.num_organ_heads > 1:
             self.gate = OrganGate(cfg.num_organ_heads - 1, tuple(cfg.gate.dims), dt)
         if cfg.use_mask:
-            self.mask_head = MaskHead(cfg.mask.num_convs, cfg.mask.conv_dim, dt)
+            self.mask_head = MaskHead(cfg.mask.num_convs, cfg.mask.conv_dim, dt, impl)
         if cfg.use_embedding:
             self.embed_head = EmbeddingHead(cfg.embedding.dim, cfg.embedding.hidden,
                                             cfg.embedding.num_types, cfg.embedding.temperature, dt,

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uld_jax.models import layers
+
 
 def _mlp(x: jax.Array, dims: Sequence[int], prefix: str, dtype) -> jax.Array:
     for i, f in enumerate(dims):
@@ -113,19 +115,20 @@ class MaskHead(nn.Module):
     num_convs: int
     conv_dim: int
     dtype: Any = jnp.float32
+    impl: str = "xla"                  # models/layers.py: 'xla' | 'cpu'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         lead = x.shape[:-3]
         x = x.reshape(-1, *x.shape[-3:])
         for i in range(self.num_convs):
-            x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
-                                kernel_init=nn.initializers.kaiming_normal(),
-                                name=f"conv{i + 1}")(x))
+            x = nn.relu(layers.conv(self.conv_dim, (3, 3), self.impl, padding=[(1, 1), (1, 1)],
+                                    dtype=self.dtype, kernel_init=nn.initializers.kaiming_normal(),
+                                    name=f"conv{i + 1}")(x))
         x = nn.relu(nn.ConvTranspose(self.conv_dim, (2, 2), strides=(2, 2), dtype=self.dtype,
                                      kernel_init=nn.initializers.kaiming_normal(), name="deconv")(x))
-        x = nn.Conv(1, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.normal(0.001),
-                    name="logits")(x)
+        x = layers.conv(1, (1, 1), self.impl, dtype=self.dtype,
+                        kernel_init=nn.initializers.normal(0.001), name="logits")(x)
         return x[..., 0].reshape(*lead, *x.shape[1:3]).astype(jnp.float32)
 
 

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uld_jax.models import layers
+
 
 class DatasetRPN(nn.Module):
     """features [B, h, w, C] -> (objectness logits, deltas).
@@ -32,6 +34,7 @@ class DatasetRPN(nn.Module):
     num_anchors: int
     conv_dim: int
     dtype: Any = jnp.float32
+    impl: str = "xla"                  # models/layers.py: 'xla' | 'cpu'
 
     @nn.compact
     def __call__(self, x: jax.Array, dataset_id: jax.Array | None = None):
@@ -55,14 +58,9 @@ class DatasetRPN(nn.Module):
                 box_b[None, :, None, None]
             return (logits.reshape(b, d, h * w * a).astype(jnp.float32),
                     deltas.reshape(b, d, h * w * a, 4).astype(jnp.float32))
-        # Per-sample RPN as one grouped convolution: sample b's image is feature group b.
-        kb = conv_k[dataset_id].astype(self.dtype)                   # [B, 3, 3, C, R]
-        k = kb.transpose(1, 2, 3, 0, 4).reshape(3, 3, c, b * r)
-        xg = x.transpose(1, 2, 0, 3).reshape(1, h, w, b * c)
-        y = jax.lax.conv_general_dilated(xg, k, (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         feature_group_count=b)
-        y = y.reshape(h, w, b, r).transpose(2, 0, 1, 3)              # [B, h, w, R]
+        # Each sample's own RPN kernel ([B, 3, 3, C, R]): one grouped convolution or 9 per-sample
+        # matrix products (models/layers.py).
+        y = layers.per_sample_conv3x3(x, conv_k[dataset_id].astype(self.dtype), self.impl)
         y = nn.relu(y + conv_b[dataset_id][:, None, None, :].astype(self.dtype))
         logits = jnp.einsum("bhwr,bra->bhwa", y, cls_k[dataset_id].astype(self.dtype)) + \
             cls_b[dataset_id][:, None, None, :]

@@ -9,6 +9,11 @@
   (``roi_align.crop_masks``, the pipeline's earlier layout), vmapped over ``--mask-batch`` images
   of ``--mask-side`` pixels with ``--mask-boxes`` lesions and ``--mask-rois`` sampled ROIs each.
 
+* Layer formulations (``uld_jax.models.layers``, ``model.layer_impl``): forward + backward of a 1x1
+  convolution, the stem's 3x3/2 max pool and the per-sample RPN convolution, XLA's op ('xla')
+  against the 'cpu' formulation, at the quick recipe's shapes (``--layer-batch`` samples of 160 px:
+  3 images each, DenseNet growth 16, 64-wide FPN and RPN).
+
 Prints milliseconds per call (best of ``--repeats`` after a warm-up/compile call) and the ratios.
 Usage: ``python benchmarks/bench_ops.py [--n 2000] [--rois 300] [--channels 64] [--side 128]``
 (the paper's training batch for the mask targets: ``--mask-batch 4 --mask-side 512 --mask-boxes 16
@@ -29,6 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from uld_jax import input_pipeline as ip  # noqa: E402
 from uld_jax.core import Keys  # noqa: E402
+from uld_jax.models import layers  # noqa: E402
 from uld_jax.models.fake_batch import synthetic_batch  # noqa: E402
 from uld_jax.ops import boxes as box_ops  # noqa: E402
 from uld_jax.ops import nms as nms_ops  # noqa: E402
@@ -122,6 +128,7 @@ def main() -> None:
     ap.add_argument("--mask-boxes", type=int, default=16)
     ap.add_argument("--mask-rois", type=int, default=64)
     ap.add_argument("--mask-crop", type=int, default=ip.MASK_CROP)
+    ap.add_argument("--layer-batch", type=int, default=4, help="samples for the layer formulations")
     args = ap.parse_args()
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
 
@@ -160,6 +167,41 @@ def main() -> None:
           f"max |diff| {err:.2e}")
 
     mask_targets(args, rng)
+    layer_formulations(args, rng)
+
+
+def layer_formulations(args, rng) -> None:
+    """Forward + backward (gradients of every input) of each op in both formulations on the same
+    arrays; prints both times, their ratio and the largest gradient difference."""
+    b = args.layer_batch
+    x40 = rng.normal(size=(3 * b, 40, 40, 80)).astype(np.float32)       # dense block 1 at 160 px
+    cases = {
+        "1x1 conv 80->64": (
+            lambda impl: (lambda x, k: layers.cpu_conv_general_dilated(
+                x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                if impl == "cpu" else jax.lax.conv_general_dilated(
+                    x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))),
+            (x40, rng.normal(size=(1, 1, 80, 64)).astype(np.float32))),
+        "max pool 3x3/2": (
+            lambda impl: (lambda x: layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl)),
+            (np.maximum(rng.normal(size=(3 * b, 80, 80, 32)), 0).astype(np.float32),)),
+        "per-sample 3x3 conv 64->64": (
+            lambda impl: (lambda x, k: layers.per_sample_conv3x3(x, k, impl)),
+            (rng.normal(size=(b, 40, 40, 64)).astype(np.float32),
+             rng.normal(size=(b, 3, 3, 64, 64)).astype(np.float32) * 0.05)),
+    }
+    for name, (make, arrays) in cases.items():
+        times, grads = {}, {}
+        for impl in ("xla", "cpu"):
+            f = make(impl)
+            g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(arrays)))))
+            times[impl] = _time(g, *arrays, repeats=args.repeats)
+            grads[impl] = g(*arrays)
+        err = max(float(jnp.max(jnp.abs(a - c)) / (jnp.max(jnp.abs(a)) + 1e-12))
+                  for a, c in zip(grads["xla"], grads["cpu"]))
+        print(f"layer {name} (batch {b}), forward + backward: xla {times['xla']:.2f} ms | cpu "
+              f"{times['cpu']:.2f} ms | xla/cpu {times['xla'] / times['cpu']:.2f}x | max relative "
+              f"gradient difference {err:.1e}")
 
 
 def mask_targets(args, rng) -> None:

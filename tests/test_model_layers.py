@@ -14,7 +14,7 @@ from uld_jax.models.rpn import DatasetRPN
 
 
 def _np_conv_same(x, k):
-    """'SAME' stride-1 convolution, plain loops over the kernel taps: x [h, w, C], k [kh, kw, C, R]."""
+    """'SAME' stride-1 convolution, a loop over the kernel taps: x [h, w, C], k [kh, kw, C, R]."""
     kh, kw = k.shape[:2]
     xp = np.pad(x, ((kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
     h, w = x.shape[:2]

@@ -96,7 +96,8 @@ class DenseNetFPN(nn.Module):
                                      bc.bn_momentum, self.dtype, self.impl,
                                      name="backbone_block3")(t2, train)
         d = cfg.fpn_dim
-        lat = lambda name: layers.conv(d, (1, 1), self.impl, dtype=self.dtype, name=name)  # noqa: E731
+        def lat(name):
+            return layers.conv(d, (1, 1), self.impl, dtype=self.dtype, name=name)
         p4 = lat("lateral4")(c4)                                    # [B, H/16, W/16, d]
         p4 = jnp.repeat(p4, n_img, axis=0)                          # to every image
         p3 = lat("lateral3")(f["c3"]) + _up2(p4)                    # [nB, H/8, W/8, d]

@@ -29,7 +29,6 @@ mapping are shared.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -41,7 +40,7 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def resolve_impl(impl: str) -> str:
-    """``'auto'`` -> ``'cpu'`` on the CPU backend, ``'xla'`` elsewhere; ``'xla'``/``'cpu'`` as is."""
+    """``'auto'``: ``'cpu'`` on the CPU backend, ``'xla'`` elsewhere; ``'xla'``/``'cpu'`` as is."""
     if impl not in IMPLS:
         raise ValueError(f"model.layer_impl: unknown value {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
@@ -53,24 +52,12 @@ def _ones(x) -> bool:
     return x is None or all(int(v) == 1 for v in x)
 
 
-def _window_slices(x: jax.Array, window: Sequence[int], strides: Sequence[int],
-                   out_hw: tuple[int, int]):
-    """Yields ((i, j), x[:, i::sh, j::sw, :] cropped to out_hw) for every window offset of the
-    (already padded) NHWC ``x``."""
-    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
-    n, _, _, c = x.shape
-    for i in range(kh):
-        for j in range(kw):
-            yield (i, j), lax.slice(x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1,
-                                                      j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
-
-
 def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                              rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                              precision=None, **kwargs):
-    """Drop-in for ``lax.conv_general_dilated`` (``nn.Conv(conv_general_dilated=...)``): NHWC /
-    HWIO 2D convolutions without dilation or groups take the formulations above, any other one
-    goes to ``lax.conv_general_dilated`` unchanged."""
+    """Drop-in for ``lax.conv_general_dilated`` (``nn.Conv(conv_general_dilated=...)``): an NHWC /
+    HWIO 1x1 convolution with stride 1, no padding, dilation or groups is a matrix product over
+    the channels; any other goes to ``lax.conv_general_dilated`` unchanged."""
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     plain = (lhs.ndim == 4 and tuple(dn.lhs_spec) == (0, 3, 1, 2)
              and tuple(dn.rhs_spec) == (3, 2, 0, 1) and tuple(dn.out_spec) == (0, 3, 1, 2)
@@ -176,6 +163,6 @@ def per_sample_conv3x3(x: jax.Array, kernels: jax.Array, impl: str) -> jax.Array
                                      feature_group_count=b)
         return y.reshape(h, w, b, r).transpose(2, 0, 1, 3)
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    terms = (jnp.einsum("bhwc,bcr->bhwr", s, kernels[:, i, j])
-             for (i, j), s in _window_slices(xp, (3, 3), (1, 1), (h, w)))
+    terms = (jnp.einsum("bhwc,bcr->bhwr", xij, kernels[:, i, j])
+             for i, xi in _axis_slices(xp, 1, 3, 1, h) for j, xij in _axis_slices(xi, 2, 3, 1, w))
     return functools.reduce(jnp.add, terms)

@@ -189,6 +189,26 @@ def _fmt(r: dict) -> str:
             f"({r['params_m']:.1f}M params)")
 
 
+def _speedups(rows: list, field: str, first: str) -> None:
+    """For each row whose ``field`` (dtype or layer_impl) is not ``first``: its speed-up over the
+    row with ``first`` and every other setting equal, stored as ``speedup_vs_<first>`` and printed
+    with both rows' time, peak memory and compile time."""
+    settings = [k for k in ("variant", "image", "batch", "what", "dtype", "layer_impl")
+                if k != field]
+    base = {tuple(r[k] for k in settings): r for r in rows if r[field] == first}
+    for r in rows:
+        b = base.get(tuple(r[k] for k in settings))
+        if b is None or r is b:
+            continue
+        r[f"speedup_vs_{first}"] = b["s_per_sample"] / r["s_per_sample"]
+        print(f"{r['variant']:>6} {r['what']:<10} {r['dtype']} {r['layer_impl']}: {field} "
+              f"{r[field]} vs {first}: "
+              f"{b['s_per_sample'] * 1e3:.2f} -> {r['s_per_sample'] * 1e3:.2f} ms/sample, "
+              f"x{r[f'speedup_vs_{first}']:.2f}; peak mem {b['peak_mem_mib']:.0f} -> "
+              f"{r['peak_mem_mib']:.0f} MiB; compile {b['compile_s']:.1f} -> {r['compile_s']:.1f} s",
+              flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3, help="timed calls per measurement (median)")
@@ -245,27 +265,8 @@ def main(argv=None):
                     r["ratio_to_peak"] *= peaks[d] / p2
                     print(_fmt(r))
             peaks[d] = p2
-    first_impl = resolve_impl(impls[0])
-    base = {(r["variant"], r["image"], r["batch"], r["what"], r["layer_impl"]): r for r in rows
-            if r["dtype"] == dtypes[0]}
-    for r in rows:
-        b = base.get((r["variant"], r["image"], r["batch"], r["what"], r["layer_impl"]))
-        if b is not None and r is not b:
-            r[f"speedup_vs_{dtypes[0]}"] = b["s_per_sample"] / r["s_per_sample"]
-            print(f"{r['variant']:>6} {r['what']:<10} {r['dtype']} vs {dtypes[0]}: "
-                  f"{b['s_per_sample'] * 1e3:.2f} -> {r['s_per_sample'] * 1e3:.2f} ms/sample, "
-                  f"x{r[f'speedup_vs_{dtypes[0]}']:.2f}; peak mem {b['peak_mem_mib']:.0f} -> "
-                  f"{r['peak_mem_mib']:.0f} MiB", flush=True)
-    base = {(r["variant"], r["image"], r["batch"], r["what"], r["dtype"]): r for r in rows
-            if r["layer_impl"] == first_impl}
-    for r in rows:
-        b = base.get((r["variant"], r["image"], r["batch"], r["what"], r["dtype"]))
-        if b is not None and r is not b:
-            r[f"speedup_vs_{first_impl}"] = b["s_per_sample"] / r["s_per_sample"]
-            print(f"{r['variant']:>6} {r['what']:<10} {r['dtype']} layer_impl {r['layer_impl']} vs "
-                  f"{first_impl}: {b['s_per_sample'] * 1e3:.2f} -> {r['s_per_sample'] * 1e3:.2f} "
-                  f"ms/sample, x{r[f'speedup_vs_{first_impl}']:.2f}; compile "
-                  f"{b['compile_s']:.1f} -> {r['compile_s']:.1f} s", flush=True)
+    _speedups(rows, "dtype", dtypes[0])
+    _speedups(rows, "layer_impl", resolve_impl(impls[0]))
     dump()
 
 

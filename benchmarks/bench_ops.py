@@ -23,6 +23,7 @@ Usage: ``python benchmarks/bench_ops.py [--n 2000] [--rois 300] [--channels 64] 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -177,10 +178,9 @@ def layer_formulations(args, rng) -> None:
     x40 = rng.normal(size=(3 * b, 40, 40, 80)).astype(np.float32)       # dense block 1 at 160 px
     cases = {
         "1x1 conv 80->64": (
-            lambda impl: (lambda x, k: layers.cpu_conv_general_dilated(
-                x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-                if impl == "cpu" else jax.lax.conv_general_dilated(
-                    x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))),
+            lambda impl: functools.partial(
+                layers.cpu_conv_general_dilated if impl == "cpu" else jax.lax.conv_general_dilated,
+                window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
             (x40, rng.normal(size=(1, 1, 80, 64)).astype(np.float32))),
         "max pool 3x3/2": (
             lambda impl: (lambda x: layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl)),

@@ -3,21 +3,35 @@
 The real reference files live in ``../shared/data/real`` next to the checkout; tests that need them
 use the ``real_data`` fixture and skip with a clear message where the folder is absent.
 Multi-device tests run on 8 forced host (CPU) devices; the flag must be set before jax is imported.
+The session's processes (the xdist workers and the CLIs that tests start) share one persistent
+compilation cache in a temporary folder, removed at the end, so that a program compiled by one test
+is loaded by the next (unless ``JAX_COMPILATION_CACHE_DIR`` is set already: then that one).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the xdist workers inherit the controller's
+    _OWN_CACHE = tempfile.mkdtemp(prefix="uld_jax_test_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_DATA = pathlib.Path(os.environ.get("ULD_REAL_DATA", REPO_ROOT.parent / "shared" / "data" / "real"))
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 import ast
 import importlib
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +97,42 @@ def test_equal_passes_scales_the_multi_dataset_runs(tmp_path, monkeypatch):
     # the quick recipe: every run 60 steps an epoch
     q = qs.Quickstart(str(tmp_path / "q"), qs.RECIPES["quick"], quiet=True)
     assert steps(q.scratch_cmd("meld", "meld")) == 60
+
+
+def _step_sees(tmp_path, name: str) -> str:
+    """What a quick-start step's subprocess finds in JAX_COMPILATION_CACHE_DIR ('' when unset)."""
+    q = qs.Quickstart(str(tmp_path / "qs"), qs.RECIPES["smoke"], quiet=True)
+    seen = tmp_path / f"{name}.txt"
+    code = (f"import os; open({str(seen)!r}, 'w').write(os.environ.get({qs.CACHE_ENV!r}, ''))")
+    q.step(name, [[sys.executable, "-c", code]])
+    return seen.read_text()
+
+
+def test_compile_cache_reaches_the_steps(tmp_path, monkeypatch):
+    monkeypatch.delenv(qs.CACHE_ENV, raising=False)
+    out = str(tmp_path / "qs")
+    # default: OUT/jax_cache, created, and inherited by every step's process
+    path = qs.use_compile_cache(out)
+    assert path == os.path.join(out, "jax_cache") and os.path.isdir(path)
+    assert _step_sees(tmp_path, "a") == path
+    # a cache the user set in the environment is kept
+    mine = str(tmp_path / "shared_cache")
+    monkeypatch.setenv(qs.CACHE_ENV, mine)
+    assert qs.use_compile_cache(out) == mine and _step_sees(tmp_path, "b") == mine
+    # an explicit folder wins over the environment; relative paths are made absolute
+    monkeypatch.chdir(tmp_path)
+    assert qs.use_compile_cache(out, "rel_cache") == str(tmp_path / "rel_cache")
+    assert _step_sees(tmp_path, "c") == str(tmp_path / "rel_cache")
+    # 'off': the steps see no cache at all
+    assert qs.use_compile_cache(out, "off") is None
+    assert _step_sees(tmp_path, "d") == ""
+
+
+def test_compile_cache_flag_in_both_drivers(capsys):
+    from uld_jax import reproduce
+    with pytest.raises(SystemExit) as e:
+        qs.main(["--help"])
+    assert e.value.code == 0 and "--compile-cache DIR" in capsys.readouterr().out
+    # both command lines take the flag ('--config-table' prints and returns before any run)
+    assert reproduce.main(["--compile-cache", "off", "--config-table"]) == 0
+    assert "| key |" in capsys.readouterr().out

@@ -50,6 +50,8 @@ def main(argv):
 
     logging.info("jax %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
+    if jax.config.jax_compilation_cache_dir:
+        logging.info("persistent compilation cache: %s", jax.config.jax_compilation_cache_dir)
     from uld_jax import tasks
 
     try:

@@ -32,6 +32,12 @@ Resume: a finished step writes ``OUT/state/<step>.json`` (its command and wall t
 when run again; an interrupted step is started again and resumes where its tool does (training
 from its last checkpoint, building and mining by chunks; an incomplete world is synthesized anew).
 Nothing here tunes on the test split: the recipe is fixed before evaluation.
+
+Compilation cache: the steps' processes share JAX's persistent compilation cache in
+``OUT/jax_cache`` (``--compile-cache``; ``JAX_COMPILATION_CACHE_DIR``, when set, is used instead;
+``--compile-cache off`` turns it off). The three finetunes, the evaluations and the mining compile
+the same programs; with the cache only the first process of each program compiles it. A cached
+executable is the one XLA would compile again, so the results do not change.
 """
 
 from __future__ import annotations
@@ -158,6 +164,24 @@ def split_mined(src: str, part: str, dst: str, data_dir: str,
     return {"mined": int((sel & (kind == KIND_MINED)).sum()),
             "ignore": int((sel & (kind == KIND_IGNORE)).sum()),
             "added": int((sel & (kind == KIND_ADDED)).sum())}
+
+
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def use_compile_cache(out: str, choice: str | None = None) -> str | None:
+    """Points the processes this one starts at a persistent JAX compilation cache and returns its
+    folder (None: off). ``choice``: a folder, ``'off'``, or None for the environment's
+    ``JAX_COMPILATION_CACHE_DIR`` or else ``OUT/jax_cache``. Sets this process's environment, which
+    the step subprocesses inherit (jax reads the variable when it is imported)."""
+    if choice is not None and choice.strip().lower() == "off":
+        os.environ.pop(CACHE_ENV, None)
+        return None
+    path = choice or os.environ.get(CACHE_ENV) or os.path.join(out, "jax_cache")
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    os.environ[CACHE_ENV] = path
+    return path
 
 
 def state_file(out: str, step: str) -> str:
@@ -482,6 +506,12 @@ def _has_strata(results_json: str) -> bool:
         return False
 
 
+def add_compile_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache, shared by the steps' processes "
+                   f"(default: ${CACHE_ENV} when set, else OUT/jax_cache; 'off': none)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m uld_jax.quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -491,10 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=None, help="override the recipe's")
     p.add_argument("--data-from", default=None,
                    help="another quick start's OUT whose world and build to reuse (training seeds)")
+    add_compile_cache_arg(p)
     a = p.parse_args(argv)
     r = RECIPES[a.recipe]
     if a.steps_per_epoch:
         r = dataclasses.replace(r, steps_per_epoch=int(a.steps_per_epoch))
+    use_compile_cache(os.path.abspath(a.out), a.compile_cache)    # before the chdir: paths as given
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # configs/ are relative
     absp = lambda x: x if os.path.isabs(x) else os.path.join(_CALLER_CWD, x)  # noqa: E731
     Quickstart(absp(a.out), r, a.seed, data_from=absp(a.data_from) if a.data_from else None).run()

@@ -85,6 +85,9 @@ What runs (each piece resumable: finished steps are skipped when run again):
   patient beyond the marks instead of 10), the recipe named ``<recipe>_<variant>``; the held-out
   worlds keep the default generator, so that runs on different worlds are read on the same test.
 
+Every run's processes share one JAX compilation cache, ``OUT/jax_cache`` (``--compile-cache``, as
+in the quick start): the programs of an architecture are compiled once for all seeds and variants.
+
 On the first seed only (its world, build and MELD run; the chunk store of MELD's mining is reused, so
 mining again repeats no inference), each step of the same resumable kind:
 
@@ -1920,6 +1923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(how the runs were made when they were not made by this command)")
     p.add_argument("--config-table", action="store_true",
                    help="print docs/configuration.md's key table and exit")
+    qs.add_compile_cache_arg(p)
     a = p.parse_args(argv)
     if a.config_table:
         print(config_table())
@@ -1946,6 +1950,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.results is None:
         a.results = ("docs/results.md" if r.name == "quick" else f"docs/results_{r.name}.md")
     results = os.path.abspath(a.results) if a.results else ""
+    if not a.results_only:                  # one cache for every seed's and world's runs
+        qs.use_compile_cache(out, a.compile_cache)
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not a.results_only:
         run_seeds(out, r, seeds)

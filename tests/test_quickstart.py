@@ -12,8 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(out, *extra):
     # as a user runs it: on the machine's own devices, not the 8 host devices that conftest forces
-    # for the multi-device tests (the smoke recipe's batch of 2 does not divide 8)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # for the multi-device tests (the smoke recipe's batch of 2 does not divide 8), and with the
+    # quick start's own compilation cache (OUT/jax_cache), not the test session's
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     return subprocess.run([sys.executable, "-m", "uld_jax.quickstart", "--recipe", "smoke",
                            "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True,
                           timeout=1800, env=env)
@@ -55,6 +57,13 @@ def test_quickstart_smoke_chain_and_resume(tmp_path):
     nrm, _ = read_overlay(str(out / "runs" / "meld" / "mined_nrm.npz"))
     assert not np.isin(mam["kind"], [2]).any() and not np.isin(nrm["kind"], [1]).any()
     assert len(mam["kind"]) + len(nrm["kind"]) - int((full["kind"] == 3).sum()) == len(full["kind"])
+
+    # the steps shared one compilation cache: the finetunes' train step was compiled once, so the
+    # cache holds one train step per architecture and recipe (baseline, MELD, the finetunes)
+    steps_cached = sorted((out / "jax_cache").glob("jit_train_step-*"))
+    assert 1 <= len(steps_cached) <= 3, steps_cached
+    assert "persistent compilation cache: " + str(out / "jax_cache") in (
+        out / "logs" / "ft_both.log").read_text(encoding="utf-8")
 
     # resume: a second run skips every finished step; a removed step is redone alone
     (out / "state" / "table.json").unlink()

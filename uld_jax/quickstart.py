@@ -18,7 +18,11 @@ Steps (each one a subprocess of the project's own CLIs; logs in ``OUT/logs/<step
  8. ``ft_mam``, ``ft_nrm``, ``ft_both``  python -m uld_jax.main --config configs/finetune.py:tiny
                   from the same MELD epoch, for the remaining epochs (the paper's protocol: MELD 8
                   epochs versus MELD 4 + finetuning 4, mining where the first lr phase ends; the
-                  quick recipe's first phase is 6 of 8 epochs, since its model learns from scratch)
+                  quick recipe's first phase is 6 of 8 epochs, since its model learns from scratch).
+                  A finetune whose table holds the same rows as an earlier one's (MELD + MAM + NRM
+                  when NRM marked no region) would train the same model bit for bit: it is that
+                  run (``runs/ft_both`` a link to ``ft_mam``, ``same_as`` in its state, a note under
+                  the table), not trained again
  9. ``eval_<run>`` python -m uld_jax.evaluate --workdir on the DeepLesion test split, volumetric
                   protocol (both hit rules) against the world's volumetric truth, organ strata
                   (lung, liver, lymph node) from the world's organ of every test lesion
@@ -130,6 +134,8 @@ RUNS = ("baseline", "meld", "ft_mam", "ft_nrm", "ft_both")
 ROW_NAMES = {"baseline": "Baseline (DeepLesion only, MULAN-like)", "meld": "MELD",
              "ft_mam": "MELD + MAM", "ft_nrm": "MELD + NRM", "ft_both": "MELD + MAM + NRM"}
 LABELS_FILE = "organ_labels_test.json"
+# The finetunes and their tables in MELD's run folder (``split_mined``'s parts of ``mined.npz``).
+FINETUNES = (("ft_mam", "mined_mam.npz"), ("ft_nrm", "mined_nrm.npz"), ("ft_both", "mined.npz"))
 
 
 def split_mined(src: str, part: str, dst: str, data_dir: str,
@@ -182,6 +188,26 @@ def use_compile_cache(out: str, choice: str | None = None) -> str | None:
     os.makedirs(path, exist_ok=True)
     os.environ[CACHE_ENV] = path
     return path
+
+
+def same_rows(a: str, b: str) -> bool:
+    """Whether the overlay tables ``a`` and ``b`` hold the same rows in the same order (their
+    provenance aside; NaN scores equal). A missing file: False."""
+    from uld_jax.overlay import read_overlay
+
+    if not (os.path.isfile(a) and os.path.isfile(b)):
+        return False
+    ca, _ = read_overlay(a)
+    cb, _ = read_overlay(b)
+    if set(ca) != set(cb):
+        return False
+    for k in ca:
+        x, y = np.asarray(ca[k]), np.asarray(cb[k])
+        if x.shape != y.shape or x.dtype.kind != y.dtype.kind:
+            return False
+        if not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
+            return False
+    return True
 
 
 def state_file(out: str, step: str) -> str:
@@ -244,8 +270,10 @@ class Quickstart:
     def labels(self) -> str:
         return os.path.join(self.out, LABELS_FILE)
 
-    def step(self, name: str, cmds: Sequence[Sequence[str]] = (), fn=None) -> None:
-        """Runs ``cmds`` (then ``fn``) unless ``name`` is finished; records the wall time."""
+    def step(self, name: str, cmds: Sequence[Sequence[str]] = (), fn=None,
+             info: dict | None = None) -> None:
+        """Runs ``cmds`` (then ``fn``) unless ``name`` is finished; records the wall time (and
+        ``info``)."""
         if self.done(name):
             self.say(f"{name}: done before, skipped")
             return
@@ -264,7 +292,8 @@ class Quickstart:
             fn()
         wall = time.time() - t
         self.mark(name, {"commands": [list(c) for c in cmds], "wall_s": round(wall, 1),
-                         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         **(info or {})})
         self.say(f"{name}: finished in {wall:.0f}s")
 
     def _log(self, name: str) -> str:
@@ -446,9 +475,42 @@ class Quickstart:
         self.step("report", [self.report_cmd()])
 
     def do_finetune(self) -> None:
-        for run, ov in (("ft_mam", "mined_mam.npz"), ("ft_nrm", "mined_nrm.npz"),
-                        ("ft_both", "mined.npz")):
-            self.step(run, [self.finetune_cmd(run, os.path.join(self.run_dir("meld"), ov))])
+        """The three finetunes. One whose table holds the same rows as an earlier one's (MELD +
+        MAM + NRM when NRM marked no region) would train the same model bit for bit (the
+        finetuning is deterministic): it is not trained again but is that run,
+        ``runs/<run>`` a link to it, its state recording ``same_as``."""
+        earlier: list[tuple[str, str]] = []
+        for run, ov in FINETUNES:
+            table = os.path.join(self.run_dir("meld"), ov)
+            twin = next((r for r, t in earlier if same_rows(t, table)), None)
+            earlier.append((run, table))
+            if twin is None:
+                if os.path.islink(self.run_dir(run)) and not self.done(run):
+                    os.remove(self.run_dir(run))      # a twin of an earlier mining's tables
+                self.step(run, [self.finetune_cmd(run, table)])
+            else:
+                self.step(run, fn=lambda run=run, twin=twin: self._link_run(run, twin),
+                          info={"same_as": twin})
+
+    def _link_run(self, run: str, twin: str) -> None:
+        dst = self.run_dir(run)
+        if os.path.islink(dst):
+            os.remove(dst)
+        elif os.path.isdir(dst):
+            shutil.rmtree(dst)               # an interrupted training on the same table
+        os.symlink(twin, dst)                # relative: OUT can be moved
+        self.say(f"{run}: its table holds the same rows as {twin}'s; runs/{run} is that run")
+
+    def twins(self) -> dict[str, str]:
+        """{run: the run it is} for the finetunes that were not trained again (``same_as``)."""
+        out = {}
+        for run, _ in FINETUNES:
+            if self.done(run):
+                with open(self._state(run), encoding="utf-8") as f:
+                    same = json.load(f).get("same_as")
+                if same:
+                    out[run] = same
+        return out
 
     def do_evaluate(self) -> None:
         for run in RUNS:
@@ -463,7 +525,7 @@ class Quickstart:
     def _table(self) -> None:
         from uld_jax.quickstart_table import table1
 
-        md, js = table1(self.out, RUNS, ROW_NAMES, self.recipe_summary())
+        md, js = table1(self.out, RUNS, ROW_NAMES, self.recipe_summary(), twins=self.twins())
         with open(os.path.join(self.out, "table1.md"), "w", encoding="utf-8") as f:
             f.write(md)
         with open(os.path.join(self.out, "table1.json"), "w", encoding="utf-8") as f:

@@ -23,7 +23,11 @@ def _fmt(v) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{100 * float(v):.1f}"
 
 
-def table1(out: str, runs: Sequence[str], names: Mapping[str, str], recipe: Mapping) -> tuple[str, dict]:
+def table1(out: str, runs: Sequence[str], names: Mapping[str, str], recipe: Mapping,
+           twins: Mapping[str, str] | None = None) -> tuple[str, dict]:
+    """``twins``: {run: the earlier run it is}, for finetunes whose table held the same rows as
+    an earlier one's and that were therefore not trained again (a note under the table)."""
+    twins = dict(twins or {})
     res = {}
     for run in runs:
         with open(os.path.join(out, "eval", run, "results.json"), encoding="utf-8") as f:
@@ -33,7 +37,7 @@ def table1(out: str, runs: Sequence[str], names: Mapping[str, str], recipe: Mapp
     lines = ["# Table 1 on the synthetic world (quick start)", "",
              "Sensitivity (%) at 0.125 ... 8 false positives per sub-volume on the DeepLesion test "
              "split of the synthetic world (volumetric protocol), and the mean over the 7 rates.", ""]
-    js: dict = {"recipe": dict(recipe), "counts": counts, "rules": {}}
+    js: dict = {"recipe": dict(recipe), "counts": counts, "rules": {}, "same_as": twins}
     for rule in RULES:
         rows = {r: res[r]["tables"].get(rule) for r in runs}
         some = next((t for t in rows.values() if t), None)
@@ -55,6 +59,10 @@ def table1(out: str, runs: Sequence[str], names: Mapping[str, str], recipe: Mapp
         lines.append("")
     if counts:
         lines.append("Test split: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
+    for run, twin in twins.items():
+        lines += ["", f"{names.get(run, run)}: its finetuning table holds the same rows as "
+                  f"{names.get(twin, twin)}'s, so the finetuning would train the same model; "
+                  f"`runs/{run}` is that run (not trained again), and its row is that run's."]
     rc = dict(recipe)
     walls = rc.pop("step_wall_s", {})
     lines += ["", f"Recipe: `{json.dumps(rc)}`.", "",

@@ -63,7 +63,16 @@ def test_quickstart_smoke_chain_and_resume(tmp_path):
     steps_cached = sorted((out / "jax_cache").glob("jit_train_step-*"))
     assert 1 <= len(steps_cached) <= 3, steps_cached
     assert "persistent compilation cache: " + str(out / "jax_cache") in (
-        out / "logs" / "ft_both.log").read_text(encoding="utf-8")
+        out / "logs" / "ft_mam.log").read_text(encoding="utf-8")
+    # a finetune whose table held an earlier one's rows is that run: a link, the same evaluation
+    for run in ("ft_nrm", "ft_both"):
+        twin = json.loads((out / "state" / f"{run}.json").read_text(encoding="utf-8")).get("same_as")
+        if twin:
+            assert os.readlink(out / "runs" / run) == twin
+            ev, ev_twin = (json.loads((out / "eval" / r / "results.json").read_text(encoding="utf-8"))
+                           for r in (run, twin))
+            assert ev["tables"] == ev_twin["tables"]
+            assert f"`runs/{run}` is that run" in md
 
     # resume: a second run skips every finished step; a removed step is redone alone
     (out / "state" / "table.json").unlink()

@@ -58,7 +58,7 @@ def recorded_steps(monkeypatch):
     from uld_jax import quickstart as qs
 
     calls = []
-    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None:
+    monkeypatch.setattr(qs.Quickstart, "step", lambda self, name, cmds=(), fn=None, info=None:
                         calls.append((str(self.out), name, [list(c) for c in cmds], fn)))
     monkeypatch.setattr(qs.Quickstart, "write_labels", lambda self: None)
     return calls

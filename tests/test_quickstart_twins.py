@@ -66,6 +66,16 @@ def test_finetune_twin_is_linked_not_trained(tmp_path, monkeypatch):
         assert json.load(f)["same_as"] == "ft_mam"
     assert q.twins() == {"ft_both": "ft_mam"}
 
+    # any later finetune is matched the same way: the control's table (the added slices, nothing
+    # mined) is MELD + NRM's when NRM marked nothing; other options are another finetune
+    none = _write(tmp_path / "mined_none.npz", [table.KIND_UNLABELED], [-1])
+    q.finetune("ft_none", none)
+    assert os.readlink(q.run_dir("ft_none")) == "ft_nrm" and len(trained) == 2
+    q.finetune("ft_theta", os.path.join(q.run_dir("meld"), "mined.npz"), "--config.mine.theta=0.3")
+    assert len(trained) == 3 and "--config.mine.theta=0.3" in trained[-1]
+    os.remove(os.path.join(q.out, "state", "ft_theta.json"))
+    os.remove(os.path.join(q.out, "state", "ft_none.json"))
+
     # mined again with an NRM region: the link goes and ft_both is trained
     for run in ("ft_mam", "ft_nrm", "ft_both"):
         os.remove(os.path.join(q.out, "state", f"{run}.json"))

@@ -191,23 +191,13 @@ def use_compile_cache(out: str, choice: str | None = None) -> str | None:
 
 
 def same_rows(a: str, b: str) -> bool:
-    """Whether the overlay tables ``a`` and ``b`` hold the same rows in the same order (their
-    provenance aside; NaN scores equal). A missing file: False."""
-    from uld_jax.overlay import read_overlay
+    """Whether the overlay tables ``a`` and ``b`` hold the same rows (``Overlay.equal_rows``: their
+    provenance aside, NaN equal to NaN). A missing file: False."""
+    from uld_jax.mine import table
 
     if not (os.path.isfile(a) and os.path.isfile(b)):
         return False
-    ca, _ = read_overlay(a)
-    cb, _ = read_overlay(b)
-    if set(ca) != set(cb):
-        return False
-    for k in ca:
-        x, y = np.asarray(ca[k]), np.asarray(cb[k])
-        if x.shape != y.shape or x.dtype.kind != y.dtype.kind:
-            return False
-        if not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
-            return False
-    return True
+    return table.read_overlay(a).equal_rows(table.read_overlay(b))
 
 
 def state_file(out: str, step: str) -> str:
@@ -475,22 +465,37 @@ class Quickstart:
         self.step("report", [self.report_cmd()])
 
     def do_finetune(self) -> None:
-        """The three finetunes. One whose table holds the same rows as an earlier one's (MELD +
-        MAM + NRM when NRM marked no region) would train the same model bit for bit (the
-        finetuning is deterministic): it is not trained again but is that run,
-        ``runs/<run>`` a link to it, its state recording ``same_as``."""
-        earlier: list[tuple[str, str]] = []
         for run, ov in FINETUNES:
-            table = os.path.join(self.run_dir("meld"), ov)
-            twin = next((r for r, t in earlier if same_rows(t, table)), None)
-            earlier.append((run, table))
-            if twin is None:
-                if os.path.islink(self.run_dir(run)) and not self.done(run):
-                    os.remove(self.run_dir(run))      # a twin of an earlier mining's tables
-                self.step(run, [self.finetune_cmd(run, table)])
-            else:
-                self.step(run, fn=lambda run=run, twin=twin: self._link_run(run, twin),
-                          info={"same_as": twin})
+            self.finetune(run, os.path.join(self.run_dir("meld"), ov))
+
+    def finetune(self, run: str, table: str, *extra: str) -> None:
+        """Step ``run``: MELD finetuned on ``table`` (:meth:`finetune_cmd`). A finetune whose
+        command is an earlier finished one's (its run folder and table aside) and whose table holds
+        that one's rows would train the same model bit for bit (the finetuning is deterministic;
+        MELD + MAM + NRM when NRM marked no region): it is not trained again but is that run,
+        ``runs/<run>`` a relative link to it, its state recording ``same_as``."""
+        if not self.done(run):
+            twin = self._trained_twin(table, extra)
+            if twin is not None:
+                self.step(run, fn=lambda: self._link_run(run, twin), info={"same_as": twin})
+                return
+            if os.path.islink(self.run_dir(run)):
+                os.remove(self.run_dir(run))          # a twin of an earlier mining's tables
+        self.step(run, [self.finetune_cmd(run, table, *extra)],
+                  info={"finetune": {"table": table, "extra": list(extra)}})
+
+    def _trained_twin(self, table: str, extra: Sequence[str]) -> str | None:
+        """The first finished, trained finetune (by name) with these ``extra`` options whose table
+        holds the same rows as ``table``."""
+        state = os.path.join(self.out, "state")
+        for name in sorted(os.listdir(state)):
+            if not name.endswith(".json"):
+                continue
+            with open(os.path.join(state, name), encoding="utf-8") as f:
+                ft = json.load(f).get("finetune")
+            if ft and ft["extra"] == list(extra) and same_rows(ft["table"], table):
+                return name[:-len(".json")]
+        return None
 
     def _link_run(self, run: str, twin: str) -> None:
         dst = self.run_dir(run)

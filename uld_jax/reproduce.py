@@ -87,6 +87,9 @@ What runs (each piece resumable: finished steps are skipped when run again):
 
 Every run's processes share one JAX compilation cache, ``OUT/jax_cache`` (``--compile-cache``, as
 in the quick start): the programs of an architecture are compiled once for all seeds and variants.
+A finetune whose command and table rows are an earlier finished finetune's (the control's table
+is MELD + NRM's when NRM marked no region) is that run, not trained again
+(``quickstart.Quickstart.finetune``).
 
 On the first seed only (its world, build and MELD run; the chunk store of MELD's mining is reused, so
 mining again repeats no inference), each step of the same resumable kind:
@@ -329,7 +332,7 @@ def _mine_part(q: qs.Quickstart, tag: str, part: str, *mine_args: str) -> str:
 
 
 def _finetune_eval(q: qs.Quickstart, run: str, overlay: str, *extra: str) -> None:
-    q.step(run, [q.finetune_cmd(run, overlay, *extra)])
+    q.finetune(run, overlay, *extra)
     q.eval_step(run)
 
 

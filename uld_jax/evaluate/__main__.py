@@ -24,9 +24,11 @@ From a trained workdir on a built TFDS split (runs inference first; see from_wor
     python -m uld_jax.evaluate --workdir RUN --data DATA_DIR [--split test]
         [--protocol keyslice|volumetric|luna16] [--truth TRUTH] [--dl-info DL_info.csv]
         [--labels LABELS.json] [--datasets deeplesion,...] [--expert NAME] [--batch-size 4]
+        [--precise-bn N [--precise-bn-datasets deeplesion,...]]
 
     (volumetric: --dl-info gives DeepLesion's geometry and, without --labels, organ strata of the
-    marked lesions; --labels gives a label per truth box, e.g. the synthetic world's full truth.)
+    marked lesions; --labels gives a label per truth box, e.g. the synthetic world's full truth;
+    --precise-bn: BatchNorm statistics recomputed from N training batches, see precise_bn.py.)
 
 Writes results.json, results.md and froc_<protocol>.png to --out (atomically), prints the Markdown
 table, and with --tb DIR logs the scalars through clu metric_writers. Malformed inputs exit with
@@ -55,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-pred", default=None,
                    help="with --workdir, volumetric: also write the per-slice detections to this .npz "
                         "(re-read with --pred FILE --pred-2d, or by python -m uld_jax.evaluate.bootstrap)")
+    p.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                   help="with --workdir: evaluate with BatchNorm statistics recomputed from N of the "
+                        "run's training batches instead of its running averages (bn_mode 'batch')")
+    p.add_argument("--precise-bn-datasets", default=None,
+                   help="with --precise-bn: draw those batches from these datasets only (comma-separated)")
     p.add_argument("--truth", default=None, help="truth file (1K-set structure), or LUNA16 annotations.csv / folder")
     p.add_argument("--protocol", choices=("volumetric", "keyslice", "luna16"), default=None,
                    help="default: luna16 when --pred is a .csv, else volumetric")
@@ -93,7 +100,9 @@ def _run_workdir(args: argparse.Namespace):
                             datasets=args.datasets.split(",") if args.datasets else None, expert=args.expert,
                             batch_size=args.batch_size, dl_info=args.dl_info, stack_iou=args.stack_iou,
                             fp_rates=rates, max_marks=args.max_marks, labels=args.labels,
-                            save_pred=args.save_pred)
+                            save_pred=args.save_pred, precise_bn=args.precise_bn,
+                            precise_bn_datasets=(args.precise_bn_datasets.split(",")
+                                                 if args.precise_bn_datasets else None))
     return reps
 
 
@@ -159,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_pred and not (args.workdir or args.checkpoint):
             raise EvaluationInputError("--save-pred needs --workdir or --checkpoint "
                                        "(with --pred the detections are already in a file)")
+        if (args.precise_bn or args.precise_bn_datasets) and not (args.workdir or args.checkpoint):
+            raise EvaluationInputError("--precise-bn needs --workdir or --checkpoint (a model to run)")
+        if args.precise_bn_datasets and not args.precise_bn:
+            raise EvaluationInputError("--precise-bn-datasets needs --precise-bn N")
         reps = _run_workdir(args) if (args.workdir or args.checkpoint) else [_run(args)]
     except EvaluationInputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -375,13 +375,16 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
                      batch_size: int = 4, dl_info: str | None = None, stack_iou: float = 0.5,
                      step: int | None = None, progress: bool = True,
                      fp_rates: Sequence[float] | None = None, max_marks: int = 100,
-                     labels: str | None = None, save_pred: str | None = None) -> list:
+                     labels: str | None = None, save_pred: str | None = None,
+                     precise_bn: int = 0, precise_bn_datasets: Sequence[str] | None = None) -> list:
     """Runs inference and the protocol; returns a list of ``EvaluationReport`` (one per dataset for
     key slices, one otherwise). ``labels``: volumetric only, a file of organ labels per truth box
     ``{name: [label, ...]}`` for the organ strata (default: from ``dl_info``'s marked lesions when
     given). ``save_pred``: volumetric only, also write the per-slice 2D detections that were
     evaluated to this .npz ({sub-volume: n x 6 ``[z, x1, y1, x2, y2, score]``}, the input of
-    ``python -m uld_jax.evaluate --pred FILE --pred-2d`` and of :mod:`uld_jax.evaluate.bootstrap`)."""
+    ``python -m uld_jax.evaluate --pred FILE --pred-2d`` and of :mod:`uld_jax.evaluate.bootstrap`).
+    ``precise_bn``: when > 0, evaluate with BatchNorm statistics recomputed from that many of the
+    run's training batches (of ``precise_bn_datasets``, default all), :mod:`uld_jax.evaluate.precise_bn`."""
     from uld_jax import inference, slice_data
     from uld_jax.evaluate import inputs, report
 
@@ -392,6 +395,10 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
                                         os.path.abspath(checkpoint) if checkpoint else None, step, None)
     except inference.ModelLoadError as e:
         raise EvaluationInputError(str(e)) from None
+    if precise_bn:
+        from uld_jax.evaluate.precise_bn import with_precise_bn
+
+        loaded = with_precise_bn(loaded, data_dir, int(precise_bn), datasets=precise_bn_datasets)
     protocol = protocol or ("volumetric" if truth else "keyslice")
     if datasets is None:
         datasets = [d for d in loaded.data_config.datasets

@@ -1,0 +1,163 @@
+"""``--precise-bn``: BatchNorm statistics recomputed from a run's training batches
+(``uld_jax.evaluate.precise_bn``), against numpy statistics of the first BatchNorm's input and
+against the statistics the run's own layers store after one training step."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import detect_helpers
+from data_prep import build as build_lib
+from data_prep import case_factory as cf
+from uld_jax import core, inference, input_pipeline as ip
+from uld_jax.evaluate import __main__ as ev_main
+from uld_jax.evaluate import precise_bn
+from uld_jax.evaluate.boxes import EvaluationInputError
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return detect_helpers.shared_workdir(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """DeepLesion cases in the train and test splits (lesions on some slices)."""
+    out = tmp_path_factory.mktemp("built_precise_bn")
+    cases = [cf.make_case("deeplesion", k, num_slices=8, height=40, width=44,
+                          split="train" if k < 3 else "test",
+                          lesion_slices=(3,) if k % 2 else (2, 5), negatives=()) for k in range(5)]
+    build_lib.build("/raw", str(out), ["deeplesion"], reader_lookup=lambda n: cf.ListReader(cases),
+                    progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def loaded(workdir):
+    return inference.load_model(workdir)
+
+
+def _batches(loaded, data, n):
+    """The first ``n`` training batches precise_bn draws (its own config of the pipeline)."""
+    it = iter(ip.make_dataset(precise_bn._training_input(loaded, data, ["deeplesion"], None),
+                              process_index=0, process_count=1))
+    return [next(it)[core.Keys.IMAGE] for _ in range(n)]
+
+
+def _train_forward(loaded, image, capture=False):
+    """One training-mode backbone pass of the run's own model (its momentum): the updated
+    statistics and, with ``capture``, conv0's output (the input of the first BatchNorm, norm0)."""
+    kw = {}
+    mutable = ["batch_stats"]
+    if capture:
+        kw["capture_intermediates"] = lambda mdl, name: mdl.name == "conv0"
+        mutable.append("intermediates")
+    _, upd = loaded.model.apply(loaded.variables, jnp.asarray(image), mutable=mutable,
+                                method=lambda m, x: m.backbone(x, train=True), **kw)
+    return upd
+
+
+def _conv0_out(upd):
+    found = []
+
+    def walk(d):
+        for k, v in d.items():
+            if k == "conv0":
+                found.append(np.asarray(v["__call__"][0], np.float64))
+            elif isinstance(v, dict):
+                walk(v)
+
+    walk(upd["intermediates"])
+    assert len(found) == 1
+    return found[0]
+
+
+def _norm0(stats):
+    return stats["backbone"]["backbone"]["norm0"]
+
+
+def test_first_layer_matches_numpy_statistics(loaded, built):
+    """norm0's recomputed mean / variance over 2 batches = the mean over the batches of numpy's
+    per-channel mean and (biased) variance of conv0's output, every image and pixel of a batch."""
+    images = _batches(loaded, built, 2)
+    means, variances = [], []
+    for im in images:
+        x = _conv0_out(_train_forward(loaded, im, capture=True))
+        means.append(x.mean(axis=(0, 1, 2)))
+        variances.append(x.var(axis=(0, 1, 2)))
+    got = _norm0(precise_bn.precise_batch_stats(loaded, built, 2, datasets=["deeplesion"]))
+    np.testing.assert_allclose(np.asarray(got["mean"]), np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["var"]), np.mean(variances, axis=0), rtol=1e-3, atol=1e-5)
+    # and they are not the stored (initial) averages
+    assert not np.allclose(np.asarray(got["mean"]), np.asarray(_norm0(loaded.variables["batch_stats"])["mean"]))
+
+
+def test_every_layer_matches_the_models_own_update(loaded, built):
+    """Every BatchNorm layer: with momentum m the model stores m * old + (1 - m) * batch after a
+    training step; the batch statistics solved from that, averaged over 3 batches, are what
+    precise_batch_stats returns (it runs the layers with momentum 0 instead)."""
+    m = float(loaded.model_config.backbone.bn_momentum)
+    assert 0 < m < 1
+    old = loaded.variables["batch_stats"]
+    per_batch = [jax.tree.map(lambda n, o: (np.asarray(n, np.float64) - m * np.asarray(o)) / (1 - m),
+                              _train_forward(loaded, im)["batch_stats"], old)
+                 for im in _batches(loaded, built, 3)]
+    want = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_batch)
+    got = precise_bn.precise_batch_stats(loaded, built, 3, datasets=["deeplesion"])
+    flat_w = jax.tree_util.tree_flatten_with_path(want)[0]
+    flat_g = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+    assert len(flat_w) == len(flat_g) > 10
+    for path, w in flat_w:
+        np.testing.assert_allclose(np.asarray(flat_g[path]), w, rtol=2e-3, atol=2e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_with_precise_bn_leaves_the_loaded_model_alone(loaded, built):
+    before = jax.tree.map(np.asarray, loaded.variables["batch_stats"])
+    new = precise_bn.with_precise_bn(loaded, built, 1, datasets=["deeplesion"])
+    assert "BatchNorm statistics of 1 training batches of deeplesion" in new.source
+    assert new.variables["params"] is loaded.variables["params"]
+    jax.tree.map(np.testing.assert_array_equal, before,
+                 jax.tree.map(np.asarray, loaded.variables["batch_stats"]))
+
+
+def test_refusals_name_the_problem(loaded, built):
+    with pytest.raises(EvaluationInputError, match=">= 1"):
+        precise_bn.precise_batch_stats(loaded, built, 0)
+    with pytest.raises(EvaluationInputError, match=r"\['luna'\] not among the run's datasets"):
+        precise_bn.precise_batch_stats(loaded, built, 1, datasets=["luna"])
+    frozen = inference.LoadedModel(loaded.model, loaded.variables, loaded.model_config.copy_and_resolve_references(),
+                                   loaded.data_config, loaded.step, "RUN/checkpoints/7")
+    frozen.model_config.backbone.bn_mode = "frozen"
+    with pytest.raises(EvaluationInputError, match="RUN/checkpoints/7: backbone.bn_mode is 'frozen'"):
+        precise_bn.precise_batch_stats(frozen, built, 1)
+
+
+def test_cli(workdir, built, tmp_path, capsys):
+    """Key-slice evaluation of the test split with recomputed statistics: the report names them;
+    misuse exits with status 2 and says why."""
+    outs = {}
+    for name, extra in (("stored", []), ("precise", ["--precise-bn", "2", "--precise-bn-datasets",
+                                                     "deeplesion"])):
+        out = tmp_path / name
+        rc = ev_main.main(["--workdir", workdir, "--data", built, "--split", "test", "--datasets",
+                           "deeplesion", "--out", str(out), "--no-plot", *extra])
+        assert rc == 0, capsys.readouterr().err
+        outs[name] = json.loads((out / "results.json").read_text())
+    src = json.dumps(outs["precise"]["info"])
+    assert "BatchNorm statistics of 2 training batches of deeplesion" in src
+    assert "BatchNorm" not in json.dumps(outs["stored"]["info"])
+
+    rc = ev_main.main(["--pred", "p.pkl", "--truth", "t.pkl", "--precise-bn", "4"])
+    assert rc == 2 and "--precise-bn needs --workdir" in capsys.readouterr().err
+    rc = ev_main.main(["--workdir", workdir, "--data", built, "--precise-bn-datasets", "deeplesion"])
+    assert rc == 2 and "--precise-bn-datasets needs --precise-bn N" in capsys.readouterr().err
+    rc = ev_main.main(["--workdir", workdir, "--data", built, "--split", "test", "--datasets",
+                       "deeplesion", "--precise-bn", "1", "--precise-bn-datasets", "kits"])
+    assert rc == 2 and "['kits'] not among the run's datasets" in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""BatchNorm statistics recomputed from training batches ("precise BN").
+
+A model trained with ``backbone.bn_mode = 'batch'`` (the tiny config's default) normalises with each
+training batch's statistics but evaluates with running averages, an exponential average of the last
+batches' statistics (``backbone.bn_momentum``). With small batches, or batches drawn from datasets
+of different intensity statistics (MELD's mixing), the running averages can differ from what the
+network saw in training, and the evaluation then measures that difference as well as the detector.
+
+:func:`precise_batch_stats` replaces them with the plain mean of ``num_batches`` training batches'
+statistics, each computed by the run's own BatchNorm layers in training mode, on the batches the
+run's input pipeline draws (mixing and augmentation as configured; optionally only some datasets).
+Evaluating once with the stored and once with the recomputed statistics tells whether the running
+averages cost anything::
+
+    python -m uld_jax.evaluate --workdir RUN --data DATA_DIR ... --precise-bn 100
+        [--precise-bn-datasets deeplesion]
+
+A model whose BatchNorm is ``'frozen'`` (the paper config: stored statistics in training too) has
+nothing to recompute, and is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from uld_jax import core
+from uld_jax.evaluate.boxes import EvaluationInputError
+
+
+def _training_input(loaded, data_dir: str, datasets: Sequence[str] | None, seed: int | None):
+    """The run's training input-pipeline config on ``data_dir`` (in process, no overlays unless the
+    run had them), restricted to ``datasets`` when given."""
+    c = ml_collections.ConfigDict(loaded.data_config.to_dict())
+    c.data_dir = os.fspath(data_dir)
+    if datasets:
+        unknown = [d for d in datasets if d not in tuple(c.datasets)]
+        if unknown:
+            raise EvaluationInputError(f"--precise-bn-datasets {','.join(datasets)}: {unknown} not "
+                                       f"among the run's datasets {tuple(c.datasets)}")
+        c.datasets = tuple(datasets)
+    if seed is not None:
+        c.seed = int(seed)
+    c.num_workers = 0
+    return c
+
+
+def precise_batch_stats(loaded, data_dir: str, num_batches: int, *,
+                        datasets: Sequence[str] | None = None, seed: int | None = None) -> dict:
+    """The ``batch_stats`` collection of ``loaded`` (an ``inference.LoadedModel``) recomputed as the
+    mean over ``num_batches`` training batches of each BatchNorm layer's batch mean and variance.
+
+    The statistics of one batch are what the layer stores with momentum 0: the model is rebuilt
+    with ``bn_momentum = 0`` (same parameters) and its backbone run in training mode."""
+    from uld_jax import input_pipeline
+    from uld_jax.models.meld import MELD
+
+    if num_batches < 1:
+        raise EvaluationInputError(f"--precise-bn {num_batches}: give a number of batches >= 1")
+    if "batch_stats" not in loaded.variables:
+        raise EvaluationInputError(f"{loaded.source}: the model has no BatchNorm statistics")
+    if str(loaded.model_config.backbone.bn_mode) != "batch":
+        raise EvaluationInputError(
+            f"{loaded.source}: backbone.bn_mode is {loaded.model_config.backbone.bn_mode!r}; its "
+            "training used the stored statistics, so there is nothing to recompute")
+    cfg = ml_collections.ConfigDict(loaded.model_config.to_dict())
+    cfg.backbone.bn_momentum = 0.0
+    model = MELD(cfg)
+
+    @jax.jit
+    def one_batch(variables, image):
+        _, upd = model.apply(variables, image, mutable=["batch_stats"],
+                             method=lambda m, x: m.backbone(x, train=True))
+        return upd["batch_stats"]
+
+    config = _training_input(loaded, data_dir, datasets, seed)
+    it = iter(input_pipeline.make_dataset(config, process_index=0, process_count=1))
+    total = None
+    for k in range(int(num_batches)):
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise EvaluationInputError(f"{data_dir}: the training input gave {k} batches, fewer "
+                                       f"than --precise-bn {num_batches}") from None
+        stats = one_batch(loaded.variables, jnp.asarray(batch[core.Keys.IMAGE]))
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    return jax.tree.map(lambda t: t / float(num_batches), total)
+
+
+def with_precise_bn(loaded, data_dir: str, num_batches: int, *,
+                    datasets: Sequence[str] | None = None, seed: int | None = None):
+    """A copy of ``loaded`` whose ``batch_stats`` are :func:`precise_batch_stats`; its ``source``
+    says so (it appears in the evaluation report). ``loaded`` itself is not changed."""
+    stats = precise_batch_stats(loaded, data_dir, num_batches, datasets=datasets, seed=seed)
+    which = f" of {','.join(datasets)}" if datasets else ""
+    return dataclasses.replace(
+        loaded, variables=dict(loaded.variables, batch_stats=stats),
+        source=f"{loaded.source}, BatchNorm statistics of {num_batches} training batches{which}")

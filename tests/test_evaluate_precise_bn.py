@@ -91,7 +91,7 @@ def test_first_layer_matches_numpy_statistics(loaded, built):
         x = _conv0_out(_train_forward(loaded, im, capture=True))
         means.append(x.mean(axis=(0, 1, 2)))
         variances.append(x.var(axis=(0, 1, 2)))
-    got = _norm0(precise_bn.precise_batch_stats(loaded, built, 2, datasets=["deeplesion"]))
+    got = _norm0(precise_bn.precise_batch_stats(loaded, 2, data_dir=built, datasets=["deeplesion"]))
     np.testing.assert_allclose(np.asarray(got["mean"]), np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got["var"]), np.mean(variances, axis=0), rtol=1e-3, atol=1e-5)
     # and they are not the stored (initial) averages
@@ -109,7 +109,7 @@ def test_every_layer_matches_the_models_own_update(loaded, built):
                               _train_forward(loaded, im)["batch_stats"], old)
                  for im in _batches(loaded, built, 3)]
     want = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_batch)
-    got = precise_bn.precise_batch_stats(loaded, built, 3, datasets=["deeplesion"])
+    got = precise_bn.precise_batch_stats(loaded, 3, data_dir=built, datasets=["deeplesion"])
     flat_w = jax.tree_util.tree_flatten_with_path(want)[0]
     flat_g = dict(jax.tree_util.tree_flatten_with_path(got)[0])
     assert len(flat_w) == len(flat_g) > 10
@@ -120,23 +120,35 @@ def test_every_layer_matches_the_models_own_update(loaded, built):
 
 def test_with_precise_bn_leaves_the_loaded_model_alone(loaded, built):
     before = jax.tree.map(np.asarray, loaded.variables["batch_stats"])
-    new = precise_bn.with_precise_bn(loaded, built, 1, datasets=["deeplesion"])
+    new = precise_bn.with_precise_bn(loaded, 1, data_dir=built, datasets=["deeplesion"])
     assert "BatchNorm statistics of 1 training batches of deeplesion" in new.source
     assert new.variables["params"] is loaded.variables["params"]
     jax.tree.map(np.testing.assert_array_equal, before,
                  jax.tree.map(np.asarray, loaded.variables["batch_stats"]))
 
 
-def test_refusals_name_the_problem(loaded, built):
+def test_refusals_name_the_problem(loaded, built, tmp_path):
     with pytest.raises(EvaluationInputError, match=">= 1"):
-        precise_bn.precise_batch_stats(loaded, built, 0)
+        precise_bn.precise_batch_stats(loaded, 0, data_dir=built)
     with pytest.raises(EvaluationInputError, match=r"\['luna'\] not among the run's datasets"):
-        precise_bn.precise_batch_stats(loaded, built, 1, datasets=["luna"])
+        precise_bn.precise_batch_stats(loaded, 1, data_dir=built, datasets=["luna"])
     frozen = inference.LoadedModel(loaded.model, loaded.variables, loaded.model_config.copy_and_resolve_references(),
                                    loaded.data_config, loaded.step, "RUN/checkpoints/7")
     frozen.model_config.backbone.bn_mode = "frozen"
     with pytest.raises(EvaluationInputError, match="RUN/checkpoints/7: backbone.bn_mode is 'frozen'"):
-        precise_bn.precise_batch_stats(frozen, built, 1)
+        precise_bn.precise_batch_stats(frozen, 1, data_dir=built)
+    # the training data must hold the run's training split: a test-only world is refused
+    test_only = tmp_path / "test_only"
+    cases = [cf.make_case("deeplesion", 9, num_slices=8, height=40, width=44, split="test",
+                          lesion_slices=(3,), negatives=())]
+    build_lib.build("/raw", str(test_only), ["deeplesion"],
+                    reader_lookup=lambda n: cf.ListReader(cases), progress=False)
+    with pytest.raises(EvaluationInputError, match=f"cannot read the run's training data in {test_only}"):
+        precise_bn.precise_batch_stats(loaded, 1, data_dir=str(test_only), datasets=["deeplesion"])
+    # without a folder, the one the run's config records; none recorded here
+    assert not loaded.data_config.get("data_dir")
+    with pytest.raises(EvaluationInputError, match="records no training data folder; give --precise-bn-data"):
+        precise_bn.precise_batch_stats(loaded, 1)
 
 
 def test_cli(workdir, built, tmp_path, capsys):
@@ -144,7 +156,7 @@ def test_cli(workdir, built, tmp_path, capsys):
     misuse exits with status 2 and says why."""
     outs = {}
     for name, extra in (("stored", []), ("precise", ["--precise-bn", "2", "--precise-bn-datasets",
-                                                     "deeplesion"])):
+                                                     "deeplesion", "--precise-bn-data", built])):
         out = tmp_path / name
         rc = ev_main.main(["--workdir", workdir, "--data", built, "--split", "test", "--datasets",
                            "deeplesion", "--out", str(out), "--no-plot", *extra])
@@ -158,6 +170,9 @@ def test_cli(workdir, built, tmp_path, capsys):
     assert rc == 2 and "--precise-bn needs --workdir" in capsys.readouterr().err
     rc = ev_main.main(["--workdir", workdir, "--data", built, "--precise-bn-datasets", "deeplesion"])
     assert rc == 2 and "--precise-bn-datasets needs --precise-bn N" in capsys.readouterr().err
+    rc = ev_main.main(["--workdir", workdir, "--data", built, "--precise-bn-data", built])
+    assert rc == 2 and "--precise-bn-data needs --precise-bn N" in capsys.readouterr().err
     rc = ev_main.main(["--workdir", workdir, "--data", built, "--split", "test", "--datasets",
-                       "deeplesion", "--precise-bn", "1", "--precise-bn-datasets", "kits"])
+                       "deeplesion", "--precise-bn", "1", "--precise-bn-datasets", "kits",
+                       "--precise-bn-data", built])
     assert rc == 2 and "['kits'] not among the run's datasets" in capsys.readouterr().err

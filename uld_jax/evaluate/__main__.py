@@ -24,7 +24,7 @@ From a trained workdir on a built TFDS split (runs inference first; see from_wor
     python -m uld_jax.evaluate --workdir RUN --data DATA_DIR [--split test]
         [--protocol keyslice|volumetric|luna16] [--truth TRUTH] [--dl-info DL_info.csv]
         [--labels LABELS.json] [--datasets deeplesion,...] [--expert NAME] [--batch-size 4]
-        [--precise-bn N [--precise-bn-datasets deeplesion,...]]
+        [--precise-bn N [--precise-bn-datasets deeplesion,...] [--precise-bn-data TRAIN_DATA]]
 
     (volumetric: --dl-info gives DeepLesion's geometry and, without --labels, organ strata of the
     marked lesions; --labels gives a label per truth box, e.g. the synthetic world's full truth;
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                         "run's training batches instead of its running averages (bn_mode 'batch')")
     p.add_argument("--precise-bn-datasets", default=None,
                    help="with --precise-bn: draw those batches from these datasets only (comma-separated)")
+    p.add_argument("--precise-bn-data", default=None,
+                   help="with --precise-bn: the built training data (default: the folder the run's "
+                        "config records; --data may be another world without a train split)")
     p.add_argument("--truth", default=None, help="truth file (1K-set structure), or LUNA16 annotations.csv / folder")
     p.add_argument("--protocol", choices=("volumetric", "keyslice", "luna16"), default=None,
                    help="default: luna16 when --pred is a .csv, else volumetric")
@@ -102,7 +105,8 @@ def _run_workdir(args: argparse.Namespace):
                             fp_rates=rates, max_marks=args.max_marks, labels=args.labels,
                             save_pred=args.save_pred, precise_bn=args.precise_bn,
                             precise_bn_datasets=(args.precise_bn_datasets.split(",")
-                                                 if args.precise_bn_datasets else None))
+                                                 if args.precise_bn_datasets else None),
+                            precise_bn_data=args.precise_bn_data)
     return reps
 
 
@@ -168,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_pred and not (args.workdir or args.checkpoint):
             raise EvaluationInputError("--save-pred needs --workdir or --checkpoint "
                                        "(with --pred the detections are already in a file)")
-        if (args.precise_bn or args.precise_bn_datasets) and not (args.workdir or args.checkpoint):
+        if args.precise_bn and not (args.workdir or args.checkpoint):
             raise EvaluationInputError("--precise-bn needs --workdir or --checkpoint (a model to run)")
-        if args.precise_bn_datasets and not args.precise_bn:
-            raise EvaluationInputError("--precise-bn-datasets needs --precise-bn N")
+        for flag in ("precise_bn_datasets", "precise_bn_data"):
+            if getattr(args, flag) and not args.precise_bn:
+                raise EvaluationInputError(f"--{flag.replace('_', '-')} needs --precise-bn N")
         reps = _run_workdir(args) if (args.workdir or args.checkpoint) else [_run(args)]
     except EvaluationInputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -376,7 +376,8 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
                      step: int | None = None, progress: bool = True,
                      fp_rates: Sequence[float] | None = None, max_marks: int = 100,
                      labels: str | None = None, save_pred: str | None = None,
-                     precise_bn: int = 0, precise_bn_datasets: Sequence[str] | None = None) -> list:
+                     precise_bn: int = 0, precise_bn_datasets: Sequence[str] | None = None,
+                     precise_bn_data: str | None = None) -> list:
     """Runs inference and the protocol; returns a list of ``EvaluationReport`` (one per dataset for
     key slices, one otherwise). ``labels``: volumetric only, a file of organ labels per truth box
     ``{name: [label, ...]}`` for the organ strata (default: from ``dl_info``'s marked lesions when
@@ -384,7 +385,8 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
     evaluated to this .npz ({sub-volume: n x 6 ``[z, x1, y1, x2, y2, score]``}, the input of
     ``python -m uld_jax.evaluate --pred FILE --pred-2d`` and of :mod:`uld_jax.evaluate.bootstrap`).
     ``precise_bn``: when > 0, evaluate with BatchNorm statistics recomputed from that many of the
-    run's training batches (of ``precise_bn_datasets``, default all), :mod:`uld_jax.evaluate.precise_bn`."""
+    run's training batches (of ``precise_bn_datasets``, default all; from ``precise_bn_data``,
+    default the training data folder the run's config records), :mod:`uld_jax.evaluate.precise_bn`."""
     from uld_jax import inference, slice_data
     from uld_jax.evaluate import inputs, report
 
@@ -398,7 +400,8 @@ def evaluate_workdir(workdir: str | None, data_dir: str, *, checkpoint: str | No
     if precise_bn:
         from uld_jax.evaluate.precise_bn import with_precise_bn
 
-        loaded = with_precise_bn(loaded, data_dir, int(precise_bn), datasets=precise_bn_datasets)
+        loaded = with_precise_bn(loaded, int(precise_bn), data_dir=precise_bn_data,
+                                 datasets=precise_bn_datasets)
     protocol = protocol or ("volumetric" if truth else "keyslice")
     if datasets is None:
         datasets = [d for d in loaded.data_config.datasets

@@ -8,12 +8,14 @@ network saw in training, and the evaluation then measures that difference as wel
 
 :func:`precise_batch_stats` replaces them with the plain mean of ``num_batches`` training batches'
 statistics, each computed by the run's own BatchNorm layers in training mode, on the batches the
-run's input pipeline draws (mixing and augmentation as configured; optionally only some datasets).
+run's input pipeline draws from its training data (mixing and augmentation as configured; optionally
+only some datasets). The training data is the folder the run's config records, or another one
+given (``--precise-bn-data``), not the evaluated one: a held-out world has no training split.
 Evaluating once with the stored and once with the recomputed statistics tells whether the running
 averages cost anything::
 
     python -m uld_jax.evaluate --workdir RUN --data DATA_DIR ... --precise-bn 100
-        [--precise-bn-datasets deeplesion]
+        [--precise-bn-datasets deeplesion] [--precise-bn-data TRAIN_DATA_DIR]
 
 A model whose BatchNorm is ``'frozen'`` (the paper config: stored statistics in training too) has
 nothing to recompute, and is refused with that reason.
@@ -33,11 +35,16 @@ from uld_jax import core
 from uld_jax.evaluate.boxes import EvaluationInputError
 
 
-def _training_input(loaded, data_dir: str, datasets: Sequence[str] | None, seed: int | None):
-    """The run's training input-pipeline config on ``data_dir`` (in process, no overlays unless the
-    run had them), restricted to ``datasets`` when given."""
+def _training_input(loaded, data_dir: str | None, datasets: Sequence[str] | None,
+                    seed: int | None):
+    """The run's training input-pipeline config (in process), on ``data_dir`` when given (else the
+    run's own), restricted to ``datasets`` when given."""
     c = ml_collections.ConfigDict(loaded.data_config.to_dict())
-    c.data_dir = os.fspath(data_dir)
+    if data_dir is not None:
+        c.data_dir = os.fspath(data_dir)
+    if not c.get("data_dir"):
+        raise EvaluationInputError(f"{loaded.source}: the run's config records no training data "
+                                   "folder; give --precise-bn-data DIR")
     if datasets:
         unknown = [d for d in datasets if d not in tuple(c.datasets)]
         if unknown:
@@ -50,10 +57,11 @@ def _training_input(loaded, data_dir: str, datasets: Sequence[str] | None, seed:
     return c
 
 
-def precise_batch_stats(loaded, data_dir: str, num_batches: int, *,
+def precise_batch_stats(loaded, num_batches: int, *, data_dir: str | None = None,
                         datasets: Sequence[str] | None = None, seed: int | None = None) -> dict:
     """The ``batch_stats`` collection of ``loaded`` (an ``inference.LoadedModel``) recomputed as the
     mean over ``num_batches`` training batches of each BatchNorm layer's batch mean and variance.
+    ``data_dir``: the built training data (default: the folder the run's config records).
 
     The statistics of one batch are what the layer stores with momentum 0: the model is rebuilt
     with ``bn_momentum = 0`` (same parameters) and its backbone run in training mode."""
@@ -79,24 +87,29 @@ def precise_batch_stats(loaded, data_dir: str, num_batches: int, *,
         return upd["batch_stats"]
 
     config = _training_input(loaded, data_dir, datasets, seed)
-    it = iter(input_pipeline.make_dataset(config, process_index=0, process_count=1))
+    try:
+        it = iter(input_pipeline.make_dataset(config, process_index=0, process_count=1))
+    except (FileNotFoundError, ValueError) as e:
+        raise EvaluationInputError(f"--precise-bn: cannot read the run's training data in "
+                                   f"{config.data_dir} ({e})") from None
     total = None
     for k in range(int(num_batches)):
         try:
             batch = next(it)
         except StopIteration:
-            raise EvaluationInputError(f"{data_dir}: the training input gave {k} batches, fewer "
+            raise EvaluationInputError(f"{config.data_dir}: the training input gave {k} batches, fewer "
                                        f"than --precise-bn {num_batches}") from None
         stats = one_batch(loaded.variables, jnp.asarray(batch[core.Keys.IMAGE]))
         total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     return jax.tree.map(lambda t: t / float(num_batches), total)
 
 
-def with_precise_bn(loaded, data_dir: str, num_batches: int, *,
+def with_precise_bn(loaded, num_batches: int, *, data_dir: str | None = None,
                     datasets: Sequence[str] | None = None, seed: int | None = None):
     """A copy of ``loaded`` whose ``batch_stats`` are :func:`precise_batch_stats`; its ``source``
     says so (it appears in the evaluation report). ``loaded`` itself is not changed."""
-    stats = precise_batch_stats(loaded, data_dir, num_batches, datasets=datasets, seed=seed)
+    stats = precise_batch_stats(loaded, num_batches, data_dir=data_dir, datasets=datasets,
+                                seed=seed)
     which = f" of {','.join(datasets)}" if datasets else ""
     return dataclasses.replace(
         loaded, variables=dict(loaded.variables, batch_stats=stats),

@@ -30,6 +30,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from uld_jax import core
 from uld_jax.evaluate.boxes import EvaluationInputError
@@ -104,13 +105,31 @@ def precise_batch_stats(loaded, num_batches: int, *, data_dir: str | None = None
     return jax.tree.map(lambda t: t / float(num_batches), total)
 
 
+def stored_vs_recomputed(stored: dict, recomputed: dict) -> dict[str, tuple[float, float]]:
+    """How far the stored statistics are from ``recomputed``: per kind (``'mean'``, ``'var'``),
+    the median and the largest over the layers of ``mean|stored - recomputed| / mean|recomputed|``."""
+    rec = dict(jax.tree_util.tree_flatten_with_path(recomputed)[0])
+    rel: dict[str, list[float]] = {"mean": [], "var": []}
+    for path, old in jax.tree_util.tree_flatten_with_path(stored)[0]:
+        kind = getattr(path[-1], "key", None)
+        if kind in rel:
+            new = np.asarray(rec[path], np.float64)
+            rel[kind].append(float(np.mean(np.abs(np.asarray(old, np.float64) - new))
+                                   / max(float(np.mean(np.abs(new))), 1e-12)))
+    return {k: (float(np.median(v)), float(np.max(v))) for k, v in rel.items() if v}
+
+
 def with_precise_bn(loaded, num_batches: int, *, data_dir: str | None = None,
                     datasets: Sequence[str] | None = None, seed: int | None = None):
     """A copy of ``loaded`` whose ``batch_stats`` are :func:`precise_batch_stats`; its ``source``
-    says so (it appears in the evaluation report). ``loaded`` itself is not changed."""
+    says so, with how far the stored averages were from them (:func:`stored_vs_recomputed`; it
+    appears in the evaluation report). ``loaded`` itself is not changed."""
     stats = precise_batch_stats(loaded, num_batches, data_dir=data_dir, datasets=datasets,
                                 seed=seed)
     which = f" of {','.join(datasets)}" if datasets else ""
+    d = stored_vs_recomputed(loaded.variables["batch_stats"], stats)
+    far = "; ".join(f"{k} {100 * med:.1f}% median, {100 * top:.1f}% max" for k, (med, top) in d.items())
     return dataclasses.replace(
         loaded, variables=dict(loaded.variables, batch_stats=stats),
-        source=f"{loaded.source}, BatchNorm statistics of {num_batches} training batches{which}")
+        source=(f"{loaded.source}, BatchNorm statistics of {num_batches} training batches{which} "
+                f"(the stored averages differ from them by: {far})"))

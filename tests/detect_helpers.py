@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from configs import meld
+from data_prep import build as build_lib
+from data_prep import case_factory as cf
 from uld_jax import train
 from uld_jax.models.meld import MELD, init_variables
 
@@ -50,3 +53,14 @@ def save_workdir(workdir: str, step: int = 7, seed: int = 0) -> str:
 def shared_workdir(root: str) -> str:
     """One checkpointed workdir per test session (``root``: a session temporary folder)."""
     return save_workdir(os.path.join(root, "run"))
+
+
+def build_deeplesion(out: str, splits: Sequence[str]) -> list:
+    """Builds one small DeepLesion case per entry of ``splits`` (in that split; lesions on slice 3
+    of odd cases, on slices 2 and 5 of even ones) into the data folder ``out``; returns the cases."""
+    cases = [cf.make_case("deeplesion", k, num_slices=8, height=40, width=44, split=split,
+                          lesion_slices=(3,) if k % 2 else (2, 5), negatives=())
+             for k, split in enumerate(splits)]
+    build_lib.build("/raw", str(out), ["deeplesion"], reader_lookup=lambda n: cf.ListReader(cases),
+                    progress=False)
+    return cases

@@ -26,11 +26,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("built_eval")
-    cases = [cf.make_case("deeplesion", k, num_slices=8, height=40, width=44, split="test",
-                          lesion_slices=(3,) if k % 2 else (2, 5), negatives=()) for k in range(3)]
-    build_lib.build("/raw", str(out), ["deeplesion"], reader_lookup=lambda n: cf.ListReader(cases),
-                    progress=False)
-    return str(out), cases
+    return str(out), detect_helpers.build_deeplesion(str(out), ["test"] * 3)
 
 
 def test_keyslice_from_workdir_cli(workdir, built, tmp_path, capsys):

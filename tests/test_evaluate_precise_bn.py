@@ -5,7 +5,6 @@ against the statistics the run's own layers store after one training step."""
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +12,6 @@ import numpy as np
 import pytest
 
 import detect_helpers
-from data_prep import build as build_lib
-from data_prep import case_factory as cf
 from uld_jax import core, inference, input_pipeline as ip
 from uld_jax.evaluate import __main__ as ev_main
 from uld_jax.evaluate import precise_bn
@@ -30,11 +27,7 @@ def workdir(tmp_path_factory):
 def built(tmp_path_factory):
     """DeepLesion cases in the train and test splits (lesions on some slices)."""
     out = tmp_path_factory.mktemp("built_precise_bn")
-    cases = [cf.make_case("deeplesion", k, num_slices=8, height=40, width=44,
-                          split="train" if k < 3 else "test",
-                          lesion_slices=(3,) if k % 2 else (2, 5), negatives=()) for k in range(5)]
-    build_lib.build("/raw", str(out), ["deeplesion"], reader_lookup=lambda n: cf.ListReader(cases),
-                    progress=False)
+    detect_helpers.build_deeplesion(str(out), ["train"] * 3 + ["test"] * 2)
     return str(out)
 
 
@@ -149,10 +142,7 @@ def test_refusals_name_the_problem(loaded, built, tmp_path):
         precise_bn.precise_batch_stats(frozen, 1, data_dir=built)
     # the training data must hold the run's training split: a test-only world is refused
     test_only = tmp_path / "test_only"
-    cases = [cf.make_case("deeplesion", 9, num_slices=8, height=40, width=44, split="test",
-                          lesion_slices=(3,), negatives=())]
-    build_lib.build("/raw", str(test_only), ["deeplesion"],
-                    reader_lookup=lambda n: cf.ListReader(cases), progress=False)
+    detect_helpers.build_deeplesion(str(test_only), ["test"])
     with pytest.raises(EvaluationInputError, match=f"cannot read the run's training data in {test_only}"):
         precise_bn.precise_batch_stats(loaded, 1, data_dir=str(test_only), datasets=["deeplesion"])
     # without a folder, the one the run's config records; none recorded here

@@ -120,6 +120,19 @@ def test_with_precise_bn_leaves_the_loaded_model_alone(loaded, built):
                  jax.tree.map(np.asarray, loaded.variables["batch_stats"]))
 
 
+def test_batches_are_the_runs_own(loaded, built, workdir):
+    """The trainer draws data.global_batch_size and data.seed from the top-level batch_size and
+    seed; the stored data config keeps the defaults. The recomputation uses the run's values."""
+    from uld_jax import train
+
+    saved = train.load_checkpoint_config(workdir)
+    assert saved["batch_size"] != loaded.data_config.global_batch_size
+    c = precise_bn._training_input(loaded, built, ["deeplesion"], None)
+    assert (c.global_batch_size, c.seed) == (saved["batch_size"], saved["seed"])
+    assert precise_bn._training_input(loaded, built, None, 5).seed == 5
+    assert _batches(loaded, built, 1)[0].shape[0] == saved["batch_size"]
+
+
 def test_stored_vs_recomputed_by_hand():
     stored = {"a": {"mean": np.array([1.0, 2.0]), "var": np.array([1.0, 1.0]), "scale": np.ones(2)},
               "b": {"mean": np.array([0.0, 4.0]), "var": np.array([2.0, 2.0])}}

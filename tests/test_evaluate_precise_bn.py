@@ -51,9 +51,13 @@ def _train_forward(loaded, image, capture=False):
     if capture:
         kw["capture_intermediates"] = lambda mdl, name: mdl.name == "conv0"
         mutable.append("intermediates")
-    _, upd = loaded.model.apply(loaded.variables, jnp.asarray(image), mutable=mutable,
-                                method=lambda m, x: m.backbone(x, train=True), **kw)
-    return upd
+
+    @jax.jit
+    def forward(variables, x):
+        return loaded.model.apply(variables, x, mutable=mutable,
+                                  method=lambda m, y: m.backbone(y, train=True), **kw)[1]
+
+    return forward(loaded.variables, jnp.asarray(image))
 
 
 def _conv0_out(upd):

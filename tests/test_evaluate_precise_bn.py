@@ -38,26 +38,23 @@ def loaded(workdir):
 
 def _batches(loaded, data, n):
     """The first ``n`` training batches precise_bn draws (its own config of the pipeline)."""
-    it = iter(ip.make_dataset(precise_bn._training_input(loaded, data, ["deeplesion"], None),
+    it = iter(ip.make_dataset(precise_bn._training_input(loaded, data, ["deeplesion"]),
                               process_index=0, process_count=1))
     return [next(it)[core.Keys.IMAGE] for _ in range(n)]
 
 
-def _train_forward(loaded, image, capture=False):
-    """One training-mode backbone pass of the run's own model (its momentum): the updated
-    statistics and, with ``capture``, conv0's output (the input of the first BatchNorm, norm0)."""
-    kw = {}
-    mutable = ["batch_stats"]
-    if capture:
-        kw["capture_intermediates"] = lambda mdl, name: mdl.name == "conv0"
-        mutable.append("intermediates")
+def _train_forward(loaded):
+    """The run's own model (its momentum) in one jitted training-mode backbone pass:
+    ``image -> (updated statistics, conv0's output)`` (conv0 feeds the first BatchNorm, norm0)."""
 
     @jax.jit
     def forward(variables, x):
-        return loaded.model.apply(variables, x, mutable=mutable,
-                                  method=lambda m, y: m.backbone(y, train=True), **kw)[1]
+        _, upd = loaded.model.apply(variables, x, mutable=["batch_stats", "intermediates"],
+                                    method=lambda m, y: m.backbone(y, train=True),
+                                    capture_intermediates=lambda mdl, name: mdl.name == "conv0")
+        return upd
 
-    return forward(loaded.variables, jnp.asarray(image))
+    return lambda image: forward(loaded.variables, jnp.asarray(image))
 
 
 def _conv0_out(upd):
@@ -92,8 +89,9 @@ def test_statistics_against_numpy_and_the_models_own_update(loaded, built):
     assert 0 < m < 1
     old = loaded.variables["batch_stats"]
     means, variances, per_batch = [], [], []
+    forward = _train_forward(loaded)
     for im in _batches(loaded, built, 3):
-        upd = _train_forward(loaded, im, capture=True)
+        upd = forward(im)
         x = _conv0_out(upd)
         means.append(x.mean(axis=(0, 1, 2)))
         variances.append(x.var(axis=(0, 1, 2)))
@@ -124,16 +122,19 @@ def test_with_precise_bn_leaves_the_loaded_model_alone(loaded, built):
                  jax.tree.map(np.asarray, loaded.variables["batch_stats"]))
 
 
-def test_batches_are_the_runs_own(loaded, built, workdir):
-    """The trainer draws data.global_batch_size and data.seed from the top-level batch_size and
-    seed; the stored data config keeps the defaults. The recomputation uses the run's values."""
+def test_loaded_data_config_is_the_pipeline_the_trainer_ran(loaded, built, workdir):
+    """The trainer runs the pipeline with the experiment's batch_size and seed, and the stored data
+    section keeps those keys' defaults: the loaded data config takes the experiment's values, and
+    the recomputation draws batches of that size."""
     from uld_jax import train
 
+    d = inference.configs_from_saved({"model": {}, "data": {"global_batch_size": 2, "seed": 0},
+                                      "batch_size": 6, "seed": 3})[1]
+    assert (d.global_batch_size, d.seed) == (6, 3)
+    assert inference.configs_from_saved({"model": {}, "data": {"seed": 4}})[1].seed == 4
     saved = train.load_checkpoint_config(workdir)
-    assert saved["batch_size"] != loaded.data_config.global_batch_size
-    c = precise_bn._training_input(loaded, built, ["deeplesion"], None)
-    assert (c.global_batch_size, c.seed) == (saved["batch_size"], saved["seed"])
-    assert precise_bn._training_input(loaded, built, None, 5).seed == 5
+    assert saved["batch_size"] != saved["data"]["global_batch_size"]
+    assert loaded.data_config.global_batch_size == saved["batch_size"]
     assert _batches(loaded, built, 1)[0].shape[0] == saved["batch_size"]
 
 

@@ -70,7 +70,10 @@ def _update_config(cfg: ml_collections.ConfigDict, saved: dict, where: str) -> N
 def configs_from_saved(saved: dict) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The experiment config as a checkpoint stores it (JSON dict) -> (model config, data config).
 
-    Defaults of ``saved['variant']`` (``tiny`` / ``paper``) first, then every stored value."""
+    Defaults of ``saved['variant']`` (``tiny`` / ``paper``) first, then every stored value. The data
+    config is the pipeline the trainer ran: its global batch and seed are the experiment's
+    ``batch_size`` and ``seed`` (``tasks.build_data`` sets them so; the stored ``data`` section
+    keeps those two keys' defaults)."""
     from uld_jax.input_pipeline import default_input_config
     from uld_jax.models.config import model_config
 
@@ -81,6 +84,9 @@ def configs_from_saved(saved: dict) -> tuple[ml_collections.ConfigDict, ml_colle
     _update_config(m, saved["model"], "model")
     d = default_input_config(variant)
     _update_config(d, saved.get("data", {}), "data")
+    for key, data_key in (("batch_size", "global_batch_size"), ("seed", "seed")):
+        if saved.get(key) is not None:
+            d[data_key] = int(saved[key])
     return m, d
 
 

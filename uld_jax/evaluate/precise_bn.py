@@ -36,31 +36,11 @@ from uld_jax import core
 from uld_jax.evaluate.boxes import EvaluationInputError
 
 
-def _recorded(loaded) -> dict:
-    """The run's own ``batch_size`` and ``seed`` from its checkpoint's stored config (the trainer
-    sets the pipeline's global batch and seed from them, not from the data config's defaults);
-    empty for a checkpoint stored without its config."""
-    from uld_jax import train
-
-    ck = loaded.source
-    try:
-        saved = train.load_checkpoint_config(os.path.dirname(os.path.dirname(ck)), int(loaded.step))
-    except Exception:  # orbax raises several types for a missing item; then the data config's values
-        return {}
-    return {k: int(saved[k]) for k in ("batch_size", "seed") if saved.get(k) is not None}
-
-
-def _training_input(loaded, data_dir: str | None, datasets: Sequence[str] | None,
-                    seed: int | None):
-    """The run's training input-pipeline config (in process) as the trainer ran it (its batch size
-    and seed), on ``data_dir`` when given (else the run's own), restricted to ``datasets`` when
-    given, with ``seed`` when given."""
+def _training_input(loaded, data_dir: str | None, datasets: Sequence[str] | None):
+    """The run's training input-pipeline config (``loaded.data_config``: as the trainer ran it, its
+    batch size and seed included), in process, on ``data_dir`` when given (else the run's own),
+    restricted to ``datasets`` when given."""
     c = ml_collections.ConfigDict(loaded.data_config.to_dict())
-    run = _recorded(loaded)
-    if "batch_size" in run:
-        c.global_batch_size = run["batch_size"]
-    if "seed" in run:
-        c.seed = run["seed"]
     if data_dir is not None:
         c.data_dir = os.fspath(data_dir)
     if not c.get("data_dir"):
@@ -72,18 +52,16 @@ def _training_input(loaded, data_dir: str | None, datasets: Sequence[str] | None
             raise EvaluationInputError(f"--precise-bn-datasets {','.join(datasets)}: {unknown} not "
                                        f"among the run's datasets {tuple(c.datasets)}")
         c.datasets = tuple(datasets)
-    if seed is not None:
-        c.seed = int(seed)
     c.num_workers = 0
     return c
 
 
 def precise_batch_stats(loaded, num_batches: int, *, data_dir: str | None = None,
-                        datasets: Sequence[str] | None = None, seed: int | None = None) -> dict:
+                        datasets: Sequence[str] | None = None) -> dict:
     """The ``batch_stats`` collection of ``loaded`` (an ``inference.LoadedModel``) recomputed as the
     mean over ``num_batches`` training batches of each BatchNorm layer's batch mean and variance.
     ``data_dir``: the built training data (default: the folder the run's config records). The
-    batches are the run's own size, drawn with its seed (``seed`` draws other ones).
+    batches are the run's own size, drawn with its seed.
 
     The statistics of one batch are what the layer stores with momentum 0: the model is rebuilt
     with ``bn_momentum = 0`` (same parameters) and its backbone run in training mode."""
@@ -108,7 +86,7 @@ def precise_batch_stats(loaded, num_batches: int, *, data_dir: str | None = None
                              method=lambda m, x: m.backbone(x, train=True))
         return upd["batch_stats"]
 
-    config = _training_input(loaded, data_dir, datasets, seed)
+    config = _training_input(loaded, data_dir, datasets)
     try:
         it = iter(input_pipeline.make_dataset(config, process_index=0, process_count=1))
     except (FileNotFoundError, ValueError) as e:
@@ -141,12 +119,11 @@ def stored_vs_recomputed(stored: dict, recomputed: dict) -> dict[str, tuple[floa
 
 
 def with_precise_bn(loaded, num_batches: int, *, data_dir: str | None = None,
-                    datasets: Sequence[str] | None = None, seed: int | None = None):
+                    datasets: Sequence[str] | None = None):
     """A copy of ``loaded`` whose ``batch_stats`` are :func:`precise_batch_stats`; its ``source``
     says so, with how far the stored averages were from them (:func:`stored_vs_recomputed`; it
     appears in the evaluation report). ``loaded`` itself is not changed."""
-    stats = precise_batch_stats(loaded, num_batches, data_dir=data_dir, datasets=datasets,
-                                seed=seed)
+    stats = precise_batch_stats(loaded, num_batches, data_dir=data_dir, datasets=datasets)
     which = f" of {','.join(datasets)}" if datasets else ""
     d = stored_vs_recomputed(loaded.variables["batch_stats"], stats)
     far = "; ".join(f"{k} {100 * med:.1f}% median, {100 * top:.1f}% max" for k, (med, top) in d.items())
